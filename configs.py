@@ -1,0 +1,190 @@
+"""The single source of training options: one dataclass, from which main.py's argparse flags are generated.
+
+Every field becomes ``--<field_name>``; its metadata gives the help text and, where the value is one of a fixed
+set, the choices. A ``--config FILE`` (YAML or JSON) supplies defaults; flags given on the command line win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, get_type_hints
+
+from utils.errors import UserError
+
+TRUE_STRINGS = {"true", "1", "yes", "y", "on"}
+FALSE_STRINGS = {"false", "0", "no", "n", "off"}
+
+
+def str2bool(value: str | bool) -> bool:
+    """Parse ``True/False`` (any case), ``1/0``, ``yes/no``: the original README writes ``--pre_trained True``."""
+    if isinstance(value, bool):
+        return value
+    lowered = str(value).strip().lower()
+    if lowered in TRUE_STRINGS:
+        return True
+    if lowered in FALSE_STRINGS:
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
+
+
+def _opt(default: Any, help: str, choices: Optional[list] = None, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices, **extra})
+
+
+@dataclass
+class TrainConfig:
+    # --- the original project's flags and defaults ---
+    data_name: str = _opt("skin", "dataset name; the data folder defaults to data/<data_name>_dataset and the run "
+                                  "folder is save_results/dataset+<data_name>/...")
+    model_name: str = _opt("efficientnet_b0", "a model from the README table or any timm model name")
+    n_class: Optional[int] = _opt(None, "number of classes; checked against the class folders (default: inferred)")
+    epochs: int = _opt(50, "maximum number of epochs")
+    batch_size: int = _opt(32, "images per training step")
+    img_size: int = _opt(224, "input resolution (square) fed to the model")
+    lr_ae: float = _opt(0.001, "peak learning rate")
+    optimizer: str = _opt("adam", "optimizer", choices=["adam", "adamw", "sgd"], lower=True)
+    pre_trained: bool = _opt(True, "start from ImageNet weights (True/False)")
+    random_state: int = _opt(42, "seed for the split, initialisation, shuffling and augmentation")
+
+    # --- data ---
+    data_dir: Optional[str] = _opt(None, "dataset root holding trainset/ and testset/ (default data/<data_name>_dataset)")
+    val_ratio: float = _opt(0.2, "share of trainset held out (stratified) for validation")
+    num_workers: int = _opt(4, "DataLoader worker processes (capped at the CPU count; 0 loads in the main process)")
+    randaugment: bool = _opt(False, "add RandAugment (rand-m9-mstd0.5) to the training augmentation")
+    color_jitter: float = _opt(0.2, "brightness/contrast/saturation jitter strength (no hue shift: colour is diagnostic)")
+    vflip: float = _opt(0.0, "vertical flip probability (0.5 suits dermoscopy; keep 0 for upright face photos)")
+    min_crop_scale: float = _opt(0.5, "smallest area share kept by the random resized crop, so lesions stay in view")
+
+    # --- model ---
+    pretrained_path: Optional[str] = _opt(None, "local .pth/.pt/.safetensors file with ImageNet (or your own) weights")
+    drop_rate: float = _opt(0.2, "dropout before the classifier")
+
+    # --- optimisation ---
+    scheduler: str = _opt("cosine", "learning-rate schedule", choices=["cosine", "step", "none"])
+    warmup_epochs: int = _opt(1, "linear warm-up epochs (cosine and step)")
+    step_size: int = _opt(10, "epochs between learning-rate decays (step schedule)")
+    step_gamma: float = _opt(0.1, "decay factor (step schedule)")
+    weight_decay: float = _opt(1e-4, "weight decay (not applied to biases and norm layers)")
+    momentum: float = _opt(0.9, "momentum (sgd)")
+    label_smoothing: float = _opt(0.0, "label smoothing for the cross-entropy loss")
+    patience: int = _opt(10, "early stopping: epochs without improvement of --monitor (0 disables)")
+    monitor: str = _opt("val_balanced_acc", "validation metric that picks model_best.pth and drives early stopping",
+                        choices=["val_balanced_acc", "val_loss"])
+
+    # --- runtime ---
+    device: str = _opt("auto", "where to train", choices=["auto", "cpu", "cuda"])
+    amp: bool = _opt(True, "mixed precision on CUDA (bf16 where supported, else fp16); ignored on CPU")
+    deterministic: bool = _opt(False, "deterministic kernels (slower on GPU; see REPRODUCIBILITY.md)")
+    save_dir: str = _opt("save_results", "root folder for run folders")
+    resume: Optional[str] = _opt(None, "run folder to continue from its model_last.pth (uses the run's saved config)")
+    config: Optional[str] = _opt(None, "YAML or JSON file of defaults for these flags; command-line flags win")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if f.metadata.get("lower") and isinstance(value, str):
+                value = value.lower()
+                setattr(self, f.name, value)
+            if choices and value not in choices:
+                raise UserError(f"--{f.name} {value!r} is not one of {', '.join(choices)}")
+        checks = [
+            (self.epochs >= 1, "--epochs must be at least 1"),
+            (self.batch_size >= 1, "--batch_size must be at least 1"),
+            (self.img_size >= 16, "--img_size must be at least 16"),
+            (self.lr_ae > 0, "--lr_ae must be positive"),
+            (0.0 < self.val_ratio < 1.0, "--val_ratio must be between 0 and 1"),
+            (0.0 < self.min_crop_scale <= 1.0, "--min_crop_scale must be in (0, 1]"),
+            (0.0 <= self.label_smoothing < 1.0, "--label_smoothing must be in [0, 1)"),
+            (self.n_class is None or self.n_class >= 2, "--n_class must be at least 2"),
+            (self.num_workers >= 0, "--num_workers must be 0 or more"),
+            (self.patience >= 0, "--patience must be 0 or more"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+    @property
+    def resolved_data_dir(self) -> Path:
+        return Path(self.data_dir) if self.data_dir else Path("data") / f"{self.data_name}_dataset"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UserError(f"unknown config keys {unknown}; valid keys are the flags of main.py --help")
+        return cls(**values)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in vars(args).items() if k in known})
+
+
+def _field_type(field_type: Any) -> Any:
+    """The argparse ``type`` for a dataclass annotation (``Optional[int]`` -> ``int``)."""
+    args = getattr(field_type, "__args__", None)
+    if args:  # Optional[X]
+        field_type = next(a for a in args if a is not type(None))
+    return field_type
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, config_cls: type = TrainConfig) -> None:
+    hints = get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        kind = _field_type(hints[f.name])
+        kwargs: dict[str, Any] = {"default": f.default, "help": f.metadata["help"]}
+        if kind is bool:
+            # nargs='?' keeps both spellings working: `--amp` alone and the original's `--pre_trained True`.
+            kwargs.update(type=str2bool, nargs="?", const=True, metavar="True|False")
+        else:
+            kwargs["type"] = (lambda s: str(s).lower()) if f.metadata.get("lower") else kind
+        if f.metadata.get("choices"):
+            kwargs["choices"] = f.metadata["choices"]
+        kwargs["help"] += " (default: %(default)s)"
+        parser.add_argument(f"--{f.name}", **kwargs)
+
+
+def load_config_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".json":
+            values = json.loads(text)
+        else:
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+    except Exception as err:  # yaml and json raise different types; both mean a malformed file
+        raise UserError(f"cannot parse config file {path}: {str(err).splitlines()[0]}") from err
+    if not isinstance(values, dict):
+        raise UserError(f"config file {path} must hold a mapping of flag names to values")
+    return values
+
+
+def parse_with_config_file(parser: argparse.ArgumentParser, argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """Parse ``argv``; values from ``--config FILE`` become defaults, so flags on the command line still win."""
+    pre_parser = argparse.ArgumentParser(add_help=False)
+    pre_parser.add_argument("--config", default=None)
+    known, _ = pre_parser.parse_known_args(argv)
+    if known.config:
+        values = load_config_file(known.config)
+        valid = {action.dest for action in parser._actions}
+        unknown = sorted(set(values) - valid)
+        if unknown:
+            raise UserError(f"{known.config}: unknown keys {unknown}; use the flag names of --help without '--'")
+        parser.set_defaults(**values)
+    return parser.parse_args(argv)

@@ -1,0 +1,55 @@
+"""Preprocessing, defined once: resolved from timm's data config, saved in the run folder, rebuilt from there.
+
+Training, inference, ONNX export and benchmarks all call ``build_eval_transform(preprocessing)`` with the dict
+saved in ``class_info.json``, so a deployed model sees exactly the preprocessing it was validated with.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from timm.data import create_transform, resolve_data_config
+
+RANDAUGMENT_POLICY = "rand-m9-mstd0.5"
+
+
+def resolve_preprocessing(model: torch.nn.Module, img_size: int) -> dict[str, Any]:
+    """The model's own mean/std/interpolation/crop (timm pretrained config) at the requested input size."""
+    data_config = resolve_data_config({"input_size": (3, img_size, img_size)}, model=model)
+    return {
+        "input_size": list(data_config["input_size"]),
+        "mean": [float(v) for v in data_config["mean"]],
+        "std": [float(v) for v in data_config["std"]],
+        "interpolation": data_config["interpolation"],
+        "crop_pct": float(data_config["crop_pct"]),
+        "crop_mode": data_config.get("crop_mode", "center"),
+    }
+
+
+def build_eval_transform(preprocessing: dict[str, Any]):
+    return create_transform(
+        input_size=tuple(preprocessing["input_size"]),
+        is_training=False,
+        interpolation=preprocessing["interpolation"],
+        mean=tuple(preprocessing["mean"]),
+        std=tuple(preprocessing["std"]),
+        crop_pct=preprocessing["crop_pct"],
+        crop_mode=preprocessing["crop_mode"],
+    )
+
+
+def build_train_transform(preprocessing: dict[str, Any], *, min_crop_scale: float, vflip: float,
+                          color_jitter: float, randaugment: bool):
+    return create_transform(
+        input_size=tuple(preprocessing["input_size"]),
+        is_training=True,
+        scale=(min_crop_scale, 1.0),
+        hflip=0.5,
+        vflip=vflip,
+        color_jitter=color_jitter,
+        auto_augment=RANDAUGMENT_POLICY if randaugment else None,
+        interpolation=preprocessing["interpolation"],
+        mean=tuple(preprocessing["mean"]),
+        std=tuple(preprocessing["std"]),
+    )

@@ -1,0 +1,228 @@
+"""Train a timm CNN on a folder of images and write a run folder that inference, export and benchmark read back.
+
+Example:
+    python main.py --data_name skin --model_name efficientnet_b0 --epochs 50 --pre_trained True
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from configs import TrainConfig, add_dataclass_arguments, parse_with_config_file
+from dataloaders.build import effective_workers, make_loader
+from dataloaders.discovery import discover_dataset
+from dataloaders.splits import DataSplits, load_splits, save_splits, split_dataset
+from dataloaders.transforms import build_eval_transform, build_train_transform, resolve_preprocessing
+from torch_trainer import run_folder as rf
+from torch_trainer.checkpoint import load_checkpoint, save_checkpoint
+from torch_trainer.models import build_model, count_parameters
+from torch_trainer.optim import build_optimizer, build_scheduler
+from torch_trainer.trainer import EarlyStopping, FitState, Precision, evaluate, fit
+from utils.atomic import atomic_write_json
+from utils.cli import run_cli
+from utils.errors import UserError
+from utils.logging_setup import add_file_handler, remove_handler, setup_logging
+from utils.metrics import classification_metrics
+from utils.seed import seed_everything, set_deterministic
+
+logger = logging.getLogger(__name__)
+
+# Flags a resumed run may change; everything else comes from the run's configs.json so the run stays one run.
+RESUME_OVERRIDABLE = ("epochs", "patience", "device", "num_workers", "amp")
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("skinclf training", add_help=add_help,
+                                     description="Train an image classifier on ROOT/trainset/<class>/ folders.")
+    add_dataclass_arguments(parser)
+    return parser
+
+
+def resolve_config(args: argparse.Namespace) -> TrainConfig:
+    cfg = TrainConfig.from_args(args)
+    if not cfg.resume:
+        return cfg
+    run_dir = Path(cfg.resume)
+    configs_path = run_dir / rf.CONFIGS
+    if not configs_path.is_file():
+        raise UserError(f"--resume {run_dir}: {configs_path.name} not found; pass a run folder written by main.py")
+    saved = json.loads(configs_path.read_text(encoding="utf-8"))
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    for name in RESUME_OVERRIDABLE:
+        if getattr(cfg, name) != defaults[name]:
+            saved[name] = getattr(cfg, name)
+    saved["resume"] = str(run_dir)
+    return TrainConfig.from_dict(saved)
+
+
+def select_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def load_data_and_model(cfg: TrainConfig, run_dir: Optional[Path]) -> tuple[DataSplits, torch.nn.Module, str]:
+    """Everything that can fail on a user mistake, done before a new run folder is created."""
+    if run_dir is not None:  # resuming: the split and the architecture come from the run folder
+        class_info = rf.read_class_info(run_dir)
+        splits = load_splits(run_dir, cfg.resolved_data_dir, class_info["class_names"])
+        model, timm_name = build_model(cfg.model_name, len(splits.class_names), False, None, cfg.drop_rate)
+        return splits, model, timm_name
+    index = discover_dataset(cfg.resolved_data_dir, n_class=cfg.n_class,
+                             num_threads=max(2, effective_workers(cfg.num_workers)))
+    splits = split_dataset(index, cfg.val_ratio, cfg.random_state)
+    model, timm_name = build_model(cfg.model_name, len(splits.class_names), cfg.pre_trained, cfg.pretrained_path,
+                                   cfg.drop_rate)
+    return splits, model, timm_name
+
+
+def _checkpoint_state(model, optimizer, scheduler, precision, stopper, state, epoch, val, cfg, class_info):
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": precision.scaler.state_dict(),
+        "early_stopping": stopper.state_dict(),
+        "epoch": epoch,
+        "num_updates": state.num_updates,
+        "metric": {"monitor": cfg.monitor, "val_loss": val["loss"], "val_balanced_acc": val["balanced_acc"],
+                   "val_acc": val["acc"]},
+        "config": cfg.to_dict(),
+        "class_info": class_info,
+    }
+
+
+def train(cfg: TrainConfig, run_dir: Path, device: torch.device, splits: DataSplits, model: torch.nn.Module,
+          timm_name: str) -> dict[str, Any]:
+    resuming = cfg.resume is not None
+    class_names = splits.class_names
+    for split, counts in splits.counts().items():
+        logger.info("%-5s %5d images  %s", split, sum(counts.values()), counts)
+    if splits.skipped:
+        logger.warning("%d unreadable image(s) skipped; see %s", len(splits.skipped), run_dir / "skipped_files.csv")
+
+    preprocessing = resolve_preprocessing(model, cfg.img_size)
+    if resuming:
+        class_info = rf.read_class_info(run_dir)
+    else:
+        save_splits(run_dir, splits)
+        class_info = rf.build_class_info(class_names, cfg.model_name, timm_name, preprocessing, cfg.drop_rate)
+        atomic_write_json(run_dir / rf.CLASS_INFO, class_info)
+        atomic_write_json(run_dir / rf.CONFIGS, cfg.to_dict())
+    logger.info("model %s (%s): %.2fM parameters, input %s, mean %s, std %s", cfg.model_name, timm_name,
+                count_parameters(model) / 1e6, preprocessing["input_size"], preprocessing["mean"],
+                preprocessing["std"])
+
+    channels_last = device.type == "cuda"
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    generator = torch.Generator()
+    pin = device.type == "cuda"
+    train_tf = build_train_transform(preprocessing, min_crop_scale=cfg.min_crop_scale, vflip=cfg.vflip,
+                                     color_jitter=cfg.color_jitter, randaugment=cfg.randaugment)
+    eval_tf = build_eval_transform(preprocessing)
+    train_loader = make_loader(splits.train, train_tf, cfg.batch_size, cfg.num_workers, train=True,
+                               generator=generator, pin_memory=pin)
+    val_loader = make_loader(splits.val, eval_tf, cfg.batch_size, cfg.num_workers, train=False, pin_memory=pin)
+    test_loader = make_loader(splits.test, eval_tf, cfg.batch_size, cfg.num_workers, train=False, pin_memory=pin)
+
+    train_criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    # Validation and test loss without smoothing, so they stay comparable across --label_smoothing values.
+    eval_criterion = torch.nn.CrossEntropyLoss()
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, len(train_loader))
+    precision = Precision.for_device(device, cfg.amp)
+    stopper = EarlyStopping(cfg.monitor, cfg.patience)
+    state = FitState()
+
+    if resuming:
+        ckpt = load_checkpoint(run_dir / rf.LAST_CKPT)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scheduler is not None and ckpt["scheduler"] is not None:
+            scheduler.load_state_dict(ckpt["scheduler"])
+        precision.scaler.load_state_dict(ckpt["scaler"])
+        stopper.load_state_dict(ckpt["early_stopping"])
+        state = FitState(start_epoch=ckpt["epoch"] + 1, num_updates=ckpt["num_updates"],
+                         epochs_done=ckpt["epoch"] + 1)
+        rf.truncate_log(run_dir, last_epoch=ckpt["epoch"] + 1)
+        logger.info("resuming %s after epoch %d of %d", run_dir, ckpt["epoch"] + 1, cfg.epochs)
+
+    def on_epoch_start(epoch: int) -> None:
+        # Reseeding per epoch makes epoch N identical whether the run went straight through or was resumed.
+        seed_everything(cfg.random_state + epoch)
+        generator.manual_seed(cfg.random_state * 1_000_003 + epoch)
+        rf.write_status(run_dir, "running", epoch=epoch + 1, epochs=cfg.epochs)
+
+    def on_epoch_end(epoch: int, train_stats: dict, val: dict, is_best: bool) -> None:
+        rf.append_log_row(run_dir, {
+            "epoch": epoch + 1, "train_loss": train_stats["loss"], "train_acc": train_stats["acc"],
+            "val_loss": val["loss"], "val_acc": val["acc"], "val_balanced_acc": val["balanced_acc"],
+            "lr": train_stats["lr"], "epoch_seconds": round(train_stats["seconds"], 3),
+            "train_images_per_s": round(train_stats["images_per_s"], 2),
+            "data_loading_fraction": round(train_stats["data_fraction"], 4)})
+        ckpt_state = _checkpoint_state(model, optimizer, scheduler, precision, stopper, state, epoch, val, cfg,
+                                       class_info)
+        save_checkpoint(run_dir / rf.LAST_CKPT, ckpt_state)
+        if is_best:
+            save_checkpoint(run_dir / rf.BEST_CKPT, ckpt_state)
+
+    fit(model, train_loader, val_loader, train_criterion, optimizer, scheduler, precision, stopper,
+        epochs=cfg.epochs, state=state, on_epoch_start=on_epoch_start, on_epoch_end=on_epoch_end,
+        channels_last=channels_last)
+
+    best = load_checkpoint(run_dir / rf.BEST_CKPT)
+    model.load_state_dict(best["model"])
+    test = evaluate(model, test_loader, eval_criterion, precision, channels_last=channels_last, desc="test")
+    metrics = {"weights": rf.BEST_CKPT, "best_epoch": best["epoch"] + 1, "monitor": cfg.monitor,
+               "loss": test["loss"], **classification_metrics(test["targets"], test["preds"], class_names)}
+    rf.write_test_reports(run_dir, metrics, test["targets"], test["preds"], class_names)
+    logger.info("test (best epoch %d): accuracy %.4f, balanced accuracy %.4f, macro F1 %.4f on %d images",
+                metrics["best_epoch"], metrics["accuracy"], metrics["balanced_accuracy"], metrics["macro_f1"],
+                metrics["n_images"])
+    return {"run_dir": str(run_dir), "test_metrics": metrics, "epochs_run": state.epochs_done}
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    setup_logging()
+    cfg = resolve_config(args)
+    device = select_device(cfg.device)
+    set_deterministic(cfg.deterministic)
+    seed_everything(cfg.random_state)
+    splits, model, timm_name = load_data_and_model(cfg, Path(cfg.resume) if cfg.resume else None)
+    run_dir = Path(cfg.resume) if cfg.resume else rf.create_run_dir(cfg.save_dir, cfg.data_name, cfg.model_name)
+    handler = add_file_handler(run_dir / "train.log")
+    logger.info("run folder: %s (device %s)", run_dir, device)
+    try:
+        result = train(cfg, run_dir, device, splits, model, timm_name)
+    except KeyboardInterrupt:
+        rf.write_status(run_dir, "interrupted")
+        logger.warning("interrupted; the last finished epoch is in %s; continue with --resume %s",
+                       run_dir / rf.LAST_CKPT, run_dir)
+        raise
+    except BaseException as err:
+        rf.write_status(run_dir, "failed", error=f"{type(err).__name__}: {err}")
+        raise
+    finally:
+        remove_handler(handler)
+    rf.write_status(run_dir, "finished", epochs_run=result["epochs_run"])
+    logger.info("done: %s", run_dir)
+    return result
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    return parse_with_config_file(get_args_parser(), argv)
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args)

@@ -1,0 +1,106 @@
+"""The run folder: its layout, the files every later script reads back, and the reports written into it.
+
+save_results/dataset+<data>/model+<model>/<YYYY-MM-DD_HH-MM-SS>/
+    class_info.json      classes + model name + preprocessing: all that inference/export need to rebuild
+    configs.json         the resolved training config
+    model_last.pth / model_best.pth   checkpoints (model, optimizer, scheduler, epoch, metric, config)
+    log.csv, learning_curves.png, train.log, run_status.json
+    split_train.csv / split_val.csv / split_test.csv, skipped_files.csv
+    test_metrics.json, confusion_matrix_test.csv, confusion_matrix_test.png
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from utils.atomic import atomic_save, atomic_write_json
+from utils.errors import UserError
+from utils.metrics import confusion_frame
+from utils.plots import plot_confusion_matrix, plot_learning_curves
+
+CLASS_INFO = "class_info.json"
+CONFIGS = "configs.json"
+LAST_CKPT = "model_last.pth"
+BEST_CKPT = "model_best.pth"
+LOG_CSV = "log.csv"
+STATUS = "run_status.json"
+LOG_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_acc", "lr",
+               "epoch_seconds", "train_images_per_s", "data_loading_fraction"]
+# Columns that must be identical between two CPU runs with the same seed (timings are not).
+METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_acc", "lr"]
+
+
+def create_run_dir(save_dir: str | Path, data_name: str, model_name: str) -> Path:
+    parent = Path(save_dir) / f"dataset+{data_name}" / f"model+{model_name}"
+    stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    run_dir, n = parent / stamp, 1
+    while run_dir.exists():  # two runs started in the same second (sweeps, tests)
+        run_dir, n = parent / f"{stamp}_{n}", n + 1
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def build_class_info(class_names: list[str], model_name: str, timm_name: str, preprocessing: dict[str, Any],
+                     drop_rate: float) -> dict[str, Any]:
+    return {
+        "class_names": class_names,
+        "class_to_idx": {name: i for i, name in enumerate(class_names)},
+        "n_class": len(class_names),
+        "model_name": model_name,
+        "timm_model_name": timm_name,
+        "model_kwargs": {"drop_rate": drop_rate},
+        "preprocessing": preprocessing,
+        "input_kind": "full_image",
+    }
+
+
+def read_class_info(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / CLASS_INFO
+    if not path.is_file():
+        raise UserError(f"{path} is missing; --model_path must be a run folder written by main.py")
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON: {err}") from err
+    for key in ("class_names", "timm_model_name", "preprocessing"):
+        if key not in info:
+            raise UserError(f"{path} has no {key!r}; it was not written by this version of main.py")
+    return info
+
+
+def write_status(run_dir: Path, state: str, **details: Any) -> None:
+    atomic_write_json(run_dir / STATUS, {"state": state, "updated": dt.datetime.now().isoformat(timespec="seconds"),
+                                         **details})
+
+
+def append_log_row(run_dir: Path, row: dict[str, Any]) -> pd.DataFrame:
+    path = run_dir / LOG_CSV
+    log = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=LOG_COLUMNS)
+    log = log[log["epoch"] < row["epoch"]]  # a resumed run replaces rows past its checkpoint
+    new_row = pd.DataFrame([row], columns=LOG_COLUMNS)
+    log = pd.concat([log, new_row], ignore_index=True) if len(log) else new_row
+    atomic_save(path, lambda tmp: log.to_csv(tmp, index=False))
+    plot_learning_curves(log, run_dir / "learning_curves.png")
+    return log
+
+
+def truncate_log(run_dir: Path, last_epoch: int) -> None:
+    """Keep log rows up to ``last_epoch`` (1-based), the epoch a resumed checkpoint finished."""
+    path = run_dir / LOG_CSV
+    if path.is_file():
+        log = pd.read_csv(path)
+        log = log[log["epoch"] <= last_epoch]
+        atomic_save(path, lambda tmp: log.to_csv(tmp, index=False))
+
+
+def write_test_reports(run_dir: Path, metrics: dict[str, Any], targets, preds, class_names: list[str]) -> None:
+    atomic_write_json(run_dir / "test_metrics.json", metrics)
+    frame = confusion_frame(targets, preds, class_names)
+    atomic_save(run_dir / "confusion_matrix_test.csv", lambda tmp: frame.to_csv(tmp))
+    plot_confusion_matrix(frame.to_numpy(), class_names, run_dir / "confusion_matrix_test.png",
+                          title=f"Test confusion matrix (balanced acc. {metrics['balanced_accuracy']:.3f})")

@@ -1,0 +1,199 @@
+"""The training loop: ``train_one_epoch`` and ``evaluate`` return plain dicts; ``fit`` runs epochs with early stopping."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from utils.metrics import balanced_accuracy
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Precision:
+    """One AMP code path: autocast (or a null context) plus a GradScaler that is only enabled for fp16."""
+
+    device: torch.device
+    dtype: Optional[torch.dtype] = None  # None: full fp32
+    scaler: torch.amp.GradScaler = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+
+    @classmethod
+    def for_device(cls, device: torch.device, amp: bool) -> "Precision":
+        if not (amp and device.type == "cuda"):
+            return cls(device)
+        return cls(device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+
+def _to_device(images: torch.Tensor, targets: torch.Tensor, device: torch.device, channels_last: bool):
+    images = images.to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, targets.to(device, non_blocking=True)
+
+
+def train_one_epoch(model: torch.nn.Module, loader, criterion: Callable, optimizer: torch.optim.Optimizer,
+                    precision: Precision, *, scheduler=None, num_updates: int = 0, channels_last: bool = False,
+                    epoch: int = 0, show_progress: bool = True) -> dict[str, Any]:
+    model.train()
+    loss_sum, correct, seen = 0.0, 0, 0
+    data_seconds = 0.0
+    start = tick = time.perf_counter()
+    progress = tqdm(loader, desc=f"epoch {epoch + 1} train", leave=False, disable=not show_progress or None)
+    for batch in progress:
+        data_seconds += time.perf_counter() - tick
+        if batch is None:  # every image of the batch failed to load
+            tick = time.perf_counter()
+            continue
+        images, targets, _ = batch
+        images, targets = _to_device(images, targets, precision.device, channels_last)
+        with precision.autocast():
+            logits = model(images)
+            loss = criterion(logits, targets)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}; lower --lr_ae or disable --amp")
+        optimizer.zero_grad(set_to_none=True)
+        precision.scaler.scale(loss).backward()
+        precision.scaler.step(optimizer)
+        precision.scaler.update()
+        num_updates += 1
+        if scheduler is not None:
+            scheduler.step_update(num_updates=num_updates)
+
+        batch_size = targets.size(0)
+        loss_sum += loss.item() * batch_size
+        correct += (logits.argmax(1) == targets).sum().item()
+        seen += batch_size
+        elapsed = time.perf_counter() - start
+        progress.set_postfix(loss=f"{loss_sum / seen:.4f}", img_s=f"{seen / elapsed:.1f}")
+        tick = time.perf_counter()
+    seconds = time.perf_counter() - start
+    return {
+        "loss": loss_sum / max(seen, 1),
+        "acc": correct / max(seen, 1),
+        "images": seen,
+        "seconds": seconds,
+        "images_per_s": seen / seconds if seconds > 0 else 0.0,
+        "data_fraction": data_seconds / seconds if seconds > 0 else 0.0,
+        "num_updates": num_updates,
+        "lr": optimizer.param_groups[0]["lr"],
+    }
+
+
+@torch.inference_mode()
+def evaluate(model: torch.nn.Module, loader, criterion: Callable, precision: Precision, *,
+             channels_last: bool = False, desc: str = "eval", show_progress: bool = True) -> dict[str, Any]:
+    """Loss, accuracy and balanced accuracy, plus per-image targets, probabilities and dataset indices."""
+    model.eval()
+    loss_sum, seen = 0.0, 0
+    all_targets, all_probs, all_indices = [], [], []
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not show_progress or None):
+        if batch is None:
+            continue
+        images, targets, indices = batch
+        images, targets = _to_device(images, targets, precision.device, channels_last)
+        with precision.autocast():
+            logits = model(images)
+        logits = logits.float()
+        loss_sum += criterion(logits, targets).item() * targets.size(0)
+        seen += targets.size(0)
+        all_targets.append(targets.cpu())
+        all_probs.append(logits.softmax(1).cpu())
+        all_indices.append(indices)
+    targets = torch.cat(all_targets).numpy() if all_targets else np.zeros(0, dtype=np.int64)
+    probs = torch.cat(all_probs).numpy() if all_probs else np.zeros((0, 0), dtype=np.float32)
+    preds = probs.argmax(1) if len(probs) else np.zeros(0, dtype=np.int64)
+    return {
+        "loss": loss_sum / max(seen, 1),
+        "acc": float((preds == targets).mean()) if seen else 0.0,
+        "balanced_acc": balanced_accuracy(targets, preds) if seen else 0.0,
+        "targets": targets,
+        "preds": preds,
+        "probs": probs,
+        "indices": torch.cat(all_indices).numpy() if all_indices else np.zeros(0, dtype=np.int64),
+    }
+
+
+class EarlyStopping:
+    """Tracks the best validation result; higher balanced accuracy wins, validation loss breaks ties."""
+
+    def __init__(self, monitor: str, patience: int):
+        self.monitor = monitor
+        self.patience = patience
+        self.best_key: Optional[tuple] = None
+        self.best_epoch = -1
+        self.bad_epochs = 0
+
+    def key(self, val: dict) -> tuple:
+        if self.monitor == "val_loss":
+            return (-val["loss"],)
+        return (val["balanced_acc"], -val["loss"])
+
+    def update(self, val: dict, epoch: int) -> bool:
+        """Record an epoch; return True if it is the best so far."""
+        key = self.key(val)
+        if self.best_key is None or key > self.best_key:
+            self.best_key, self.best_epoch, self.bad_epochs = key, epoch, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience > 0 and self.bad_epochs >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"best_key": list(self.best_key) if self.best_key else None, "best_epoch": self.best_epoch,
+                "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_key = tuple(state["best_key"]) if state["best_key"] is not None else None
+        self.best_epoch, self.bad_epochs = state["best_epoch"], state["bad_epochs"]
+
+
+@dataclass
+class FitState:
+    start_epoch: int = 0
+    num_updates: int = 0
+    epochs_done: int = 0
+
+
+def fit(model: torch.nn.Module, train_loader, val_loader, criterion: Callable, optimizer: torch.optim.Optimizer,
+        scheduler, precision: Precision, stopper: EarlyStopping, *, epochs: int, state: FitState,
+        on_epoch_start: Callable[[int], None], on_epoch_end: Callable[[int, dict, dict, bool], None],
+        channels_last: bool = False) -> None:
+    """Run epochs ``state.start_epoch .. epochs-1``; ``on_epoch_end`` writes logs and checkpoints."""
+    for epoch in range(state.start_epoch, epochs):
+        on_epoch_start(epoch)
+        train = train_one_epoch(model, train_loader, criterion, optimizer, precision, scheduler=scheduler,
+                                num_updates=state.num_updates, channels_last=channels_last, epoch=epoch)
+        state.num_updates = train["num_updates"]
+        val = evaluate(model, val_loader, criterion, precision, channels_last=channels_last,
+                       desc=f"epoch {epoch + 1} val")
+        is_best = stopper.update(val, epoch)
+        logger.info("epoch %d/%d  train loss %.4f acc %.3f | val loss %.4f acc %.3f bal.acc %.3f | %.1f img/s, "
+                    "data %.0f%%%s", epoch + 1, epochs, train["loss"], train["acc"], val["loss"], val["acc"],
+                    val["balanced_acc"], train["images_per_s"], 100 * train["data_fraction"],
+                    "  *best*" if is_best else "")
+        state.epochs_done = epoch + 1
+        on_epoch_end(epoch, train, val, is_best)
+        if stopper.should_stop:
+            logger.info("early stopping: %s did not improve for %d epochs (best epoch %d)", stopper.monitor,
+                        stopper.patience, stopper.best_epoch + 1)
+            break

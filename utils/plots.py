@@ -1,0 +1,44 @@
+"""Matplotlib figures for the run folder, written atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless machines and CI have no display
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from utils.atomic import atomic_save  # noqa: E402
+
+
+def _save(fig, path: Path) -> None:
+    atomic_save(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", format=path.suffix[1:]))
+    plt.close(fig)
+
+
+def plot_learning_curves(log: pd.DataFrame, path: Path) -> None:
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    ax_loss.plot(log["epoch"], log["train_loss"], "o-", label="train")
+    ax_loss.plot(log["epoch"], log["val_loss"], "o-", label="validation")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
+    ax_acc.plot(log["epoch"], log["train_acc"], "o-", label="train accuracy")
+    ax_acc.plot(log["epoch"], log["val_acc"], "o-", label="validation accuracy")
+    ax_acc.plot(log["epoch"], log["val_balanced_acc"], "s--", label="validation balanced accuracy")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="Accuracy", ylim=(0, 1.02))
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    _save(fig, path)
+
+
+def plot_confusion_matrix(matrix, class_names: list[str], path: Path, title: str) -> None:
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    size = max(4.0, 0.9 * len(class_names) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ConfusionMatrixDisplay(matrix, display_labels=class_names).plot(ax=ax, cmap="Blues", colorbar=False,
+                                                                    xticks_rotation=45)
+    ax.set_title(title)
+    _save(fig, path)
