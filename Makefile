@@ -1,0 +1,39 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`. Both create .venv when needed;
+# re-running is fast because the install only repeats when requirements.txt changes.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+DEMO_DATA := data/demo_dataset
+DEMO_SAVE := save_results
+DEMO_MODEL := efficientnet_lite0
+
+.PHONY: venv test test-fast demo demo-data clean-demo
+
+$(INSTALLED): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $(INSTALLED)
+
+venv: $(INSTALLED)
+
+test: $(INSTALLED)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+test-fast: $(INSTALLED)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+
+$(DEMO_DATA)/trainset: | $(INSTALLED)
+	$(PY) -m data.synthetic_lesions --output $(DEMO_DATA)
+
+demo-data: $(DEMO_DATA)/trainset
+
+# Trains EfficientNet-Lite0 from its bundled (offline) ImageNet weights on the synthetic lesion photos, on CPU.
+demo: $(INSTALLED) $(DEMO_DATA)/trainset
+	HF_HUB_OFFLINE=1 $(PY) main.py --data_name demo --model_name $(DEMO_MODEL) --pre_trained True \
+		--epochs 4 --img_size 128 --batch_size 32 --lr_ae 0.0005 --optimizer adamw --device cpu \
+		--save_dir $(DEMO_SAVE)
+	@echo "run folder: $$(ls -td $(DEMO_SAVE)/dataset+demo/model+$(DEMO_MODEL)/*/ | head -n 1)"
+
+clean-demo:
+	rm -rf $(DEMO_DATA) $(DEMO_SAVE)/dataset+demo
