@@ -108,3 +108,13 @@ def test_pickles_that_run_code_are_refused(tmp_path, capsys):
 def test_missing_pretrained_path(tmp_path):
     with pytest.raises(UserError, match="not found"):
         build_model("test_efficientnet", n_class=2, pre_trained=True, pretrained_path=str(tmp_path / "x.pth"))
+
+
+def test_new_head_on_pretrained_features_starts_with_small_logits():
+    model, _ = build_model("efficientnet_lite0", n_class=2, pre_trained=True)
+    model.eval()
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        logits = model(torch.randn(4, 3, 96, 96))
+    # timm's default head init gives logits in the tens for 2 classes, which wrecks fine-tuning's first steps
+    assert logits.abs().max() < 1.0

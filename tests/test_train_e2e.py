@@ -121,3 +121,18 @@ def test_user_mistake_is_one_line_and_leaves_no_run_folder(tmp_path):
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: dataset folder not found")
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_unreadable_training_image_is_skipped_and_listed(lesion_dataset, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(lesion_dataset, data)
+    broken = data / "trainset" / "benign" / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    result = train(train_args(data, tmp_path / "runs", "--epochs", "1"))
+    skipped = pd.read_csv(Path(result["run_dir"]) / "skipped_files.csv")
+    assert list(skipped.columns) == ["filepath", "reason"]
+    assert skipped["filepath"].tolist() == [broken.as_posix()]
+    split_files = pd.concat(pd.read_csv(Path(result["run_dir"]) / f"split_{s}.csv") for s in ("train", "val"))
+    assert "trainset/benign/broken.jpg" not in set(split_files["filepath"])

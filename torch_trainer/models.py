@@ -33,8 +33,8 @@ SUPPORTED_MODELS: dict[str, ModelSpec] = {
     "resnet18": ModelSpec("resnet18", "ResNet-18: small residual CNN, a quick baseline"),
     "resnet50": ModelSpec("resnet50", "ResNet-50: the classic strong baseline, heavier on CPU"),
     "efficientnet_b0": ModelSpec("efficientnet_b0", "EfficientNet-B0: good accuracy per FLOP (SiLU, SE)"),
-    "efficientnet_b1": ModelSpec("efficientnet_b1", "EfficientNet-B1: wider/deeper B0, native 240px"),
-    "efficientnet_b2": ModelSpec("efficientnet_b2", "EfficientNet-B2: larger again, native 260px"),
+    "efficientnet_b1": ModelSpec("efficientnet_b1", "EfficientNet-B1: wider/deeper B0, pretrained at 240px"),
+    "efficientnet_b2": ModelSpec("efficientnet_b2", "EfficientNet-B2: larger again, pretrained at 256px"),
     "mobilenet_v2": ModelSpec("mobilenetv2_100", "MobileNetV2: light CNN for mobile/CPU deployment"),
     "mobilenet_v3_small": ModelSpec("mobilenetv3_small_100", "MobileNetV3-Small: the smallest and fastest here"),
     "mobilenet_v3_large": ModelSpec("mobilenetv3_large_100", "MobileNetV3-Large: MobileNet accuracy/speed balance"),
@@ -79,7 +79,9 @@ def build_model(model_name: str, n_class: int, pre_trained: bool, pretrained_pat
     if pretrained_path or (timm_name == BUNDLED_WEIGHTS_MODEL and bundled_weights_path()):
         path = Path(pretrained_path) if pretrained_path else bundled_weights_path()
         model = timm.create_model(timm_name, pretrained=False, **kwargs)
-        load_weights_file(model, path)
+        new_head = load_weights_file(model, path)
+        if new_head:
+            init_new_head(model)
         return model, timm_name
 
     try:
@@ -92,7 +94,20 @@ def build_model(model_name: str, n_class: int, pre_trained: bool, pretrained_pat
             f"--pretrained_path FILE, or train from scratch with --pre_trained False"
         ) from err
     logger.info("loaded ImageNet weights for %s through timm", timm_name)
+    init_new_head(model)
     return model, timm_name
+
+
+def init_new_head(model: torch.nn.Module) -> None:
+    """Start a new classifier on pretrained features with near-zero logits.
+
+    timm's EfficientNet/MobileNet init draws head weights from U(-1/sqrt(n_class), ..), sized for 1000 classes:
+    with 2-6 classes the first logits are in the tens, and the large early gradients damage the pretrained features.
+    """
+    head = model.get_classifier()
+    if isinstance(head, torch.nn.Linear):
+        torch.nn.init.normal_(head.weight, std=0.01)
+        torch.nn.init.zeros_(head.bias)
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -126,8 +141,10 @@ def _head_keys(model: torch.nn.Module) -> set[str]:
     return {k for k in model.state_dict() if any(k.startswith(p + ".") for p in prefixes)}
 
 
-def load_weights_file(model: torch.nn.Module, path: str | os.PathLike) -> None:
+def load_weights_file(model: torch.nn.Module, path: str | os.PathLike) -> bool:
     """Load backbone weights from ``path``; the classifier is kept only where its shape fits ``n_class``.
+
+    Returns True when the classifier was not in the file (a new head for ``n_class``).
 
     Keys are matched by name; a file whose names differ but whose tensors line up one-to-one in order (the bundled
     Lite0 file) is mapped by position. Anything else is an error, never a partial silent load.
@@ -159,6 +176,7 @@ def load_weights_file(model: torch.nn.Module, path: str | os.PathLike) -> None:
     model.load_state_dict(mapped, strict=False)
     reset = sorted(head - set(mapped))
     logger.info("loaded weights from %s%s", path, f" (new classifier: {', '.join(reset)})" if reset else "")
+    return bool(reset)
 
 
 def count_parameters(model: torch.nn.Module) -> int:
