@@ -27,6 +27,7 @@ from torch_trainer.optim import build_optimizer, build_scheduler
 from torch_trainer.trainer import EarlyStopping, FitState, Precision, evaluate, fit
 from utils.atomic import atomic_write_json
 from utils.cli import run_cli
+from utils.device import select_device
 from utils.errors import UserError
 from utils.logging_setup import add_file_handler, remove_handler, setup_logging
 from utils.metrics import classification_metrics
@@ -60,14 +61,6 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
             saved[name] = getattr(cfg, name)
     saved["resume"] = str(run_dir)
     return TrainConfig.from_dict(saved)
-
-
-def select_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 def load_data_and_model(cfg: TrainConfig, run_dir: Optional[Path]) -> tuple[DataSplits, torch.nn.Module, str]:

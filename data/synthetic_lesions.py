@@ -1,9 +1,11 @@
 """Seeded generator of synthetic skin-lesion photos with their lesion masks (the embedded demo data).
 
-Two classes that follow the dermatologist's ABCD cues:
+Three classes; the two lesion classes follow the dermatologist's ABCD cues:
   benign     round/oval, one even brown, sharp regular border
   malignant  asymmetric, several colours (dark brown, black, red, blue-grey), irregular blurred border
-on a textured skin-tone background (uneven tone, pores, a few hairs). Lesion size and position are drawn from the
+  normal     skin only (its mask is empty)
+on a textured skin-tone background (uneven tone, pores, a few hairs). With a lesion-free class, "benign" has to be
+recognised by its lesion too, not only by the absence of malignant colours. Lesion size and position are drawn from the
 same ranges for both classes, so the model has to look at the lesion itself, which later tests use to check that
 Grad-CAM points at the lesion mask.
 
@@ -23,7 +25,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-CLASSES = ("benign", "malignant")
+CLASSES = ("benign", "malignant", "normal")
 SPLITS = {"trainset": 0, "testset": 1}
 
 SKIN_TONES = np.array([[236, 192, 160], [224, 172, 138], [198, 145, 110], [170, 118, 84], [141, 92, 62]], float)
@@ -73,10 +75,13 @@ def _lesion_outline(rng: np.random.Generator, size: int, malignant: bool) -> np.
     return np.stack([xr, yr], 1).round().astype(np.int32)
 
 
-def make_lesion_image(rng: np.random.Generator, size: int, malignant: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Return ``(rgb uint8 HxWx3, mask uint8 HxW with 255 on the lesion)``."""
+def make_lesion_image(rng: np.random.Generator, size: int, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``(rgb uint8 HxWx3, mask uint8 HxW with 255 on the lesion)`` for a class in CLASSES."""
     image = _skin_background(rng, size)
     mask = np.zeros((size, size), np.uint8)
+    if kind == "normal":
+        return np.clip(image, 0, 255).astype(np.uint8), mask
+    malignant = kind == "malignant"
     cv2.fillPoly(mask, [_lesion_outline(rng, size, malignant)], 255)
     inside = mask.astype(np.float32) / 255.0
 
@@ -109,7 +114,7 @@ def generate_dataset(output: str | Path, n_train: int = 150, n_test: int = 50, i
             mask_dir.mkdir(parents=True, exist_ok=True)
             for i in range(counts[split]):
                 rng = np.random.default_rng([seed, split_id, class_id, i])
-                image, mask = make_lesion_image(rng, img_size, malignant=name == "malignant")
+                image, mask = make_lesion_image(rng, img_size, name)
                 stem = f"{name}_{i:04d}"
                 cv2.imwrite(str(image_dir / f"{stem}.jpg"), image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 92])
                 cv2.imwrite(str(mask_dir / f"{stem}.png"), mask)

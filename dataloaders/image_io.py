@@ -45,12 +45,20 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
         return _to_rgb(oriented)
 
 
+def failure_reason(path: str | os.PathLike, err: BaseException) -> str:
+    """A one-line reason for the skipped-files lists."""
+    try:
+        if Path(path).stat().st_size == 0:
+            return "empty file"
+    except OSError:
+        pass
+    message = str(err).splitlines()[0] if str(err) else ""
+    return f"{type(err).__name__}: {message}".rstrip(": ")
+
+
 def check_image(path: str | os.PathLike) -> Optional[str]:
     """Return why ``path`` cannot be used as an image, or None if it decodes."""
-    path = Path(path)
     try:
-        if path.stat().st_size == 0:
-            return "empty file"
         with Image.open(path) as img:
             # A reduced-size JPEG decode still reads the whole entropy-coded stream, so truncation is caught,
             # at a fraction of the cost of a full decode.
@@ -58,5 +66,4 @@ def check_image(path: str | os.PathLike) -> Optional[str]:
             img.load()
         return None
     except Exception as err:  # Pillow raises many types (OSError, SyntaxError, DecompressionBombError, ...)
-        message = str(err).splitlines()[0] if str(err) else ""
-        return f"{type(err).__name__}: {message}".rstrip(": ")
+        return failure_reason(path, err)

@@ -6,6 +6,7 @@ saved in ``class_info.json``, so a deployed model sees exactly the preprocessing
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -53,3 +54,23 @@ def build_train_transform(preprocessing: dict[str, Any], *, min_crop_scale: floa
         mean=tuple(preprocessing["mean"]),
         std=tuple(preprocessing["std"]),
     )
+
+
+def eval_crop_box(width: int, height: int, preprocessing: dict[str, Any]) -> tuple[int, int, int, int]:
+    """The region (left, top, right, bottom) of a ``width`` x ``height`` original that the eval transform keeps.
+
+    Mirrors timm's ``transforms_imagenet_eval``: the image is scaled so the crop is ``crop_pct`` of the scaled image,
+    then centre-cropped. Used to put Grad-CAM maps back onto the original photo.
+    """
+    size = preprocessing["input_size"][-1]
+    crop_pct = preprocessing.get("crop_pct") or 0.875
+    kept = size / math.floor(size / crop_pct)  # share of the scaled image's edge that the centre crop keeps
+    mode = preprocessing.get("crop_mode") or "center"
+    if mode == "squash":
+        box_w, box_h = width * kept, height * kept
+    elif mode == "border":
+        box_w = box_h = max(width, height) * kept
+    else:
+        box_w = box_h = min(width, height) * kept
+    left, top = (width - box_w) / 2, (height - box_h) / 2
+    return round(left), round(top), round(left + box_w), round(top + box_h)

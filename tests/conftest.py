@@ -28,7 +28,7 @@ TINY_MODEL = "test_efficientnet_gn"
 
 @pytest.fixture(scope="session")
 def lesion_dataset(tmp_path_factory) -> Path:
-    return generate_dataset(tmp_path_factory.mktemp("lesions") / "demo_dataset", n_train=80, n_test=20,
+    return generate_dataset(tmp_path_factory.mktemp("lesions") / "demo_dataset", n_train=64, n_test=16,
                             img_size=64, seed=0)
 
 

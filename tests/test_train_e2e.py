@@ -46,7 +46,8 @@ def test_run_folder_has_every_file_with_the_right_columns(two_runs, lesion_datas
     assert log[["train_loss", "val_loss"]].notna().all().all()
 
     info = json.loads((run_dir / "class_info.json").read_text())
-    assert info["class_names"] == ["benign", "malignant"] and info["class_to_idx"] == {"benign": 0, "malignant": 1}
+    assert info["class_names"] == ["benign", "malignant", "normal"]
+    assert info["class_to_idx"] == {"benign": 0, "malignant": 1, "normal": 2}
     assert info["timm_model_name"] == "test_efficientnet_gn"
     pre = info["preprocessing"]
     assert pre["input_size"] == [3, 64, 64] and len(pre["mean"]) == 3 and len(pre["std"]) == 3
@@ -56,9 +57,9 @@ def test_run_folder_has_every_file_with_the_right_columns(two_runs, lesion_datas
     assert configs["epochs"] == 3 and configs["model_name"] == "test_efficientnet_gn"
 
     confusion = pd.read_csv(run_dir / "confusion_matrix_test.csv", index_col=0)
-    assert list(confusion.index) == ["true_benign", "true_malignant"]
-    assert list(confusion.columns) == ["pred_benign", "pred_malignant"]
-    assert confusion.to_numpy().sum() == 40
+    assert list(confusion.index) == ["true_benign", "true_malignant", "true_normal"]
+    assert list(confusion.columns) == ["pred_benign", "pred_malignant", "pred_normal"]
+    assert confusion.to_numpy().sum() == 48
 
     metrics = json.loads((run_dir / "test_metrics.json").read_text())
     assert metrics == result["test_metrics"]
@@ -67,7 +68,7 @@ def test_run_folder_has_every_file_with_the_right_columns(two_runs, lesion_datas
 
     splits = {name: pd.read_csv(run_dir / f"split_{name}.csv") for name in ("train", "val", "test")}
     assert list(splits["train"].columns) == ["filepath", "label", "class_name"]
-    assert len(splits["train"]) + len(splits["val"]) == 160 and len(splits["test"]) == 40
+    assert len(splits["train"]) + len(splits["val"]) == 192 and len(splits["test"]) == 48
     assert not set(splits["train"].filepath) & set(splits["val"].filepath)
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-import main
+from utils.device import select_device
 from torch_trainer.trainer import EarlyStopping, Precision, evaluate, train_one_epoch
 from utils.errors import UserError
 
@@ -65,5 +65,5 @@ def test_early_stopping_on_loss_and_disabled_patience():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU, like CI")
 def test_cuda_without_gpu_is_a_user_error():
     with pytest.raises(UserError, match="--device cpu"):
-        main.select_device("cuda")
-    assert main.select_device("auto").type == "cpu"
+        select_device("cuda")
+    assert select_device("auto").type == "cpu"

@@ -24,3 +24,31 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot load checkpoint {path} (only plain tensors and values are accepted): "
                         f"{first_line}") from err
+
+
+def load_run_model(run_dir: str | Path, weights: str = "best") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild a trained model from a run folder alone: architecture and classes from class_info.json, weights
+    from model_best.pth or model_last.pth. Returns ``(model in eval mode on CPU, class_info)``."""
+    import timm
+
+    from torch_trainer import run_folder as rf
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run folder not found: {run_dir}; pass the folder main.py printed at the end of training")
+    class_info = rf.read_class_info(run_dir)
+    ckpt_path = run_dir / (rf.BEST_CKPT if weights == "best" else rf.LAST_CKPT)
+    if not ckpt_path.is_file():
+        raise UserError(f"{ckpt_path} is missing; the run may not have finished an epoch (try --weights "
+                        f"{'last' if weights == 'best' else 'best'})")
+    state = load_checkpoint(ckpt_path)
+    state = state.get("model", state) if isinstance(state, dict) else state
+    model = timm.create_model(class_info["timm_model_name"], pretrained=False, num_classes=class_info["n_class"],
+                              **class_info.get("model_kwargs", {}))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        detail = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
+        raise UserError(f"{ckpt_path} does not fit {class_info['timm_model_name']} with {class_info['n_class']} "
+                        f"classes as recorded in class_info.json ({detail})") from err
+    return model.eval(), class_info

@@ -1,0 +1,216 @@
+"""Classify a folder of photos with a trained run folder; optionally save Grad-CAM overlays.
+
+Example:
+    python inference.py --model_path save_results/dataset+skin/model+efficientnet_b0/<run> \
+        --inference_folder inference_set --inference_output inference_results --generate_gradcam
+
+Writes into --inference_output: predictions.csv, predictions.json, skipped.csv and (with --generate_gradcam)
+gradcam/<same relative path as the input>.gradcam.jpg.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from configs import str2bool
+from dataloaders.image_io import load_rgb
+from dataloaders.inference_data import collect_inference_images, make_inference_loader
+from dataloaders.transforms import build_eval_transform
+from torch_trainer import run_folder as rf
+from torch_trainer.checkpoint import load_run_model
+from torch_trainer.predictors import OnnxPredictor, TorchPredictor, predict_proba
+from utils.atomic import atomic_path, atomic_write_json
+from utils.cli import run_cli
+from utils.device import select_device
+from utils.errors import UserError
+from utils.gradcam import CAM_METHODS, GradCamExplainer, cam_on_original, render_overlay
+from utils.logging_setup import setup_logging
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ONNX_MODEL = Path("onnx_models") / "clf_model.onnx"
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("skinclf inference", add_help=add_help,
+                                     description="Classify images with a run folder written by main.py.")
+    parser.add_argument("--model_path", required=True, help="run folder written by main.py")
+    parser.add_argument("--inference_folder", default="inference_set",
+                        help="folder of images (searched recursively) or one image file (default: %(default)s)")
+    parser.add_argument("--inference_output", default="inference_results", help="output folder (default: %(default)s)")
+    parser.add_argument("--generate_gradcam", type=str2bool, nargs="?", const=True, default=False,
+                        metavar="True|False", help="save a Grad-CAM overlay per image (default: %(default)s)")
+    parser.add_argument("--weights", choices=["best", "last"], default="best",
+                        help="model_best.pth or model_last.pth (default: %(default)s)")
+    parser.add_argument("--batch_size", type=int, default=32, help="images per batch (default: %(default)s)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: %(default)s)")
+    parser.add_argument("--num_workers", type=int, default=2,
+                        help="decoding worker processes, capped at the CPU count (default: %(default)s)")
+    parser.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                        help="run the classifier with PyTorch or ONNX Runtime (default: %(default)s)")
+    parser.add_argument("--onnx_model", default=None,
+                        help=f"ONNX classifier for --backend onnx (default: {DEFAULT_ONNX_MODEL})")
+    parser.add_argument("--cam_method", choices=list(CAM_METHODS), default="gradcam",
+                        help="pytorch-grad-cam method (default: %(default)s)")
+    parser.add_argument("--tta", type=str2bool, nargs="?", const=True, default=False, metavar="True|False",
+                        help="average the prediction over the image and its mirror (default: %(default)s)")
+    parser.add_argument("--topk", type=int, default=1,
+                        help="also list the k most likely classes per image in the JSON (default: %(default)s)")
+    return parser
+
+
+def gradcam_relative_path(relative: Path) -> Path:
+    """The overlay's path inside gradcam/: the input's relative path plus a suffix, so names never collide."""
+    return relative.with_name(relative.name + ".gradcam.jpg")
+
+
+class GradcamWriter:
+    """Writes overlays into a staging folder that replaces ``gradcam/`` only once every overlay is written."""
+
+    def __init__(self, output_dir: Path, model, method: str, preprocessing: dict):
+        self.final_dir = output_dir / "gradcam"
+        self.staging = output_dir / ".gradcam.partial"
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self.preprocessing = preprocessing
+        self.explainer = GradCamExplainer(model, method, tuple(preprocessing["input_size"]))
+        logger.info("Grad-CAM (%s) on layer %s", method, type(self.explainer.target_layer).__name__)
+
+    def write(self, images, class_indices: list[int], paths: list[Path], relatives: list[Path]) -> None:
+        cams = self.explainer.explain(images, class_indices)
+        for cam, path, relative in zip(cams, paths, relatives):
+            original = np.asarray(load_rgb(path))
+            full = cam_on_original(cam, (original.shape[1], original.shape[0]), self.preprocessing)
+            target = self.staging / gradcam_relative_path(relative)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(render_overlay(original, full)).save(target, quality=90)
+
+    def publish(self) -> None:
+        self.explainer.__exit__(None, None, None)
+        self.staging.mkdir(parents=True, exist_ok=True)
+        old = self.final_dir.with_name(".gradcam.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if self.final_dir.exists():
+            self.final_dir.rename(old)
+        self.staging.rename(self.final_dir)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def abandon(self) -> None:
+        self.explainer.__exit__(None, None, None)
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def build_predictor(args: argparse.Namespace, run_dir: Path, class_info: dict, device):
+    model = None
+    if args.backend == "torch" or args.generate_gradcam:
+        model, _ = load_run_model(run_dir, args.weights)
+        model.to(device)
+    if args.backend == "onnx":
+        return OnnxPredictor(args.onnx_model or DEFAULT_ONNX_MODEL, class_info["n_class"], device), model
+    return TorchPredictor(model, device), model
+
+
+def prediction_row(relative: str, probs: np.ndarray, class_names: list[str], topk: int) -> dict[str, Any]:
+    best = int(probs.argmax())
+    row = {"filename": relative, "predicted_class": best, "predicted_label": class_names[best],
+           "confidence": float(probs[best]),
+           "probabilities": {name: float(p) for name, p in zip(class_names, probs)}}
+    if topk > 1:
+        order = np.argsort(-probs)[:topk]
+        row["topk"] = [{"label": class_names[i], "probability": float(probs[i])} for i in order]
+    return row
+
+
+def write_outputs(output_dir: Path, rows: list[dict], skipped: list[dict], class_names: list[str]) -> None:
+    header = ["filename", "predicted_class", "predicted_label", "confidence"] + [f"prob_{n}" for n in class_names]
+    with atomic_path(output_dir / "predictions.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        for row in rows:
+            writer.writerow([row["filename"], row["predicted_class"], row["predicted_label"],
+                             f"{row['confidence']:.6f}"] + [f"{row['probabilities'][n]:.6f}" for n in class_names])
+    with atomic_path(output_dir / "skipped.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["filename", "reason"])
+        writer.writerows([s["filename"], s["reason"]] for s in skipped)
+    skipped_entries = [{"filename": s["filename"], "skipped": True, "reason": s["reason"], "predicted_class": None,
+                        "predicted_label": None, "confidence": None, "probabilities": None} for s in skipped]
+    atomic_write_json(output_dir / "predictions.json", [{**row, "skipped": False} for row in rows] + skipped_entries)
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    setup_logging()
+    if args.batch_size < 1 or args.topk < 1:
+        raise UserError("--batch_size and --topk must be at least 1")
+    run_dir = Path(args.model_path)
+    if not run_dir.is_dir():
+        raise UserError(f"--model_path {run_dir} not found; pass a run folder written by main.py")
+    class_info = rf.read_class_info(run_dir)
+    class_names = class_info["class_names"]
+    root, paths = collect_inference_images(args.inference_folder)
+    device = select_device(args.device)
+    predictor, model = build_predictor(args, run_dir, class_info, device)
+    if class_info.get("input_kind", "full_image") != "full_image":
+        logger.warning("this model was trained on %s inputs; inference.py feeds whole images",
+                       class_info["input_kind"])
+
+    output_dir = Path(args.inference_output)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    preprocessing = class_info["preprocessing"]
+    loader = make_inference_loader(paths, build_eval_transform(preprocessing), args.batch_size, args.num_workers)
+    cams = GradcamWriter(output_dir, model, args.cam_method, preprocessing) if args.generate_gradcam else None
+
+    rows: list[dict] = []
+    skipped: list[dict] = []
+    relative = [p.relative_to(root) for p in paths]
+    start = time.perf_counter()
+    try:
+        for images, indices, _sizes, failed in tqdm(loader, desc="inference", disable=None):
+            for index, reason in failed:
+                logger.warning("skipping %s: %s", paths[index], reason)
+                skipped.append({"filename": relative[index].as_posix(), "reason": reason})
+            if images is None:
+                continue
+            probs = predict_proba(predictor, images, tta=args.tta)
+            rows.extend(prediction_row(relative[i].as_posix(), p, class_names, args.topk)
+                        for i, p in zip(indices, probs))
+            if cams is not None:
+                cams.write(images.to(device), [int(p.argmax()) for p in probs], [paths[i] for i in indices],
+                           [relative[i] for i in indices])
+    except BaseException:
+        if cams is not None:
+            cams.abandon()
+        raise
+    seconds = time.perf_counter() - start
+    if cams is not None:
+        cams.publish()
+    write_outputs(output_dir, rows, skipped, class_names)
+
+    counts = Counter(row["predicted_label"] for row in rows)
+    summary = {"images_found": len(paths), "predicted": len(rows), "skipped": len(skipped),
+               "per_class": {name: counts.get(name, 0) for name in class_names},
+               "images_per_s": len(rows) / seconds if seconds > 0 else 0.0, "output": str(output_dir)}
+    logger.info("%d images: %d classified, %d skipped (see skipped.csv) in %.1fs, %.1f images/s", len(paths),
+                len(rows), len(skipped), seconds, summary["images_per_s"])
+    logger.info("predicted per class: %s", ", ".join(f"{k} {v}" for k, v in summary["per_class"].items()))
+    logger.info("results: %s%s", output_dir / "predictions.csv",
+                f" and {output_dir / 'gradcam'}/" if args.generate_gradcam else "")
+    return summary
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    return get_args_parser().parse_args(argv)
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args)

@@ -1,0 +1,125 @@
+"""Grad-CAM explanations through pytorch-grad-cam: target-layer choice for timm CNNs and overlays on the original.
+
+The heat-map is computed on the model's input (the resized, centre-cropped view) and placed back onto the original
+photo at its own aspect ratio, so the overlay shows where on the *original* the model looked; the border that the
+centre crop removed gets no heat.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import cv2
+import numpy as np
+import torch
+from pytorch_grad_cam import (AblationCAM, EigenCAM, EigenGradCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM,
+                              ScoreCAM, XGradCAM)
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+from dataloaders.transforms import eval_crop_box
+from utils.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+# The methods of pytorch-grad-cam that work on a CNN's last feature map.
+CAM_METHODS = {
+    "gradcam": GradCAM,
+    "gradcam++": GradCAMPlusPlus,
+    "hirescam": HiResCAM,
+    "xgradcam": XGradCAM,
+    "layercam": LayerCAM,
+    "eigencam": EigenCAM,
+    "eigengradcam": EigenGradCAM,
+    "scorecam": ScoreCAM,
+    "ablationcam": AblationCAM,
+}
+
+
+def _spatial_output(model: torch.nn.Module, layer: torch.nn.Module, input_size: tuple[int, int, int]) -> bool:
+    """Whether ``layer`` yields a feature map with height and width > 1 (not a pooled vector)."""
+    shapes = []
+    handle = layer.register_forward_hook(lambda _m, _i, out: shapes.append(tuple(out.shape)))
+    try:
+        with torch.inference_mode():
+            model(torch.zeros(1, *input_size, device=next(model.parameters()).device))
+    finally:
+        handle.remove()
+    return bool(shapes) and len(shapes[-1]) == 4 and shapes[-1][2] > 1 and shapes[-1][3] > 1
+
+
+def find_target_layer(model: torch.nn.Module, input_size: tuple[int, int, int] = (3, 224, 224)) -> torch.nn.Module:
+    """The last feature stage of a timm CNN.
+
+    ``conv_head`` for EfficientNet/MobileNetV2-style models, ``layer4`` for ResNets, and otherwise the last entry of
+    timm's ``feature_info``. MobileNetV3's ``conv_head`` comes after global pooling (a 1x1 map), so every candidate
+    is checked to still have spatial extent.
+    """
+    candidates: list[torch.nn.Module] = []
+    if hasattr(model, "conv_head") and isinstance(model.conv_head, torch.nn.Conv2d):
+        candidates.append(model.conv_head)
+    if hasattr(model, "layer4"):
+        candidates.append(model.layer4)
+    feature_info = getattr(model, "feature_info", None)
+    if feature_info:
+        last = feature_info[-1] if isinstance(feature_info, list) else feature_info.info[-1]
+        candidates.append(model.get_submodule(last["module"]))
+    was_training = model.training
+    model.eval()
+    try:
+        for layer in candidates:
+            if _spatial_output(model, layer, input_size):
+                return layer
+    finally:
+        model.train(was_training)
+    raise UserError(f"cannot find a spatial feature layer for Grad-CAM in {type(model).__name__}; "
+                    f"run without --generate_gradcam")
+
+
+class GradCamExplainer:
+    """Batched CAMs for given class indices; use as a context manager so the hooks are released."""
+
+    def __init__(self, model: torch.nn.Module, method: str = "gradcam",
+                 input_size: tuple[int, int, int] = (3, 224, 224)):
+        if method not in CAM_METHODS:
+            raise UserError(f"--cam_method {method!r} is not one of {', '.join(CAM_METHODS)}")
+        self.target_layer = find_target_layer(model, input_size)
+        self.cam = CAM_METHODS[method](model=model, target_layers=[self.target_layer])
+
+    def __enter__(self) -> "GradCamExplainer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.cam.activations_and_grads.release()
+
+    def explain(self, images: torch.Tensor, class_indices: list[int]) -> np.ndarray:
+        """Return CAMs of shape (B, H, W) in [0, 1], at the input's resolution."""
+        targets = [ClassifierOutputTarget(int(c)) for c in class_indices]
+        with torch.enable_grad():
+            return self.cam(input_tensor=images, targets=targets)
+
+
+def cam_on_original(cam: np.ndarray, original_size: tuple[int, int], preprocessing: dict) -> np.ndarray:
+    """Place a model-input CAM onto the original image grid (H, W); outside the centre crop it is 0."""
+    width, height = original_size
+    left, top, right, bottom = eval_crop_box(width, height, preprocessing)
+    full = np.zeros((height, width), np.float32)
+    box_w, box_h = max(right - left, 1), max(bottom - top, 1)
+    resized = cv2.resize(cam.astype(np.float32), (box_w, box_h), interpolation=cv2.INTER_LINEAR)
+    # The crop box may stick out of the image by rounding; copy the overlapping part only.
+    x0, y0 = max(left, 0), max(top, 0)
+    x1, y1 = min(right, width), min(bottom, height)
+    full[y0:y1, x0:x1] = resized[y0 - top:y1 - top, x0 - left:x1 - left]
+    return full
+
+
+def render_overlay(original_rgb: np.ndarray, cam_full: np.ndarray, alpha: float = 0.45,
+                   max_side: Optional[int] = 1024) -> np.ndarray:
+    """JET heat-map blended onto the original (uint8 RGB); very large photos are scaled down for the file."""
+    heat = cv2.applyColorMap(np.uint8(255 * np.clip(cam_full, 0, 1)), cv2.COLORMAP_JET)[..., ::-1]
+    overlay = (original_rgb.astype(np.float32) * (1 - alpha) + heat.astype(np.float32) * alpha).astype(np.uint8)
+    if max_side and max(overlay.shape[:2]) > max_side:
+        scale = max_side / max(overlay.shape[:2])
+        overlay = cv2.resize(overlay, (round(overlay.shape[1] * scale), round(overlay.shape[0] * scale)),
+                             interpolation=cv2.INTER_AREA)
+    return overlay
