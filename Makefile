@@ -33,7 +33,11 @@ demo: $(INSTALLED) $(DEMO_DATA)/trainset
 	HF_HUB_OFFLINE=1 $(PY) main.py --data_name demo --model_name $(DEMO_MODEL) --pre_trained True \
 		--epochs 4 --img_size 128 --batch_size 32 --lr_ae 0.0005 --optimizer adamw --device cpu \
 		--save_dir $(DEMO_SAVE)
-	@echo "run folder: $$(ls -td $(DEMO_SAVE)/dataset+demo/model+$(DEMO_MODEL)/*/ | head -n 1)"
+	@run=$$(ls -td $(DEMO_SAVE)/dataset+demo/model+$(DEMO_MODEL)/*/ | head -n 1); \
+	$(PY) inference.py --model_path $$run --inference_folder $(DEMO_DATA)/testset \
+		--inference_output inference_results/demo --generate_gradcam --device cpu && \
+	echo "run folder: $$run" && \
+	echo "predictions: inference_results/demo/predictions.csv, Grad-CAM overlays: inference_results/demo/gradcam/"
 
 clean-demo:
 	rm -rf $(DEMO_DATA) $(DEMO_SAVE)/dataset+demo

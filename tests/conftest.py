@@ -36,3 +36,12 @@ def train_args(data_dir: Path, save_dir: Path, *extra: str) -> list[str]:
     return ["--data_dir", str(data_dir), "--data_name", "demo", "--model_name", TINY_MODEL,
             "--pre_trained", "False", "--epochs", "2", "--img_size", "64", "--batch_size", "16",
             "--lr_ae", "0.005", "--num_workers", "0", "--save_dir", str(save_dir), *extra]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(lesion_dataset, tmp_path_factory) -> Path:
+    """A finished run folder of the tiny model, shared by the tests that read run folders back."""
+    import main
+
+    result = main.main(main.parse_args(train_args(lesion_dataset, tmp_path_factory.mktemp("tiny_run"))))
+    return Path(result["run_dir"])

@@ -1,0 +1,127 @@
+"""Memory and speed of inference.py on a large folder: RSS must stay flat however many images there are.
+
+Generates --n_images synthetic photos (unless --folder is given), runs inference.main in-process while a thread
+samples the resident memory of this process and its DataLoader workers, and prints images/s and RSS (the maximum
+over each tenth of the run). Without --model_path it builds a throwaway run folder (random weights; speed and
+memory do not depend on the weight values) for --model_name at --img_size.
+
+Example (the figures in the README):
+    python benchmarks/inference_memory.py --n_images 5000 --model_name efficientnet_b0 --img_size 224
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import inference  # noqa: E402
+from data.synthetic_lesions import CLASSES, make_lesion_image  # noqa: E402
+from dataloaders.transforms import resolve_preprocessing  # noqa: E402
+from torch_trainer import run_folder as rf  # noqa: E402
+from torch_trainer.checkpoint import save_checkpoint  # noqa: E402
+from torch_trainer.models import build_model  # noqa: E402
+from utils.atomic import atomic_write_json  # noqa: E402
+
+
+def tree_rss_mb(pid: int) -> float:
+    """Resident memory of ``pid`` and all its descendants, in MiB (Linux /proc)."""
+    total, stack = 0, [pid]
+    while stack:
+        current = stack.pop()
+        try:
+            with open(f"/proc/{current}/status") as fh:
+                total += next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children") as fh:
+                    stack.extend(int(c) for c in fh.read().split())
+        except (FileNotFoundError, ProcessLookupError, StopIteration):
+            continue
+    return total / 1024
+
+
+def make_folder(folder: Path, n_images: int, size: int) -> None:
+    import cv2
+
+    for i in range(n_images):
+        rng = np.random.default_rng(i)
+        image, _ = make_lesion_image(rng, size, CLASSES[i % len(CLASSES)])
+        sub = folder / f"batch_{i // 1000:02d}"
+        sub.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(sub / f"img_{i:05d}.jpg"), image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])
+
+
+def make_run_folder(run_dir: Path, model_name: str, img_size: int) -> Path:
+    model, timm_name = build_model(model_name, len(CLASSES), False)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    info = rf.build_class_info(list(CLASSES), model_name, timm_name, resolve_preprocessing(model, img_size), 0.0)
+    atomic_write_json(run_dir / rf.CLASS_INFO, info)
+    save_checkpoint(run_dir / rf.BEST_CKPT, {"model": model.state_dict()})
+    return run_dir
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("inference memory/speed benchmark", add_help=add_help)
+    parser.add_argument("--model_path", default=None, help="run folder (default: a throwaway one)")
+    parser.add_argument("--model_name", default="efficientnet_b0")
+    parser.add_argument("--img_size", type=int, default=224)
+    parser.add_argument("--folder", default=None, help="images to classify (default: generate --n_images)")
+    parser.add_argument("--n_images", type=int, default=5000)
+    parser.add_argument("--photo_size", type=int, default=320, help="side of the generated photos")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--num_workers", type=int, default=2)
+    parser.add_argument("--backend", choices=["torch", "onnx"], default="torch")
+    parser.add_argument("--onnx_model", default=None)
+    parser.add_argument("--generate_gradcam", action="store_true")
+    return parser
+
+
+def main(args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory(prefix="skinclf-bench-") as tmp:
+        tmp = Path(tmp)
+        folder = Path(args.folder) if args.folder else tmp / "photos"
+        if not args.folder:
+            make_folder(folder, args.n_images, args.photo_size)
+        run_dir = Path(args.model_path) if args.model_path else make_run_folder(tmp / "run", args.model_name,
+                                                                                 args.img_size)
+        samples: list[tuple[float, float]] = []
+        done = threading.Event()
+
+        def sample() -> None:
+            start = time.perf_counter()
+            while not done.is_set():
+                samples.append((time.perf_counter() - start, tree_rss_mb(os.getpid())))
+                time.sleep(0.25)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        argv = ["--model_path", str(run_dir), "--inference_folder", str(folder), "--inference_output",
+                str(tmp / "out"), "--batch_size", str(args.batch_size), "--num_workers", str(args.num_workers),
+                "--backend", args.backend, "--device", "cpu"]
+        if args.onnx_model:
+            argv += ["--onnx_model", args.onnx_model]
+        if args.generate_gradcam:
+            argv.append("--generate_gradcam")
+        summary = inference.main(inference.parse_args(argv))
+        done.set()
+        sampler.join()
+    rss = np.array([mb for _, mb in samples])
+    tenths = [round(float(np.max(chunk)), 1) for chunk in np.array_split(rss, 10) if len(chunk)]
+    result = {"images": summary["predicted"], "images_per_s": round(summary["images_per_s"], 2),
+              "rss_peak_mb": round(float(rss.max()), 1), "rss_max_per_tenth_mb": tenths,
+              "backend": args.backend, "batch_size": args.batch_size, "num_workers": args.num_workers}
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
