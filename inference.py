@@ -84,7 +84,7 @@ class GradcamWriter:
         shutil.rmtree(self.staging, ignore_errors=True)
         self.preprocessing = preprocessing
         self.explainer = GradCamExplainer(model, method, tuple(preprocessing["input_size"]))
-        logger.info("Grad-CAM (%s) on layer %s", method, type(self.explainer.target_layer).__name__)
+        logger.info("Grad-CAM (%s) on layer %s", method, self.explainer.target_name)
 
     def write(self, images, class_indices: list[int], paths: list[Path], relatives: list[Path]) -> None:
         cams = self.explainer.explain(images, class_indices)

@@ -103,14 +103,15 @@ def train(cfg: TrainConfig, run_dir: Path, device: torch.device, splits: DataSpl
     if splits.skipped:
         logger.warning("%d unreadable image(s) skipped; see %s", len(splits.skipped), run_dir / "skipped_files.csv")
 
-    preprocessing = resolve_preprocessing(model, cfg.img_size)
     if resuming:
         class_info = rf.read_class_info(run_dir)
     else:
         save_splits(run_dir, splits)
-        class_info = rf.build_class_info(class_names, cfg.model_name, timm_name, preprocessing, cfg.drop_rate)
+        class_info = rf.build_class_info(class_names, cfg.model_name, timm_name,
+                                         resolve_preprocessing(model, cfg.img_size), cfg.drop_rate)
         atomic_write_json(run_dir / rf.CLASS_INFO, class_info)
         atomic_write_json(run_dir / rf.CONFIGS, cfg.to_dict())
+    preprocessing = class_info["preprocessing"]
     logger.info("model %s (%s): %.2fM parameters, input %s, mean %s, std %s", cfg.model_name, timm_name,
                 count_parameters(model) / 1e6, preprocessing["input_size"], preprocessing["mean"],
                 preprocessing["std"])

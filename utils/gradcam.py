@@ -84,6 +84,7 @@ class GradCamExplainer:
         if method not in CAM_METHODS:
             raise UserError(f"--cam_method {method!r} is not one of {', '.join(CAM_METHODS)}")
         self.target_layer = find_target_layer(model, input_size)
+        self.target_name = next(name for name, module in model.named_modules() if module is self.target_layer)
         self.cam = CAM_METHODS[method](model=model, target_layers=[self.target_layer])
 
     def __enter__(self) -> "GradCamExplainer":
