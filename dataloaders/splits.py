@@ -57,7 +57,7 @@ def _write_split_csv(path: Path, samples: list[Sample], root: Path, class_names:
             writer.writerow([s.path.relative_to(root).as_posix(), s.label, class_names[s.label]])
 
 
-def _read_split_csv(path: Path, root: Path) -> list[Sample]:
+def read_split_csv(path: Path, root: Path) -> list[Sample]:
     if not path.is_file():
         raise UserError(f"{path} is missing; cannot rebuild the run's data split")
     with open(path, newline="", encoding="utf-8") as handle:
@@ -74,5 +74,5 @@ def save_splits(run_dir: Path, splits: DataSplits) -> None:
 
 
 def load_splits(run_dir: Path, root: Path, class_names: list[str]) -> DataSplits:
-    lists = {split: _read_split_csv(run_dir / f"split_{split}.csv", root) for split in SPLIT_NAMES}
+    lists = {split: read_split_csv(run_dir / f"split_{split}.csv", root) for split in SPLIT_NAMES}
     return DataSplits(root, class_names, lists["train"], lists["val"], lists["test"], skipped=[])

@@ -1,0 +1,231 @@
+"""Export a run folder's classifier to ONNX (FP32) and quantize it to INT8, verifying both before keeping them.
+
+Example:
+    python quantize_onnx_models.py --model_path save_results/dataset+skin/model+efficientnet_b0/<run> \
+        --output_dir onnx_models
+
+Writes clf_model.onnx (FP32, dynamic batch) and clf_model_int8.onnx (static QDQ quantization with ONNX Runtime:
+per-channel int8 weights, uint8 activations, calibrated on the run's own training images), each carrying the class
+names and preprocessing as ONNX metadata, plus a class_info.json copy. A model that fails its check is an error and
+nothing is left under the final file name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from configs import str2bool
+from dataloaders.image_io import load_rgb
+from dataloaders.splits import read_split_csv
+from dataloaders.transforms import build_eval_transform
+from torch_trainer import run_folder as rf
+from torch_trainer.checkpoint import load_run_model
+from torch_trainer.predictors import OnnxPredictor, softmax
+from utils.atomic import atomic_path, atomic_write_json
+from utils.cli import run_cli
+from utils.errors import UserError
+from utils.logging_setup import setup_logging
+
+logger = logging.getLogger(__name__)
+
+FP32_NAME = "clf_model.onnx"
+INT8_NAME = "clf_model_int8.onnx"
+FP32_PROB_TOLERANCE = 1e-4
+INT8_ACCURACY_DROP_WARNING = 0.01
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("skinclf ONNX export and INT8 quantization", add_help=add_help)
+    parser.add_argument("--model_path", required=True, help="run folder written by main.py")
+    parser.add_argument("--output_dir", default="onnx_models", help="where the ONNX files go (default: %(default)s)")
+    parser.add_argument("--skip_segmentation", type=str2bool, nargs="?", const=True, default=True,
+                        metavar="True|False",
+                        help="skip the face-segmentation model (always skipped until that model exists)")
+    parser.add_argument("--weights", choices=["best", "last"], default="best", help="(default: %(default)s)")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default: %(default)s)")
+    parser.add_argument("--quantize", choices=["int8", "none"], default="int8", help="(default: %(default)s)")
+    parser.add_argument("--calib_images", type=int, default=200,
+                        help="training images used to calibrate INT8 activations (default: %(default)s)")
+    parser.add_argument("--calibrate_method", choices=["minmax", "entropy", "percentile"], default="minmax",
+                        help="(default: %(default)s)")
+    parser.add_argument("--verify_images", type=int, default=0,
+                        help="test images for the parity/accuracy checks; 0 = the whole test split (default)")
+    parser.add_argument("--data_dir", default=None,
+                        help="dataset root if it moved since training (default: the run's configs.json data_dir)")
+    return parser
+
+
+def _load_images(paths: list[Path], transform) -> torch.Tensor:
+    return torch.stack([transform(load_rgb(p)) for p in paths])
+
+
+def _split_samples(run_dir: Path, split: str, data_dir: Optional[str]):
+    configs = json.loads((run_dir / rf.CONFIGS).read_text(encoding="utf-8"))
+    root = Path(data_dir or configs.get("data_dir") or Path("data") / f"{configs['data_name']}_dataset")
+    if not root.is_dir():
+        raise UserError(f"dataset folder {root} (recorded in {run_dir / rf.CONFIGS}) not found; the exported "
+                        f"models are verified on real images, so pass --data_dir")
+    return read_split_csv(run_dir / f"split_{split}.csv", root)
+
+
+def onnx_metadata(class_info: dict[str, Any], run_dir: Path, precision: str) -> dict[str, str]:
+    pre = class_info["preprocessing"]
+    return {"class_names": json.dumps(class_info["class_names"], ensure_ascii=False),
+            "model_name": class_info["model_name"], "timm_model_name": class_info["timm_model_name"],
+            "input_size": json.dumps(pre["input_size"]), "mean": json.dumps(pre["mean"]), "std": json.dumps(pre["std"]),
+            "interpolation": pre["interpolation"], "crop_pct": str(pre["crop_pct"]), "crop_mode": pre["crop_mode"],
+            "source_run": str(run_dir), "precision": precision, "output": "logits"}
+
+
+def _set_metadata(path: Path, metadata: dict[str, str]) -> None:
+    import onnx
+
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    for key, value in metadata.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(path))
+
+
+def read_onnx_metadata(path: str | Path) -> dict[str, str]:
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
+def export_fp32(model: torch.nn.Module, input_size: list[int], path: Path, opset: int) -> None:
+    dummy = torch.randn(2, *input_size)
+    # The TorchScript exporter writes one self-contained file; the dynamo exporter would need onnxscript and puts
+    # weights in a side .onnx.data file by default.
+    with warnings.catch_warnings():
+        # The legacy exporter's deprecation notice and tracer warnings about shape arithmetic are expected here.
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        torch.onnx.export(model, (dummy,), str(path), dynamo=False, input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset,
+                          do_constant_folding=True)
+
+
+def _check(path: Path) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as err:  # onnx raises ValidationError and others
+        raise UserError(f"exported ONNX model failed onnx.checker: {str(err).splitlines()[0]}") from err
+
+
+class _CalibrationReader:
+    """Feeds preprocessed training images to ONNX Runtime's calibrator one small batch at a time."""
+
+    def __init__(self, paths: list[Path], transform, batch_size: int = 8):
+        self.batches = iter([paths[i:i + batch_size] for i in range(0, len(paths), batch_size)])
+        self.transform = transform
+
+    def get_next(self) -> Optional[dict[str, np.ndarray]]:
+        batch = next(self.batches, None)
+        return None if batch is None else {"input": _load_images(batch, self.transform).numpy()}
+
+
+def quantize_int8(fp32_path: Path, int8_path: Path, calib_paths: list[Path], transform, method: str) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+    with tempfile.TemporaryDirectory(dir=int8_path.parent, prefix=".quantize-") as work:
+        prepped = Path(work) / "preprocessed.onnx"
+        quant_pre_process(str(fp32_path), str(prepped))
+        # The quantizer logs one INFO line per adjusted bias scale (hundreds per model) through the root logger.
+        logging.disable(logging.INFO)
+        try:
+            # uint8 activations with int8 weights use the VNNI u8s8 kernels; int8 activations ran slower than FP32.
+            quantize_static(str(prepped), str(int8_path), _CalibrationReader(calib_paths, transform),
+                            quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, calibrate_method=methods[method])
+        finally:
+            logging.disable(logging.NOTSET)
+
+
+def _onnx_probs(path: Path, images: torch.Tensor, n_class: int) -> np.ndarray:
+    predictor = OnnxPredictor(path, n_class, torch.device("cpu"))
+    return np.concatenate([softmax(predictor.logits(images[i:i + 32])) for i in range(0, len(images), 32)])
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    setup_logging()
+    if not args.skip_segmentation:
+        logger.warning("the face-segmentation model is not available yet; exporting the classifier only")
+    run_dir = Path(args.model_path)
+    model, class_info = load_run_model(run_dir, args.weights)
+    pre = class_info["preprocessing"]
+    transform = build_eval_transform(pre)
+    n_class = class_info["n_class"]
+
+    test = _split_samples(run_dir, "test", args.data_dir)
+    if args.verify_images:
+        test = test[: args.verify_images]
+    images = _load_images([s.path for s in test], transform)
+    labels = np.array([s.label for s in test])
+    with torch.inference_mode():
+        torch_probs = np.concatenate([model(images[i:i + 32]).softmax(1).numpy() for i in range(0, len(images), 32)])
+    torch_acc = float((torch_probs.argmax(1) == labels).mean())
+
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"source_run": str(run_dir), "verify_images": len(test), "torch_accuracy": torch_acc}
+
+    with atomic_path(output_dir / FP32_NAME) as tmp:
+        export_fp32(model, pre["input_size"], tmp, args.opset)
+        _set_metadata(tmp, onnx_metadata(class_info, run_dir, "fp32"))
+        _check(tmp)
+        fp32_probs = _onnx_probs(tmp, images, n_class)
+        max_diff = float(np.abs(fp32_probs - torch_probs).max())
+        same_top1 = bool((fp32_probs.argmax(1) == torch_probs.argmax(1)).all())
+        if max_diff > FP32_PROB_TOLERANCE or not same_top1:
+            raise UserError(f"FP32 ONNX disagrees with PyTorch on the test images (max |prob diff| {max_diff:.2e}, "
+                            f"same top-1: {same_top1}); nothing was written")
+        report.update(fp32_max_prob_diff=max_diff, fp32_accuracy=float((fp32_probs.argmax(1) == labels).mean()))
+        fp32_tmp = tmp
+        logger.info("FP32 ONNX matches PyTorch on %d test images (max |prob diff| %.2e)", len(test), max_diff)
+
+        if args.quantize == "int8":
+            train = _split_samples(run_dir, "train", args.data_dir)
+            calib = [s.path for s in random.Random(0).sample(train, min(args.calib_images, len(train)))]
+            with atomic_path(output_dir / INT8_NAME) as int8_tmp:
+                quantize_int8(fp32_tmp, int8_tmp, calib, transform, args.calibrate_method)
+                _set_metadata(int8_tmp, onnx_metadata(class_info, run_dir, "int8"))
+                _check(int8_tmp)
+                int8_probs = _onnx_probs(int8_tmp, images, n_class)
+                agreement = float((int8_probs.argmax(1) == torch_probs.argmax(1)).mean())
+                int8_acc = float((int8_probs.argmax(1) == labels).mean())
+                report.update(int8_top1_agreement=agreement, int8_accuracy=int8_acc,
+                              int8_size_ratio=int8_tmp.stat().st_size / fp32_tmp.stat().st_size)
+    atomic_write_json(output_dir / rf.CLASS_INFO, class_info)
+
+    logger.info("test accuracy: PyTorch %.4f | ONNX FP32 %.4f%s", torch_acc, report["fp32_accuracy"],
+                f" | ONNX INT8 {report['int8_accuracy']:.4f} (top-1 agreement with PyTorch "
+                f"{report['int8_top1_agreement']:.4f}, size {100 * report['int8_size_ratio']:.0f}% of FP32)"
+                if "int8_accuracy" in report else "")
+    if "int8_accuracy" in report and report["fp32_accuracy"] - report["int8_accuracy"] > INT8_ACCURACY_DROP_WARNING:
+        logger.warning("!!! INT8 test accuracy is %.1f points below FP32; try --calibrate_method entropy or "
+                       "percentile, more --calib_images, or deploy the FP32 model",
+                       100 * (report["fp32_accuracy"] - report["int8_accuracy"]))
+    atomic_write_json(output_dir / "export_report.json", report)
+    logger.info("wrote %s", ", ".join(str(output_dir / n) for n in (FP32_NAME, INT8_NAME, rf.CLASS_INFO)
+                                      if (output_dir / n).exists()))
+    return report
+
+
+if __name__ == "__main__":
+    run_cli(main, lambda: get_args_parser().parse_args())

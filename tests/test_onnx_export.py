@@ -1,0 +1,82 @@
+"""quantize_onnx_models.py: verified FP32 export, INT8 that keeps its answers, metadata, and clear errors."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import inference
+import quantize_onnx_models as qom
+from utils.errors import UserError
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_run, tmp_path_factory):
+    output = tmp_path_factory.mktemp("onnx")
+    report = qom.main(qom.get_args_parser().parse_args(["--model_path", str(tiny_run), "--output_dir", str(output),
+                                                        "--calib_images", "48"]))
+    return output, report
+
+
+def test_export_writes_verified_self_describing_models(exported, tiny_run):
+    output, report = exported
+    assert (output / "clf_model.onnx").is_file() and (output / "clf_model_int8.onnx").is_file()
+    assert not [p for p in output.iterdir() if p.name.startswith(".")], "temporary files left behind"
+    assert not list(output.glob("*.onnx.data")), "weights must live inside the .onnx file"
+    info = json.loads((tiny_run / "class_info.json").read_text())
+    assert json.loads((output / "class_info.json").read_text()) == info
+    for name, precision in (("clf_model.onnx", "fp32"), ("clf_model_int8.onnx", "int8")):
+        meta = qom.read_onnx_metadata(output / name)
+        assert json.loads(meta["class_names"]) == info["class_names"]
+        assert json.loads(meta["mean"]) == info["preprocessing"]["mean"]
+        assert json.loads(meta["std"]) == info["preprocessing"]["std"]
+        assert json.loads(meta["input_size"]) == info["preprocessing"]["input_size"]
+        assert meta["source_run"] == str(tiny_run) and meta["precision"] == precision
+    assert report["fp32_max_prob_diff"] <= qom.FP32_PROB_TOLERANCE
+    assert report["fp32_accuracy"] == report["torch_accuracy"]
+    assert report["verify_images"] == 48  # the whole synthetic test split
+
+
+def test_int8_model_is_smaller_and_keeps_top1(exported):
+    output, report = exported
+    assert (output / "clf_model_int8.onnx").stat().st_size < (output / "clf_model.onnx").stat().st_size
+    assert report["int8_top1_agreement"] >= 0.9
+
+
+def test_inference_onnx_backend_uses_the_exported_models(exported, tiny_run, lesion_dataset, tmp_path):
+    output, _ = exported
+    folder = lesion_dataset / "testset" / "malignant"
+    common = ["--model_path", str(tiny_run), "--inference_folder", str(folder), "--num_workers", "0"]
+    torch_summary = inference.main(inference.parse_args(common + ["--inference_output", str(tmp_path / "t")]))
+    onnx_summary = inference.main(inference.parse_args(common + ["--inference_output", str(tmp_path / "o"),
+                                                                 "--backend", "onnx", "--onnx_model",
+                                                                 str(output / "clf_model.onnx")]))
+    assert onnx_summary["per_class"] == torch_summary["per_class"]
+    torch_json = json.loads((tmp_path / "t" / "predictions.json").read_text())
+    onnx_json = json.loads((tmp_path / "o" / "predictions.json").read_text())
+    for a, b in zip(torch_json, onnx_json):
+        assert a["filename"] == b["filename"]
+        assert np.allclose(list(a["probabilities"].values()), list(b["probabilities"].values()), atol=1e-4)
+
+
+def test_corrupted_onnx_file_is_a_clear_error(exported, tiny_run, lesion_dataset, tmp_path):
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes((exported[0] / "clf_model.onnx").read_bytes()[:5000])
+    with pytest.raises(UserError, match="cannot load ONNX model"):
+        inference.main(inference.parse_args(["--model_path", str(tiny_run), "--inference_folder",
+                                             str(lesion_dataset / "testset"), "--inference_output",
+                                             str(tmp_path / "o"), "--backend", "onnx", "--onnx_model", str(broken)]))
+
+
+def test_missing_dataset_for_verification_is_a_clear_error(tiny_run, tmp_path):
+    moved = tmp_path / "run"
+    shutil.copytree(tiny_run, moved)
+    configs = json.loads((moved / "configs.json").read_text())
+    configs["data_dir"] = str(tmp_path / "gone")
+    (moved / "configs.json").write_text(json.dumps(configs))
+    with pytest.raises(UserError, match="--data_dir"):
+        qom.main(qom.get_args_parser().parse_args(["--model_path", str(moved), "--output_dir", str(tmp_path / "x")]))
+    assert not (tmp_path / "x" / "clf_model.onnx").exists()
