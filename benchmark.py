@@ -1,0 +1,203 @@
+"""PyTorch eager vs ONNX FP32 vs ONNX INT8: latency, throughput, size and accuracy, measured fairly.
+
+Example:
+    python benchmark.py --pytorch_model_path save_results/dataset+skin/model+efficientnet_b0/<run> \
+        --onnx_model_dir onnx_models --batch_sizes 1,32 --iterations 100 --warmup 10
+
+Fair means: every framework gets the same thread count, runs in its own fresh process (ONNX Runtime's spinning
+worker threads slow PyTorch down when both live in one process), is warmed up first, and is fed the same real
+preprocessed images from the run's test split. Writes benchmark_results.csv/.json/.png into --output_dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing as mp
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from utils.cli import run_cli
+from utils.errors import UserError
+from utils.logging_setup import setup_logging
+
+logger = logging.getLogger(__name__)
+
+FRAMEWORKS = {"pytorch": None, "onnx_fp32": "clf_model.onnx", "onnx_int8": "clf_model_int8.onnx"}
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("skinclf PyTorch vs ONNX benchmark", add_help=add_help)
+    parser.add_argument("--pytorch_model_path", required=True, help="run folder written by main.py")
+    parser.add_argument("--onnx_model_dir", default="onnx_models",
+                        help="folder written by quantize_onnx_models.py (default: %(default)s)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="(default: %(default)s)")
+    parser.add_argument("--iterations", type=int, default=100, help="timed runs per batch size (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed runs first (default: %(default)s)")
+    parser.add_argument("--batch_sizes", default="1,32", help="comma-separated (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="intra-op threads for every framework (default: all cores, %(default)s)")
+    parser.add_argument("--eval_images", type=int, default=0,
+                        help="test images for the accuracy columns; 0 = the whole test split (default)")
+    parser.add_argument("--data_dir", default=None, help="dataset root if it moved since training")
+    parser.add_argument("--output_dir", default=None, help="where results go (default: --onnx_model_dir)")
+    return parser
+
+
+def _test_images(run_dir: Path, data_dir: Optional[str], limit: int):
+    """Preprocessed test images and labels, decoded once in the parent and shared with every worker."""
+    from dataloaders.image_io import load_rgb
+    from dataloaders.transforms import build_eval_transform
+    from quantize_onnx_models import _split_samples
+    from torch_trainer import run_folder as rf
+
+    transform = build_eval_transform(rf.read_class_info(run_dir)["preprocessing"])
+    samples = _split_samples(run_dir, "test", data_dir)
+    if limit:
+        samples = samples[:limit]
+    images = np.stack([transform(load_rgb(s.path)).numpy() for s in samples]).astype(np.float32)
+    return images, np.array([s.label for s in samples])
+
+
+def _worker(framework: str, model_file: Optional[str], run_dir: str, images: np.ndarray, batch_sizes: list[int],
+            iterations: int, warmup: int, threads: int, device: str) -> dict[str, Any]:
+    """Runs in a fresh process: load one framework's model, time it, and predict the test images."""
+    import torch
+
+    torch.set_num_threads(threads)
+    if framework == "pytorch":
+        from torch_trainer.checkpoint import load_run_model
+
+        model, _ = load_run_model(run_dir)
+        model.to(device)
+        size_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+        def run(batch: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                out = model(torch.from_numpy(batch).to(device))
+                return out.float().cpu().numpy()
+    else:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+        session = ort.InferenceSession(model_file, options, providers=providers)
+        input_name = session.get_inputs()[0].name
+        size_bytes = Path(model_file).stat().st_size
+
+        def run(batch: np.ndarray) -> np.ndarray:
+            return session.run(None, {input_name: batch})[0]
+
+    timings = {}
+    for batch_size in batch_sizes:
+        batch = np.resize(images, (batch_size, *images.shape[1:]))  # repeats test images if there are fewer
+        for _ in range(warmup):
+            run(batch)
+        times = []
+        for _ in range(iterations):
+            start = time.perf_counter()
+            run(batch)
+            times.append((time.perf_counter() - start) * 1000)
+        timings[batch_size] = times
+    predictions = np.concatenate([run(images[i:i + 32]).argmax(1) for i in range(0, len(images), 32)])
+    return {"framework": framework, "size_bytes": int(size_bytes), "timings_ms": timings,
+            "predictions": predictions.tolist()}
+
+
+def summarise(results: list[dict], labels: np.ndarray, model_name: str, threads: int) -> list[dict]:
+    base = next(r for r in results if r["framework"] == "pytorch")
+    base_pred = np.array(base["predictions"])
+    rows = []
+    for result in results:
+        pred = np.array(result["predictions"])
+        for batch_size, times in result["timings_ms"].items():
+            times = np.array(times)
+            base_mean = float(np.mean(base["timings_ms"][batch_size]))
+            rows.append({
+                "model": model_name, "framework": result["framework"], "batch_size": int(batch_size),
+                "threads": threads, "size_mb": round(result["size_bytes"] / 2**20, 2),
+                "mean_ms": round(float(times.mean()), 3), "std_ms": round(float(times.std()), 3),
+                "p50_ms": round(float(np.percentile(times, 50)), 3), "p95_ms": round(float(np.percentile(times, 95)), 3),
+                "images_per_s": round(int(batch_size) / (float(times.mean()) / 1000), 1),
+                "speedup_vs_pytorch": round(base_mean / float(times.mean()), 2),
+                "size_reduction_vs_pytorch": round(base["size_bytes"] / result["size_bytes"], 2),
+                "test_accuracy": round(float((pred == labels).mean()), 4),
+                "top1_agreement_with_pytorch": round(float((pred == base_pred).mean()), 4),
+            })
+    return rows
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    from utils.plots import plt, _save
+
+    batch_sizes = sorted({r["batch_size"] for r in rows})
+    frameworks = list(dict.fromkeys(r["framework"] for r in rows))
+    fig, axes = plt.subplots(1, len(batch_sizes), figsize=(5 * len(batch_sizes), 4), squeeze=False)
+    for ax, batch_size in zip(axes[0], batch_sizes):
+        values = [next(r["mean_ms"] for r in rows if r["framework"] == f and r["batch_size"] == batch_size)
+                  for f in frameworks]
+        bars = ax.bar(frameworks, values, color=["#888888", "#1f77b4", "#2ca02c"][:len(frameworks)])
+        ax.bar_label(bars, fmt="%.1f")
+        ax.set(title=f"batch {batch_size}", ylabel="mean latency (ms)")
+    fig.suptitle(f"{rows[0]['model']}: {rows[0]['threads']} threads")
+    _save(fig, path)
+
+
+def main(args: argparse.Namespace) -> list[dict]:
+    setup_logging()
+    from torch_trainer import run_folder as rf
+    from utils.atomic import atomic_save, atomic_write_json
+
+    run_dir = Path(args.pytorch_model_path)
+    class_info = rf.read_class_info(run_dir)
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    if not batch_sizes or min(batch_sizes) < 1 or args.iterations < 1 or args.threads < 1:
+        raise UserError("--batch_sizes, --iterations and --threads must be positive")
+    onnx_dir = Path(args.onnx_model_dir)
+    frameworks = {"pytorch": None}
+    for name, file_name in FRAMEWORKS.items():
+        if file_name and (onnx_dir / file_name).is_file():
+            frameworks[name] = str(onnx_dir / file_name)
+    if len(frameworks) == 1:
+        raise UserError(f"no ONNX models in {onnx_dir}; create them with quantize_onnx_models.py --model_path "
+                        f"{run_dir} --output_dir {onnx_dir}")
+    images, labels = _test_images(run_dir, args.data_dir, args.eval_images)
+    results = []
+    spawn = mp.get_context("spawn")
+    for framework, model_file in frameworks.items():
+        logger.info("timing %s (%d threads, batch sizes %s) in a fresh process", framework, args.threads, batch_sizes)
+        with spawn.Pool(1) as pool:
+            results.append(pool.apply(_worker, (framework, model_file, str(run_dir), images, batch_sizes,
+                                                args.iterations, args.warmup, args.threads, args.device)))
+    rows = summarise(results, labels, class_info["model_name"], args.threads)
+
+    output_dir = Path(args.output_dir) if args.output_dir else onnx_dir
+    output_dir.mkdir(parents=True, exist_ok=True)
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    atomic_save(output_dir / "benchmark_results.csv", lambda tmp: frame.to_csv(tmp, index=False))
+    atomic_write_json(output_dir / "benchmark_results.json", rows)
+    _plot(rows, output_dir / "benchmark_results.png")
+    columns = ["framework", "batch_size", "size_mb", "mean_ms", "std_ms", "p50_ms", "p95_ms", "images_per_s",
+               "speedup_vs_pytorch", "size_reduction_vs_pytorch", "test_accuracy", "top1_agreement_with_pytorch"]
+    print(f"\nmodel {class_info['model_name']}, {args.threads} threads, {args.iterations} iterations after "
+          f"{args.warmup} warm-up, accuracy on {len(labels)} test images")
+    print(frame[columns].to_string(index=False))
+    for batch_size in batch_sizes:
+        summary = ", ".join(f"{r['framework']} {r['speedup_vs_pytorch']:.2f}x" for r in rows
+                            if r["batch_size"] == batch_size and r["framework"] != "pytorch")
+        print(f"batch {batch_size}: speed-up vs PyTorch eager: {summary}")
+    print(f"results: {output_dir / 'benchmark_results.csv'}")
+    return rows
+
+
+if __name__ == "__main__":
+    run_cli(main, lambda: get_args_parser().parse_args())

@@ -1,0 +1,40 @@
+"""benchmark.py runs each framework in its own process and writes a table a user can trust."""
+
+import json
+
+import pandas as pd
+import pytest
+
+import benchmark
+import quantize_onnx_models as qom
+from utils.errors import UserError
+
+pytestmark = pytest.mark.slow
+
+
+def test_benchmark_writes_results_for_every_framework(tiny_run, tmp_path):
+    onnx_dir = tmp_path / "onnx"
+    qom.main(qom.get_args_parser().parse_args(["--model_path", str(tiny_run), "--output_dir", str(onnx_dir),
+                                               "--calib_images", "32"]))
+    rows = benchmark.main(benchmark.get_args_parser().parse_args([
+        "--pytorch_model_path", str(tiny_run), "--onnx_model_dir", str(onnx_dir), "--iterations", "3",
+        "--warmup", "1", "--batch_sizes", "1,4", "--threads", "1"]))
+    frame = pd.read_csv(onnx_dir / "benchmark_results.csv")
+    assert set(frame["framework"]) == {"pytorch", "onnx_fp32", "onnx_int8"}
+    assert sorted(frame["batch_size"].unique()) == [1, 4] and len(frame) == 6
+    assert {"size_mb", "mean_ms", "std_ms", "p50_ms", "p95_ms", "images_per_s", "speedup_vs_pytorch",
+            "size_reduction_vs_pytorch", "test_accuracy", "top1_agreement_with_pytorch"} <= set(frame.columns)
+    assert (frame["mean_ms"] > 0).all() and (frame["p95_ms"] >= frame["p50_ms"]).all()
+    pytorch = frame[frame.framework == "pytorch"]
+    assert (pytorch["speedup_vs_pytorch"] == 1.0).all() and (pytorch["top1_agreement_with_pytorch"] == 1.0).all()
+    fp32 = frame[frame.framework == "onnx_fp32"]
+    assert (fp32["top1_agreement_with_pytorch"] == 1.0).all()
+    assert (fp32["test_accuracy"].to_numpy() == pytorch["test_accuracy"].to_numpy()).all()
+    assert json.loads((onnx_dir / "benchmark_results.json").read_text()) == rows
+    assert (onnx_dir / "benchmark_results.png").stat().st_size > 0
+
+
+def test_benchmark_without_onnx_models_says_how_to_make_them(tiny_run, tmp_path):
+    with pytest.raises(UserError, match="quantize_onnx_models.py"):
+        benchmark.main(benchmark.get_args_parser().parse_args([
+            "--pytorch_model_path", str(tiny_run), "--onnx_model_dir", str(tmp_path / "none")]))
