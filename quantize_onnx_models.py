@@ -17,6 +17,7 @@ import json
 import logging
 import random
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -162,6 +163,22 @@ def _onnx_probs(path: Path, images: torch.Tensor, n_class: int) -> np.ndarray:
     return np.concatenate([softmax(predictor.logits(images[i:i + 32])) for i in range(0, len(images), 32)])
 
 
+def compare_latency(fp32_path: Path, int8_path: Path, batch: np.ndarray, runs: int = 20) -> tuple[float, float]:
+    """Median batch-1 latency (ms) of both models, interleaved so machine drift hits both alike."""
+    import onnxruntime as ort
+
+    sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (fp32_path, int8_path)]
+    feeds = [{s.get_inputs()[0].name: batch} for s in sessions]
+    times: list[list[float]] = [[], []]
+    for i in range(runs + 3):
+        for k, session in enumerate(sessions):
+            start = time.perf_counter()
+            session.run(None, feeds[k])
+            if i >= 3:  # the first runs are warm-up
+                times[k].append((time.perf_counter() - start) * 1000)
+    return float(np.median(times[0])), float(np.median(times[1]))
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
     setup_logging()
     if not args.skip_segmentation:
@@ -209,8 +226,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 int8_probs = _onnx_probs(int8_tmp, images, n_class)
                 agreement = float((int8_probs.argmax(1) == torch_probs.argmax(1)).mean())
                 int8_acc = float((int8_probs.argmax(1) == labels).mean())
+                fp32_ms, int8_ms = compare_latency(fp32_tmp, int8_tmp, images[:1].numpy())
                 report.update(int8_top1_agreement=agreement, int8_accuracy=int8_acc,
-                              int8_size_ratio=int8_tmp.stat().st_size / fp32_tmp.stat().st_size)
+                              int8_size_ratio=int8_tmp.stat().st_size / fp32_tmp.stat().st_size,
+                              fp32_batch1_ms=fp32_ms, int8_batch1_ms=int8_ms)
     atomic_write_json(output_dir / rf.CLASS_INFO, class_info)
 
     logger.info("test accuracy: PyTorch %.4f | ONNX FP32 %.4f%s", torch_acc, report["fp32_accuracy"],
@@ -221,6 +240,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         logger.warning("!!! INT8 test accuracy is %.1f points below FP32; try --calibrate_method entropy or "
                        "percentile, more --calib_images, or deploy the FP32 model",
                        100 * (report["fp32_accuracy"] - report["int8_accuracy"]))
+    if "int8_batch1_ms" in report:
+        logger.info("batch-1 latency on this machine: FP32 %.2f ms, INT8 %.2f ms (benchmark.py measures properly)",
+                    report["fp32_batch1_ms"], report["int8_batch1_ms"])
+        if report["int8_batch1_ms"] >= report["fp32_batch1_ms"]:
+            logger.warning("!!! the INT8 model is not faster than FP32 here (%.2f vs %.2f ms); deploy "
+                           "clf_model.onnx unless the smaller file matters more", report["int8_batch1_ms"],
+                           report["fp32_batch1_ms"])
     atomic_write_json(output_dir / "export_report.json", report)
     logger.info("wrote %s", ", ".join(str(output_dir / n) for n in (FP32_NAME, INT8_NAME, rf.CLASS_INFO)
                                       if (output_dir / n).exists()))
