@@ -53,11 +53,10 @@ def _test_images(run_dir: Path, data_dir: Optional[str], limit: int):
     """Preprocessed test images and labels, decoded once in the parent and shared with every worker."""
     from dataloaders.image_io import load_rgb
     from dataloaders.transforms import build_eval_transform
-    from quantize_onnx_models import _split_samples
     from torch_trainer import run_folder as rf
 
     transform = build_eval_transform(rf.read_class_info(run_dir)["preprocessing"])
-    samples = _split_samples(run_dir, "test", data_dir)
+    samples = rf.run_split(run_dir, "test", data_dir)
     if limit:
         samples = samples[:limit]
     images = np.stack([transform(load_rgb(s.path)).numpy() for s in samples]).astype(np.float32)
@@ -135,7 +134,7 @@ def summarise(results: list[dict], labels: np.ndarray, model_name: str, threads:
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    from utils.plots import plt, _save
+    from utils.plots import plt, save_figure
 
     batch_sizes = sorted({r["batch_size"] for r in rows})
     frameworks = list(dict.fromkeys(r["framework"] for r in rows))
@@ -147,7 +146,7 @@ def _plot(rows: list[dict], path: Path) -> None:
         ax.bar_label(bars, fmt="%.1f")
         ax.set(title=f"batch {batch_size}", ylabel="mean latency (ms)")
     fig.suptitle(f"{rows[0]['model']}: {rows[0]['threads']} threads")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def main(args: argparse.Namespace) -> list[dict]:

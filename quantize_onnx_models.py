@@ -27,7 +27,6 @@ import torch
 
 from configs import str2bool
 from dataloaders.image_io import load_rgb
-from dataloaders.splits import read_split_csv
 from dataloaders.transforms import build_eval_transform
 from torch_trainer import run_folder as rf
 from torch_trainer.checkpoint import load_run_model
@@ -68,15 +67,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def _load_images(paths: list[Path], transform) -> torch.Tensor:
     return torch.stack([transform(load_rgb(p)) for p in paths])
-
-
-def _split_samples(run_dir: Path, split: str, data_dir: Optional[str]):
-    configs = json.loads((run_dir / rf.CONFIGS).read_text(encoding="utf-8"))
-    root = Path(data_dir or configs.get("data_dir") or Path("data") / f"{configs['data_name']}_dataset")
-    if not root.is_dir():
-        raise UserError(f"dataset folder {root} (recorded in {run_dir / rf.CONFIGS}) not found; the exported "
-                        f"models are verified on real images, so pass --data_dir")
-    return read_split_csv(run_dir / f"split_{split}.csv", root)
 
 
 def onnx_metadata(class_info: dict[str, Any], run_dir: Path, precision: str) -> dict[str, str]:
@@ -189,7 +179,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     transform = build_eval_transform(pre)
     n_class = class_info["n_class"]
 
-    test = _split_samples(run_dir, "test", args.data_dir)
+    test = rf.run_split(run_dir, "test", args.data_dir)
     if args.verify_images:
         test = test[: args.verify_images]
     images = _load_images([s.path for s in test], transform)
@@ -217,7 +207,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         logger.info("FP32 ONNX matches PyTorch on %d test images (max |prob diff| %.2e)", len(test), max_diff)
 
         if args.quantize == "int8":
-            train = _split_samples(run_dir, "train", args.data_dir)
+            train = rf.run_split(run_dir, "train", args.data_dir)
             calib = [s.path for s in random.Random(0).sample(train, min(args.calib_images, len(train)))]
             with atomic_path(output_dir / INT8_NAME) as int8_tmp:
                 quantize_int8(fp32_tmp, int8_tmp, calib, transform, args.calibrate_method)

@@ -18,6 +18,8 @@ from typing import Any
 
 import pandas as pd
 
+from dataloaders.discovery import Sample
+from dataloaders.splits import read_split_csv
 from utils.atomic import atomic_save, atomic_write_json
 from utils.errors import UserError
 from utils.metrics import confusion_frame
@@ -71,6 +73,17 @@ def read_class_info(run_dir: str | Path) -> dict[str, Any]:
         if key not in info:
             raise UserError(f"{path} has no {key!r}; it was not written by this version of main.py")
     return info
+
+
+def run_split(run_dir: str | Path, split: str, data_dir: str | None = None) -> list[Sample]:
+    """The run's saved ``split`` ("train", "val", "test") resolved against its dataset folder (or ``data_dir``)."""
+    run_dir = Path(run_dir)
+    configs = json.loads((run_dir / CONFIGS).read_text(encoding="utf-8"))
+    root = Path(data_dir or configs.get("data_dir") or Path("data") / f"{configs['data_name']}_dataset")
+    if not root.is_dir():
+        raise UserError(f"dataset folder {root} (recorded in {run_dir / CONFIGS}) not found; pass --data_dir with "
+                        f"its new location")
+    return read_split_csv(run_dir / f"split_{split}.csv", root)
 
 
 def write_status(run_dir: Path, state: str, **details: Any) -> None:

@@ -13,7 +13,7 @@ import pandas as pd  # noqa: E402
 from utils.atomic import atomic_save  # noqa: E402
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
     atomic_save(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", format=path.suffix[1:]))
     plt.close(fig)
 
@@ -30,7 +30,7 @@ def plot_learning_curves(log: pd.DataFrame, path: Path) -> None:
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_confusion_matrix(matrix, class_names: list[str], path: Path, title: str) -> None:
@@ -41,4 +41,4 @@ def plot_confusion_matrix(matrix, class_names: list[str], path: Path, title: str
     ConfusionMatrixDisplay(matrix, display_labels=class_names).plot(ax=ax, cmap="Blues", colorbar=False,
                                                                     xticks_rotation=45)
     ax.set_title(title)
-    _save(fig, path)
+    save_figure(fig, path)
