@@ -96,7 +96,7 @@ class GradcamWriter:
             Image.fromarray(render_overlay(original, full)).save(target, quality=90)
 
     def publish(self) -> None:
-        self.explainer.__exit__(None, None, None)
+        self.explainer.close()
         self.staging.mkdir(parents=True, exist_ok=True)
         old = self.final_dir.with_name(".gradcam.old")
         shutil.rmtree(old, ignore_errors=True)
@@ -106,7 +106,7 @@ class GradcamWriter:
         shutil.rmtree(old, ignore_errors=True)
 
     def abandon(self) -> None:
-        self.explainer.__exit__(None, None, None)
+        self.explainer.close()
         shutil.rmtree(self.staging, ignore_errors=True)
 
 

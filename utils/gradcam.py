@@ -91,6 +91,10 @@ class GradCamExplainer:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove the forward/backward hooks from the model."""
         self.cam.activations_and_grads.release()
 
     def explain(self, images: torch.Tensor, class_indices: list[int]) -> np.ndarray:
