@@ -207,6 +207,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         logger.info("FP32 ONNX matches PyTorch on %d test images (max |prob diff| %.2e)", len(test), max_diff)
 
         if args.quantize == "int8":
+            if args.calibrate_method != "minmax" and args.calib_images > 300:
+                # Seen here: percentile with 600 images of 192 px was killed for memory on a 24 GB machine.
+                logger.warning("%s calibration keeps activation histograms of every calibration image in memory; "
+                               "%d images may exhaust RAM (200 is usually enough)", args.calibrate_method,
+                               args.calib_images)
             train = rf.run_split(run_dir, "train", args.data_dir)
             calib = [s.path for s in random.Random(0).sample(train, min(args.calib_images, len(train)))]
             with atomic_path(output_dir / INT8_NAME) as int8_tmp:
