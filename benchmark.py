@@ -151,6 +151,7 @@ def _plot(rows: list[dict], path: Path) -> None:
 
 def main(args: argparse.Namespace) -> list[dict]:
     setup_logging()
+    from quantize_onnx_models import read_onnx_metadata
     from torch_trainer import run_folder as rf
     from utils.atomic import atomic_save, atomic_write_json
 
@@ -164,6 +165,10 @@ def main(args: argparse.Namespace) -> list[dict]:
     for name, file_name in FRAMEWORKS.items():
         if file_name and (onnx_dir / file_name).is_file():
             frameworks[name] = str(onnx_dir / file_name)
+            source = read_onnx_metadata(onnx_dir / file_name).get("source_run")
+            if source and Path(source).resolve() != run_dir.resolve():
+                logger.warning("!!! %s was exported from %s, not from %s; the comparison is between different "
+                               "models", file_name, source, run_dir)
     if len(frameworks) == 1:
         raise UserError(f"no ONNX models in {onnx_dir}; create them with quantize_onnx_models.py --model_path "
                         f"{run_dir} --output_dir {onnx_dir}")

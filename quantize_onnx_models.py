@@ -225,6 +225,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 report.update(int8_top1_agreement=agreement, int8_accuracy=int8_acc,
                               int8_size_ratio=int8_tmp.stat().st_size / fp32_tmp.stat().st_size,
                               fp32_batch1_ms=fp32_ms, int8_batch1_ms=int8_ms)
+    if args.quantize == "none" and (output_dir / INT8_NAME).exists():
+        # An INT8 file from an earlier export would otherwise be benchmarked and deployed beside the new FP32 one.
+        (output_dir / INT8_NAME).unlink()
+        logger.info("removed the older %s from %s", INT8_NAME, output_dir)
     atomic_write_json(output_dir / rf.CLASS_INFO, class_info)
 
     logger.info("test accuracy: PyTorch %.4f | ONNX FP32 %.4f%s", torch_acc, report["fp32_accuracy"],

@@ -81,3 +81,13 @@ def test_missing_dataset_for_verification_is_a_clear_error(tiny_run, tmp_path):
     with pytest.raises(UserError, match="--data_dir"):
         qom.main(qom.get_args_parser().parse_args(["--model_path", str(moved), "--output_dir", str(tmp_path / "x")]))
     assert not (tmp_path / "x" / "clf_model.onnx").exists()
+
+
+def test_quantize_none_removes_an_older_int8_model(tiny_run, tmp_path):
+    output = tmp_path / "onnx"
+    output.mkdir()
+    (output / "clf_model_int8.onnx").write_bytes(b"stale model from an earlier export")
+    report = qom.main(qom.get_args_parser().parse_args(["--model_path", str(tiny_run), "--output_dir", str(output),
+                                                        "--quantize", "none"]))
+    assert (output / "clf_model.onnx").is_file() and not (output / "clf_model_int8.onnx").exists()
+    assert "int8_accuracy" not in report
