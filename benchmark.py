@@ -49,13 +49,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-def _test_images(run_dir: Path, data_dir: Optional[str], limit: int):
+def _test_images(run_dir: Path, preprocessing: dict, data_dir: Optional[str], limit: int):
     """Preprocessed test images and labels, decoded once in the parent and shared with every worker."""
     from dataloaders.image_io import load_rgb
     from dataloaders.transforms import build_eval_transform
     from torch_trainer import run_folder as rf
 
-    transform = build_eval_transform(rf.read_class_info(run_dir)["preprocessing"])
+    transform = build_eval_transform(preprocessing)
     samples = rf.run_split(run_dir, "test", data_dir)
     if limit:
         samples = samples[:limit]
@@ -172,7 +172,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     if len(frameworks) == 1:
         raise UserError(f"no ONNX models in {onnx_dir}; create them with quantize_onnx_models.py --model_path "
                         f"{run_dir} --output_dir {onnx_dir}")
-    images, labels = _test_images(run_dir, args.data_dir, args.eval_images)
+    images, labels = _test_images(run_dir, class_info["preprocessing"], args.data_dir, args.eval_images)
     results = []
     spawn = mp.get_context("spawn")
     for framework, model_file in frameworks.items():

@@ -63,19 +63,23 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig.from_dict(saved)
 
 
-def load_data_and_model(cfg: TrainConfig, run_dir: Optional[Path]) -> tuple[DataSplits, torch.nn.Module, str]:
-    """Everything that can fail on a user mistake, done before a new run folder is created."""
+def load_data_and_model(cfg: TrainConfig, run_dir: Optional[Path]
+                        ) -> tuple[DataSplits, torch.nn.Module, str, Optional[dict[str, Any]]]:
+    """Everything that can fail on a user mistake, done before a new run folder is created.
+
+    Returns the splits, the model, its timm name and, when resuming, the run's class_info (None for a new run).
+    """
     if run_dir is not None:  # resuming: the split and the architecture come from the run folder
         class_info = rf.read_class_info(run_dir)
         splits = load_splits(run_dir, cfg.resolved_data_dir, class_info["class_names"])
         model, timm_name = build_model(cfg.model_name, len(splits.class_names), False, None, cfg.drop_rate)
-        return splits, model, timm_name
+        return splits, model, timm_name, class_info
     index = discover_dataset(cfg.resolved_data_dir, n_class=cfg.n_class,
                              num_threads=max(2, effective_workers(cfg.num_workers)))
     splits = split_dataset(index, cfg.val_ratio, cfg.random_state)
     model, timm_name = build_model(cfg.model_name, len(splits.class_names), cfg.pre_trained, cfg.pretrained_path,
                                    cfg.drop_rate)
-    return splits, model, timm_name
+    return splits, model, timm_name, None
 
 
 def _checkpoint_state(model, optimizer, scheduler, precision, stopper, state, epoch, val, cfg, class_info):
@@ -95,7 +99,7 @@ def _checkpoint_state(model, optimizer, scheduler, precision, stopper, state, ep
 
 
 def train(cfg: TrainConfig, run_dir: Path, device: torch.device, splits: DataSplits, model: torch.nn.Module,
-          timm_name: str) -> dict[str, Any]:
+          timm_name: str, class_info: Optional[dict[str, Any]]) -> dict[str, Any]:
     resuming = cfg.resume is not None
     class_names = splits.class_names
     for split, counts in splits.counts().items():
@@ -103,9 +107,7 @@ def train(cfg: TrainConfig, run_dir: Path, device: torch.device, splits: DataSpl
     if splits.skipped:
         logger.warning("%d unreadable image(s) skipped; see %s", len(splits.skipped), run_dir / "skipped_files.csv")
 
-    if resuming:
-        class_info = rf.read_class_info(run_dir)
-    else:
+    if not resuming:
         save_splits(run_dir, splits)
         class_info = rf.build_class_info(class_names, cfg.model_name, timm_name,
                                          resolve_preprocessing(model, cfg.img_size), cfg.drop_rate)
@@ -193,12 +195,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     device = select_device(cfg.device)
     set_deterministic(cfg.deterministic)
     seed_everything(cfg.random_state)
-    splits, model, timm_name = load_data_and_model(cfg, Path(cfg.resume) if cfg.resume else None)
+    splits, model, timm_name, class_info = load_data_and_model(cfg, Path(cfg.resume) if cfg.resume else None)
     run_dir = Path(cfg.resume) if cfg.resume else rf.create_run_dir(cfg.save_dir, cfg.data_name, cfg.model_name)
     handler = add_file_handler(run_dir / "train.log")
     logger.info("run folder: %s (device %s)", run_dir, device)
     try:
-        result = train(cfg, run_dir, device, splits, model, timm_name)
+        result = train(cfg, run_dir, device, splits, model, timm_name, class_info)
     except KeyboardInterrupt:
         rf.write_status(run_dir, "interrupted")
         logger.warning("interrupted; the last finished epoch is in %s; continue with --resume %s",
