@@ -28,6 +28,7 @@ from utils.logging_setup import setup_logging
 
 logger = logging.getLogger(__name__)
 
+SEG_ONNX_NAME = "seg_model.onnx"
 FRAMEWORKS = {"pytorch": None, "onnx_fp32": "clf_model.onnx", "onnx_int8": "clf_model_int8.onnx"}
 
 
@@ -49,18 +50,43 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-def _test_images(run_dir: Path, preprocessing: dict, data_dir: Optional[str], limit: int):
+def _test_images(run_dir: Path, class_info: dict, data_dir: Optional[str], limit: int):
     """Preprocessed test images and labels, decoded once in the parent and shared with every worker."""
-    from dataloaders.image_io import load_rgb
+    from dataloaders.skin_region import image_loader_for_run
     from dataloaders.transforms import build_eval_transform
     from torch_trainer import run_folder as rf
 
-    transform = build_eval_transform(preprocessing)
+    transform = build_eval_transform(class_info["preprocessing"])
     samples = rf.run_split(run_dir, "test", data_dir)
     if limit:
         samples = samples[:limit]
-    images = np.stack([transform(load_rgb(s.path)).numpy() for s in samples]).astype(np.float32)
-    return images, np.array([s.label for s in samples])
+    loader = image_loader_for_run(class_info, rf.dataset_root(run_dir, data_dir))
+    images = np.stack([transform(loader(s.path)).numpy() for s in samples]).astype(np.float32)
+    return images, np.array([s.label for s in samples]), [s.path for s in samples]
+
+
+def _segmentation_worker(model_file: str, image_paths: list[Path], iterations: int, warmup: int, threads: int,
+                         device: str) -> dict[str, Any]:
+    """Batch-1 latency of the exported face parser on real test photos, resize + argmax included."""
+    from dataloaders.image_io import load_rgb
+    from utils.face_parsing import OnnxParser
+
+    parser = OnnxParser(model_file, device, threads=threads)
+    pictures = [np.asarray(load_rgb(p)) for p in image_paths[:8]]
+    for i in range(warmup):
+        parser.parse(pictures[i % len(pictures)])
+    times = []
+    for i in range(iterations):
+        start = time.perf_counter()
+        parser.parse(pictures[i % len(pictures)])
+        times.append((time.perf_counter() - start) * 1000)
+    times = np.array(times)
+    return {"model": "face parser (" + (parser.source or Path(model_file).name) + ")", "framework": "onnx_fp32",
+            "batch_size": 1, "threads": threads, "size_mb": round(Path(model_file).stat().st_size / 2**20, 2),
+            "input_size": "x".join(str(v) for v in parser.preprocessing["size"]),
+            "mean_ms": round(float(times.mean()), 3), "std_ms": round(float(times.std()), 3),
+            "p50_ms": round(float(np.percentile(times, 50)), 3), "p95_ms": round(float(np.percentile(times, 95)), 3),
+            "images_per_s": round(1000 / float(times.mean()), 1)}
 
 
 def _worker(framework: str, model_file: Optional[str], run_dir: str, images: np.ndarray, batch_sizes: list[int],
@@ -172,7 +198,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     if len(frameworks) == 1:
         raise UserError(f"no ONNX models in {onnx_dir}; create them with quantize_onnx_models.py --model_path "
                         f"{run_dir} --output_dir {onnx_dir}")
-    images, labels = _test_images(run_dir, class_info["preprocessing"], args.data_dir, args.eval_images)
+    images, labels, image_paths = _test_images(run_dir, class_info, args.data_dir, args.eval_images)
     results = []
     spawn = mp.get_context("spawn")
     for framework, model_file in frameworks.items():
@@ -181,6 +207,13 @@ def main(args: argparse.Namespace) -> list[dict]:
             results.append(pool.apply(_worker, (framework, model_file, str(run_dir), images, batch_sizes,
                                                 args.iterations, args.warmup, args.threads, args.device)))
     rows = summarise(results, labels, class_info["model_name"], args.threads)
+    seg_rows = []
+    if (onnx_dir / SEG_ONNX_NAME).is_file():
+        logger.info("timing the face parser %s in a fresh process", onnx_dir / SEG_ONNX_NAME)
+        with spawn.Pool(1) as pool:
+            seg_rows.append(pool.apply(_segmentation_worker, (str(onnx_dir / SEG_ONNX_NAME), image_paths,
+                                                              args.iterations, args.warmup, args.threads,
+                                                              args.device)))
 
     output_dir = Path(args.output_dir) if args.output_dir else onnx_dir
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -199,8 +232,13 @@ def main(args: argparse.Namespace) -> list[dict]:
         summary = ", ".join(f"{r['framework']} {r['speedup_vs_pytorch']:.2f}x" for r in rows
                             if r["batch_size"] == batch_size and r["framework"] != "pytorch")
         print(f"batch {batch_size}: speed-up vs PyTorch eager: {summary}")
+    if seg_rows:
+        seg_frame = pd.DataFrame(seg_rows)
+        atomic_save(output_dir / "benchmark_segmentation.csv", lambda tmp: seg_frame.to_csv(tmp, index=False))
+        print("\nface parser, one photo at a time (parser resize, inference, upsampling and arg-max):")
+        print(seg_frame.to_string(index=False))
     print(f"results: {output_dir / 'benchmark_results.csv'}")
-    return rows
+    return rows + seg_rows
 
 
 if __name__ == "__main__":

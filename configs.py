@@ -58,6 +58,15 @@ class TrainConfig:
     color_jitter: float = _opt(0.2, "brightness/contrast/saturation jitter strength (no hue shift: colour is diagnostic)")
     vflip: float = _opt(0.0, "vertical flip probability (0.5 suits dermoscopy; keep 0 for upright face photos)")
     min_crop_scale: float = _opt(0.5, "smallest area share kept by the random resized crop, so lesions stay in view")
+    input_kind: str = _opt("full_image", "train on whole photos, or on the face's skin region made by the face "
+                                         "parser (masks cached in <data_dir>/.skin_masks/)",
+                           choices=["full_image", "skin_region"])
+    seg_backend: str = _opt("segformer", "face parser for --input_kind skin_region (opencv: heuristic, no weights)",
+                            choices=["segformer", "onnx", "opencv"])
+    seg_model: Optional[str] = _opt(None, "SegFormer Hugging Face id or local folder (segformer backend, default "
+                                          "jonathandinu/face-parsing) or seg_model.onnx path (onnx backend)")
+    seg_revision: Optional[str] = _opt(None, "Hugging Face revision (commit hash) of --seg_model, to pin the parser")
+    parts: Optional[str] = _opt(None, "comma-separated parser labels that count as skin (default: skin,nose)")
 
     # --- model ---
     pretrained_path: Optional[str] = _opt(None, "local .pth/.pt/.safetensors file with ImageNet (or your own) weights")

@@ -86,10 +86,10 @@ class GradcamWriter:
         self.explainer = GradCamExplainer(model, method, tuple(preprocessing["input_size"]))
         logger.info("Grad-CAM (%s) on layer %s", method, self.explainer.target_name)
 
-    def write(self, images, class_indices: list[int], paths: list[Path], relatives: list[Path]) -> None:
+    def write(self, images, class_indices: list[int], originals: list[np.ndarray], relatives: list[Path]) -> None:
+        """``originals``: the pictures the eval transform was applied to, at their own size."""
         cams = self.explainer.explain(images, class_indices)
-        for cam, path, relative in zip(cams, paths, relatives):
-            original = np.asarray(load_rgb(path))
+        for cam, original, relative in zip(cams, originals, relatives):
             full = cam_on_original(cam, (original.shape[1], original.shape[0]), self.preprocessing)
             target = self.staging / gradcam_relative_path(relative)
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -131,46 +131,100 @@ def prediction_row(relative: str, probs: np.ndarray, class_names: list[str], top
     return row
 
 
-def write_outputs(output_dir: Path, rows: list[dict], skipped: list[dict], class_names: list[str]) -> None:
-    header = ["filename", "predicted_class", "predicted_label", "confidence"] + [f"prob_{n}" for n in class_names]
+def _csv_value(value: Any) -> Any:
+    return f"{value:.6f}" if isinstance(value, float) else value
+
+
+def write_outputs(output_dir: Path, rows: list[dict], skipped: list[dict], class_names: list[str],
+                  extra_columns: tuple[str, ...] = ()) -> None:
+    """predictions.csv (inference.py's columns, then ``extra_columns``), skipped.csv and predictions.json."""
+    header = (["filename", "predicted_class", "predicted_label", "confidence"] + [f"prob_{n}" for n in class_names]
+              + list(extra_columns))
     with atomic_path(output_dir / "predictions.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(header)
         for row in rows:
             writer.writerow([row["filename"], row["predicted_class"], row["predicted_label"],
-                             f"{row['confidence']:.6f}"] + [f"{row['probabilities'][n]:.6f}" for n in class_names])
+                             f"{row['confidence']:.6f}"] + [f"{row['probabilities'][n]:.6f}" for n in class_names]
+                            + [_csv_value(row[c]) for c in extra_columns])
     with atomic_path(output_dir / "skipped.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(["filename", "reason"])
         writer.writerows([s["filename"], s["reason"]] for s in skipped)
-    skipped_entries = [{"filename": s["filename"], "skipped": True, "reason": s["reason"], "predicted_class": None,
-                        "predicted_label": None, "confidence": None, "probabilities": None} for s in skipped]
+    skipped_entries = [{"predicted_class": None, "predicted_label": None, "confidence": None, "probabilities": None,
+                        **s, "skipped": True} for s in skipped]
     atomic_write_json(output_dir / "predictions.json", [{**row, "skipped": False} for row in rows] + skipped_entries)
 
 
-def main(args: argparse.Namespace) -> dict[str, Any]:
-    setup_logging()
+def open_run(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
     if args.batch_size < 1 or args.topk < 1:
         raise UserError("--batch_size and --topk must be at least 1")
     run_dir = Path(args.model_path)
     if not run_dir.is_dir():
         raise UserError(f"--model_path {run_dir} not found; pass a run folder written by main.py")
-    class_info = rf.read_class_info(run_dir)
-    class_names = class_info["class_names"]
-    root, paths = collect_inference_images(args.inference_folder)
-    device = select_device(args.device)
-    predictor, model = build_predictor(args, run_dir, class_info, device)
-    if class_info.get("input_kind", "full_image") != "full_image":
-        logger.warning("this model was trained on %s inputs; inference.py feeds whole images",
-                       class_info["input_kind"])
+    return run_dir, rf.read_class_info(run_dir)
 
+
+class BatchClassifier:
+    """Preprocessed batches in, prediction rows (and Grad-CAM overlays) out; shared by both inference scripts."""
+
+    def __init__(self, args: argparse.Namespace, run_dir: Path, class_info: dict[str, Any], output_dir: Path):
+        self.device = select_device(args.device)
+        self.predictor, model = build_predictor(args, run_dir, class_info, self.device)
+        self.class_names = class_info["class_names"]
+        self.topk, self.tta = args.topk, args.tta
+        self.cams = (GradcamWriter(output_dir, model, args.cam_method, class_info["preprocessing"])
+                     if args.generate_gradcam else None)
+        self.rows: list[dict[str, Any]] = []
+
+    @property
+    def wants_originals(self) -> bool:
+        return self.cams is not None
+
+    def classify(self, images, relatives: list[Path], originals: Optional[list[np.ndarray]] = None,
+                 extras: Optional[list[dict[str, Any]]] = None) -> None:
+        probs = predict_proba(self.predictor, images, tta=self.tta)
+        for i, (relative, p) in enumerate(zip(relatives, probs)):
+            self.rows.append({**prediction_row(relative.as_posix(), p, self.class_names, self.topk),
+                              **(extras[i] if extras else {})})
+        if self.cams is not None:
+            self.cams.write(images.to(self.device), [int(p.argmax()) for p in probs], originals, relatives)
+
+    def finish(self) -> None:
+        if self.cams is not None:
+            self.cams.publish()
+
+    def abandon(self) -> None:
+        if self.cams is not None:
+            self.cams.abandon()
+
+
+def summarise(found: int, rows: list[dict], skipped: list[dict], class_names: list[str], seconds: float,
+              output_dir: Path, gradcam: bool) -> dict[str, Any]:
+    counts = Counter(row["predicted_label"] for row in rows)
+    summary = {"images_found": found, "predicted": len(rows), "skipped": len(skipped),
+               "per_class": {name: counts.get(name, 0) for name in class_names},
+               "images_per_s": len(rows) / seconds if seconds > 0 else 0.0, "output": str(output_dir)}
+    logger.info("%d images: %d classified, %d skipped (see skipped.csv) in %.1fs, %.1f images/s", found,
+                len(rows), len(skipped), seconds, summary["images_per_s"])
+    logger.info("predicted per class: %s", ", ".join(f"{k} {v}" for k, v in summary["per_class"].items()))
+    logger.info("results: %s%s", output_dir / "predictions.csv", f" and {output_dir / 'gradcam'}/" if gradcam else "")
+    return summary
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    setup_logging()
+    run_dir, class_info = open_run(args)
+    root, paths = collect_inference_images(args.inference_folder)
+    if class_info.get("input_kind", "full_image") != "full_image":
+        logger.warning("this model was trained on %s inputs but inference.py feeds whole images; use "
+                       "inference_with_segmentation.py", class_info["input_kind"])
     output_dir = Path(args.inference_output)
     output_dir.mkdir(parents=True, exist_ok=True)
-    preprocessing = class_info["preprocessing"]
-    loader = make_inference_loader(paths, build_eval_transform(preprocessing), args.batch_size, args.num_workers)
-    cams = GradcamWriter(output_dir, model, args.cam_method, preprocessing) if args.generate_gradcam else None
+    classifier = BatchClassifier(args, run_dir, class_info, output_dir)
+    loader = make_inference_loader(paths, build_eval_transform(class_info["preprocessing"]), args.batch_size,
+                                   args.num_workers)
 
-    rows: list[dict] = []
     skipped: list[dict] = []
     relative = [p.relative_to(root) for p in paths]
     start = time.perf_counter()
@@ -181,31 +235,16 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 skipped.append({"filename": relative[index].as_posix(), "reason": reason})
             if images is None:
                 continue
-            probs = predict_proba(predictor, images, tta=args.tta)
-            rows.extend(prediction_row(relative[i].as_posix(), p, class_names, args.topk)
-                        for i, p in zip(indices, probs))
-            if cams is not None:
-                cams.write(images.to(device), [int(p.argmax()) for p in probs], [paths[i] for i in indices],
-                           [relative[i] for i in indices])
+            originals = ([np.asarray(load_rgb(paths[i])) for i in indices] if classifier.wants_originals else None)
+            classifier.classify(images, [relative[i] for i in indices], originals)
     except BaseException:
-        if cams is not None:
-            cams.abandon()
+        classifier.abandon()
         raise
     seconds = time.perf_counter() - start
-    if cams is not None:
-        cams.publish()
-    write_outputs(output_dir, rows, skipped, class_names)
-
-    counts = Counter(row["predicted_label"] for row in rows)
-    summary = {"images_found": len(paths), "predicted": len(rows), "skipped": len(skipped),
-               "per_class": {name: counts.get(name, 0) for name in class_names},
-               "images_per_s": len(rows) / seconds if seconds > 0 else 0.0, "output": str(output_dir)}
-    logger.info("%d images: %d classified, %d skipped (see skipped.csv) in %.1fs, %.1f images/s", len(paths),
-                len(rows), len(skipped), seconds, summary["images_per_s"])
-    logger.info("predicted per class: %s", ", ".join(f"{k} {v}" for k, v in summary["per_class"].items()))
-    logger.info("results: %s%s", output_dir / "predictions.csv",
-                f" and {output_dir / 'gradcam'}/" if args.generate_gradcam else "")
-    return summary
+    classifier.finish()
+    write_outputs(output_dir, classifier.rows, skipped, class_info["class_names"])
+    return summarise(len(paths), classifier.rows, skipped, class_info["class_names"], seconds, output_dir,
+                     args.generate_gradcam)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

@@ -18,6 +18,8 @@ import torch
 from configs import TrainConfig, add_dataclass_arguments, parse_with_config_file
 from dataloaders.build import effective_workers, make_loader
 from dataloaders.discovery import discover_dataset
+from dataloaders.skin_region import (MaskCache, cache_settings, image_loader_for_run, parse_parts_flag, part_names,
+                                     region_settings, select_parts)
 from dataloaders.splits import DataSplits, load_splits, save_splits, split_dataset
 from dataloaders.transforms import build_eval_transform, build_train_transform, resolve_preprocessing
 from torch_trainer import run_folder as rf
@@ -29,6 +31,7 @@ from utils.atomic import atomic_write_json
 from utils.cli import run_cli
 from utils.device import select_device
 from utils.errors import UserError
+from utils.face_parsing import build_face_parser
 from utils.logging_setup import add_file_handler, remove_handler, setup_logging
 from utils.metrics import classification_metrics
 from utils.seed import seed_everything, set_deterministic
@@ -63,23 +66,40 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig.from_dict(saved)
 
 
-def load_data_and_model(cfg: TrainConfig, run_dir: Optional[Path]
-                        ) -> tuple[DataSplits, torch.nn.Module, str, Optional[dict[str, Any]]]:
+def prepare_skin_masks(cfg: TrainConfig, splits: DataSplits, device: torch.device) -> dict[str, Any]:
+    """Compute (or reuse) every image's skin mask; returns the settings class_info.json records."""
+    parser = build_face_parser(cfg.seg_backend, cfg.seg_model, cfg.seg_revision, device.type)
+    part_ids = select_parts(parser.id2label, parse_parts_flag(cfg.parts))
+    settings = region_settings(parser.describe(), part_names(parser.id2label, part_ids))
+    cache = MaskCache(cfg.resolved_data_dir, cache_settings(settings))
+    paths = [s.path for s in splits.train + splits.val + splits.test]
+    counts = cache.fill_missing(paths, parser, part_ids)
+    logger.info("skin masks (%s, parts %s): %d cached, %d computed, %d without a face (whole image used), "
+                "%d unreadable", settings["seg_backend"], ",".join(settings["parts"]), counts["cached"],
+                counts["computed"], counts["no_face"], counts["failed"])
+    return settings
+
+
+def load_data_and_model(cfg: TrainConfig, run_dir: Optional[Path], device: torch.device
+                        ) -> tuple[DataSplits, torch.nn.Module, str, Optional[dict[str, Any]], Optional[dict]]:
     """Everything that can fail on a user mistake, done before a new run folder is created.
 
-    Returns the splits, the model, its timm name and, when resuming, the run's class_info (None for a new run).
+    Returns the splits, the model, its timm name, when resuming the run's class_info (None for a new run), and for
+    skin-region runs the skin-region settings (masks computed and cached by then).
     """
     if run_dir is not None:  # resuming: the split and the architecture come from the run folder
         class_info = rf.read_class_info(run_dir)
         splits = load_splits(run_dir, cfg.resolved_data_dir, class_info["class_names"])
         model, timm_name = build_model(cfg.model_name, len(splits.class_names), False, None, cfg.drop_rate)
-        return splits, model, timm_name, class_info
+        region = prepare_skin_masks(cfg, splits, device) if cfg.input_kind == "skin_region" else None
+        return splits, model, timm_name, class_info, region
     index = discover_dataset(cfg.resolved_data_dir, n_class=cfg.n_class,
                              num_threads=max(2, effective_workers(cfg.num_workers)))
     splits = split_dataset(index, cfg.val_ratio, cfg.random_state)
     model, timm_name = build_model(cfg.model_name, len(splits.class_names), cfg.pre_trained, cfg.pretrained_path,
                                    cfg.drop_rate)
-    return splits, model, timm_name, None
+    region = prepare_skin_masks(cfg, splits, device) if cfg.input_kind == "skin_region" else None
+    return splits, model, timm_name, None, region
 
 
 def _checkpoint_state(model, optimizer, scheduler, precision, stopper, state, epoch, val, cfg, class_info):
@@ -99,7 +119,8 @@ def _checkpoint_state(model, optimizer, scheduler, precision, stopper, state, ep
 
 
 def train(cfg: TrainConfig, run_dir: Path, device: torch.device, splits: DataSplits, model: torch.nn.Module,
-          timm_name: str, class_info: Optional[dict[str, Any]]) -> dict[str, Any]:
+          timm_name: str, class_info: Optional[dict[str, Any]], skin_region: Optional[dict[str, Any]] = None
+          ) -> dict[str, Any]:
     resuming = cfg.resume is not None
     class_names = splits.class_names
     for split, counts in splits.counts().items():
@@ -110,10 +131,11 @@ def train(cfg: TrainConfig, run_dir: Path, device: torch.device, splits: DataSpl
     if not resuming:
         save_splits(run_dir, splits)
         class_info = rf.build_class_info(class_names, cfg.model_name, timm_name,
-                                         resolve_preprocessing(model, cfg.img_size), cfg.drop_rate)
+                                         resolve_preprocessing(model, cfg.img_size), cfg.drop_rate, skin_region)
         atomic_write_json(run_dir / rf.CLASS_INFO, class_info)
         atomic_write_json(run_dir / rf.CONFIGS, cfg.to_dict())
     preprocessing = class_info["preprocessing"]
+    image_loader = image_loader_for_run(class_info, cfg.resolved_data_dir)
     logger.info("model %s (%s): %.2fM parameters, input %s, mean %s, std %s", cfg.model_name, timm_name,
                 count_parameters(model) / 1e6, preprocessing["input_size"], preprocessing["mean"],
                 preprocessing["std"])
@@ -128,9 +150,11 @@ def train(cfg: TrainConfig, run_dir: Path, device: torch.device, splits: DataSpl
                                      color_jitter=cfg.color_jitter, randaugment=cfg.randaugment)
     eval_tf = build_eval_transform(preprocessing)
     train_loader = make_loader(splits.train, train_tf, cfg.batch_size, cfg.num_workers, train=True,
-                               generator=generator, pin_memory=pin)
-    val_loader = make_loader(splits.val, eval_tf, cfg.batch_size, cfg.num_workers, train=False, pin_memory=pin)
-    test_loader = make_loader(splits.test, eval_tf, cfg.batch_size, cfg.num_workers, train=False, pin_memory=pin)
+                               generator=generator, pin_memory=pin, loader=image_loader)
+    val_loader = make_loader(splits.val, eval_tf, cfg.batch_size, cfg.num_workers, train=False, pin_memory=pin,
+                             loader=image_loader)
+    test_loader = make_loader(splits.test, eval_tf, cfg.batch_size, cfg.num_workers, train=False, pin_memory=pin,
+                              loader=image_loader)
 
     train_criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     # Validation and test loss without smoothing, so they stay comparable across --label_smoothing values.
@@ -195,12 +219,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     device = select_device(cfg.device)
     set_deterministic(cfg.deterministic)
     seed_everything(cfg.random_state)
-    splits, model, timm_name, class_info = load_data_and_model(cfg, Path(cfg.resume) if cfg.resume else None)
+    splits, model, timm_name, class_info, skin_region = load_data_and_model(
+        cfg, Path(cfg.resume) if cfg.resume else None, device)
     run_dir = Path(cfg.resume) if cfg.resume else rf.create_run_dir(cfg.save_dir, cfg.data_name, cfg.model_name)
     handler = add_file_handler(run_dir / "train.log")
     logger.info("run folder: %s (device %s)", run_dir, device)
     try:
-        result = train(cfg, run_dir, device, splits, model, timm_name, class_info)
+        result = train(cfg, run_dir, device, splits, model, timm_name, class_info, skin_region)
     except KeyboardInterrupt:
         rf.write_status(run_dir, "interrupted")
         logger.warning("interrupted; the last finished epoch is in %s; continue with --resume %s",

@@ -6,8 +6,9 @@ Example:
 
 Writes clf_model.onnx (FP32, dynamic batch) and clf_model_int8.onnx (static QDQ quantization with ONNX Runtime:
 per-channel int8 weights, uint8 activations, calibrated on the run's own training images), each carrying the class
-names and preprocessing as ONNX metadata, plus a class_info.json copy. A model that fails its check is an error and
-nothing is left under the final file name.
+names and preprocessing as ONNX metadata, plus a class_info.json copy. Unless --skip_segmentation is given it also
+exports the SegFormer face parser to seg_model.onnx (dynamic batch, height and width; label names and the image
+processor's settings as metadata). A model that fails its check is an error and nothing is left under the final name.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 
 from configs import str2bool
 from dataloaders.image_io import load_rgb
+from dataloaders.skin_region import image_loader_for_run
 from dataloaders.transforms import build_eval_transform
 from torch_trainer import run_folder as rf
 from torch_trainer.checkpoint import load_run_model
@@ -34,6 +36,7 @@ from torch_trainer.predictors import OnnxPredictor, softmax
 from utils.atomic import atomic_path, atomic_write_json
 from utils.cli import run_cli
 from utils.errors import UserError
+from utils.face_parsing import DEFAULT_SEGFORMER, SEG_ONNX_NAME, SegformerParser, parser_preprocessing
 from utils.logging_setup import setup_logging
 
 logger = logging.getLogger(__name__)
@@ -42,15 +45,20 @@ FP32_NAME = "clf_model.onnx"
 INT8_NAME = "clf_model_int8.onnx"
 FP32_PROB_TOLERANCE = 1e-4
 INT8_ACCURACY_DROP_WARNING = 0.01
+SEG_LOGIT_TOLERANCE = 1e-3  # relative to the largest logit
+SEG_LABEL_AGREEMENT = 0.999
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("skinclf ONNX export and INT8 quantization", add_help=add_help)
     parser.add_argument("--model_path", required=True, help="run folder written by main.py")
     parser.add_argument("--output_dir", default="onnx_models", help="where the ONNX files go (default: %(default)s)")
-    parser.add_argument("--skip_segmentation", type=str2bool, nargs="?", const=True, default=True,
+    parser.add_argument("--skip_segmentation", type=str2bool, nargs="?", const=True, default=False,
                         metavar="True|False",
-                        help="skip the face-segmentation model (always skipped until that model exists)")
+                        help="export the classifier only, not the SegFormer face parser (default: %(default)s)")
+    parser.add_argument("--seg_model", default=DEFAULT_SEGFORMER,
+                        help="SegFormer face parser to export: Hugging Face id or local folder (default: %(default)s)")
+    parser.add_argument("--seg_revision", default=None, help="Hugging Face revision (commit) of --seg_model")
     parser.add_argument("--weights", choices=["best", "last"], default="best", help="(default: %(default)s)")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default: %(default)s)")
     parser.add_argument("--quantize", choices=["int8", "none"], default="int8", help="(default: %(default)s)")
@@ -65,8 +73,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-def _load_images(paths: list[Path], transform) -> torch.Tensor:
-    return torch.stack([transform(load_rgb(p)) for p in paths])
+def _load_images(paths: list[Path], transform, loader=load_rgb) -> torch.Tensor:
+    return torch.stack([transform(loader(p)) for p in paths])
 
 
 def onnx_metadata(class_info: dict[str, Any], run_dir: Path, precision: str) -> dict[str, str]:
@@ -119,16 +127,17 @@ def _check(path: Path) -> None:
 class _CalibrationReader:
     """Feeds preprocessed training images to ONNX Runtime's calibrator one small batch at a time."""
 
-    def __init__(self, paths: list[Path], transform, batch_size: int = 8):
+    def __init__(self, paths: list[Path], transform, loader, batch_size: int = 8):
         self.batches = iter([paths[i:i + batch_size] for i in range(0, len(paths), batch_size)])
         self.transform = transform
+        self.loader = loader
 
     def get_next(self) -> Optional[dict[str, np.ndarray]]:
         batch = next(self.batches, None)
-        return None if batch is None else {"input": _load_images(batch, self.transform).numpy()}
+        return None if batch is None else {"input": _load_images(batch, self.transform, self.loader).numpy()}
 
 
-def quantize_int8(fp32_path: Path, int8_path: Path, calib_paths: list[Path], transform, method: str) -> None:
+def quantize_int8(fp32_path: Path, int8_path: Path, calib_paths: list[Path], transform, loader, method: str) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -141,7 +150,7 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calib_paths: list[Path], tra
         logging.disable(logging.INFO)
         try:
             # uint8 activations with int8 weights use the VNNI u8s8 kernels; int8 activations ran slower than FP32.
-            quantize_static(str(prepped), str(int8_path), _CalibrationReader(calib_paths, transform),
+            quantize_static(str(prepped), str(int8_path), _CalibrationReader(calib_paths, transform, loader),
                             quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
                             weight_type=QuantType.QInt8, calibrate_method=methods[method])
         finally:
@@ -169,20 +178,87 @@ def compare_latency(fp32_path: Path, int8_path: Path, batch: np.ndarray, runs: i
     return float(np.median(times[0])), float(np.median(times[1]))
 
 
+class _LogitsOnly(torch.nn.Module):
+    """SegFormer returns a ModelOutput; ONNX wants one plain tensor output."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values).logits
+
+
+def _verification_size(size: list[int]) -> tuple[int, int]:
+    """An input size unlike the export example's, so a size frozen at export time shows up as a mismatch."""
+    return max(32, (size[0] * 3 // 4) // 32 * 32), max(32, (size[1] * 5 // 8) // 32 * 32)
+
+
+def export_segmentation(model_ref: str, revision: Optional[str], output_dir: Path, opset: int, parser=None
+                        ) -> dict[str, Any]:
+    """Export the SegFormer face parser to seg_model.onnx (dynamic batch, height and width), verified first."""
+    import onnxruntime as ort
+
+    parser = parser or SegformerParser(model_ref, revision)
+    pre = parser_preprocessing(parser.processor)
+    wrapper = _LogitsOnly(parser.model).eval()  # eval(): the exporter keeps the wrapper's mode, and dropout with it
+    example = torch.randn(2, 3, *pre["size"])
+    check_h, check_w = _verification_size(pre["size"])
+    check = torch.randn(3, 3, check_h, check_w)
+    metadata = {"id2label": json.dumps({str(k): v for k, v in parser.id2label.items()}, ensure_ascii=False),
+                "parser_preprocessing": json.dumps(pre), "seg_model": model_ref, "seg_revision": parser.revision or "",
+                "output": "logits at 1/4 of the input size"}
+    with atomic_path(output_dir / SEG_ONNX_NAME) as tmp:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=DeprecationWarning)
+            warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+            torch.onnx.export(wrapper, (example,), str(tmp), dynamo=False, input_names=["pixel_values"],
+                              output_names=["logits"], opset_version=opset, do_constant_folding=True,
+                              dynamic_axes={"pixel_values": {0: "batch", 2: "height", 3: "width"},
+                                            "logits": {0: "batch", 2: "logits_height", 3: "logits_width"}})
+        _set_metadata(tmp, metadata)
+        _check(tmp)
+        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        onnx_logits = session.run(None, {"pixel_values": check.numpy()})[0]
+        with torch.inference_mode():
+            torch_logits = wrapper(check).numpy()
+        if onnx_logits.shape != torch_logits.shape:
+            raise UserError(f"exported face parser gives shape {onnx_logits.shape} at batch 3, {check_h}x{check_w} "
+                            f"but PyTorch gives {torch_logits.shape}; nothing was written")
+        max_diff = float(np.abs(onnx_logits - torch_logits).max())
+        agreement = float((onnx_logits.argmax(1) == torch_logits.argmax(1)).mean())
+        tolerance = SEG_LOGIT_TOLERANCE * max(1.0, float(np.abs(torch_logits).max()))
+        if max_diff > tolerance or agreement < SEG_LABEL_AGREEMENT:
+            raise UserError(f"exported face parser disagrees with PyTorch at batch 3, {check_h}x{check_w} (max |logit "
+                            f"diff| {max_diff:.2e}, label agreement {agreement:.4f}); nothing was written")
+    logger.info("face parser %s -> %s (%d labels; matches PyTorch at batch 3, %dx%d: max |logit diff| %.1e)",
+                model_ref, output_dir / SEG_ONNX_NAME, len(parser.id2label), check_h, check_w, max_diff)
+    return {"seg_model": model_ref, "seg_max_logit_diff": max_diff, "seg_label_agreement": agreement,
+            "seg_verified_shape": [3, 3, check_h, check_w]}
+
+
+def _load_parser_for_export(args: argparse.Namespace) -> SegformerParser:
+    try:
+        return SegformerParser(args.seg_model, args.seg_revision)
+    except UserError as err:
+        raise UserError(f"{err}. To export the classifier only, pass --skip_segmentation") from err
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
     setup_logging()
-    if not args.skip_segmentation:
-        logger.warning("the face-segmentation model is not available yet; exporting the classifier only")
+    # Load the parser first: a parser that cannot be loaded must fail before any file is written.
+    seg_parser = None if args.skip_segmentation else _load_parser_for_export(args)
     run_dir = Path(args.model_path)
     model, class_info = load_run_model(run_dir, args.weights)
     pre = class_info["preprocessing"]
     transform = build_eval_transform(pre)
     n_class = class_info["n_class"]
+    loader = image_loader_for_run(class_info, rf.dataset_root(run_dir, args.data_dir))
 
     test = rf.run_split(run_dir, "test", args.data_dir)
     if args.verify_images:
         test = test[: args.verify_images]
-    images = _load_images([s.path for s in test], transform)
+    images = _load_images([s.path for s in test], transform, loader)
     labels = np.array([s.label for s in test])
     with torch.inference_mode():
         torch_probs = np.concatenate([model(images[i:i + 32]).softmax(1).numpy() for i in range(0, len(images), 32)])
@@ -215,7 +291,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             train = rf.run_split(run_dir, "train", args.data_dir)
             calib = [s.path for s in random.Random(0).sample(train, min(args.calib_images, len(train)))]
             with atomic_path(output_dir / INT8_NAME) as int8_tmp:
-                quantize_int8(fp32_tmp, int8_tmp, calib, transform, args.calibrate_method)
+                quantize_int8(fp32_tmp, int8_tmp, calib, transform, loader, args.calibrate_method)
                 _set_metadata(int8_tmp, onnx_metadata(class_info, run_dir, "int8"))
                 _check(int8_tmp)
                 int8_probs = _onnx_probs(int8_tmp, images, n_class)
@@ -230,6 +306,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         (output_dir / INT8_NAME).unlink()
         logger.info("removed the older %s from %s", INT8_NAME, output_dir)
     atomic_write_json(output_dir / rf.CLASS_INFO, class_info)
+    if seg_parser is not None:
+        report.update(export_segmentation(args.seg_model, args.seg_revision, output_dir, args.opset, seg_parser))
 
     logger.info("test accuracy: PyTorch %.4f | ONNX FP32 %.4f%s", torch_acc, report["fp32_accuracy"],
                 f" | ONNX INT8 {report['int8_accuracy']:.4f} (top-1 agreement with PyTorch "
@@ -247,7 +325,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                            "clf_model.onnx unless the smaller file matters more", report["int8_batch1_ms"],
                            report["fp32_batch1_ms"])
     atomic_write_json(output_dir / "export_report.json", report)
-    logger.info("wrote %s", ", ".join(str(output_dir / n) for n in (FP32_NAME, INT8_NAME, rf.CLASS_INFO)
+    logger.info("wrote %s", ", ".join(str(output_dir / n) for n in (FP32_NAME, INT8_NAME, rf.CLASS_INFO, SEG_ONNX_NAME)
                                       if (output_dir / n).exists()))
     return report
 

@@ -63,7 +63,7 @@ def main(args: argparse.Namespace) -> pd.DataFrame:
         for name in args.models:
             run_dir = make_run_folder(Path(tmp) / name, name, Path(args.data_dir), args.img_size)
             onnx_dir = Path(tmp) / f"{name}_onnx"
-            qom.main(qom.get_args_parser().parse_args(["--model_path", str(run_dir), "--output_dir", str(onnx_dir),
+            qom.main(qom.get_args_parser().parse_args(["--skip_segmentation", "--model_path", str(run_dir), "--output_dir", str(onnx_dir),
                                                        "--calib_images", "64", "--verify_images", "32"]))
             argv = ["--pytorch_model_path", str(run_dir), "--onnx_model_dir", str(onnx_dir), "--batch_sizes", "1",
                     "--iterations", str(args.iterations), "--warmup", str(args.warmup), "--eval_images", "16"]

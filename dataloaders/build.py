@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 
 from dataloaders.datasets import ImageSamples, collate_skip_none
 from dataloaders.discovery import Sample
+from dataloaders.image_io import load_rgb
 from utils.seed import seed_worker
 
 
@@ -18,10 +19,11 @@ def effective_workers(requested: int) -> int:
 
 
 def make_loader(samples: list[Sample], transform: Callable, batch_size: int, num_workers: int, *,
-                train: bool, generator: Optional[torch.Generator] = None, pin_memory: bool = False) -> DataLoader:
+                train: bool, generator: Optional[torch.Generator] = None, pin_memory: bool = False,
+                loader: Callable = load_rgb) -> DataLoader:
     workers = effective_workers(num_workers)
     return DataLoader(
-        ImageSamples(samples, transform),
+        ImageSamples(samples, transform, loader),
         batch_size=batch_size,
         shuffle=train,
         # Full batches only while training: BatchNorm fails on a last batch of one image.

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
 from dataloaders.discovery import Sample
@@ -15,9 +17,11 @@ logger = logging.getLogger(__name__)
 
 
 class ImageSamples(Dataset):
-    def __init__(self, samples: list[Sample], transform: Optional[Callable] = None):
+    def __init__(self, samples: list[Sample], transform: Optional[Callable] = None,
+                 loader: Callable[[Path], Image.Image] = load_rgb):
         self.samples = samples
         self.transform = transform
+        self.loader = loader  # load_rgb, or the skin-region loader for runs trained on skin regions
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -25,7 +29,7 @@ class ImageSamples(Dataset):
     def __getitem__(self, index: int):
         sample = self.samples[index]
         try:
-            image = load_rgb(sample.path)
+            image = self.loader(sample.path)
         except Exception as err:  # noqa: BLE001 - a file that broke after discovery must not end the epoch
             logger.warning("skipping %s in this batch: %s", sample.path, err)
             return None

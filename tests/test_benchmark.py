@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 def test_benchmark_writes_results_for_every_framework(tiny_run, tmp_path):
     onnx_dir = tmp_path / "onnx"
-    qom.main(qom.get_args_parser().parse_args(["--model_path", str(tiny_run), "--output_dir", str(onnx_dir),
+    qom.main(qom.get_args_parser().parse_args(["--skip_segmentation", "--model_path", str(tiny_run), "--output_dir", str(onnx_dir),
                                                "--calib_images", "32"]))
     rows = benchmark.main(benchmark.get_args_parser().parse_args([
         "--pytorch_model_path", str(tiny_run), "--onnx_model_dir", str(onnx_dir), "--iterations", "3",

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def exported(tiny_run, tmp_path_factory):
     output = tmp_path_factory.mktemp("onnx")
-    report = qom.main(qom.get_args_parser().parse_args(["--model_path", str(tiny_run), "--output_dir", str(output),
+    report = qom.main(qom.get_args_parser().parse_args(["--skip_segmentation", "--model_path", str(tiny_run), "--output_dir", str(output),
                                                         "--calib_images", "48"]))
     return output, report
 
@@ -79,7 +79,7 @@ def test_missing_dataset_for_verification_is_a_clear_error(tiny_run, tmp_path):
     configs["data_dir"] = str(tmp_path / "gone")
     (moved / "configs.json").write_text(json.dumps(configs))
     with pytest.raises(UserError, match="--data_dir"):
-        qom.main(qom.get_args_parser().parse_args(["--model_path", str(moved), "--output_dir", str(tmp_path / "x")]))
+        qom.main(qom.get_args_parser().parse_args(["--skip_segmentation", "--model_path", str(moved), "--output_dir", str(tmp_path / "x")]))
     assert not (tmp_path / "x" / "clf_model.onnx").exists()
 
 
@@ -87,7 +87,7 @@ def test_quantize_none_removes_an_older_int8_model(tiny_run, tmp_path):
     output = tmp_path / "onnx"
     output.mkdir()
     (output / "clf_model_int8.onnx").write_bytes(b"stale model from an earlier export")
-    report = qom.main(qom.get_args_parser().parse_args(["--model_path", str(tiny_run), "--output_dir", str(output),
+    report = qom.main(qom.get_args_parser().parse_args(["--skip_segmentation", "--model_path", str(tiny_run), "--output_dir", str(output),
                                                         "--quantize", "none"]))
     assert (output / "clf_model.onnx").is_file() and not (output / "clf_model_int8.onnx").exists()
     assert "int8_accuracy" not in report

@@ -14,7 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pandas as pd
 
@@ -48,8 +48,8 @@ def create_run_dir(save_dir: str | Path, data_name: str, model_name: str) -> Pat
 
 
 def build_class_info(class_names: list[str], model_name: str, timm_name: str, preprocessing: dict[str, Any],
-                     drop_rate: float) -> dict[str, Any]:
-    return {
+                     drop_rate: float, skin_region: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    info = {
         "class_names": class_names,
         "class_to_idx": {name: i for i, name in enumerate(class_names)},
         "n_class": len(class_names),
@@ -57,8 +57,11 @@ def build_class_info(class_names: list[str], model_name: str, timm_name: str, pr
         "timm_model_name": timm_name,
         "model_kwargs": {"drop_rate": drop_rate},
         "preprocessing": preprocessing,
-        "input_kind": "full_image",
+        "input_kind": "skin_region" if skin_region else "full_image",
     }
+    if skin_region:
+        info["skin_region"] = skin_region
+    return info
 
 
 def read_class_info(run_dir: str | Path) -> dict[str, Any]:
@@ -75,15 +78,20 @@ def read_class_info(run_dir: str | Path) -> dict[str, Any]:
     return info
 
 
-def run_split(run_dir: str | Path, split: str, data_dir: str | None = None) -> list[Sample]:
-    """The run's saved ``split`` ("train", "val", "test") resolved against its dataset folder (or ``data_dir``)."""
+def dataset_root(run_dir: str | Path, data_dir: str | None = None) -> Path:
+    """The run's dataset folder as recorded in configs.json, or ``data_dir`` where it moved."""
     run_dir = Path(run_dir)
     configs = json.loads((run_dir / CONFIGS).read_text(encoding="utf-8"))
     root = Path(data_dir or configs.get("data_dir") or Path("data") / f"{configs['data_name']}_dataset")
     if not root.is_dir():
         raise UserError(f"dataset folder {root} (recorded in {run_dir / CONFIGS}) not found; pass --data_dir with "
                         f"its new location")
-    return read_split_csv(run_dir / f"split_{split}.csv", root)
+    return root
+
+
+def run_split(run_dir: str | Path, split: str, data_dir: str | None = None) -> list[Sample]:
+    """The run's saved ``split`` ("train", "val", "test") resolved against its dataset folder (or ``data_dir``)."""
+    return read_split_csv(Path(run_dir) / f"split_{split}.csv", dataset_root(run_dir, data_dir))
 
 
 def write_status(run_dir: Path, state: str, **details: Any) -> None:

@@ -1,0 +1,315 @@
+"""Face parsing backends, the skin-region input, and the segmentation scripts, with a tiny SegFormer built here."""
+
+import csv
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import face_segmentation
+import inference
+import inference_with_segmentation as iws
+import main
+import quantize_onnx_models as qom
+from tests.conftest import train_args
+from data.synthetic_faces import generate_dataset as generate_faces
+from data.synthetic_faces import make_face_image
+from data.synthetic_lesions import make_lesion_image
+from dataloaders.skin_region import (MASK_CACHE_DIR, MaskCache, SkinRegionLoader, cache_settings, fill_colour,
+                                     make_skin_region, select_parts, skin_mask)
+from torch_trainer import run_folder as rf
+from utils.errors import UserError
+from utils.face_parsing import OnnxParser, OpenCVSkinParser, SegformerParser
+
+# jonathandinu/face-parsing's order; BiSeNet's CelebAMask-HQ order differs (nose is 10 there), which is why label
+# names, never indices, decide what counts as skin.
+SEGFORMER_LABELS = ["background", "skin", "nose", "eye_g", "l_eye", "r_eye", "l_brow", "r_brow", "l_ear", "r_ear",
+                    "mouth", "u_lip", "l_lip", "hair", "hat", "ear_r", "neck_l", "neck", "cloth"]
+BISENET_LABELS = ["background", "skin", "l_brow", "r_brow", "l_eye", "r_eye", "eye_g", "l_ear", "r_ear", "ear_r",
+                  "nose", "mouth", "u_lip", "l_lip", "neck", "neck_l", "cloth", "hair", "hat"]
+
+
+def _id2label(names):
+    return dict(enumerate(names))
+
+
+@pytest.fixture(scope="module")
+def tiny_segformer(tmp_path_factory) -> Path:
+    """A random 19-label SegFormer with a face-parsing id2label, saved like a Hugging Face download."""
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation, SegformerImageProcessor
+
+    config = SegformerConfig(depths=[1, 1, 1, 1], hidden_sizes=[8, 16, 32, 64], num_attention_heads=[1, 1, 2, 2],
+                             decoder_hidden_size=32, num_labels=len(SEGFORMER_LABELS),
+                             id2label=_id2label(SEGFORMER_LABELS),
+                             label2id={n: i for i, n in enumerate(SEGFORMER_LABELS)})
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny_segformer")
+    SegformerForSemanticSegmentation(config).eval().save_pretrained(folder)
+    SegformerImageProcessor(size={"height": 64, "width": 64}).save_pretrained(folder)
+    return folder
+
+
+class StubSegformer(torch.nn.Module):
+    """Known output: left half skin, top-right hair, bottom-right nose (at SegFormer's 1/4 resolution)."""
+
+    def __init__(self, names):
+        super().__init__()
+        self.config = SimpleNamespace(id2label={str(i): n for i, n in enumerate(names)})
+        self.names = names
+
+    def forward(self, pixel_values):
+        batch, _, height, width = pixel_values.shape
+        logits = torch.zeros(batch, len(self.names), height // 4, width // 4)
+        h, w = height // 4, width // 4
+        logits[:, self.names.index("skin"), :, : w // 2] = 10
+        logits[:, self.names.index("hair"), : h // 2, w // 2:] = 10
+        logits[:, self.names.index("nose"), h // 2:, w // 2:] = 10
+        return SimpleNamespace(logits=logits)
+
+
+def _processor():
+    from transformers import SegformerImageProcessor
+
+    return SegformerImageProcessor(size={"height": 64, "width": 64})
+
+
+@pytest.mark.parametrize("names, expected", [(SEGFORMER_LABELS, [1, 2]), (BISENET_LABELS, [1, 10])])
+def test_default_parts_are_matched_by_name(names, expected):
+    assert select_parts(_id2label(names), None) == expected
+
+
+def test_unknown_part_names_the_available_labels():
+    with pytest.raises(UserError, match="choose from .*nose"):
+        select_parts(_id2label(SEGFORMER_LABELS), ["cheek"])
+    with pytest.raises(UserError, match="no 'skin' or 'nose'"):
+        select_parts({0: "background", 1: "road"}, None)
+    assert select_parts(_id2label(SEGFORMER_LABELS), ["Skin", "neck"]) == [1, 17]
+
+
+@pytest.mark.parametrize("names", [SEGFORMER_LABELS, BISENET_LABELS])
+def test_stub_parser_mask_and_skin_region(names):
+    parser = SegformerParser("stub", model=StubSegformer(names), processor=_processor())
+    image = np.full((80, 120, 3), 200, np.uint8)
+    label_map = parser.parse(image)
+    assert label_map.shape == (80, 120)
+    # away from the borders, where bilinear upsampling blends neighbours, the labels are exact
+    assert (label_map[5:-5, 5:55] == names.index("skin")).all()
+    assert (label_map[5:35, 65:-5] == names.index("hair")).all()
+    assert (label_map[45:-5, 65:-5] == names.index("nose")).all()
+
+    mask = skin_mask(label_map, select_parts(parser.id2label, None))
+    assert mask[:, :55].all() and mask[45:, 65:].all() and not mask[5:35, 65:].any()
+    region = make_skin_region(image, mask, (1, 2, 3))
+    assert region.face_found and 0.6 < region.skin_ratio < 0.8
+    assert region.image.shape[:2] == (80, 120)  # skin spans the whole image: the crop keeps all of it
+    assert (region.image[5:35, 65:-5] == (1, 2, 3)).all()  # the hair is filled
+    assert (region.image[45:, :55] == 200).all()  # the skin is kept
+
+
+def test_skin_region_crops_to_the_skin_box_with_a_margin():
+    image = np.arange(100 * 100 * 3, dtype=np.uint32).reshape(100, 100, 3).astype(np.uint8)
+    mask = np.zeros((100, 100), bool)
+    mask[20:60, 30:50] = True
+    region = make_skin_region(image, mask, (0, 0, 0))
+    assert region.image.shape[:2] == (40 + 2 * 2, 20 + 2 * 1)  # 5% of 40 rows / 20 columns on each side
+    assert (region.image[2:-2, 1:-1] == image[20:60, 30:50]).all()
+    empty = make_skin_region(image, np.zeros((100, 100), bool), (0, 0, 0))
+    assert not empty.face_found and empty.image is image
+
+
+def test_local_folder_segformer_and_label_names(tiny_segformer):
+    parser = SegformerParser(str(tiny_segformer))
+    assert parser.id2label == _id2label(SEGFORMER_LABELS)
+    image, _ = make_face_image(np.random.default_rng(0), 96)
+    label_map = parser.parse(image)
+    assert label_map.shape == (96, 96) and set(np.unique(label_map)) <= set(range(len(SEGFORMER_LABELS)))
+
+
+def test_unavailable_segformer_is_one_clear_error(tmp_path):
+    with pytest.raises(UserError, match="--seg_backend opencv"):
+        SegformerParser("no-such-org/no-such-face-parser")
+    with pytest.raises(UserError, match="folder not found"):
+        SegformerParser(str(tmp_path / "missing"))
+
+
+def test_segformer_onnx_export_is_dynamic_and_matches(tiny_segformer, tmp_path):
+    report = qom.export_segmentation(str(tiny_segformer), None, tmp_path, 17)
+    assert report["seg_verified_shape"][0] == 3 and report["seg_label_agreement"] >= 0.999
+    onnx_parser = OnnxParser(tmp_path / "seg_model.onnx")
+    assert onnx_parser.id2label == _id2label(SEGFORMER_LABELS)
+    logits = onnx_parser.session.run(None, {"pixel_values": np.random.rand(2, 3, 96, 64).astype(np.float32)})[0]
+    assert logits.shape == (2, len(SEGFORMER_LABELS), 24, 16)
+    torch_parser = SegformerParser(str(tiny_segformer))
+    image, _ = make_face_image(np.random.default_rng(1), 120)
+    assert (onnx_parser.parse(image) == torch_parser.parse(image)).mean() > 0.99
+
+
+def test_corrupt_segmentation_onnx_is_a_clear_error(tmp_path):
+    bad = tmp_path / "seg_model.onnx"
+    bad.write_bytes(b"not an onnx file")
+    with pytest.raises(UserError, match="cannot load segmentation model"):
+        OnnxParser(bad)
+    with pytest.raises(UserError, match="not found"):
+        OnnxParser(tmp_path / "missing.onnx")
+
+
+def test_opencv_backend_finds_a_drawn_face_and_its_skin():
+    parser = OpenCVSkinParser()
+    rng = np.random.default_rng(3)
+    parts = select_parts(parser.id2label, None)
+    for size in (128, 200):
+        image, truth = make_face_image(rng, size, acne=True)
+        label_map = parser.parse(image)
+        assert parser.face_detected(label_map)
+        mask = skin_mask(label_map, parts)
+        assert (mask & truth).sum() / (mask | truth).sum() > 0.8
+    lesion, _ = make_lesion_image(rng, 128, "benign")
+    label_map = parser.parse(np.clip(lesion, 0, 255).astype(np.uint8))
+    assert parser.face_detected(label_map) is False
+
+
+def test_face_segmentation_script_outputs(tmp_path):
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(make_face_image(rng, 128)[0]).save(folder / "sub" / "face one.png")
+    Image.fromarray(np.clip(make_lesion_image(rng, 96, "benign")[0], 0, 255).astype(np.uint8)).save(
+        folder / "lesion.jpg")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    out = tmp_path / "out"
+    result = face_segmentation.main(face_segmentation.get_args_parser().parse_args(
+        ["--input", str(folder), "--output", str(out), "--seg_backend", "opencv"]))
+    assert result["no_face"] == ["lesion.jpg"] and result["skipped"] == 1
+    for suffix in (".labels.png", ".overlay.jpg", ".mask.png", ".skin.png"):
+        assert (out / "sub" / f"face one.png{suffix}").is_file()
+    assert not (out / "lesion.jpg.skin.png").exists()
+    with open(out / "segmentation_summary.csv", newline="") as fh:
+        rows = {r["filename"]: r for r in csv.DictReader(fh)}
+    assert rows["sub/face one.png"]["face_found"] == "True" and float(rows["sub/face one.png"]["share_skin"]) > 0.2
+    assert rows["lesion.jpg"]["face_found"] == "False"
+    assert list(rows["lesion.jpg"]) == ["filename", "face_found", "skin_ratio", "share_background", "share_skin",
+                                        "share_face_other"]
+    labels = np.asarray(Image.open(out / "sub" / "face one.png.labels.png"))
+    assert labels.shape == (128, 128) and set(np.unique(labels)) <= {0, 1, 2}
+
+
+@pytest.fixture(scope="module")
+def face_dataset(tmp_path_factory) -> Path:
+    return generate_faces(tmp_path_factory.mktemp("faces") / "faces_dataset", n_train=10, n_test=4, img_size=96)
+
+
+@pytest.fixture(scope="module")
+def skin_region_run(face_dataset, tmp_path_factory) -> Path:
+    argv = train_args(face_dataset, tmp_path_factory.mktemp("skin_run"), "--epochs", "1", "--img_size", "48",
+                      "--input_kind", "skin_region", "--seg_backend", "opencv")
+    return Path(main.main(main.parse_args(argv))["run_dir"])
+
+
+def test_training_on_skin_regions_records_it_and_caches_masks(skin_region_run, face_dataset):
+    info = rf.read_class_info(skin_region_run)
+    assert info["input_kind"] == "skin_region"
+    assert info["skin_region"]["seg_backend"] == "opencv" and info["skin_region"]["parts"] == ["skin"]
+    cache = MaskCache(face_dataset, cache_settings(info["skin_region"]))
+    masks = sorted(cache.folder.rglob("*.png"))
+    assert len(masks) == 2 * (10 + 4) and cache.folder.parent.name == MASK_CACHE_DIR
+    # the training loader and segmented inference make the same classifier input from the same photo
+    photo = sorted((face_dataset / "testset" / "acne").glob("*.png"))[0]
+    trained_on = np.asarray(SkinRegionLoader(cache, fill_colour(info["preprocessing"]))(photo))
+    image = np.asarray(Image.open(photo).convert("RGB"))
+    parser = OpenCVSkinParser()
+    label_map = parser.parse(image)
+    at_inference = make_skin_region(image, skin_mask(label_map, [1]), fill_colour(info["preprocessing"]),
+                                    parser.face_detected(label_map)).image
+    assert trained_on.shape == at_inference.shape and (trained_on == at_inference).all()
+
+
+def _segmented_inference(run_dir, folder, out, *extra):
+    return iws.main(iws.get_args_parser().parse_args(
+        ["--model_path", str(run_dir), "--inference_folder", str(folder), "--inference_output", str(out),
+         "--seg_backend", "opencv", "--num_workers", "0", *extra]))
+
+
+@pytest.fixture
+def mixed_folder(face_dataset, tmp_path) -> Path:
+    folder = tmp_path / "to_classify"
+    folder.mkdir()
+    for photo in sorted((face_dataset / "testset").rglob("*.png"))[:3]:
+        (folder / photo.name).write_bytes(photo.read_bytes())
+    lesion = make_lesion_image(np.random.default_rng(5), 96, "malignant")[0]
+    Image.fromarray(np.clip(lesion, 0, 255).astype(np.uint8)).save(folder / "no_face.jpg")
+    (folder / "empty.png").write_bytes(b"")
+    return folder
+
+
+def test_segmented_inference_columns_and_no_face_policies(skin_region_run, mixed_folder, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        summary = _segmented_inference(skin_region_run, mixed_folder, tmp_path / "full", "--generate_gradcam")
+    assert "trained on whole images" not in caplog.text
+    assert summary["predicted"] == 4 and summary["skipped"] == 1 and summary["no_face"] == 1
+    info = rf.read_class_info(skin_region_run)
+    with open(tmp_path / "full" / "predictions.csv", newline="") as fh:
+        reader = csv.DictReader(fh)
+        rows = {r["filename"]: r for r in reader}
+    expected = (["filename", "predicted_class", "predicted_label", "confidence"]
+                + [f"prob_{n}" for n in info["class_names"]] + ["face_found", "skin_ratio"])
+    assert reader.fieldnames == expected
+    assert rows["no_face.jpg"]["face_found"] == "False" and float(rows["no_face.jpg"]["skin_ratio"]) < 0.01
+    assert all(rows[n]["face_found"] == "True" for n in rows if n != "no_face.jpg")
+    assert (tmp_path / "full" / "segmented" / "no_face.jpg.skin.png").is_file()
+    assert len(list((tmp_path / "full" / "gradcam").glob("*.gradcam.jpg"))) == 4
+
+    summary = _segmented_inference(skin_region_run, mixed_folder, tmp_path / "skip", "--no_face_policy", "skip")
+    assert summary["predicted"] == 3 and summary["skipped"] == 2
+    with open(tmp_path / "skip" / "skipped.csv", newline="") as fh:
+        reasons = {r["filename"]: r["reason"] for r in csv.DictReader(fh)}
+    assert reasons["no_face.jpg"].startswith("no face found") and reasons["empty.png"] == "empty file"
+
+
+def test_segmented_inference_matches_inference_for_the_same_input(skin_region_run, tmp_path):
+    """A photo whose skin region is the classifier input gives the same probabilities through both scripts."""
+    seg_out = tmp_path / "seg"
+    folder = tmp_path / "one"
+    folder.mkdir()
+    image, _ = make_face_image(np.random.default_rng(9), 96, acne=True)
+    Image.fromarray(image).save(folder / "face.png")
+    _segmented_inference(skin_region_run, folder, seg_out)
+    plain_out = tmp_path / "plain"
+    inference.main(inference.parse_args(["--model_path", str(skin_region_run), "--inference_folder",
+                                         str(seg_out / "segmented"), "--inference_output", str(plain_out),
+                                         "--num_workers", "0"]))
+    with open(seg_out / "predictions.csv", newline="") as a, open(plain_out / "predictions.csv", newline="") as b:
+        seg_row, plain_row = next(csv.DictReader(a)), next(csv.DictReader(b))
+    assert seg_row["predicted_label"] == plain_row["predicted_label"]
+    assert abs(float(seg_row["confidence"]) - float(plain_row["confidence"])) < 1e-5
+
+
+def test_whole_image_model_fed_skin_regions_warns(tiny_run, mixed_folder, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        _segmented_inference(tiny_run, mixed_folder, tmp_path / "out")
+    assert "trained on whole images" in caplog.text
+
+
+def test_export_with_segmentation_and_benchmark_it(skin_region_run, tiny_segformer, tmp_path):
+    import benchmark
+
+    out = tmp_path / "onnx"
+    report = qom.main(qom.get_args_parser().parse_args(
+        ["--model_path", str(skin_region_run), "--output_dir", str(out), "--seg_model", str(tiny_segformer),
+         "--quantize", "none"]))
+    assert (out / "seg_model.onnx").is_file() and report["seg_label_agreement"] >= 0.999
+    rows = benchmark.main(benchmark.get_args_parser().parse_args(
+        ["--pytorch_model_path", str(skin_region_run), "--onnx_model_dir", str(out), "--iterations", "2",
+         "--warmup", "1", "--batch_sizes", "1", "--threads", "1"]))
+    seg = [r for r in rows if r["model"].startswith("face parser")]
+    assert len(seg) == 1 and seg[0]["mean_ms"] > 0 and (out / "benchmark_segmentation.csv").is_file()
+
+
+def test_export_without_a_reachable_parser_fails_before_writing(tiny_run, tmp_path):
+    with pytest.raises(UserError, match="--skip_segmentation"):
+        qom.main(qom.get_args_parser().parse_args(["--model_path", str(tiny_run), "--output_dir",
+                                                   str(tmp_path / "o"), "--seg_model", "no-org/no-model"]))
+    assert not (tmp_path / "o").exists()
