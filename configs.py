@@ -79,7 +79,14 @@ class TrainConfig:
     step_gamma: float = _opt(0.1, "decay factor (step schedule)")
     weight_decay: float = _opt(1e-4, "weight decay (not applied to biases and norm layers)")
     momentum: float = _opt(0.9, "momentum (sgd)")
-    label_smoothing: float = _opt(0.0, "label smoothing for the cross-entropy loss")
+    label_smoothing: float = _opt(0.0, "label smoothing (cross-entropy and focal loss)")
+    loss: str = _opt("ce", "training loss: cross-entropy or focal loss", choices=["ce", "focal"])
+    focal_gamma: float = _opt(2.0, "focal loss focusing parameter (0 = cross-entropy)")
+    class_weights: str = _opt("none", "per-class loss weights (focal: alpha): none, or auto = inverse class "
+                                      "frequency n/(K*count)", choices=["none", "auto"])
+    sampler: str = _opt("random", "training batches: random shuffling, or balanced = a weighted sampler that draws "
+                                  "every class equally often", choices=["random", "balanced"])
+    calibrate: bool = _opt(True, "fit temperature scaling on the validation split after training (True/False)")
     patience: int = _opt(10, "early stopping: epochs without improvement of --monitor (0 disables)")
     monitor: str = _opt("val_balanced_acc", "validation metric that picks model_best.pth and drives early stopping",
                         choices=["val_balanced_acc", "val_loss"])
@@ -115,6 +122,7 @@ class TrainConfig:
             (self.n_class is None or self.n_class >= 2, "--n_class must be at least 2"),
             (self.num_workers >= 0, "--num_workers must be 0 or more"),
             (self.patience >= 0, "--patience must be 0 or more"),
+            (self.focal_gamma >= 0, "--focal_gamma must be 0 or more"),
         ]
         for ok, message in checks:
             if not ok:

@@ -36,6 +36,7 @@ from utils.device import select_device
 from utils.errors import UserError
 from utils.gradcam import CAM_METHODS, GradCamExplainer, cam_on_original, render_overlay
 from utils.logging_setup import setup_logging
+from utils.reports import write_classification_report
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="average the prediction over the image and its mirror (default: %(default)s)")
     parser.add_argument("--topk", type=int, default=1,
                         help="also list the k most likely classes per image in the JSON (default: %(default)s)")
+    parser.add_argument("--labels_from_folders", type=str2bool, nargs="?", const=True, default=False,
+                        metavar="True|False",
+                        help="the folder is labelled (<class>/ sub-folders named like the training classes): also "
+                             "write metrics.json, per_class_metrics.csv, ROC, reliability and confusion matrix "
+                             "(default: %(default)s)")
     return parser
 
 
@@ -173,6 +179,8 @@ class BatchClassifier:
         self.predictor, model = build_predictor(args, run_dir, class_info, self.device)
         self.class_names = class_info["class_names"]
         self.topk, self.tta = args.topk, args.tta
+        self.temperature = float(class_info.get("temperature", 1.0))
+        self.probs: list[np.ndarray] = []
         self.cams = (GradcamWriter(output_dir, model, args.cam_method, class_info["preprocessing"])
                      if args.generate_gradcam else None)
         self.rows: list[dict[str, Any]] = []
@@ -183,7 +191,8 @@ class BatchClassifier:
 
     def classify(self, images, relatives: list[Path], originals: Optional[list[np.ndarray]] = None,
                  extras: Optional[list[dict[str, Any]]] = None) -> None:
-        probs = predict_proba(self.predictor, images, tta=self.tta)
+        probs = predict_proba(self.predictor, images, tta=self.tta, temperature=self.temperature)
+        self.probs.extend(probs)
         for i, (relative, p) in enumerate(zip(relatives, probs)):
             self.rows.append({**prediction_row(relative.as_posix(), p, self.class_names, self.topk),
                               **(extras[i] if extras else {})})
@@ -197,6 +206,33 @@ class BatchClassifier:
     def abandon(self) -> None:
         if self.cams is not None:
             self.cams.abandon()
+
+
+def score_labelled_folder(output_dir: Path, rows: list[dict], probs: list[np.ndarray],
+                          class_names: list[str]) -> Optional[dict[str, Any]]:
+    """Metrics of predictions whose first path component names a training class; other files are listed."""
+    index = {name: i for i, name in enumerate(class_names)}
+    targets, kept, unlabelled = [], [], []
+    for row, p in zip(rows, probs):
+        folder = Path(row["filename"]).parts[0] if len(Path(row["filename"]).parts) > 1 else None
+        if folder in index:
+            targets.append(index[folder])
+            kept.append(p)
+        else:
+            unlabelled.append(row["filename"])
+    if unlabelled:
+        logger.warning("%d image(s) are not inside a folder named after a class (%s), left out of the metrics: %s",
+                       len(unlabelled), ", ".join(class_names), ", ".join(unlabelled[:5]))
+    if not targets:
+        raise UserError(f"--labels_from_folders: no image sits in a sub-folder named after a class "
+                        f"({', '.join(class_names)})")
+    metrics = write_classification_report(output_dir, np.array(targets), np.stack(kept), class_names,
+                                          metrics_name="metrics.json", extra={"unlabelled_images": unlabelled})
+    logger.info("labelled folder: accuracy %.4f, balanced accuracy %.4f, macro F1 %.4f, macro AUC %s, ECE %.4f on %d "
+                "images (see %s)", metrics["accuracy"], metrics["balanced_accuracy"], metrics["macro_f1"],
+                f"{metrics['macro_auc']:.4f}" if metrics.get("macro_auc") is not None else "n/a", metrics["ece"],
+                metrics["n_images"], output_dir / "metrics.json")
+    return metrics
 
 
 def summarise(found: int, rows: list[dict], skipped: list[dict], class_names: list[str], seconds: float,
@@ -243,8 +279,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     classifier.finish()
     write_outputs(output_dir, classifier.rows, skipped, class_info["class_names"])
-    return summarise(len(paths), classifier.rows, skipped, class_info["class_names"], seconds, output_dir,
-                     args.generate_gradcam)
+    summary = summarise(len(paths), classifier.rows, skipped, class_info["class_names"], seconds, output_dir,
+                        args.generate_gradcam)
+    if args.labels_from_folders:
+        summary["metrics"] = score_labelled_folder(output_dir, classifier.rows, classifier.probs,
+                                                   class_info["class_names"])
+    return summary
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

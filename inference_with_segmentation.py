@@ -131,6 +131,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     inference.write_outputs(output_dir, classifier.rows, skipped, class_info["class_names"], EXTRA_COLUMNS)
     summary = inference.summarise(len(paths), classifier.rows, skipped, class_info["class_names"], seconds,
                                   output_dir, args.generate_gradcam)
+    if args.labels_from_folders:
+        summary["metrics"] = inference.score_labelled_folder(output_dir, classifier.rows, classifier.probs,
+                                                             class_info["class_names"])
     summary["no_face"] = sum(1 for r in classifier.rows if not r["face_found"]) + sum(
         1 for s in skipped if s.get("face_found") is False)
     logger.info("no face found in %d image(s) (policy %s)", summary["no_face"], args.no_face_policy)

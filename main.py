@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 
 from configs import TrainConfig, add_dataclass_arguments, parse_with_config_file
-from dataloaders.build import effective_workers, make_loader
+from dataloaders.build import balanced_sampler, effective_workers, make_loader
 from dataloaders.discovery import discover_dataset
 from dataloaders.skin_region import (MaskCache, cache_settings, image_loader_for_run, parse_parts_flag, part_names,
                                      region_settings, select_parts)
@@ -33,7 +33,10 @@ from utils.device import select_device
 from utils.errors import UserError
 from utils.face_parsing import build_face_parser
 from utils.logging_setup import add_file_handler, remove_handler, setup_logging
-from utils.metrics import classification_metrics
+from utils.calibration import apply_temperature, fit_temperature, logits_from_probs
+from utils.losses import build_criterion
+from utils.metrics import macro_auc
+from utils.reports import write_classification_report
 from utils.seed import seed_everything, set_deterministic
 
 logger = logging.getLogger(__name__)
@@ -149,14 +152,17 @@ def train(cfg: TrainConfig, run_dir: Path, device: torch.device, splits: DataSpl
     train_tf = build_train_transform(preprocessing, min_crop_scale=cfg.min_crop_scale, vflip=cfg.vflip,
                                      color_jitter=cfg.color_jitter, randaugment=cfg.randaugment)
     eval_tf = build_eval_transform(preprocessing)
+    train_labels = [sample.label for sample in splits.train]
+    sampler = balanced_sampler(train_labels, generator) if cfg.sampler == "balanced" else None
     train_loader = make_loader(splits.train, train_tf, cfg.batch_size, cfg.num_workers, train=True,
-                               generator=generator, pin_memory=pin, loader=image_loader)
+                               generator=generator, pin_memory=pin, loader=image_loader, sampler=sampler)
     val_loader = make_loader(splits.val, eval_tf, cfg.batch_size, cfg.num_workers, train=False, pin_memory=pin,
                              loader=image_loader)
     test_loader = make_loader(splits.test, eval_tf, cfg.batch_size, cfg.num_workers, train=False, pin_memory=pin,
                               loader=image_loader)
 
-    train_criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    class_counts = [train_labels.count(k) for k in range(len(class_names))]
+    train_criterion = build_criterion(cfg.loss, cfg.class_weights, class_counts, cfg.label_smoothing, cfg.focal_gamma)
     # Validation and test loss without smoothing, so they stay comparable across --label_smoothing values.
     eval_criterion = torch.nn.CrossEntropyLoss()
     optimizer = build_optimizer(model, cfg)
@@ -188,7 +194,8 @@ def train(cfg: TrainConfig, run_dir: Path, device: torch.device, splits: DataSpl
         rf.append_log_row(run_dir, {
             "epoch": epoch + 1, "train_loss": train_stats["loss"], "train_acc": train_stats["acc"],
             "val_loss": val["loss"], "val_acc": val["acc"], "val_balanced_acc": val["balanced_acc"],
-            "lr": train_stats["lr"], "epoch_seconds": round(train_stats["seconds"], 3),
+            "val_macro_auc": macro_auc(val["targets"], val["probs"], len(class_names)), "lr": train_stats["lr"],
+            "epoch_seconds": round(train_stats["seconds"], 3),
             "train_images_per_s": round(train_stats["images_per_s"], 2),
             "data_loading_fraction": round(train_stats["data_fraction"], 4)})
         ckpt_state = _checkpoint_state(model, optimizer, scheduler, precision, stopper, state, epoch, val, cfg,
@@ -203,13 +210,26 @@ def train(cfg: TrainConfig, run_dir: Path, device: torch.device, splits: DataSpl
 
     best = load_checkpoint(run_dir / rf.BEST_CKPT)
     model.load_state_dict(best["model"])
+    temperature = 1.0
+    if cfg.calibrate:
+        val = evaluate(model, val_loader, eval_criterion, precision, channels_last=channels_last, desc="calibrate")
+        temperature = fit_temperature(logits_from_probs(val["probs"]), val["targets"])
+        class_info = {**class_info, "temperature": temperature}
+        atomic_write_json(run_dir / rf.CLASS_INFO, class_info)
+        logger.info("temperature scaling fitted on %d validation images: T = %.3f", len(val["targets"]),
+                    temperature)
     test = evaluate(model, test_loader, eval_criterion, precision, channels_last=channels_last, desc="test")
-    metrics = {"weights": rf.BEST_CKPT, "best_epoch": best["epoch"] + 1, "monitor": cfg.monitor,
-               "loss": test["loss"], **classification_metrics(test["targets"], test["preds"], class_names)}
-    rf.write_test_reports(run_dir, metrics, test["targets"], test["preds"], class_names)
-    logger.info("test (best epoch %d): accuracy %.4f, balanced accuracy %.4f, macro F1 %.4f on %d images",
-                metrics["best_epoch"], metrics["accuracy"], metrics["balanced_accuracy"], metrics["macro_f1"],
-                metrics["n_images"])
+    metrics = write_classification_report(
+        run_dir, test["targets"], apply_temperature(test["probs"], temperature), class_names,
+        confusion_name="confusion_matrix_test",
+        extra={"weights": rf.BEST_CKPT, "best_epoch": best["epoch"] + 1, "monitor": cfg.monitor,
+               "loss": test["loss"], "temperature": temperature},
+        uncalibrated_probs=test["probs"] if cfg.calibrate else None)
+    logger.info("test (best epoch %d): accuracy %.4f, balanced accuracy %.4f, macro F1 %.4f, macro AUC %s, ECE %.4f%s "
+                "on %d images", metrics["best_epoch"], metrics["accuracy"], metrics["balanced_accuracy"],
+                metrics["macro_f1"], f"{metrics['macro_auc']:.4f}" if metrics.get("macro_auc") is not None else "n/a",
+                metrics["ece"], f" (before temperature scaling {metrics['ece_uncalibrated']:.4f})"
+                if "ece_uncalibrated" in metrics else "", metrics["n_images"])
     return {"run_dir": str(run_dir), "test_metrics": metrics, "epochs_run": state.epochs_done}
 
 

@@ -83,7 +83,9 @@ def onnx_metadata(class_info: dict[str, Any], run_dir: Path, precision: str) -> 
             "model_name": class_info["model_name"], "timm_model_name": class_info["timm_model_name"],
             "input_size": json.dumps(pre["input_size"]), "mean": json.dumps(pre["mean"]), "std": json.dumps(pre["std"]),
             "interpolation": pre["interpolation"], "crop_pct": str(pre["crop_pct"]), "crop_mode": pre["crop_mode"],
-            "source_run": str(run_dir), "precision": precision, "output": "logits"}
+            "source_run": str(run_dir), "precision": precision, "output": "logits",
+            # Divide the logits by this before softmax for calibrated probabilities (1.0 = not calibrated).
+            "temperature": str(class_info.get("temperature", 1.0))}
 
 
 def _set_metadata(path: Path, metadata: dict[str, str]) -> None:

@@ -6,7 +6,7 @@ import os
 from typing import Callable, Optional
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler, WeightedRandomSampler
 
 from dataloaders.datasets import ImageSamples, collate_skip_none
 from dataloaders.discovery import Sample
@@ -20,12 +20,13 @@ def effective_workers(requested: int) -> int:
 
 def make_loader(samples: list[Sample], transform: Callable, batch_size: int, num_workers: int, *,
                 train: bool, generator: Optional[torch.Generator] = None, pin_memory: bool = False,
-                loader: Callable = load_rgb) -> DataLoader:
+                loader: Callable = load_rgb, sampler: Optional[Sampler] = None) -> DataLoader:
     workers = effective_workers(num_workers)
     return DataLoader(
         ImageSamples(samples, transform, loader),
         batch_size=batch_size,
-        shuffle=train,
+        shuffle=train and sampler is None,
+        sampler=sampler,
         # Full batches only while training: BatchNorm fails on a last batch of one image.
         drop_last=train and len(samples) > batch_size,
         num_workers=workers,
@@ -36,3 +37,10 @@ def make_loader(samples: list[Sample], transform: Callable, batch_size: int, num
         persistent_workers=False,
         prefetch_factor=4 if workers > 0 else None,
     )
+
+
+def balanced_sampler(labels: list[int], generator: torch.Generator) -> WeightedRandomSampler:
+    """Draws every class equally often (with replacement), one epoch = as many draws as training images."""
+    counts = torch.bincount(torch.as_tensor(labels))
+    weights = 1.0 / counts[torch.as_tensor(labels)].double()
+    return WeightedRandomSampler(weights, num_samples=len(labels), replacement=True, generator=generator)

@@ -103,13 +103,16 @@ def test_json_schema(outputs, tiny_run):
 
 
 def test_predictions_match_the_model_run_directly(outputs, tiny_run, photo_folder):
+    """The probabilities are the model's, scaled by the temperature the run fitted on its validation split."""
     output, _ = outputs
     model, info = load_run_model(tiny_run)
+    assert info["temperature"] > 0
     transform = build_eval_transform(info["preprocessing"])
     rows = {r["filename"]: r for r in read_csv(output / "predictions.csv")}
     with torch.inference_mode():
         for name, row in rows.items():
-            probs = model(transform(load_rgb(photo_folder / name)).unsqueeze(0)).softmax(1)[0].numpy()
+            logits = model(transform(load_rgb(photo_folder / name)).unsqueeze(0))
+            probs = (logits / info["temperature"]).softmax(1)[0].numpy()
             expected = [float(row[f"prob_{n}"]) for n in info["class_names"]]
             assert np.allclose(probs, expected, atol=1e-5), name
 
@@ -143,7 +146,8 @@ def test_tta_averages_the_image_and_its_mirror(tiny_run, photo_folder, tmp_path)
     model, info = load_run_model(tiny_run)
     x = build_eval_transform(info["preprocessing"])(load_rgb(photo_folder / "wide.png")).unsqueeze(0)
     with torch.inference_mode():
-        expected = (model(x).softmax(1) + model(torch.flip(x, dims=[3])).softmax(1))[0].numpy() / 2
+        t = info["temperature"]
+        expected = ((model(x) / t).softmax(1) + (model(torch.flip(x, dims=[3])) / t).softmax(1))[0].numpy() / 2
     row = read_csv(tmp_path / "tta" / "predictions.csv")[0]
     assert np.allclose([float(row[f"prob_{n}"]) for n in info["class_names"]], expected, atol=1e-5)
 

@@ -59,9 +59,10 @@ class OnnxPredictor:
         return np.log(np.clip(out, 1e-12, None)) if self.outputs_probabilities else out
 
 
-def predict_proba(predictor: Any, images: torch.Tensor, tta: bool = False) -> np.ndarray:
-    """Softmax probabilities; with ``tta`` the average over the image and its horizontal mirror."""
-    probs = softmax(predictor.logits(images))
+def predict_proba(predictor: Any, images: torch.Tensor, tta: bool = False, temperature: float = 1.0) -> np.ndarray:
+    """Softmax probabilities of ``logits / temperature`` (the run's fitted temperature scaling); with ``tta`` the
+    average over the image and its horizontal mirror."""
+    probs = softmax(predictor.logits(images) / temperature)
     if tta:
-        probs = (probs + softmax(predictor.logits(torch.flip(images, dims=[3])))) / 2
+        probs = (probs + softmax(predictor.logits(torch.flip(images, dims=[3])) / temperature)) / 2
     return probs

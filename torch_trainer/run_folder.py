@@ -6,7 +6,8 @@ save_results/dataset+<data>/model+<model>/<YYYY-MM-DD_HH-MM-SS>/
     model_last.pth / model_best.pth   checkpoints (model, optimizer, scheduler, epoch, metric, config)
     log.csv, learning_curves.png, train.log, run_status.json
     split_train.csv / split_val.csv / split_test.csv, skipped_files.csv
-    test_metrics.json, confusion_matrix_test.csv, confusion_matrix_test.png
+    test_metrics.json, per_class_metrics.csv, roc_curves.png, reliability_diagram.png,
+    confusion_matrix_test.csv, confusion_matrix_test.png
 """
 
 from __future__ import annotations
@@ -22,8 +23,7 @@ from dataloaders.discovery import Sample
 from dataloaders.splits import read_split_csv
 from utils.atomic import atomic_save, atomic_write_json
 from utils.errors import UserError
-from utils.metrics import confusion_frame
-from utils.plots import plot_confusion_matrix, plot_learning_curves
+from utils.plots import plot_learning_curves
 
 CLASS_INFO = "class_info.json"
 CONFIGS = "configs.json"
@@ -31,10 +31,10 @@ LAST_CKPT = "model_last.pth"
 BEST_CKPT = "model_best.pth"
 LOG_CSV = "log.csv"
 STATUS = "run_status.json"
-LOG_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_acc", "lr",
+LOG_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_acc", "val_macro_auc", "lr",
                "epoch_seconds", "train_images_per_s", "data_loading_fraction"]
 # Columns that must be identical between two CPU runs with the same seed (timings are not).
-METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_acc", "lr"]
+METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_acc", "val_macro_auc", "lr"]
 
 
 def create_run_dir(save_dir: str | Path, data_name: str, model_name: str) -> Path:
@@ -117,11 +117,3 @@ def truncate_log(run_dir: Path, last_epoch: int) -> None:
         log = pd.read_csv(path)
         log = log[log["epoch"] <= last_epoch]
         atomic_save(path, lambda tmp: log.to_csv(tmp, index=False))
-
-
-def write_test_reports(run_dir: Path, metrics: dict[str, Any], targets, preds, class_names: list[str]) -> None:
-    atomic_write_json(run_dir / "test_metrics.json", metrics)
-    frame = confusion_frame(targets, preds, class_names)
-    atomic_save(run_dir / "confusion_matrix_test.csv", lambda tmp: frame.to_csv(tmp))
-    plot_confusion_matrix(frame.to_numpy(), class_names, run_dir / "confusion_matrix_test.png",
-                          title=f"Test confusion matrix (balanced acc. {metrics['balanced_accuracy']:.3f})")

@@ -7,7 +7,9 @@ import warnings
 import numpy as np
 import pandas as pd
 from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score,
-                             precision_recall_fscore_support)
+                             precision_recall_fscore_support, roc_auc_score, roc_curve)
+
+ECE_BINS = 15
 
 
 def balanced_accuracy(y_true, y_pred) -> float:
@@ -17,24 +19,93 @@ def balanced_accuracy(y_true, y_pred) -> float:
         return float(balanced_accuracy_score(y_true, y_pred))
 
 
-def classification_metrics(y_true, y_pred, class_names: list[str]) -> dict:
+def classification_metrics(y_true, y_pred, class_names: list[str], probs: np.ndarray | None = None) -> dict:
+    """Accuracy, balanced accuracy, macro F1 and per-class precision/recall/specificity/F1/support; with ``probs``
+    also one-vs-rest ROC AUC (macro and per class) and the expected calibration error."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     labels = list(range(len(class_names)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # undefined precision for never-predicted classes is reported as 0
         precision, recall, f1, support = precision_recall_fscore_support(
             y_true, y_pred, labels=labels, zero_division=0)
         macro_f1 = f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)
-    return {
+    matrix = confusion_matrix(y_true, y_pred, labels=labels)
+    true_negatives = matrix.sum() - matrix.sum(0) - matrix.sum(1) + np.diag(matrix)
+    negatives = matrix.sum() - matrix.sum(1)
+    specificity = np.divide(true_negatives, negatives, out=np.zeros(len(labels)), where=negatives > 0)
+    metrics = {
         "n_images": int(len(y_true)),
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "balanced_accuracy": balanced_accuracy(y_true, y_pred),
         "macro_f1": float(macro_f1),
         "per_class": {
-            name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
-                   "support": int(support[i])}
+            name: {"precision": float(precision[i]), "recall": float(recall[i]), "specificity": float(specificity[i]),
+                   "f1": float(f1[i]), "support": int(support[i])}
             for i, name in enumerate(class_names)
         },
     }
+    if probs is not None and len(y_true):
+        per_class_auc = one_vs_rest_auc(y_true, probs, len(class_names))
+        for name, auc in zip(class_names, per_class_auc):
+            metrics["per_class"][name]["roc_auc"] = auc
+        defined = [a for a in per_class_auc if a is not None]
+        metrics["macro_auc"] = float(np.mean(defined)) if defined else None  # macro over classes present
+        metrics["ece"] = expected_calibration_error(y_true, probs)
+    return metrics
+
+
+def one_vs_rest_auc(y_true, probs: np.ndarray, n_class: int) -> list[float | None]:
+    """ROC AUC of each class against the rest; None where a class is absent (or alone) in ``y_true``."""
+    aucs: list[float | None] = []
+    for k in range(n_class):
+        positives = np.asarray(y_true) == k
+        aucs.append(float(roc_auc_score(positives, probs[:, k])) if 0 < positives.sum() < len(positives) else None)
+    return aucs
+
+
+def macro_auc(y_true, probs: np.ndarray, n_class: int) -> float | None:
+    defined = [a for a in one_vs_rest_auc(y_true, probs, n_class) if a is not None]
+    return float(np.mean(defined)) if defined else None
+
+
+def roc_curves(y_true, probs: np.ndarray, n_class: int) -> list[tuple[np.ndarray, np.ndarray] | None]:
+    curves = []
+    for k in range(n_class):
+        positives = np.asarray(y_true) == k
+        if 0 < positives.sum() < len(positives):
+            fpr, tpr, _ = roc_curve(positives, probs[:, k])
+            curves.append((fpr, tpr))
+        else:
+            curves.append(None)
+    return curves
+
+
+def calibration_bins(y_true, probs: np.ndarray, n_bins: int = ECE_BINS) -> pd.DataFrame:
+    """Top-label confidence bins (equal width): count, mean confidence and accuracy per bin."""
+    confidence = probs.max(1)
+    correct = probs.argmax(1) == np.asarray(y_true)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, n_bins - 1)
+    rows = []
+    for b in range(n_bins):
+        members = which == b
+        rows.append({"bin_low": edges[b], "bin_high": edges[b + 1], "count": int(members.sum()),
+                     "confidence": float(confidence[members].mean()) if members.any() else np.nan,
+                     "accuracy": float(correct[members].mean()) if members.any() else np.nan})
+    return pd.DataFrame(rows)
+
+
+def expected_calibration_error(y_true, probs: np.ndarray, n_bins: int = ECE_BINS) -> float:
+    """Guo et al. (2017): the count-weighted gap between confidence and accuracy over equal-width bins."""
+    bins = calibration_bins(y_true, probs, n_bins)
+    used = bins[bins["count"] > 0]
+    return float((used["count"] * (used["confidence"] - used["accuracy"]).abs()).sum() / max(1, len(y_true)))
+
+
+def per_class_frame(metrics: dict) -> pd.DataFrame:
+    frame = pd.DataFrame.from_dict(metrics["per_class"], orient="index")
+    frame.index.name = "class"
+    return frame
 
 
 def confusion_frame(y_true, y_pred, class_names: list[str]) -> pd.DataFrame:

@@ -42,3 +42,30 @@ def plot_confusion_matrix(matrix, class_names: list[str], path: Path, title: str
                                                                     xticks_rotation=45)
     ax.set_title(title)
     save_figure(fig, path)
+
+
+def plot_roc_curves(curves, aucs, class_names: list[str], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 5.5))
+    for name, curve, auc in zip(class_names, curves, aucs):
+        if curve is not None:
+            ax.plot(curve[0], curve[1], label=f"{name} (AUC {auc:.3f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=1)
+    ax.set(xlabel="false positive rate (1 - specificity)", ylabel="true positive rate (sensitivity)",
+           title="One-vs-rest ROC curves", xlim=(0, 1), ylim=(0, 1.01))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    save_figure(fig, path)
+
+
+def plot_reliability(bins_by_label: dict[str, pd.DataFrame], eces: dict[str, float], path: Path) -> None:
+    """Reliability diagram: accuracy against confidence per bin (one line per calibration state)."""
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    ax.plot([0, 1], [0, 1], "k:", lw=1, label="perfect calibration")
+    for label, bins in bins_by_label.items():
+        used = bins[bins["count"] > 0]
+        ax.plot(used["confidence"], used["accuracy"], "o-", label=f"{label} (ECE {eces[label]:.3f})")
+    ax.set(xlabel="confidence (top-class probability)", ylabel="accuracy", title="Reliability diagram",
+           xlim=(0, 1), ylim=(0, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    save_figure(fig, path)

@@ -1,0 +1,43 @@
+"""The evaluation report, the same for the test split of a run and for a labelled folder at inference.
+
+Files: <metrics_name> (JSON), per_class_metrics.csv, roc_curves.png, reliability_diagram.png and the confusion
+matrix (CSV + PNG), all written atomically.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from utils.atomic import atomic_save, atomic_write_json
+from utils.metrics import (calibration_bins, classification_metrics, confusion_frame, expected_calibration_error,
+                           one_vs_rest_auc, per_class_frame, roc_curves)
+from utils.plots import plot_confusion_matrix, plot_reliability, plot_roc_curves
+
+
+def write_classification_report(output_dir: Path, targets: np.ndarray, probs: np.ndarray, class_names: list[str],
+                                *, metrics_name: str = "test_metrics.json", confusion_name: str = "confusion_matrix",
+                                extra: Optional[dict[str, Any]] = None,
+                                uncalibrated_probs: Optional[np.ndarray] = None) -> dict[str, Any]:
+    """Compute every metric from ``probs`` (already temperature-scaled where a temperature exists) and write it."""
+    preds = probs.argmax(1)
+    metrics = {**(extra or {}), **classification_metrics(targets, preds, class_names, probs)}
+    reliability = {"calibrated" if uncalibrated_probs is not None else "model": calibration_bins(targets, probs)}
+    eces = {next(iter(reliability)): metrics["ece"]}
+    if uncalibrated_probs is not None:
+        metrics["ece_uncalibrated"] = expected_calibration_error(targets, uncalibrated_probs)
+        reliability = {"uncalibrated": calibration_bins(targets, uncalibrated_probs), **reliability}
+        eces["uncalibrated"] = metrics["ece_uncalibrated"]
+    atomic_write_json(output_dir / metrics_name, metrics)
+    per_class = per_class_frame(metrics)
+    atomic_save(output_dir / "per_class_metrics.csv", lambda tmp: per_class.to_csv(tmp))
+    frame = confusion_frame(targets, preds, class_names)
+    atomic_save(output_dir / f"{confusion_name}.csv", lambda tmp: frame.to_csv(tmp))
+    plot_confusion_matrix(frame.to_numpy(), class_names, output_dir / f"{confusion_name}.png",
+                          title=f"Confusion matrix (balanced acc. {metrics['balanced_accuracy']:.3f})")
+    plot_roc_curves(roc_curves(targets, probs, len(class_names)), one_vs_rest_auc(targets, probs, len(class_names)),
+                    class_names, output_dir / "roc_curves.png")
+    plot_reliability(reliability, eces, output_dir / "reliability_diagram.png")
+    return metrics
