@@ -96,6 +96,10 @@ class TrainConfig:
     amp: bool = _opt(True, "mixed precision on CUDA (bf16 where supported, else fp16); ignored on CPU")
     deterministic: bool = _opt(False, "deterministic kernels (slower on GPU; see REPRODUCIBILITY.md)")
     save_dir: str = _opt("save_results", "root folder for run folders")
+    wandb: str = _opt("auto", "Weights & Biases logging: auto = online when logged in, else offline into the run "
+                              "folder; never blocks or fails training", choices=["auto", "online", "offline",
+                                                                                  "disabled"])
+    wandb_project: str = _opt("skinclf", "W&B project name")
     resume: Optional[str] = _opt(None, "run folder to continue from its model_last.pth (uses the run's saved config)")
     config: Optional[str] = _opt(None, "YAML or JSON file of defaults for these flags; command-line flags win")
 

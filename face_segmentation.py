@@ -28,6 +28,7 @@ from utils.atomic import atomic_path, atomic_save, atomic_write_json
 from utils.cli import run_cli
 from utils.face_parsing import SEG_BACKENDS, FaceParser, build_face_parser, colour_overlay
 from utils.logging_setup import setup_logging
+from utils.paths import safe_output_path
 
 logger = logging.getLogger(__name__)
 
@@ -97,12 +98,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             logger.warning("skipping %s: %s", path, skipped[-1]["reason"])
             continue
         label_map, region = segment_one(parser, part_ids, image)
-        target = output / relative
-        write_image(target.with_name(relative.name + ".labels.png"), label_map)
-        write_image(target.with_name(relative.name + ".overlay.jpg"), colour_overlay(image, label_map), quality=90)
-        write_image(target.with_name(relative.name + ".mask.png"), region.mask.astype(np.uint8) * 255)
+        write_image(safe_output_path(output, relative, ".labels.png"), label_map)
+        write_image(safe_output_path(output, relative, ".overlay.jpg"), colour_overlay(image, label_map), quality=90)
+        write_image(safe_output_path(output, relative, ".mask.png"), region.mask.astype(np.uint8) * 255)
         if region.face_found:
-            write_image(target.with_name(relative.name + ".skin.png"), region.image)
+            write_image(safe_output_path(output, relative, ".skin.png"), region.image)
         shares = part_shares(label_map, parser.id2label)
         present = ", ".join(f"{name} {share:.1%}" for name, share in shares.items() if share > 0)
         logger.info("%s: %s; %s", relative.as_posix(), "face" if region.face_found else "NO FACE FOUND", present)

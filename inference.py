@@ -36,6 +36,7 @@ from utils.device import select_device
 from utils.errors import UserError
 from utils.gradcam import CAM_METHODS, GradCamExplainer, cam_on_original, render_overlay
 from utils.logging_setup import setup_logging
+from utils.paths import safe_output_path
 from utils.reports import write_classification_report
 
 logger = logging.getLogger(__name__)
@@ -76,9 +77,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-def gradcam_relative_path(relative: Path) -> Path:
-    """The overlay's path inside gradcam/: the input's relative path plus a suffix, so names never collide."""
-    return relative.with_name(relative.name + ".gradcam.jpg")
+GRADCAM_SUFFIX = ".gradcam.jpg"  # appended to the input's relative path, so names in sub-folders never collide
 
 
 class GradcamWriter:
@@ -97,7 +96,7 @@ class GradcamWriter:
         cams = self.explainer.explain(images, class_indices)
         for cam, original, relative in zip(cams, originals, relatives):
             full = cam_on_original(cam, (original.shape[1], original.shape[0]), self.preprocessing)
-            target = self.staging / gradcam_relative_path(relative)
+            target = safe_output_path(self.staging, relative, GRADCAM_SUFFIX)
             target.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(render_overlay(original, full)).save(target, quality=90)
 

@@ -35,6 +35,7 @@ from face_segmentation import add_segmentation_arguments
 from utils.cli import run_cli
 from utils.face_parsing import FaceParser, build_face_parser
 from utils.logging_setup import setup_logging
+from utils.paths import safe_output_path
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                     continue
                 picture = Image.fromarray(region.image)
                 if args.save_segmented:
-                    target = segmented_dir / relative.with_name(relative.name + ".skin.png")
+                    target = safe_output_path(segmented_dir, relative, ".skin.png")
                     target.parent.mkdir(parents=True, exist_ok=True)
                     picture.save(target)
                 tensors.append(transform(picture))

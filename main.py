@@ -11,9 +11,10 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
+from torch.utils.data import DistributedSampler
 
 from configs import TrainConfig, add_dataclass_arguments, parse_with_config_file
 from dataloaders.build import balanced_sampler, effective_workers, make_loader
@@ -27,10 +28,13 @@ from torch_trainer.checkpoint import load_checkpoint, save_checkpoint
 from torch_trainer.models import build_model, count_parameters
 from torch_trainer.optim import build_optimizer, build_scheduler
 from torch_trainer.trainer import EarlyStopping, FitState, Precision, evaluate, fit
-from utils.atomic import atomic_write_json
+from utils.atomic import atomic_save, atomic_write_json
 from utils.cli import run_cli
 from utils.device import select_device
 from utils.errors import UserError
+from utils.distributed import (DistInfo, barrier, broadcast, gather_evaluation, init_distributed,
+                               launched_by_torchrun, reduce_train_stats, shutdown)
+from utils.experiment_tracking import ExperimentTracker
 from utils.face_parsing import build_face_parser
 from utils.logging_setup import add_file_handler, remove_handler, setup_logging
 from utils.calibration import apply_temperature, fit_temperature, logits_from_probs
@@ -42,7 +46,8 @@ from utils.seed import seed_everything, set_deterministic
 logger = logging.getLogger(__name__)
 
 # Flags a resumed run may change; everything else comes from the run's configs.json so the run stays one run.
-RESUME_OVERRIDABLE = ("epochs", "patience", "device", "num_workers", "amp")
+RESUME_OVERRIDABLE = ("epochs", "patience", "device", "num_workers", "amp", "wandb")
+GRADCAM_EXAMPLES = 4
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -122,9 +127,10 @@ def _checkpoint_state(model, optimizer, scheduler, precision, stopper, state, ep
 
 
 def train(cfg: TrainConfig, run_dir: Path, device: torch.device, splits: DataSplits, model: torch.nn.Module,
-          timm_name: str, class_info: Optional[dict[str, Any]], skin_region: Optional[dict[str, Any]] = None
-          ) -> dict[str, Any]:
+          timm_name: str, class_info: Optional[dict[str, Any]], skin_region: Optional[dict[str, Any]] = None,
+          dist_info: DistInfo = DistInfo()) -> dict[str, Any]:
     resuming = cfg.resume is not None
+    writes = dist_info.is_main  # under torchrun only rank 0 touches the run folder
     class_names = splits.class_names
     for split, counts in splits.counts().items():
         logger.info("%-5s %5d images  %s", split, sum(counts.values()), counts)
@@ -132,11 +138,12 @@ def train(cfg: TrainConfig, run_dir: Path, device: torch.device, splits: DataSpl
         logger.warning("%d unreadable image(s) skipped; see %s", len(splits.skipped), run_dir / "skipped_files.csv")
 
     if not resuming:
-        save_splits(run_dir, splits)
         class_info = rf.build_class_info(class_names, cfg.model_name, timm_name,
                                          resolve_preprocessing(model, cfg.img_size), cfg.drop_rate, skin_region)
-        atomic_write_json(run_dir / rf.CLASS_INFO, class_info)
-        atomic_write_json(run_dir / rf.CONFIGS, cfg.to_dict())
+        if writes:
+            save_splits(run_dir, splits)
+            atomic_write_json(run_dir / rf.CLASS_INFO, class_info)
+            atomic_write_json(run_dir / rf.CONFIGS, cfg.to_dict())
     preprocessing = class_info["preprocessing"]
     image_loader = image_loader_for_run(class_info, cfg.resolved_data_dir)
     logger.info("model %s (%s): %.2fM parameters, input %s, mean %s, std %s", cfg.model_name, timm_name,
@@ -147,17 +154,28 @@ def train(cfg: TrainConfig, run_dir: Path, device: torch.device, splits: DataSpl
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    # ``net`` trains (DDP-wrapped under torchrun); ``model`` is what checkpoints and the final evaluation use.
+    net = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                     else None) if dist_info.enabled else model)
     generator = torch.Generator()
     pin = device.type == "cuda"
     train_tf = build_train_transform(preprocessing, min_crop_scale=cfg.min_crop_scale, vflip=cfg.vflip,
                                      color_jitter=cfg.color_jitter, randaugment=cfg.randaugment)
     eval_tf = build_eval_transform(preprocessing)
     train_labels = [sample.label for sample in splits.train]
-    sampler = balanced_sampler(train_labels, generator) if cfg.sampler == "balanced" else None
+    if dist_info.enabled:
+        sampler = DistributedSampler(splits.train, dist_info.world_size, dist_info.rank, shuffle=True,
+                                     seed=cfg.random_state)
+        val_sampler = DistributedSampler(splits.val, dist_info.world_size, dist_info.rank, shuffle=False)
+    else:
+        sampler = balanced_sampler(train_labels, generator) if cfg.sampler == "balanced" else None
+        val_sampler = None
     train_loader = make_loader(splits.train, train_tf, cfg.batch_size, cfg.num_workers, train=True,
                                generator=generator, pin_memory=pin, loader=image_loader, sampler=sampler)
     val_loader = make_loader(splits.val, eval_tf, cfg.batch_size, cfg.num_workers, train=False, pin_memory=pin,
-                             loader=image_loader)
+                             loader=image_loader, sampler=val_sampler)
+    full_val_loader = (make_loader(splits.val, eval_tf, cfg.batch_size, cfg.num_workers, train=False,
+                                   pin_memory=pin, loader=image_loader) if dist_info.enabled else val_loader)
     test_loader = make_loader(splits.test, eval_tf, cfg.batch_size, cfg.num_workers, train=False, pin_memory=pin,
                               loader=image_loader)
 
@@ -188,25 +206,56 @@ def train(cfg: TrainConfig, run_dir: Path, device: torch.device, splits: DataSpl
         # Reseeding per epoch makes epoch N identical whether the run went straight through or was resumed.
         seed_everything(cfg.random_state + epoch)
         generator.manual_seed(cfg.random_state * 1_000_003 + epoch)
-        rf.write_status(run_dir, "running", epoch=epoch + 1, epochs=cfg.epochs)
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(epoch)
+        if writes:
+            rf.write_status(run_dir, "running", epoch=epoch + 1, epochs=cfg.epochs)
+
+    tracker = ExperimentTracker(cfg.wandb if writes else "disabled", run_dir,
+                                {**cfg.to_dict(), "class_names": class_names, "timm_model_name": timm_name,
+                                 "world_size": dist_info.world_size}, cfg.wandb_project, run_dir.name)
 
     def on_epoch_end(epoch: int, train_stats: dict, val: dict, is_best: bool) -> None:
-        rf.append_log_row(run_dir, {
+        row = {
             "epoch": epoch + 1, "train_loss": train_stats["loss"], "train_acc": train_stats["acc"],
             "val_loss": val["loss"], "val_acc": val["acc"], "val_balanced_acc": val["balanced_acc"],
             "val_macro_auc": macro_auc(val["targets"], val["probs"], len(class_names)), "lr": train_stats["lr"],
             "epoch_seconds": round(train_stats["seconds"], 3),
             "train_images_per_s": round(train_stats["images_per_s"], 2),
-            "data_loading_fraction": round(train_stats["data_fraction"], 4)})
+            "data_loading_fraction": round(train_stats["data_fraction"], 4)}
+        if not writes:
+            return
+        rf.append_log_row(run_dir, row)
+        tracker.log(row, step=epoch + 1)
         ckpt_state = _checkpoint_state(model, optimizer, scheduler, precision, stopper, state, epoch, val, cfg,
                                        class_info)
         save_checkpoint(run_dir / rf.LAST_CKPT, ckpt_state)
         if is_best:
             save_checkpoint(run_dir / rf.BEST_CKPT, ckpt_state)
 
-    fit(model, train_loader, val_loader, train_criterion, optimizer, scheduler, precision, stopper,
-        epochs=cfg.epochs, state=state, on_epoch_start=on_epoch_start, on_epoch_end=on_epoch_end,
-        channels_last=channels_last)
+    try:
+        fit(net, train_loader, val_loader, train_criterion, optimizer, scheduler, precision, stopper,
+            epochs=cfg.epochs, state=state, on_epoch_start=on_epoch_start, on_epoch_end=on_epoch_end,
+            channels_last=channels_last, eval_criterion=eval_criterion,
+            reduce_train=lambda stats: reduce_train_stats(stats, dist_info),
+            gather_val=lambda result: gather_evaluation(result, dist_info))
+        barrier(dist_info)  # rank 0 has written the last checkpoint; the other ranks are done
+        if not writes:
+            return {"run_dir": str(run_dir), "test_metrics": None, "epochs_run": state.epochs_done}
+        result = _finish_training(cfg, run_dir, model, class_info, splits, full_val_loader, test_loader,
+                                  eval_criterion, precision, channels_last, tracker, image_loader)
+    except BaseException:
+        tracker.finish(exit_code=1)
+        raise
+    tracker.finish()
+    return {"run_dir": str(run_dir), "test_metrics": result, "epochs_run": state.epochs_done}
+
+
+def _finish_training(cfg: TrainConfig, run_dir: Path, model, class_info: dict[str, Any], splits: DataSplits,
+                     val_loader, test_loader, eval_criterion, precision, channels_last: bool, tracker,
+                     image_loader) -> dict[str, Any]:
+    """Best weights back, temperature scaling, the test report, and what W&B gets at the end."""
+    class_names = splits.class_names
 
     best = load_checkpoint(run_dir / rf.BEST_CKPT)
     model.load_state_dict(best["model"])
@@ -230,34 +279,101 @@ def train(cfg: TrainConfig, run_dir: Path, device: torch.device, splits: DataSpl
                 metrics["macro_f1"], f"{metrics['macro_auc']:.4f}" if metrics.get("macro_auc") is not None else "n/a",
                 metrics["ece"], f" (before temperature scaling {metrics['ece_uncalibrated']:.4f})"
                 if "ece_uncalibrated" in metrics else "", metrics["n_images"])
-    return {"run_dir": str(run_dir), "test_metrics": metrics, "epochs_run": state.epochs_done}
+    if tracker.run is not None:
+        tracker.summary({f"test_{k}": v for k, v in metrics.items()})
+        tracker.log_images("confusion_matrix", [run_dir / "confusion_matrix_test.png"])
+        tracker.log_images("gradcam", save_gradcam_examples(model, splits.test[:GRADCAM_EXAMPLES], class_info,
+                                                            image_loader, run_dir / "gradcam_examples"))
+    return metrics
 
 
-def main(args: argparse.Namespace) -> dict[str, Any]:
+def save_gradcam_examples(model: torch.nn.Module, samples, class_info: dict[str, Any], image_loader,
+                          folder: Path) -> list[Path]:
+    """Grad-CAM overlays of a few test images (for W&B); a model without a usable layer just gets none."""
+    import numpy as np
+    from PIL import Image
+
+    from utils.gradcam import GradCamExplainer, cam_on_original, render_overlay
+
+    preprocessing = class_info["preprocessing"]
+    transform = build_eval_transform(preprocessing)
+    device = next(model.parameters()).device
+    try:
+        explainer = GradCamExplainer(model, "gradcam", tuple(preprocessing["input_size"]))
+    except Exception as err:  # noqa: BLE001 - an explanation is a nice-to-have at the end of training
+        logger.warning("no Grad-CAM examples: %s", err)
+        return []
+    paths = []
+    try:
+        for sample in samples:
+            picture = image_loader(sample.path)
+            batch = transform(picture).unsqueeze(0).to(device)
+            with torch.no_grad():
+                predicted = int(model(batch).argmax(1))
+            cam = explainer.explain(batch, [predicted])[0]
+            original = np.asarray(picture)
+            overlay = render_overlay(original, cam_on_original(cam, (original.shape[1], original.shape[0]),
+                                                               preprocessing))
+            target = folder / f"{sample.path.stem}_true-{class_info['class_names'][sample.label]}_pred-" \
+                              f"{class_info['class_names'][predicted]}.jpg"
+            atomic_save(target, lambda tmp: Image.fromarray(overlay).save(tmp, format="JPEG", quality=90))
+            paths.append(target)
+    finally:
+        explainer.close()
+    return paths
+
+
+def main(args: argparse.Namespace, on_run_dir: Optional[Callable[[Path], None]] = None) -> dict[str, Any]:
+    """Train one run; ``on_run_dir`` hears the run folder as soon as it exists (run_experiments.py records it)."""
     setup_logging()
     cfg = resolve_config(args)
-    device = select_device(cfg.device)
+    if launched_by_torchrun():
+        if cfg.sampler == "balanced":
+            raise UserError("--sampler balanced is not supported under torchrun yet; use --class_weights auto")
+        dist_info, device = init_distributed(cfg.device)
+    else:
+        dist_info, device = DistInfo(), select_device(cfg.device)
+    try:
+        return _train_process(cfg, device, dist_info, on_run_dir)
+    finally:
+        shutdown(dist_info)
+
+
+def _train_process(cfg: TrainConfig, device: torch.device, dist_info: DistInfo,
+                   on_run_dir: Optional[Callable[[Path], None]]) -> dict[str, Any]:
     set_deterministic(cfg.deterministic)
     seed_everything(cfg.random_state)
     splits, model, timm_name, class_info, skin_region = load_data_and_model(
         cfg, Path(cfg.resume) if cfg.resume else None, device)
-    run_dir = Path(cfg.resume) if cfg.resume else rf.create_run_dir(cfg.save_dir, cfg.data_name, cfg.model_name)
-    handler = add_file_handler(run_dir / "train.log")
-    logger.info("run folder: %s (device %s)", run_dir, device)
+    if cfg.resume:
+        run_dir = Path(cfg.resume)
+    else:
+        run_dir = broadcast(str(rf.create_run_dir(cfg.save_dir, cfg.data_name, cfg.model_name))
+                            if dist_info.is_main else None, dist_info)
+        run_dir = Path(run_dir)
+    if on_run_dir is not None and dist_info.is_main:
+        on_run_dir(run_dir)
+    handler = add_file_handler(run_dir / "train.log") if dist_info.is_main else None
+    logger.info("run folder: %s (device %s%s)", run_dir, device,
+                f", {dist_info.world_size} processes" if dist_info.enabled else "")
     try:
-        result = train(cfg, run_dir, device, splits, model, timm_name, class_info, skin_region)
+        result = train(cfg, run_dir, device, splits, model, timm_name, class_info, skin_region, dist_info)
     except KeyboardInterrupt:
-        rf.write_status(run_dir, "interrupted")
+        if dist_info.is_main:
+            rf.write_status(run_dir, "interrupted")
         logger.warning("interrupted; the last finished epoch is in %s; continue with --resume %s",
                        run_dir / rf.LAST_CKPT, run_dir)
         raise
     except BaseException as err:
-        rf.write_status(run_dir, "failed", error=f"{type(err).__name__}: {err}")
+        if dist_info.is_main:
+            rf.write_status(run_dir, "failed", error=f"{type(err).__name__}: {err}")
         raise
     finally:
-        remove_handler(handler)
-    rf.write_status(run_dir, "finished", epochs_run=result["epochs_run"])
-    logger.info("done: %s", run_dir)
+        if handler is not None:
+            remove_handler(handler)
+    if dist_info.is_main:
+        rf.write_status(run_dir, "finished", epochs_run=result["epochs_run"])
+        logger.info("done: %s", run_dir)
     return result
 
 

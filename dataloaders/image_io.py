@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -39,10 +40,13 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 def load_rgb(path: str | os.PathLike) -> Image.Image:
     """Decode ``path`` fully; raises on anything that is not a readable image."""
-    with Image.open(path) as img:
-        img.load()
-        oriented = ImageOps.exif_transpose(img)
-        return _to_rgb(oriented)
+    with warnings.catch_warnings():
+        # Pillow only warns between 1x and 2x its pixel limit and then decodes gigabytes; refuse those too.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            img.load()
+            oriented = ImageOps.exif_transpose(img)
+            return _to_rgb(oriented)
 
 
 def failure_reason(path: str | os.PathLike, err: BaseException) -> str:
@@ -59,7 +63,10 @@ def failure_reason(path: str | os.PathLike, err: BaseException) -> str:
 def check_image(path: str | os.PathLike) -> Optional[str]:
     """Return why ``path`` cannot be used as an image, or None if it decodes."""
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
             # A reduced-size JPEG decode still reads the whole entropy-coded stream, so truncation is caught,
             # at a fraction of the cost of a full decode.
             img.draft("RGB", (64, 64))

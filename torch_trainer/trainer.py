@@ -177,15 +177,20 @@ class FitState:
 def fit(model: torch.nn.Module, train_loader, val_loader, criterion: Callable, optimizer: torch.optim.Optimizer,
         scheduler, precision: Precision, stopper: EarlyStopping, *, epochs: int, state: FitState,
         on_epoch_start: Callable[[int], None], on_epoch_end: Callable[[int, dict, dict, bool], None],
-        channels_last: bool = False) -> None:
-    """Run epochs ``state.start_epoch .. epochs-1``; ``on_epoch_end`` writes logs and checkpoints."""
+        channels_last: bool = False, eval_criterion: Optional[Callable] = None,
+        reduce_train: Callable[[dict], dict] = lambda stats: stats,
+        gather_val: Callable[[dict], dict] = lambda result: result) -> None:
+    """Run epochs ``state.start_epoch .. epochs-1``; ``on_epoch_end`` writes logs and checkpoints.
+
+    ``reduce_train``/``gather_val`` combine the processes' results under DistributedDataParallel.
+    """
     for epoch in range(state.start_epoch, epochs):
         on_epoch_start(epoch)
-        train = train_one_epoch(model, train_loader, criterion, optimizer, precision, scheduler=scheduler,
-                                num_updates=state.num_updates, channels_last=channels_last, epoch=epoch)
+        train = reduce_train(train_one_epoch(model, train_loader, criterion, optimizer, precision, scheduler=scheduler,
+                                             num_updates=state.num_updates, channels_last=channels_last, epoch=epoch))
         state.num_updates = train["num_updates"]
-        val = evaluate(model, val_loader, criterion, precision, channels_last=channels_last,
-                       desc=f"epoch {epoch + 1} val")
+        val = gather_val(evaluate(model, val_loader, eval_criterion or criterion, precision,
+                                  channels_last=channels_last, desc=f"epoch {epoch + 1} val"))
         is_best = stopper.update(val, epoch)
         logger.info("epoch %d/%d  train loss %.4f acc %.3f | val loss %.4f acc %.3f bal.acc %.3f | %.1f img/s, "
                     "data %.0f%%%s", epoch + 1, epochs, train["loss"], train["acc"], val["loss"], val["acc"],
