@@ -225,13 +225,14 @@ def train(cfg: TrainConfig, run_dir: Path, device: torch.device, splits: DataSpl
             "data_loading_fraction": round(train_stats["data_fraction"], 4)}
         if not writes:
             return
-        rf.append_log_row(run_dir, row)
-        tracker.log(row, step=epoch + 1)
+        # Checkpoints first: a log row then always has its checkpoint, whenever the process is stopped.
         ckpt_state = _checkpoint_state(model, optimizer, scheduler, precision, stopper, state, epoch, val, cfg,
                                        class_info)
-        save_checkpoint(run_dir / rf.LAST_CKPT, ckpt_state)
         if is_best:
             save_checkpoint(run_dir / rf.BEST_CKPT, ckpt_state)
+        save_checkpoint(run_dir / rf.LAST_CKPT, ckpt_state)
+        rf.append_log_row(run_dir, row)
+        tracker.log(row, step=epoch + 1)
 
     try:
         fit(net, train_loader, val_loader, train_criterion, optimizer, scheduler, precision, stopper,

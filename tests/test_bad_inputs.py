@@ -91,7 +91,7 @@ def test_output_paths_never_leave_the_output_folder(tmp_path):
 def test_inference_on_a_file_named_like_a_path_escape(tiny_run, tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()
-    Image.new("RGB", (30, 30), (120, 80, 60)).save(folder / "..\\..\\evil.png")
+    Image.new("RGB", (30, 30), (120, 80, 60)).save(folder / "x\\..\\..\\evil.png")
     out = tmp_path / "out"
     inference.main(inference.parse_args(["--model_path", str(tiny_run), "--inference_folder", str(folder),
                                          "--inference_output", str(out), "--generate_gradcam", "--num_workers", "0"]))

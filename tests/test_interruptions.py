@@ -35,7 +35,10 @@ def _log_rows(save_dir: Path) -> int:
 @pytest.mark.slow
 def test_sigterm_mid_epoch_exits_cleanly_and_resume_matches_a_straight_run(lesion_dataset, tmp_path):
     args = ["--epochs", "4", "--deterministic", "True", "--img_size", "48"]
-    straight = main.main(main.parse_args(train_args(lesion_dataset, tmp_path / "straight", *args)))
+    # All three runs in fresh processes with the same thread count: CPU float sums depend on it.
+    subprocess.run([sys.executable, str(ROOT / "main.py"), *train_args(lesion_dataset, tmp_path / "straight", *args)],
+                   cwd=ROOT, env=ENV, check=True, capture_output=True)
+    straight_dir = next((tmp_path / "straight").glob("dataset+demo/model+*/*"))
 
     killed_dir = tmp_path / "killed"
     process = _start([str(ROOT / "main.py"), *train_args(lesion_dataset, killed_dir, *args)])
@@ -51,12 +54,13 @@ def test_sigterm_mid_epoch_exits_cleanly_and_resume_matches_a_straight_run(lesio
     finished = torch.load(run_dir / rf.LAST_CKPT, weights_only=True)["epoch"] + 1
     assert 1 <= finished < 4
 
-    resumed = main.main(main.parse_args(["--resume", str(run_dir), "--num_workers", "0"]))
-    a = torch.load(Path(straight["run_dir"]) / rf.LAST_CKPT, weights_only=True)["model"]
+    subprocess.run([sys.executable, str(ROOT / "main.py"), "--resume", str(run_dir), "--num_workers", "0"],
+                   cwd=ROOT, env=ENV, check=True, capture_output=True)
+    a = torch.load(straight_dir / rf.LAST_CKPT, weights_only=True)["model"]
     b = torch.load(run_dir / rf.LAST_CKPT, weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
-    log_a = pd.read_csv(Path(straight["run_dir"]) / rf.LOG_CSV)[rf.METRIC_COLUMNS]
-    log_b = pd.read_csv(Path(resumed["run_dir"]) / rf.LOG_CSV)[rf.METRIC_COLUMNS]
+    log_a = pd.read_csv(straight_dir / rf.LOG_CSV)[rf.METRIC_COLUMNS]
+    log_b = pd.read_csv(run_dir / rf.LOG_CSV)[rf.METRIC_COLUMNS]
     pd.testing.assert_frame_equal(log_a, log_b)
 
 
