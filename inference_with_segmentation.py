@@ -33,6 +33,7 @@ from dataloaders.skin_region import (NO_FACE_POLICIES, fill_colour, make_skin_re
 from dataloaders.transforms import build_eval_transform
 from face_segmentation import add_segmentation_arguments
 from utils.cli import run_cli
+from utils.device import select_device
 from utils.face_parsing import FaceParser, build_face_parser
 from utils.logging_setup import setup_logging
 from utils.paths import safe_output_path
@@ -80,7 +81,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     setup_logging()
     run_dir, class_info = inference.open_run(args)
     root, paths = collect_inference_images(args.inference_folder)
-    parser = build_face_parser(args.seg_backend, args.seg_model, args.seg_revision, args.device)
+    parser = build_face_parser(args.seg_backend, args.seg_model, args.seg_revision, select_device(args.device).type)
     part_ids = select_parts(parser.id2label, parse_parts_flag(args.parts))
     check_training_match(class_info, parser, part_names(parser.id2label, part_ids))
     output_dir = Path(args.inference_output)

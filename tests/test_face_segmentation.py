@@ -313,3 +313,28 @@ def test_export_without_a_reachable_parser_fails_before_writing(tiny_run, tmp_pa
         qom.main(qom.get_args_parser().parse_args(["--model_path", str(tiny_run), "--output_dir",
                                                    str(tmp_path / "o"), "--seg_model", "no-org/no-model"]))
     assert not (tmp_path / "o").exists()
+
+
+def test_scripts_run_on_the_tiny_segformer_and_its_onnx_export(tiny_segformer, skin_region_run, mixed_folder,
+                                                               tmp_path):
+    """face_segmentation.py and inference_with_segmentation.py with --seg_backend segformer and onnx."""
+    import json
+
+    out = tmp_path / "seg"
+    face_segmentation.main(face_segmentation.get_args_parser().parse_args(
+        ["--input", str(mixed_folder), "--output", str(out), "--seg_model", str(tiny_segformer),
+         "--parts", "skin,nose,neck"]))
+    labels = json.loads((out / "labels.json").read_text())
+    assert labels["id2label"]["2"] == "nose" and labels["skin_parts"] == ["skin", "nose", "neck"]
+    with open(out / "segmentation_summary.csv", newline="") as fh:
+        header = next(csv.reader(fh))
+    assert header[3:] == [f"share_{n}" for n in SEGFORMER_LABELS]
+
+    qom.export_segmentation(str(tiny_segformer), None, tmp_path / "onnx", 17)
+    for backend, model in (("segformer", tiny_segformer), ("onnx", tmp_path / "onnx" / "seg_model.onnx")):
+        result = iws.main(iws.get_args_parser().parse_args(
+            ["--model_path", str(skin_region_run), "--inference_folder", str(mixed_folder), "--inference_output",
+             str(tmp_path / backend), "--seg_backend", backend, "--seg_model", str(model), "--num_workers", "0"]))
+        assert result["predicted"] + result["skipped"] == 5
+        with open(tmp_path / backend / "predictions.csv", newline="") as fh:
+            assert next(csv.reader(fh))[-2:] == ["face_found", "skin_ratio"]

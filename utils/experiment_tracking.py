@@ -49,8 +49,17 @@ class ExperimentTracker:
 
             # A short init timeout: an unreachable server must not hold training up.
             settings = wandb.Settings(init_timeout=30, silent=True, x_disable_stats=True)
-            self.run = wandb.init(project=project, name=run_name, dir=str(run_dir), config=config, mode=self.mode,
-                                  settings=settings, reinit="create_new")
+            try:
+                self.run = wandb.init(project=project, name=run_name, dir=str(run_dir), config=config,
+                                      mode=self.mode, settings=settings, reinit="create_new")
+            except Exception as err:  # noqa: BLE001 - e.g. credentials but no network: keep the record locally
+                if self.mode != "online":
+                    raise
+                logger.warning("W&B online failed (%s); logging offline into %s instead", type(err).__name__,
+                               run_dir / "wandb")
+                self.mode = "offline"
+                self.run = wandb.init(project=project, name=run_name, dir=str(run_dir), config=config,
+                                      mode="offline", settings=settings, reinit="create_new")
             logger.info("W&B logging %s%s", self.mode, f" into {run_dir / 'wandb'}" if self.mode == "offline" else "")
         except Exception as err:  # noqa: BLE001 - W&B problems are never fatal to training
             self._give_up(err)
