@@ -225,14 +225,15 @@ def train(cfg: TrainConfig, run_dir: Path, device: torch.device, splits: DataSpl
             "data_loading_fraction": round(train_stats["data_fraction"], 4)}
         if not writes:
             return
-        # Checkpoints first: a log row then always has its checkpoint, whenever the process is stopped.
+        # The log row first: if the process stops before the checkpoint, --resume restarts from the previous
+        # checkpoint and drops the rows after it; the other way round the row would be lost.
+        rf.append_log_row(run_dir, row)
+        tracker.log(row, step=epoch + 1)
         ckpt_state = _checkpoint_state(model, optimizer, scheduler, precision, stopper, state, epoch, val, cfg,
                                        class_info)
         if is_best:
             save_checkpoint(run_dir / rf.BEST_CKPT, ckpt_state)
         save_checkpoint(run_dir / rf.LAST_CKPT, ckpt_state)
-        rf.append_log_row(run_dir, row)
-        tracker.log(row, step=epoch + 1)
 
     try:
         fit(net, train_loader, val_loader, train_criterion, optimizer, scheduler, precision, stopper,
