@@ -101,6 +101,11 @@ def test_temperature_scaling_recovers_overconfidence():
     assert expected_calibration_error(targets, scaled) < expected_calibration_error(targets, raw) / 3
 
 
+def test_temperature_is_left_at_one_when_validation_has_no_errors():
+    logits = np.array([[3.0, 0.0], [0.0, 2.0], [4.0, 1.0]])
+    assert fit_temperature(logits, np.array([0, 1, 0])) == 1.0
+
+
 def test_run_folder_has_the_clinical_report(tiny_run):
     metrics = json.loads((tiny_run / "test_metrics.json").read_text())
     for key in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "ece", "ece_uncalibrated", "temperature"):

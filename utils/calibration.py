@@ -10,8 +10,12 @@ T_MIN, T_MAX = 0.05, 20.0
 
 
 def fit_temperature(logits: np.ndarray, targets: np.ndarray) -> float:
-    """The T that minimises validation NLL (LBFGS on log T, so T stays positive); 1.0 without data."""
-    if len(targets) == 0:
+    """The T that minimises validation NLL (LBFGS on log T, so T stays positive).
+
+    1.0 without data, and 1.0 when every validation image is classified correctly: the NLL then keeps falling as
+    T goes to 0, so the "fit" would only make the model more confident than any evidence supports.
+    """
+    if len(targets) == 0 or (np.asarray(logits).argmax(1) == np.asarray(targets)).all():
         return 1.0
     logits_t = torch.as_tensor(logits, dtype=torch.float64)
     targets_t = torch.as_tensor(targets, dtype=torch.long)
