@@ -77,7 +77,7 @@ def segment_one(parser: FaceParser, part_ids: list[int], image: np.ndarray):
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     setup_logging()
-    root, paths = collect_inference_images(args.input)
+    root, paths = collect_inference_images(args.input, "--input")
     parser = build_face_parser(args.seg_backend, args.seg_model, args.seg_revision, args.device)
     part_ids = select_parts(parser.id2label, parse_parts_flag(args.parts))
     output = Path(args.output)

@@ -14,7 +14,7 @@ from dataloaders.image_io import IMAGE_EXTENSIONS, failure_reason, load_rgb, loo
 from utils.errors import UserError
 
 
-def collect_inference_images(path: str | Path) -> tuple[Path, list[Path]]:
+def collect_inference_images(path: str | Path, flag: str = "--inference_folder") -> tuple[Path, list[Path]]:
     """Return ``(root, images)``; file names in the outputs are relative to ``root``."""
     path = Path(path)
     if path.is_file():
@@ -22,7 +22,7 @@ def collect_inference_images(path: str | Path) -> tuple[Path, list[Path]]:
             raise UserError(f"{path} is not an image file ({', '.join(sorted(IMAGE_EXTENSIONS))})")
         return path.parent, [path]
     if not path.is_dir():
-        raise UserError(f"--inference_folder {path} not found; pass a folder of images or one image file")
+        raise UserError(f"{flag} {path} not found; pass a folder of images or one image file")
     images = list_images(path)
     if not images:
         raise UserError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in {path} or its sub-folders")
