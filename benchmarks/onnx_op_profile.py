@@ -1,0 +1,62 @@
+"""Where an ONNX model spends its time: ONNX Runtime's profiler, kernel time summed per operator type.
+
+Used to see why an INT8 model is slower than its FP32 original (e.g. EfficientNet's SiLU). Batch 1, random input of the
+model's own input size, the same thread count for every file.
+
+Example:
+    python benchmarks/onnx_op_profile.py onnx_models/clf_model.onnx onnx_models/clf_model_int8.onnx
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+
+def profile(path: Path, threads: int, runs: int) -> tuple[float, dict[str, float]]:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.enable_profiling = True
+    options.profile_file_prefix = str(Path(tempfile.mkdtemp()) / path.stem)
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    spec = session.get_inputs()[0]
+    shape = [1 if not isinstance(d, int) else d for d in spec.shape]
+    feed = {spec.name: np.random.default_rng(0).random(shape, dtype=np.float32)}
+    for _ in range(3):
+        session.run(None, feed)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append((time.perf_counter() - start) * 1000)
+    events = json.loads(Path(session.end_profiling()).read_text())
+    per_op: collections.Counter = collections.Counter()
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            per_op[event["args"]["op_name"]] += event["dur"]
+    total = sum(per_op.values()) or 1
+    return float(np.median(times)), {op: 100 * t / total for op, t in per_op.most_common()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser("ONNX Runtime time per operator type")
+    parser.add_argument("models", nargs="+", type=Path)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--top", type=int, default=8)
+    args = parser.parse_args()
+    for path in args.models:
+        median_ms, shares = profile(path, args.threads, args.runs)
+        top = ", ".join(f"{op} {share:.1f}%" for op, share in list(shares.items())[: args.top])
+        print(f"{path}: {median_ms:.1f} ms (median of {args.runs}); {top}")
+
+
+if __name__ == "__main__":
+    main()
