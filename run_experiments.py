@@ -127,9 +127,7 @@ def build_configs(args: argparse.Namespace, argv: list[str], template: dict[str,
         values = {**template["BASE"], **explicit, **varying}
         try:
             cfg = TrainConfig.from_dict({**{k: v for k, v in defaults.items() if k in known}, **values})
-        except (TypeError, ValueError) as err:
-            raise UserError(f"template run {key}: {err}") from err
-        except UserError as err:
+        except (TypeError, ValueError, UserError) as err:
             raise UserError(f"template run {key}: {err}") from err
         resolve_model_name(cfg.model_name)
         if not cfg.resolved_data_dir.is_dir():

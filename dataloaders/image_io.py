@@ -38,15 +38,20 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _open_refusing_bombs(path: str | os.PathLike) -> Image.Image:
+    """``Image.open``, except that images over Pillow's pixel limit are refused outright: Pillow only warns
+    between 1x and 2x the limit and would then decode gigabytes."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return Image.open(path)
+
+
 def load_rgb(path: str | os.PathLike) -> Image.Image:
     """Decode ``path`` fully; raises on anything that is not a readable image."""
-    with warnings.catch_warnings():
-        # Pillow only warns between 1x and 2x its pixel limit and then decodes gigabytes; refuse those too.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as img:
-            img.load()
-            oriented = ImageOps.exif_transpose(img)
-            return _to_rgb(oriented)
+    with _open_refusing_bombs(path) as img:
+        img.load()
+        oriented = ImageOps.exif_transpose(img)
+        return _to_rgb(oriented)
 
 
 def failure_reason(path: str | os.PathLike, err: BaseException) -> str:
@@ -63,10 +68,7 @@ def failure_reason(path: str | os.PathLike, err: BaseException) -> str:
 def check_image(path: str | os.PathLike) -> Optional[str]:
     """Return why ``path`` cannot be used as an image, or None if it decodes."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
-        with img:
+        with _open_refusing_bombs(path) as img:
             # A reduced-size JPEG decode still reads the whole entropy-coded stream, so truncation is caught,
             # at a fraction of the cost of a full decode.
             img.draft("RGB", (64, 64))

@@ -12,6 +12,7 @@ hard-coded index list, so parsers with another label order (BiSeNet vs. SegForme
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 import logging
 from pathlib import Path
 from typing import Any, Optional
@@ -30,14 +31,15 @@ DEFAULT_SEG_ONNX = Path("onnx_models") / "seg_model.onnx"
 SEG_ONNX_NAME = "seg_model.onnx"
 
 
-class FaceParser:
+class FaceParser(ABC):
     """``parse(rgb uint8 HxWx3) -> label map (HxW, uint8)``; ``id2label`` names each label value."""
 
     backend: str = ""
     id2label: dict[int, str] = {}
 
+    @abstractmethod
     def parse(self, image: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """The label map of ``image``."""
 
     def describe(self) -> dict[str, Any]:
         """What produced the masks; recorded in run folders so training and inference can be compared."""
@@ -106,7 +108,18 @@ def load_segformer(model_ref: str, revision: Optional[str] = None):
     return model.eval(), processor
 
 
-class SegformerParser(FaceParser):
+class _LogitParser(FaceParser):
+    """A semantic-segmentation network: per-label logits at reduced resolution, arg-max at the image's size."""
+
+    @abstractmethod
+    def logits(self, image: np.ndarray) -> np.ndarray:
+        """(labels, h, w) logits for ``image``."""
+
+    def parse(self, image: np.ndarray) -> np.ndarray:
+        return _argmax_labels(self.logits(image), image.shape[0], image.shape[1])
+
+
+class SegformerParser(_LogitParser):
     backend = "segformer"
 
     def __init__(self, model_ref: str = DEFAULT_SEGFORMER, revision: Optional[str] = None, device: str = "cpu",
@@ -130,14 +143,11 @@ class SegformerParser(FaceParser):
             out = self.model(pixel_values=inputs["pixel_values"].to(self.device))
         return out.logits[0].float().cpu().numpy()
 
-    def parse(self, image: np.ndarray) -> np.ndarray:
-        return _argmax_labels(self.logits(image), image.shape[0], image.shape[1])
-
     def describe(self) -> dict[str, Any]:
         return {"seg_backend": self.backend, "seg_model": self.model_ref, "seg_revision": self.revision}
 
 
-class OnnxParser(FaceParser):
+class OnnxParser(_LogitParser):
     backend = "onnx"
 
     def __init__(self, path: str | Path = DEFAULT_SEG_ONNX, device: str = "cpu", threads: int = 0):
@@ -170,9 +180,6 @@ class OnnxParser(FaceParser):
 
     def logits(self, image: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: preprocess_for_parser(image, self.preprocessing)})[0][0]
-
-    def parse(self, image: np.ndarray) -> np.ndarray:
-        return _argmax_labels(self.logits(image), image.shape[0], image.shape[1])
 
     def describe(self) -> dict[str, Any]:
         return {"seg_backend": self.backend, "seg_model": self.source or str(self.path),
