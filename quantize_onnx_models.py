@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import random
 import tempfile
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -38,6 +38,9 @@ from utils.cli import run_cli
 from utils.errors import UserError
 from utils.face_parsing import DEFAULT_SEGFORMER, SEG_ONNX_NAME, SegformerParser, parser_preprocessing
 from utils.logging_setup import setup_logging
+from utils.onnx_export import export_fp32
+from utils.onnx_quant import (CALIBRATION_METHODS, CalibrationReader, auto_float_stages, compare_latency,
+                              gated_activation_count, quantize_int8)
 
 logger = logging.getLogger(__name__)
 
@@ -64,13 +67,33 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--quantize", choices=["int8", "none"], default="int8", help="(default: %(default)s)")
     parser.add_argument("--calib_images", type=int, default=200,
                         help="training images used to calibrate INT8 activations (default: %(default)s)")
-    parser.add_argument("--calibrate_method", choices=["minmax", "entropy", "percentile"], default="minmax",
+    parser.add_argument("--calibrate_method", choices=CALIBRATION_METHODS, default="minmax",
                         help="(default: %(default)s)")
+    parser.add_argument("--keep_float_stages", type=_stage_count, default="auto", metavar="auto|N",
+                        help="leading stages (timm feature levels) left in FP32 in the INT8 model; auto: those up to "
+                             "stride 8 for SiLU/hard-swish models, whose quantized activations cost more than the "
+                             "INT8 convolutions save there, and 0 otherwise (default: %(default)s)")
+    parser.add_argument("--min_agreement", type=float, default=0.99,
+                        help="share of the run's validation images on which the INT8 model must give the FP32 "
+                             "model's top-1 class; below it one more stage is kept in FP32 and the model "
+                             "re-quantized, until it does; 0 turns the check off (default: %(default)s)")
     parser.add_argument("--verify_images", type=int, default=0,
                         help="test images for the parity/accuracy checks; 0 = the whole test split (default)")
     parser.add_argument("--data_dir", default=None,
                         help="dataset root if it moved since training (default: the run's configs.json data_dir)")
     return parser
+
+
+def _stage_count(value: str) -> str | int:
+    if value == "auto":
+        return value
+    try:
+        count = int(value)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a stage count >= 0, got {value!r}")
+    return count
 
 
 def _load_images(paths: list[Path], transform, loader=load_rgb) -> torch.Tensor:
@@ -104,19 +127,6 @@ def read_onnx_metadata(path: str | Path) -> dict[str, str]:
     return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
 
 
-def export_fp32(model: torch.nn.Module, input_size: list[int], path: Path, opset: int) -> None:
-    dummy = torch.randn(2, *input_size)
-    # The TorchScript exporter writes one self-contained file; the dynamo exporter would need onnxscript and puts
-    # weights in a side .onnx.data file by default.
-    with warnings.catch_warnings():
-        # The legacy exporter's deprecation notice and tracer warnings about shape arithmetic are expected here.
-        warnings.simplefilter("ignore", category=DeprecationWarning)
-        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
-        torch.onnx.export(model, (dummy,), str(path), dynamo=False, input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset,
-                          do_constant_folding=True)
-
-
 def _check(path: Path) -> None:
     import onnx
 
@@ -126,58 +136,9 @@ def _check(path: Path) -> None:
         raise UserError(f"exported ONNX model failed onnx.checker: {str(err).splitlines()[0]}") from err
 
 
-class _CalibrationReader:
-    """Feeds preprocessed training images to ONNX Runtime's calibrator one small batch at a time."""
-
-    def __init__(self, paths: list[Path], transform, loader, batch_size: int = 8):
-        self.batches = iter([paths[i:i + batch_size] for i in range(0, len(paths), batch_size)])
-        self.transform = transform
-        self.loader = loader
-
-    def get_next(self) -> Optional[dict[str, np.ndarray]]:
-        batch = next(self.batches, None)
-        return None if batch is None else {"input": _load_images(batch, self.transform, self.loader).numpy()}
-
-
-def quantize_int8(fp32_path: Path, int8_path: Path, calib_paths: list[Path], transform, loader, method: str) -> None:
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-               "percentile": CalibrationMethod.Percentile}
-    with tempfile.TemporaryDirectory(dir=int8_path.parent, prefix=".quantize-") as work:
-        prepped = Path(work) / "preprocessed.onnx"
-        quant_pre_process(str(fp32_path), str(prepped))
-        # The quantizer logs one INFO line per adjusted bias scale (hundreds per model) through the root logger.
-        logging.disable(logging.INFO)
-        try:
-            # uint8 activations with int8 weights use the VNNI u8s8 kernels; int8 activations ran slower than FP32.
-            quantize_static(str(prepped), str(int8_path), _CalibrationReader(calib_paths, transform, loader),
-                            quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
-                            weight_type=QuantType.QInt8, calibrate_method=methods[method])
-        finally:
-            logging.disable(logging.NOTSET)
-
-
 def _onnx_probs(path: Path, images: torch.Tensor, n_class: int) -> np.ndarray:
     predictor = OnnxPredictor(path, n_class, torch.device("cpu"))
     return np.concatenate([softmax(predictor.logits(images[i:i + 32])) for i in range(0, len(images), 32)])
-
-
-def compare_latency(fp32_path: Path, int8_path: Path, batch: np.ndarray, runs: int = 20) -> tuple[float, float]:
-    """Median batch-1 latency (ms) of both models, interleaved so machine drift hits both alike."""
-    import onnxruntime as ort
-
-    sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (fp32_path, int8_path)]
-    feeds = [{s.get_inputs()[0].name: batch} for s in sessions]
-    times: list[list[float]] = [[], []]
-    for i in range(runs + 3):
-        for k, session in enumerate(sessions):
-            start = time.perf_counter()
-            session.run(None, feeds[k])
-            if i >= 3:  # the first runs are warm-up
-                times[k].append((time.perf_counter() - start) * 1000)
-    return float(np.median(times[0])), float(np.median(times[1]))
 
 
 class _LogitsOnly(torch.nn.Module):
@@ -246,12 +207,76 @@ def _load_parser_for_export(args: argparse.Namespace) -> SegformerParser:
         raise UserError(f"{err}. To export the classifier only, pass --skip_segmentation") from err
 
 
+def _quantize_verified(args: argparse.Namespace, run_dir: Path, class_info: dict, model: torch.nn.Module,
+                       fp32_path: Path, images: torch.Tensor, labels: np.ndarray, torch_probs: np.ndarray, transform,
+                       loader, output_dir: Path) -> dict[str, Any]:
+    """Quantize the verified FP32 file to clf_model_int8.onnx, then measure its agreement, accuracy and speed."""
+    if args.calibrate_method != "minmax" and args.calib_images > 300:
+        # Seen here: percentile with 600 images of 192 px was killed for memory on a 24 GB machine.
+        logger.warning("%s calibration keeps activation histograms of every calibration image in memory; "
+                       "%d images may exhaust RAM (200 is usually enough)", args.calibrate_method, args.calib_images)
+    levels = getattr(model, "feature_info", None) or []
+    gated = gated_activation_count(fp32_path)
+    float_stages = (auto_float_stages(levels, gated) if args.keep_float_stages == "auto"
+                    else args.keep_float_stages)
+    train = rf.run_split(run_dir, "train", args.data_dir)
+    calib = [s.path for s in random.Random(0).sample(train, min(args.calib_images, len(train)))]
+    reader = CalibrationReader(calib, lambda paths: _load_images(paths, transform, loader).numpy())
+    val = rf.run_split(run_dir, "val", args.data_dir) if (run_dir / "split_val.csv").is_file() else []
+    val_images = _load_images([s.path for s in val], transform, loader) if val else torch.empty(0)
+    val_fp32_top1 = _onnx_probs(fp32_path, val_images, class_info["n_class"]).argmax(1) if len(val_images) else None
+    attempts = []
+    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".calibration-") as work:
+        cache = Path(work) / "ranges.json"
+        with atomic_path(output_dir / INT8_NAME) as int8_tmp:
+            while True:
+                float_until = levels[float_stages - 1]["module"] if float_stages else None
+                # Calibrate once; re-quantizing with more float stages reuses the cached ranges.
+                float_nodes = quantize_int8(fp32_path, int8_tmp, None if cache.exists() else reader,
+                                            args.calibrate_method, float_until, cache)
+                if val_fp32_top1 is None or args.min_agreement <= 0:
+                    break
+                val_top1 = _onnx_probs(int8_tmp, val_images, class_info["n_class"]).argmax(1)
+                attempts.append({"float_stages": float_stages, "float_until": float_until,
+                                 "val_top1_agreement": float((val_top1 == val_fp32_top1).mean())})
+                logger.info("INT8 with %d float stages: same top-1 as FP32 on %.4f of %d validation images",
+                            float_stages, attempts[-1]["val_top1_agreement"], len(val_images))
+                if attempts[-1]["val_top1_agreement"] >= args.min_agreement or float_stages >= len(levels):
+                    break
+                float_stages += 1
+            metadata = onnx_metadata(class_info, run_dir, "int8")
+            metadata["float_stages"] = str(float_stages)
+            _set_metadata(int8_tmp, metadata)
+            _check(int8_tmp)
+            int8_probs = _onnx_probs(int8_tmp, images, class_info["n_class"])
+            fp32_ms, int8_ms = compare_latency([fp32_path, int8_tmp], images[:1].numpy(), os.cpu_count() or 1)
+            result = {"int8_top1_agreement": float((int8_probs.argmax(1) == torch_probs.argmax(1)).mean()),
+                      "int8_accuracy": float((int8_probs.argmax(1) == labels).mean()),
+                      "int8_size_ratio": int8_tmp.stat().st_size / fp32_path.stat().st_size,
+                      "fp32_batch1_ms": fp32_ms, "int8_batch1_ms": int8_ms, "gated_activations": gated,
+                      "int8_float_stages": float_stages, "int8_float_until": float_until,
+                      "int8_float_nodes": float_nodes, "calibrate_method": args.calibrate_method,
+                      "calib_images": len(calib), "min_agreement": args.min_agreement,
+                      "agreement_attempts": attempts}
+    if attempts and attempts[-1]["val_top1_agreement"] < args.min_agreement:
+        logger.warning("!!! INT8 agrees with FP32 on only %.4f of the validation images even with every stage but the "
+                       "head in FP32; deploy clf_model.onnx if that matters", attempts[-1]["val_top1_agreement"])
+    if float_stages:
+        logger.info("INT8: the first %d stages (through %s, %d nodes) stay FP32%s", float_stages, float_until,
+                    float_nodes, f" ({gated} SiLU/SE/hard-swish activations)" if gated else "")
+    return result
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
     setup_logging()
     # Load the parser first: a parser that cannot be loaded must fail before any file is written.
     seg_parser = None if args.skip_segmentation else _load_parser_for_export(args)
     run_dir = Path(args.model_path)
     model, class_info = load_run_model(run_dir, args.weights)
+    levels = getattr(model, "feature_info", None) or []
+    if args.keep_float_stages != "auto" and args.keep_float_stages > len(levels):
+        raise UserError(f"--keep_float_stages {args.keep_float_stages}: {class_info['timm_model_name']} has "
+                        f"{len(levels)} stages ({', '.join(level['module'] for level in levels) or 'none known'})")
     pre = class_info["preprocessing"]
     transform = build_eval_transform(pre)
     n_class = class_info["n_class"]
@@ -271,7 +296,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {"source_run": str(run_dir), "verify_images": len(test), "torch_accuracy": torch_acc}
 
     with atomic_path(output_dir / FP32_NAME) as tmp:
-        export_fp32(model, pre["input_size"], tmp, args.opset)
+        report["export_rewrites"] = export_fp32(model, pre["input_size"], tmp, args.opset)
         _set_metadata(tmp, onnx_metadata(class_info, run_dir, "fp32"))
         _check(tmp)
         fp32_probs = _onnx_probs(tmp, images, n_class)
@@ -285,24 +310,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         logger.info("FP32 ONNX matches PyTorch on %d test images (max |prob diff| %.2e)", len(test), max_diff)
 
         if args.quantize == "int8":
-            if args.calibrate_method != "minmax" and args.calib_images > 300:
-                # Seen here: percentile with 600 images of 192 px was killed for memory on a 24 GB machine.
-                logger.warning("%s calibration keeps activation histograms of every calibration image in memory; "
-                               "%d images may exhaust RAM (200 is usually enough)", args.calibrate_method,
-                               args.calib_images)
-            train = rf.run_split(run_dir, "train", args.data_dir)
-            calib = [s.path for s in random.Random(0).sample(train, min(args.calib_images, len(train)))]
-            with atomic_path(output_dir / INT8_NAME) as int8_tmp:
-                quantize_int8(fp32_tmp, int8_tmp, calib, transform, loader, args.calibrate_method)
-                _set_metadata(int8_tmp, onnx_metadata(class_info, run_dir, "int8"))
-                _check(int8_tmp)
-                int8_probs = _onnx_probs(int8_tmp, images, n_class)
-                agreement = float((int8_probs.argmax(1) == torch_probs.argmax(1)).mean())
-                int8_acc = float((int8_probs.argmax(1) == labels).mean())
-                fp32_ms, int8_ms = compare_latency(fp32_tmp, int8_tmp, images[:1].numpy())
-                report.update(int8_top1_agreement=agreement, int8_accuracy=int8_acc,
-                              int8_size_ratio=int8_tmp.stat().st_size / fp32_tmp.stat().st_size,
-                              fp32_batch1_ms=fp32_ms, int8_batch1_ms=int8_ms)
+            report.update(_quantize_verified(args, run_dir, class_info, model, fp32_tmp, images, labels, torch_probs,
+                                             transform, loader, output_dir))
     if args.quantize == "none" and (output_dir / INT8_NAME).exists():
         # An INT8 file from an earlier export would otherwise be benchmarked and deployed beside the new FP32 one.
         (output_dir / INT8_NAME).unlink()
@@ -316,12 +325,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 f"{report['int8_top1_agreement']:.4f}, size {100 * report['int8_size_ratio']:.0f}% of FP32)"
                 if "int8_accuracy" in report else "")
     if "int8_accuracy" in report and report["fp32_accuracy"] - report["int8_accuracy"] > INT8_ACCURACY_DROP_WARNING:
-        logger.warning("!!! INT8 test accuracy is %.1f points below FP32; try --calibrate_method entropy or "
-                       "percentile, more --calib_images, or deploy the FP32 model",
+        logger.warning("!!! INT8 test accuracy is %.1f points below FP32; try --calibrate_method percentile, "
+                       "--keep_float_stages with more stages in float, or deploy the FP32 model",
                        100 * (report["fp32_accuracy"] - report["int8_accuracy"]))
     if "int8_batch1_ms" in report:
-        logger.info("batch-1 latency on this machine: FP32 %.2f ms, INT8 %.2f ms (benchmark.py measures properly)",
-                    report["fp32_batch1_ms"], report["int8_batch1_ms"])
+        logger.info("batch-1 latency on this machine: FP32 %.2f ms, INT8 %.2f ms (%d float stages; benchmark.py "
+                    "measures properly)", report["fp32_batch1_ms"], report["int8_batch1_ms"],
+                    report["int8_float_stages"])
         if report["int8_batch1_ms"] >= report["fp32_batch1_ms"]:
             logger.warning("!!! the INT8 model is not faster than FP32 here (%.2f vs %.2f ms); deploy "
                            "clf_model.onnx unless the smaller file matters more", report["int8_batch1_ms"],

@@ -47,6 +47,58 @@ def test_int8_model_is_smaller_and_keeps_top1(exported):
     assert report["fp32_batch1_ms"] > 0 and report["int8_batch1_ms"] > 0  # the slower-INT8 warning has its numbers
 
 
+def _quantized_convs(path):
+    """Conv node name -> whether its weight comes through a DequantizeLinear (i.e. runs in INT8)."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    dequantized = {node.output[0] for node in graph.node if node.op_type == "DequantizeLinear"}
+    return {node.name: node.input[1] in dequantized for node in graph.node if node.op_type == "Conv"}
+
+
+def test_gated_model_starts_with_its_stride_8_stages_in_float(exported):
+    output, report = exported
+    # test_efficientnet has SiLU activations and feature levels blocks.0-4 at strides 2, 4, 8, 16, 32.
+    assert report["gated_activations"] > 0
+    assert report["agreement_attempts"][0]["float_stages"] == 3
+    stages = report["int8_float_stages"]
+    assert stages >= 3 and report["int8_float_until"] == f"blocks.{stages - 1}"
+    assert qom.read_onnx_metadata(output / "clf_model_int8.onnx")["float_stages"] == str(stages)
+    convs = _quantized_convs(output / "clf_model_int8.onnx")
+    float_prefixes = ("/conv_stem/",) + tuple(f"/blocks/blocks.{i}/" for i in range(stages))
+    early = [q for name, q in convs.items() if name.startswith(float_prefixes)]
+    late = [q for name, q in convs.items() if not name.startswith(float_prefixes)]
+    assert early and not any(early)
+    assert late and all(late)  # conv_head at least
+
+
+def test_agreement_guard_adds_float_stages_until_int8_gives_fp32_answers(tiny_run, tmp_path):
+    report = qom.main(qom.get_args_parser().parse_args(["--skip_segmentation", "--model_path", str(tiny_run),
+                                                        "--output_dir", str(tmp_path), "--calib_images", "16",
+                                                        "--keep_float_stages", "0", "--min_agreement", "1.0"]))
+    attempts = report["agreement_attempts"]
+    assert [a["float_stages"] for a in attempts] == list(range(len(attempts)))
+    assert all(a["val_top1_agreement"] < 1.0 for a in attempts[:-1])
+    assert attempts[-1]["val_top1_agreement"] == 1.0 or attempts[-1]["float_stages"] == 5
+    assert report["int8_float_stages"] == attempts[-1]["float_stages"]
+
+
+def test_keep_float_stages_zero_quantizes_every_conv_and_too_many_is_a_clear_error(tiny_run, tmp_path):
+    report = qom.main(qom.get_args_parser().parse_args(["--skip_segmentation", "--model_path", str(tiny_run),
+                                                        "--output_dir", str(tmp_path / "all"), "--calib_images", "16",
+                                                        "--keep_float_stages", "0", "--min_agreement", "0"]))
+    assert report["int8_float_stages"] == 0 and report["int8_float_nodes"] == 0
+    assert report["agreement_attempts"] == []
+    assert all(_quantized_convs(tmp_path / "all" / "clf_model_int8.onnx").values())
+    assert report["int8_top1_agreement"] >= 0.8
+    with pytest.raises(UserError, match="has 5 stages"):
+        qom.main(qom.get_args_parser().parse_args(["--skip_segmentation", "--model_path", str(tiny_run),
+                                                   "--output_dir", str(tmp_path / "x"), "--keep_float_stages", "6"]))
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(SystemExit):
+        qom.get_args_parser().parse_args(["--model_path", "r", "--keep_float_stages", "some"])
+
+
 def test_inference_onnx_backend_uses_the_exported_models(exported, tiny_run, lesion_dataset, tmp_path):
     output, _ = exported
     folder = lesion_dataset / "testset" / "malignant"
