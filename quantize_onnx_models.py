@@ -5,8 +5,9 @@ Example:
         --output_dir onnx_models
 
 Writes clf_model.onnx (FP32, dynamic batch) and clf_model_int8.onnx (static QDQ quantization with ONNX Runtime:
-per-channel int8 weights, uint8 activations, calibrated on the run's own training images), each carrying the class
-names and preprocessing as ONNX metadata, plus a class_info.json copy. Unless --skip_segmentation is given it also
+per-channel int8 weights, uint8 activations, calibrated on the run's own training images; the early stages of
+SiLU/hard-swish models, and more stages while the INT8 model disagrees with FP32 on over 1 % of the validation images,
+stay FP32), each carrying the class names and preprocessing as ONNX metadata, plus a class_info.json copy. Unless --skip_segmentation is given it also
 exports the SegFormer face parser to seg_model.onnx (dynamic batch, height and width; label names and the image
 processor's settings as metadata). A model that fails its check is an error and nothing is left under the final name.
 """
@@ -73,7 +74,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="leading stages (timm feature levels) left in FP32 in the INT8 model; auto: those up to "
                              "stride 8 for SiLU/hard-swish models, whose quantized activations cost more than the "
                              "INT8 convolutions save there, and 0 otherwise (default: %(default)s)")
-    parser.add_argument("--min_agreement", type=float, default=0.99,
+    parser.add_argument("--min_agreement", type=_share, default=0.99, metavar="0..1",
                         help="share of the run's validation images on which the INT8 model must give the FP32 "
                              "model's top-1 class; below it one more stage is kept in FP32 and the model "
                              "re-quantized, until it does; 0 turns the check off (default: %(default)s)")
@@ -94,6 +95,16 @@ def _stage_count(value: str) -> str | int:
     if count < 0:
         raise argparse.ArgumentTypeError(f"expected 'auto' or a stage count >= 0, got {value!r}")
     return count
+
+
+def _share(value: str) -> float:
+    try:
+        share = float(value)
+    except ValueError:
+        share = -1.0
+    if not 0.0 <= share <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a share between 0 and 1, got {value!r}")
+    return share
 
 
 def _load_images(paths: list[Path], transform, loader=load_rgb) -> torch.Tensor:

@@ -97,6 +97,8 @@ def test_keep_float_stages_zero_quantizes_every_conv_and_too_many_is_a_clear_err
     assert not (tmp_path / "x").exists()
     with pytest.raises(SystemExit):
         qom.get_args_parser().parse_args(["--model_path", "r", "--keep_float_stages", "some"])
+    with pytest.raises(SystemExit):
+        qom.get_args_parser().parse_args(["--model_path", "r", "--min_agreement", "99"])
 
 
 def test_inference_onnx_backend_uses_the_exported_models(exported, tiny_run, lesion_dataset, tmp_path):
