@@ -218,6 +218,10 @@ def _load_parser_for_export(args: argparse.Namespace) -> SegformerParser:
         raise UserError(f"{err}. To export the classifier only, pass --skip_segmentation") from err
 
 
+def _top1_agreement(path: Path, images: torch.Tensor, reference_top1: np.ndarray, n_class: int) -> float:
+    return float((_onnx_probs(path, images, n_class).argmax(1) == reference_top1).mean())
+
+
 def _quantize_verified(args: argparse.Namespace, run_dir: Path, class_info: dict, model: torch.nn.Module,
                        fp32_path: Path, images: torch.Tensor, labels: np.ndarray, torch_probs: np.ndarray, transform,
                        loader, output_dir: Path) -> dict[str, Any]:
@@ -247,12 +251,20 @@ def _quantize_verified(args: argparse.Namespace, run_dir: Path, class_info: dict
                                             args.calibrate_method, float_until, cache)
                 if val_fp32_top1 is None or args.min_agreement <= 0:
                     break
-                val_top1 = _onnx_probs(int8_tmp, val_images, class_info["n_class"]).argmax(1)
                 attempts.append({"float_stages": float_stages, "float_until": float_until,
-                                 "val_top1_agreement": float((val_top1 == val_fp32_top1).mean())})
+                                 "val_top1_agreement": _top1_agreement(int8_tmp, val_images, val_fp32_top1,
+                                                                       class_info["n_class"])})
                 logger.info("INT8 with %d float stages: same top-1 as FP32 on %.4f of %d validation images",
                             float_stages, attempts[-1]["val_top1_agreement"], len(val_images))
-                if attempts[-1]["val_top1_agreement"] >= args.min_agreement or float_stages >= len(levels):
+                if attempts[-1]["val_top1_agreement"] >= args.min_agreement:
+                    break
+                if float_stages >= len(levels):
+                    # None passed: keep the attempt that agreed most (the fewest float stages among equals).
+                    best = max(attempts, key=lambda a: (a["val_top1_agreement"], -a["float_stages"]))
+                    if best["float_stages"] != float_stages:
+                        float_stages, float_until = best["float_stages"], best["float_until"]
+                        float_nodes = quantize_int8(fp32_path, int8_tmp, None, args.calibrate_method, float_until,
+                                                    cache)
                     break
                 float_stages += 1
             metadata = onnx_metadata(class_info, run_dir, "int8")
@@ -269,9 +281,11 @@ def _quantize_verified(args: argparse.Namespace, run_dir: Path, class_info: dict
                       "int8_float_nodes": float_nodes, "calibrate_method": args.calibrate_method,
                       "calib_images": len(calib), "min_agreement": args.min_agreement,
                       "agreement_attempts": attempts}
-    if attempts and attempts[-1]["val_top1_agreement"] < args.min_agreement:
-        logger.warning("!!! INT8 agrees with FP32 on only %.4f of the validation images even with every stage but the "
-                       "head in FP32; deploy clf_model.onnx if that matters", attempts[-1]["val_top1_agreement"])
+    best_agreement = max((a["val_top1_agreement"] for a in attempts), default=1.0)
+    if best_agreement < args.min_agreement:
+        logger.warning("!!! INT8 agrees with FP32 on at most %.4f of the validation images (wanted %.2f) even with "
+                       "every stage but the head in FP32; kept %d float stages, the best attempt; deploy "
+                       "clf_model.onnx if that matters", best_agreement, args.min_agreement, float_stages)
     if float_stages:
         logger.info("INT8: the first %d stages (through %s, %d nodes) stay FP32%s", float_stages, float_until,
                     float_nodes, f" ({gated} SiLU/SE/hard-swish activations)" if gated else "")
