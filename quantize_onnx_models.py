@@ -41,7 +41,7 @@ from utils.face_parsing import DEFAULT_SEGFORMER, SEG_ONNX_NAME, SegformerParser
 from utils.logging_setup import setup_logging
 from utils.onnx_export import export_fp32
 from utils.onnx_quant import (CALIBRATION_METHODS, CalibrationReader, auto_float_stages, compare_latency,
-                              gated_activation_count, quantize_int8)
+                              gated_activation_count, prepare_for_quantization, quantize_int8)
 
 logger = logging.getLogger(__name__)
 
@@ -243,11 +243,13 @@ def _quantize_verified(args: argparse.Namespace, run_dir: Path, class_info: dict
     attempts = []
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=".calibration-") as work:
         cache = Path(work) / "ranges.json"
+        prepped = Path(work) / "preprocessed.onnx"
+        prepare_for_quantization(fp32_path, prepped)
         with atomic_path(output_dir / INT8_NAME) as int8_tmp:
             while True:
                 float_until = levels[float_stages - 1]["module"] if float_stages else None
                 # Calibrate once; re-quantizing with more float stages reuses the cached ranges.
-                float_nodes = quantize_int8(fp32_path, int8_tmp, None if cache.exists() else reader,
+                float_nodes = quantize_int8(prepped, int8_tmp, None if cache.exists() else reader,
                                             args.calibrate_method, float_until, cache)
                 if val_fp32_top1 is None or args.min_agreement <= 0:
                     break
@@ -263,7 +265,7 @@ def _quantize_verified(args: argparse.Namespace, run_dir: Path, class_info: dict
                     best = max(attempts, key=lambda a: (a["val_top1_agreement"], -a["float_stages"]))
                     if best["float_stages"] != float_stages:
                         float_stages, float_until = best["float_stages"], best["float_until"]
-                        float_nodes = quantize_int8(fp32_path, int8_tmp, None, args.calibrate_method, float_until,
+                        float_nodes = quantize_int8(prepped, int8_tmp, None, args.calibrate_method, float_until,
                                                     cache)
                     break
                 float_stages += 1

@@ -27,7 +27,8 @@ from dataloaders.transforms import build_eval_transform  # noqa: E402
 from torch_trainer import run_folder as rf  # noqa: E402
 from torch_trainer.checkpoint import load_run_model  # noqa: E402
 from utils.onnx_export import export_fp32  # noqa: E402
-from utils.onnx_quant import CALIBRATION_METHODS, CalibrationReader, quantize_int8  # noqa: E402
+from utils.onnx_quant import (CALIBRATION_METHODS, CalibrationReader, prepare_for_quantization,  # noqa: E402
+                              quantize_int8)
 
 
 def main() -> None:
@@ -51,6 +52,8 @@ def main() -> None:
         fp32 = work / "fp32.onnx"
         export_fp32(model, info["preprocessing"]["input_size"], fp32, 17)
         fp32_pred = qom._onnx_probs(fp32, images, info["n_class"]).argmax(1)
+        prepped = work / "preprocessed.onnx"
+        prepare_for_quantization(fp32, prepped)
         print(f"FP32: test accuracy {(fp32_pred == labels).mean():.4f} on {len(labels)} images", flush=True)
         print("method,float_stages,float_until,test_accuracy,drop_points,top1_agreement_with_fp32", flush=True)
         for method in args.methods.split(","):
@@ -58,7 +61,7 @@ def main() -> None:
                 target = work / f"int8_{method}_{stages}.onnx"
                 reader = CalibrationReader(calib, lambda paths: qom._load_images(paths, transform, load_rgb).numpy())
                 until = levels[stages - 1] if stages else None
-                quantize_int8(fp32, target, reader, method, until)
+                quantize_int8(prepped, target, reader, method, until)
                 pred = qom._onnx_probs(target, images, info["n_class"]).argmax(1)
                 accuracy = (pred == labels).mean()
                 print(f"{method},{stages},{until or '-'},{accuracy:.4f},"

@@ -12,12 +12,16 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from utils.onnx_quant import session_latencies_ms  # noqa: E402
 
 
 def profile(path: Path, threads: int, runs: int) -> tuple[float, dict[str, float]]:
@@ -29,13 +33,7 @@ def profile(path: Path, threads: int, runs: int) -> tuple[float, dict[str, float
     spec = session.get_inputs()[0]
     shape = [1 if not isinstance(d, int) else d for d in spec.shape]
     feed = {spec.name: np.random.default_rng(0).random(shape, dtype=np.float32)}
-    for _ in range(3):
-        session.run(None, feed)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append((time.perf_counter() - start) * 1000)
+    times = session_latencies_ms(session, feed, runs)
     events = json.loads(Path(session.end_profiling()).read_text())
     per_op: collections.Counter = collections.Counter()
     for event in events:

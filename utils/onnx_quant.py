@@ -12,7 +12,6 @@ start fully quantized.
 from __future__ import annotations
 
 import logging
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -76,53 +75,61 @@ def nodes_up_to(graph, module_name: str) -> list[str]:
     return sorted(seen)
 
 
-def quantize_int8(fp32_path: Path, int8_path: Path, reader: Optional[CalibrationReader], method: str,
+def prepare_for_quantization(fp32_path: Path, prepped_path: Path) -> None:
+    """ONNX Runtime's recommended pre-processing (shape inference, graph optimization); do it once per model."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    quant_pre_process(str(fp32_path), str(prepped_path))
+
+
+def quantize_int8(prepped_path: Path, int8_path: Path, reader: Optional[CalibrationReader], method: str,
                   float_until: Optional[str] = None, calibration_cache: Optional[Path] = None) -> int:
-    """QDQ static quantization of ``fp32_path`` into ``int8_path``; nodes up to module ``float_until`` stay float.
+    """QDQ static quantization of a pre-processed model (``prepare_for_quantization``) into ``int8_path``; nodes up
+    to module ``float_until`` stay float.
 
     With ``calibration_cache`` the activation ranges are computed once and reused by later calls (which may then pass
     no reader), as long as those keep at least as many nodes in float. Returns how many nodes were kept in float."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
-    with tempfile.TemporaryDirectory(dir=int8_path.parent, prefix=".quantize-") as work:
-        prepped = Path(work) / "preprocessed.onnx"
-        quant_pre_process(str(fp32_path), str(prepped))
-        # Node names survive pre-processing, so the float part is found in the graph the quantizer sees.
-        keep_float = nodes_up_to(onnx.load(str(prepped)).graph, float_until) if float_until else []
-        # The quantizer logs one INFO line per adjusted bias scale (hundreds per model) through the root logger.
-        logging.disable(logging.INFO)
-        try:
-            # uint8 activations with int8 weights use the VNNI u8s8 kernels; int8 activations ran slower than FP32.
-            quantize_static(str(prepped), str(int8_path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=methods[method], nodes_to_exclude=keep_float,
-                            calibration_cache_path=calibration_cache)
-        finally:
-            logging.disable(logging.NOTSET)
+    # Node names survive pre-processing, so the float part is found in the graph the quantizer sees.
+    keep_float = nodes_up_to(onnx.load(str(prepped_path)).graph, float_until) if float_until else []
+    # The quantizer logs one INFO line per adjusted bias scale (hundreds per model) through the root logger.
+    logging.disable(logging.INFO)
+    try:
+        # uint8 activations with int8 weights use the VNNI u8s8 kernels; int8 activations ran slower than FP32.
+        quantize_static(str(prepped_path), str(int8_path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=methods[method], nodes_to_exclude=keep_float,
+                        calibration_cache_path=calibration_cache)
+    finally:
+        logging.disable(logging.NOTSET)
     return len(keep_float)
 
 
-def _median_latency_ms(path: str, batch: np.ndarray, runs: int, threads: int) -> float:
+def session_latencies_ms(session, feed: dict[str, np.ndarray], runs: int, warmup: int = 3) -> list[float]:
+    """Wall-clock times (ms) of ``runs`` calls of an ONNX Runtime session, after ``warmup`` untimed ones."""
     import time
 
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    feed = {session.get_inputs()[0].name: batch}
-    for _ in range(3):
+    for _ in range(warmup):
         session.run(None, feed)
     times = []
     for _ in range(runs):
         start = time.perf_counter()
         session.run(None, feed)
         times.append((time.perf_counter() - start) * 1000)
-    return float(np.median(times))
+    return times
+
+
+def _median_latency_ms(path: str, batch: np.ndarray, runs: int, threads: int) -> float:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return float(np.median(session_latencies_ms(session, {session.get_inputs()[0].name: batch}, runs)))
 
 
 def compare_latency(paths: list[Path], batch: np.ndarray, threads: int, runs: int = 20, rounds: int = 3
