@@ -6,7 +6,7 @@ with quantize_onnx_models.py, and times it with benchmark.py (each framework in 
 trained run folders: use quantize_onnx_models.py and benchmark.py on those.
 
 Example (the table in the README):
-    python benchmarks/model_zoo_speed.py --data_dir data/demo_dataset --img_size 224 --iterations 30
+    python benchmarks/model_zoo_speed.py --data_dir data/demo_dataset --img_size 224 --iterations 30 --rounds 3
 """
 
 from __future__ import annotations
@@ -51,6 +51,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--img_size", type=int, default=224)
     parser.add_argument("--iterations", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3, help="benchmark.py --rounds: each framework keeps its "
+                                                               "fastest of this many alternating rounds")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--models", nargs="+", default=list(SUPPORTED_MODELS))
     parser.add_argument("--output", default=None, help="optional CSV for the table")
@@ -69,7 +71,8 @@ def main(args: argparse.Namespace) -> pd.DataFrame:
                 "--skip_segmentation", "--model_path", str(run_dir), "--output_dir", str(onnx_dir),
                 "--calib_images", "64", "--verify_images", "32", "--min_agreement", "0"]))
             argv = ["--pytorch_model_path", str(run_dir), "--onnx_model_dir", str(onnx_dir), "--batch_sizes", "1",
-                    "--iterations", str(args.iterations), "--warmup", str(args.warmup), "--eval_images", "16"]
+                    "--iterations", str(args.iterations), "--warmup", str(args.warmup), "--eval_images", "16",
+                    "--rounds", str(args.rounds)]
             if args.threads:
                 argv += ["--threads", str(args.threads)]
             for row in benchmark.main(benchmark.get_args_parser().parse_args(argv)):

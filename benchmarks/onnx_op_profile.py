@@ -5,6 +5,9 @@ model's own input size, the same thread count for every file.
 
 Example:
     python benchmarks/onnx_op_profile.py onnx_models/clf_model.onnx onnx_models/clf_model_int8.onnx
+    # split convolutions by the timm module they come from (the README's EfficientNet-B0 table)
+    python benchmarks/onnx_op_profile.py fp32.onnx int8.onnx --runs 40 --top 12 \
+        --name_pattern "conv_pwl|conv_pw|conv_dw|conv_stem|conv_head|se"
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -24,7 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils.onnx_quant import session_latencies_ms  # noqa: E402
 
 
-def profile(path: Path, threads: int, runs: int) -> tuple[float, dict[str, float]]:
+def profile(path: Path, threads: int, runs: int, name_pattern: str | None = None
+            ) -> tuple[float, dict[str, tuple[float, float]]]:
+    """Median latency (ms) and, per operator type (suffixed with the node name's first ``name_pattern`` match),
+    (share of kernel time in %, ms per run)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.enable_profiling = True
@@ -38,9 +45,13 @@ def profile(path: Path, threads: int, runs: int) -> tuple[float, dict[str, float
     per_op: collections.Counter = collections.Counter()
     for event in events:
         if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
-            per_op[event["args"]["op_name"]] += event["dur"]
+            key = event["args"]["op_name"]
+            match = re.search(name_pattern, event["name"]) if name_pattern else None
+            per_op[f"{key} {match.group(0)}" if match else key] += event["dur"]
     total = sum(per_op.values()) or 1
-    return float(np.median(times)), {op: 100 * t / total for op, t in per_op.most_common()}
+    # the profiler also saw the warm-up calls, so count the runs it recorded
+    profiled_runs = sum(event.get("name") == "model_run" for event in events) or 1
+    return float(np.median(times)), {op: (100 * t / total, t / 1000 / profiled_runs) for op, t in per_op.most_common()}
 
 
 def main() -> None:
@@ -49,10 +60,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--top", type=int, default=8)
+    parser.add_argument("--name_pattern", default=None,
+                        help="regex; an operator's time is split by its first match in the node name (nodes "
+                             "that ONNX Runtime fused or re-laid out are named after their output tensor, e.g. "
+                             "the activation a convolution absorbed)")
     args = parser.parse_args()
     for path in args.models:
-        median_ms, shares = profile(path, args.threads, args.runs)
-        top = ", ".join(f"{op} {share:.1f}%" for op, share in list(shares.items())[: args.top])
+        median_ms, shares = profile(path, args.threads, args.runs, args.name_pattern)
+        top = ", ".join(f"{op} {share:.1f}% ({ms:.2f} ms)" for op, (share, ms) in list(shares.items())[: args.top])
         print(f"{path}: {median_ms:.1f} ms (median of {args.runs}); {top}")
 
 

@@ -18,7 +18,7 @@ def test_benchmark_writes_results_for_every_framework(tiny_run, tmp_path):
                                                "--calib_images", "32"]))
     rows = benchmark.main(benchmark.get_args_parser().parse_args([
         "--pytorch_model_path", str(tiny_run), "--onnx_model_dir", str(onnx_dir), "--iterations", "3",
-        "--warmup", "1", "--batch_sizes", "1,4", "--threads", "1"]))
+        "--warmup", "1", "--batch_sizes", "1,4", "--threads", "1", "--rounds", "2"]))
     frame = pd.read_csv(onnx_dir / "benchmark_results.csv")
     assert set(frame["framework"]) == {"pytorch", "onnx_fp32", "onnx_int8"}
     assert sorted(frame["batch_size"].unique()) == [1, 4] and len(frame) == 6
@@ -30,6 +30,7 @@ def test_benchmark_writes_results_for_every_framework(tiny_run, tmp_path):
     fp32 = frame[frame.framework == "onnx_fp32"]
     assert (fp32["top1_agreement_with_pytorch"] == 1.0).all()
     assert (fp32["test_accuracy"].to_numpy() == pytorch["test_accuracy"].to_numpy()).all()
+    assert all(len(row["round_p50_ms"]) == 2 and min(row["round_p50_ms"]) == row["p50_ms"] for row in rows)
     assert json.loads((onnx_dir / "benchmark_results.json").read_text()) == rows
     assert (onnx_dir / "benchmark_results.png").stat().st_size > 0
 
@@ -38,3 +39,18 @@ def test_benchmark_without_onnx_models_says_how_to_make_them(tiny_run, tmp_path)
     with pytest.raises(UserError, match="quantize_onnx_models.py"):
         benchmark.main(benchmark.get_args_parser().parse_args([
             "--pytorch_model_path", str(tiny_run), "--onnx_model_dir", str(tmp_path / "none")]))
+
+
+def test_each_framework_keeps_its_fastest_round_per_batch_size():
+    rounds = [{"framework": "onnx_fp32", "size_bytes": 10, "predictions": [1, 0], "timings_ms": {1: [5, 6, 7], 4: [9, 9, 9]}},
+              {"framework": "onnx_fp32", "size_bytes": 10, "timings_ms": {1: [3, 3, 30], 4: [12, 12, 1]}}]
+    kept = benchmark.keep_fastest_rounds(rounds)
+    assert kept["timings_ms"] == {1: [3, 3, 30], 4: [9, 9, 9]}
+    assert kept["round_p50_ms"] == {1: [6.0, 3.0], 4: [9.0, 12.0]}
+    assert kept["predictions"] == [1, 0] and kept["size_bytes"] == 10
+
+
+def test_rounds_must_be_positive(tiny_run, tmp_path):
+    with pytest.raises(UserError, match="--rounds"):
+        benchmark.main(benchmark.get_args_parser().parse_args([
+            "--pytorch_model_path", str(tiny_run), "--onnx_model_dir", str(tmp_path), "--rounds", "0"]))

@@ -303,7 +303,7 @@ def test_export_with_segmentation_and_benchmark_it(skin_region_run, tiny_segform
     assert (out / "seg_model.onnx").is_file() and report["seg_label_agreement"] >= 0.999
     rows = benchmark.main(benchmark.get_args_parser().parse_args(
         ["--pytorch_model_path", str(skin_region_run), "--onnx_model_dir", str(out), "--iterations", "2",
-         "--warmup", "1", "--batch_sizes", "1", "--threads", "1"]))
+         "--warmup", "1", "--batch_sizes", "1", "--threads", "1", "--rounds", "1"]))
     seg = [r for r in rows if r["model"].startswith("face parser")]
     assert len(seg) == 1 and seg[0]["mean_ms"] > 0 and (out / "benchmark_segmentation.csv").is_file()
 
