@@ -12,11 +12,16 @@ Example (the README's figures):
 from __future__ import annotations
 
 import argparse
-import time
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from utils.onnx_quant import session_latencies_ms  # noqa: E402
 
 
 def _session(nodes, input_type: int, shape: list[int], threads: int) -> ort.InferenceSession:
@@ -55,17 +60,6 @@ def cases() -> dict[str, tuple[list, int]]:
     }
 
 
-def median_ms(session: ort.InferenceSession, feed: dict, runs: int, warmup: int = 20) -> float:
-    for _ in range(warmup):
-        session.run(None, feed)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append((time.perf_counter() - start) * 1000)
-    return float(np.median(times))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser("ONNX Runtime quantized vs float element-wise kernels")
     parser.add_argument("--shape", default="1,96,112,112", help="NCHW tensor shape (default: %(default)s)")
@@ -79,7 +73,8 @@ def main() -> None:
     print(f"{np.prod(shape):,} values, {args.threads} threads, median of {args.runs} runs")
     for name, (nodes, input_type) in cases().items():
         session = _session(nodes, input_type, shape, args.threads)
-        print(f"{name:45s} {median_ms(session, {'x': inputs[input_type]}, args.runs):7.3f} ms")
+        times = session_latencies_ms(session, {"x": inputs[input_type]}, args.runs, warmup=20)
+        print(f"{name:45s} {float(np.median(times)):7.3f} ms")
 
 
 if __name__ == "__main__":
