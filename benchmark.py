@@ -15,11 +15,11 @@ Writes benchmark_results.csv/.json/.png into --output_dir.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import multiprocessing as mp
 import os
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,6 +28,7 @@ import numpy as np
 from utils.cli import run_cli
 from utils.errors import UserError
 from utils.logging_setup import setup_logging
+from utils.timing import call_latencies_ms
 
 logger = logging.getLogger(__name__)
 
@@ -79,14 +80,8 @@ def _segmentation_worker(model_file: str, image_paths: list[Path], iterations: i
 
     parser = OnnxParser(model_file, device, threads=threads)
     pictures = [np.asarray(load_rgb(p)) for p in image_paths[:8]]
-    for i in range(warmup):
-        parser.parse(pictures[i % len(pictures)])
-    times = []
-    for i in range(iterations):
-        start = time.perf_counter()
-        parser.parse(pictures[i % len(pictures)])
-        times.append((time.perf_counter() - start) * 1000)
-    times = np.array(times)
+    next_picture = itertools.cycle(pictures).__next__
+    times = np.array(call_latencies_ms(lambda: parser.parse(next_picture()), iterations, warmup))
     return {"model": "face parser (" + (parser.source or Path(model_file).name) + ")", "framework": "onnx_fp32",
             "batch_size": 1, "threads": threads, "size_mb": round(Path(model_file).stat().st_size / 2**20, 2),
             "input_size": "x".join(str(v) for v in parser.preprocessing["size"]),
@@ -129,14 +124,7 @@ def _worker(framework: str, model_file: Optional[str], run_dir: str, images: np.
     timings = {}
     for batch_size in batch_sizes:
         batch = np.resize(images, (batch_size, *images.shape[1:]))  # repeats test images if there are fewer
-        for _ in range(warmup):
-            run(batch)
-        times = []
-        for _ in range(iterations):
-            start = time.perf_counter()
-            run(batch)
-            times.append((time.perf_counter() - start) * 1000)
-        timings[batch_size] = times
+        timings[batch_size] = call_latencies_ms(lambda: run(batch), iterations, warmup)
     result = {"framework": framework, "size_bytes": int(size_bytes), "timings_ms": timings}
     if predict:
         result["predictions"] = np.concatenate(

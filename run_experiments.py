@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import runpy
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -36,6 +35,7 @@ from utils.atomic import atomic_save, atomic_write_json, atomic_write_text
 from utils.cli import run_cli
 from utils.errors import UserError
 from utils.logging_setup import setup_logging
+from utils.timing import call_latencies_ms
 
 logger = logging.getLogger(__name__)
 
@@ -154,14 +154,8 @@ def cpu_latency_ms(run_dir: Path, iterations: int) -> float:
 
     model, info = load_run_model(run_dir)
     x = torch.randn(1, *info["preprocessing"]["input_size"])
-    times = []
     with torch.inference_mode():
-        for i in range(iterations + 3):
-            start = time.perf_counter()
-            model(x)
-            if i >= 3:
-                times.append((time.perf_counter() - start) * 1000)
-    return float(np.median(times))
+        return float(np.median(call_latencies_ms(lambda: model(x), iterations, warmup=3)))
 
 
 def summary_row(key: str, varying: dict[str, Any], run_dir: Path, latency_iterations: int) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.onnx_quant import session_latencies_ms  # noqa: E402
+from utils.timing import call_latencies_ms  # noqa: E402
 
 
 def _session(nodes, input_type: int, shape: list[int], threads: int) -> ort.InferenceSession:
@@ -73,7 +73,8 @@ def main() -> None:
     print(f"{np.prod(shape):,} values, {args.threads} threads, median of {args.runs} runs")
     for name, (nodes, input_type) in cases().items():
         session = _session(nodes, input_type, shape, args.threads)
-        times = session_latencies_ms(session, {"x": inputs[input_type]}, args.runs, warmup=20)
+        feed = {"x": inputs[input_type]}
+        times = call_latencies_ms(lambda: session.run(None, feed), args.runs, warmup=20)
         print(f"{name:45s} {float(np.median(times)):7.3f} ms")
 
 

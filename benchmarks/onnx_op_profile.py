@@ -25,7 +25,7 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.onnx_quant import session_latencies_ms  # noqa: E402
+from utils.timing import call_latencies_ms  # noqa: E402
 
 
 def profile(path: Path, threads: int, runs: int, name_pattern: str | None = None
@@ -40,7 +40,7 @@ def profile(path: Path, threads: int, runs: int, name_pattern: str | None = None
     spec = session.get_inputs()[0]
     shape = [1 if not isinstance(d, int) else d for d in spec.shape]
     feed = {spec.name: np.random.default_rng(0).random(shape, dtype=np.float32)}
-    times = session_latencies_ms(session, feed, runs)
+    times = call_latencies_ms(lambda: session.run(None, feed), runs)
     events = json.loads(Path(session.end_profiling()).read_text())
     per_op: collections.Counter = collections.Counter()
     for event in events:

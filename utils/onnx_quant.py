@@ -109,27 +109,16 @@ def quantize_int8(prepped_path: Path, int8_path: Path, reader: Optional[Calibrat
     return len(keep_float)
 
 
-def session_latencies_ms(session, feed: dict[str, np.ndarray], runs: int, warmup: int = 3) -> list[float]:
-    """Wall-clock times (ms) of ``runs`` calls of an ONNX Runtime session, after ``warmup`` untimed ones."""
-    import time
-
-    for _ in range(warmup):
-        session.run(None, feed)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append((time.perf_counter() - start) * 1000)
-    return times
-
-
 def _median_latency_ms(path: str, batch: np.ndarray, runs: int, threads: int) -> float:
     import onnxruntime as ort
+
+    from utils.timing import call_latencies_ms
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    return float(np.median(session_latencies_ms(session, {session.get_inputs()[0].name: batch}, runs)))
+    feed = {session.get_inputs()[0].name: batch}
+    return float(np.median(call_latencies_ms(lambda: session.run(None, feed), runs)))
 
 
 def compare_latency(paths: list[Path], batch: np.ndarray, threads: int, runs: int = 20, rounds: int = 3
