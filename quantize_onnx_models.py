@@ -49,6 +49,8 @@ FP32_NAME = "clf_model.onnx"
 INT8_NAME = "clf_model_int8.onnx"
 FP32_PROB_TOLERANCE = 1e-4
 INT8_ACCURACY_DROP_WARNING = 0.01
+# An INT8 file above half the FP32 size means most weights stayed float: the name promises more than the file gives.
+INT8_SIZE_RATIO_WARNING = 0.5
 SEG_LOGIT_TOLERANCE = 1e-3  # relative to the largest logit
 SEG_LABEL_AGREEMENT = 0.999
 
@@ -294,6 +296,20 @@ def _quantize_verified(args: argparse.Namespace, run_dir: Path, class_info: dict
     return result
 
 
+def _warn_mostly_float(report: dict[str, Any], n_stages: int) -> None:
+    attempts = report["agreement_attempts"]
+    if attempts:
+        fewest = attempts[0]
+        why = (f"to agree with FP32 on at least {report['min_agreement']:.2f} of the validation images (with "
+               f"{fewest['float_stages']} float stages it agreed on {fewest['val_top1_agreement']:.4f}); for a "
+               f"smaller, faster file accept fewer agreeing answers with --min_agreement or --keep_float_stages")
+    else:
+        why = "as --keep_float_stages asked; lower it for a smaller, faster file"
+    logger.warning("!!! clf_model_int8.onnx is %.0f%% of the FP32 file: its first %d of %d stages stay FP32 %s, "
+                   "or deploy clf_model.onnx", 100 * report["int8_size_ratio"], report["int8_float_stages"],
+                   n_stages, why)
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
     setup_logging()
     # Load the parser first: a parser that cannot be loaded must fail before any file is written.
@@ -355,6 +371,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         logger.warning("!!! INT8 test accuracy is %.1f points below FP32; try --calibrate_method percentile, "
                        "--keep_float_stages with more stages in float, or deploy the FP32 model",
                        100 * (report["fp32_accuracy"] - report["int8_accuracy"]))
+    if report.get("int8_size_ratio", 0.0) > INT8_SIZE_RATIO_WARNING:
+        _warn_mostly_float(report, len(levels))
     if "int8_batch1_ms" in report:
         logger.info("batch-1 latency on this machine: FP32 %.2f ms, INT8 %.2f ms (%d float stages; benchmark.py "
                     "measures properly)", report["fp32_batch1_ms"], report["int8_batch1_ms"],

@@ -2,8 +2,9 @@
 
 Explains why SiLU models (EfficientNet-B*) are slower in INT8 than in FP32 on ONNX Runtime's CPU provider: every SiLU
 becomes QLinearSigmoid (a 256-entry table lookup) plus QLinearMul, where FP32 runs one fused, vectorised QuickGelu.
-The default tensor is EfficientNet-B0's largest SiLU input (1x96x112x112). Each model is a single node (or the SiLU
-pair) with ONNX Runtime's default optimisations; the median of --runs calls is printed.
+The default tensor is EfficientNet-B0's largest SiLU input (1x96x112x112). Each model is a single node, the SiLU pair,
+or the SiLU kept in float between a dequantize and a quantize, with ONNX Runtime's default optimisations; the median
+of --runs calls is printed.
 
 Example (the README's figures):
     python benchmarks/elementwise_int8_kernels.py --runs 200 --threads 2
@@ -56,6 +57,12 @@ def cases() -> dict[str, tuple[list, int]]:
         "uint8 SiLU = QLinearSigmoid + QLinearMul": (
             [q_sigmoid, helper.make_node("QLinearMul", ["x", "x_scale", "x_zero", "g", "gate_scale", "gate_zero",
                                                         "x_scale", "x_zero"], ["y"], domain=ms)],
+            TensorProto.UINT8),
+        # SiLU left out of quantization: between two INT8 convolutions it costs a dequantize and a quantize too.
+        "uint8 -> float QuickGelu -> uint8": (
+            [helper.make_node("DequantizeLinear", ["x", "x_scale", "x_zero"], ["x_float"]),
+             helper.make_node("QuickGelu", ["x_float"], ["y_float"], domain=ms, alpha=1.0),
+             helper.make_node("QuantizeLinear", ["y_float", "x_scale", "x_zero"], ["y"])],
             TensorProto.UINT8),
     }
 

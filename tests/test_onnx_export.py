@@ -1,6 +1,7 @@
 """quantize_onnx_models.py: verified FP32 export, INT8 that keeps its answers, metadata, and clear errors."""
 
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -100,6 +101,21 @@ def test_agreement_guard_keeps_the_best_attempt_when_none_passes(tiny_run, tmp_p
     convs = _quantized_convs(tmp_path / "clf_model_int8.onnx")
     assert not any(q for name, q in convs.items() if name.startswith(("/conv_stem/", "/blocks/blocks.0/")))
     assert all(q for name, q in convs.items() if name.startswith("/blocks/blocks.1/"))
+
+
+def test_int8_file_that_stays_mostly_float_says_so_and_names_the_all_int8_agreement(tiny_run, tmp_path,
+                                                                                     monkeypatch, caplog):
+    # A model with many close calls (seen on 8-class ISIC): only every stage in FP32 reaches the agreement asked for.
+    scripted = iter([0.90, 0.92, 0.93, 0.94, 0.95, 0.995])
+    monkeypatch.setattr(qom, "_top1_agreement", lambda *_: next(scripted))
+    with caplog.at_level(logging.WARNING):
+        report = qom.main(qom.get_args_parser().parse_args([
+            "--skip_segmentation", "--model_path", str(tiny_run), "--output_dir", str(tmp_path), "--calib_images",
+            "16", "--keep_float_stages", "0", "--min_agreement", "0.99"]))
+    assert report["int8_float_stages"] == 5 and report["int8_size_ratio"] > qom.INT8_SIZE_RATIO_WARNING
+    warning = next(r.getMessage() for r in caplog.records if "of the FP32 file" in r.getMessage())
+    assert f"{100 * report['int8_size_ratio']:.0f}% of the FP32 file" in warning
+    assert "first 5 of 5 stages" in warning and "with 0 float stages it agreed on 0.9000" in warning
 
 
 def test_keep_float_stages_zero_quantizes_every_conv_and_too_many_is_a_clear_error(tiny_run, tmp_path):
