@@ -300,8 +300,8 @@ def _warn_mostly_float(report: dict[str, Any], n_stages: int) -> None:
     attempts = report["agreement_attempts"]
     if attempts:
         fewest = attempts[0]
-        why = (f"to agree with FP32 on at least {report['min_agreement']:.2f} of the validation images (with "
-               f"{fewest['float_stages']} float stages it agreed on {fewest['val_top1_agreement']:.4f}); for a "
+        why = (f"for --min_agreement {report['min_agreement']:.2f} (with {fewest['float_stages']} float stages "
+               f"INT8 gave FP32's answer on {fewest['val_top1_agreement']:.4f} of the validation images); for a "
                f"smaller, faster file accept fewer agreeing answers with --min_agreement or --keep_float_stages")
     else:
         why = "as --keep_float_stages asked; lower it for a smaller, faster file"

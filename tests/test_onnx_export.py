@@ -115,7 +115,7 @@ def test_int8_file_that_stays_mostly_float_says_so_and_names_the_all_int8_agreem
     assert report["int8_float_stages"] == 5 and report["int8_size_ratio"] > qom.INT8_SIZE_RATIO_WARNING
     warning = next(r.getMessage() for r in caplog.records if "of the FP32 file" in r.getMessage())
     assert f"{100 * report['int8_size_ratio']:.0f}% of the FP32 file" in warning
-    assert "first 5 of 5 stages" in warning and "with 0 float stages it agreed on 0.9000" in warning
+    assert "first 5 of 5 stages" in warning and "with 0 float stages INT8 gave FP32's answer on 0.9000" in warning
 
 
 def test_keep_float_stages_zero_quantizes_every_conv_and_too_many_is_a_clear_error(tiny_run, tmp_path):
