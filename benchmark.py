@@ -26,6 +26,7 @@ from typing import Any, Optional
 import numpy as np
 
 from utils.cli import run_cli
+from utils.device import onnx_cuda_available, onnx_providers, select_device
 from utils.errors import UserError
 from utils.logging_setup import setup_logging
 from utils.timing import call_latencies_ms
@@ -41,7 +42,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--pytorch_model_path", required=True, help="run folder written by main.py")
     parser.add_argument("--onnx_model_dir", default="onnx_models",
                         help="folder written by quantize_onnx_models.py (default: %(default)s)")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="(default: %(default)s)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu",
+                        help="where PyTorch and ONNX Runtime run; auto = cuda if a GPU is visible (default: %(default)s)")
     parser.add_argument("--iterations", type=int, default=100, help="timed runs per batch size (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed runs first (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=3,
@@ -102,6 +104,7 @@ def _worker(framework: str, model_file: Optional[str], run_dir: str, images: np.
         model, _ = load_run_model(run_dir)
         model.to(device)
         size_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+        runs_on = device
 
         def run(batch: np.ndarray) -> np.ndarray:
             with torch.inference_mode():
@@ -113,10 +116,11 @@ def _worker(framework: str, model_file: Optional[str], run_dir: str, images: np.
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
-        session = ort.InferenceSession(model_file, options, providers=providers)
+        # main() has already said it once if the CUDA provider is missing.
+        session = ort.InferenceSession(model_file, options, providers=onnx_providers(device, warn=False))
         input_name = session.get_inputs()[0].name
         size_bytes = Path(model_file).stat().st_size
+        runs_on = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
 
         def run(batch: np.ndarray) -> np.ndarray:
             return session.run(None, {input_name: batch})[0]
@@ -125,7 +129,7 @@ def _worker(framework: str, model_file: Optional[str], run_dir: str, images: np.
     for batch_size in batch_sizes:
         batch = np.resize(images, (batch_size, *images.shape[1:]))  # repeats test images if there are fewer
         timings[batch_size] = call_latencies_ms(lambda: run(batch), iterations, warmup)
-    result = {"framework": framework, "size_bytes": int(size_bytes), "timings_ms": timings}
+    result = {"framework": framework, "runs_on": runs_on, "size_bytes": int(size_bytes), "timings_ms": timings}
     if predict:
         result["predictions"] = np.concatenate(
             [run(images[i:i + 32]).argmax(1) for i in range(0, len(images), 32)]).tolist()
@@ -154,7 +158,8 @@ def summarise(results: list[dict], labels: np.ndarray, model_name: str, threads:
             times = np.array(times)
             base_mean = float(np.mean(base["timings_ms"][batch_size]))
             rows.append({
-                "model": model_name, "framework": result["framework"], "batch_size": int(batch_size),
+                "model": model_name, "framework": result["framework"], "runs_on": result["runs_on"],
+                "batch_size": int(batch_size),
                 "threads": threads, "size_mb": round(result["size_bytes"] / 2**20, 2),
                 "mean_ms": round(float(times.mean()), 3), "std_ms": round(float(times.std()), 3),
                 "p50_ms": round(float(np.percentile(times, 50)), 3), "p95_ms": round(float(np.percentile(times, 95)), 3),
@@ -195,6 +200,12 @@ def main(args: argparse.Namespace) -> list[dict]:
     batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     if not batch_sizes or min(batch_sizes) < 1 or min(args.iterations, args.threads, args.rounds) < 1:
         raise UserError("--batch_sizes, --iterations, --threads and --rounds must be positive")
+    # A --device cuda without a GPU is a one-line error before anything is timed.
+    device = select_device(args.device).type
+    if device == "cuda" and not onnx_cuda_available():
+        logger.warning("!!! this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu in place of "
+                       "onnxruntime): the ONNX rows run on the CPU while PyTorch runs on the GPU, so their speed-ups "
+                       "compare different devices (see the runs_on column)")
     onnx_dir = Path(args.onnx_model_dir)
     frameworks = {"pytorch": None}
     for name, file_name in FRAMEWORKS.items():
@@ -217,7 +228,7 @@ def main(args: argparse.Namespace) -> list[dict]:
             with spawn.Pool(1) as pool:
                 rounds[framework].append(pool.apply(_worker, (
                     framework, model_file, str(run_dir), images, batch_sizes, args.iterations, args.warmup,
-                    args.threads, args.device, round_index == 0)))
+                    args.threads, device, round_index == 0)))
     results = [keep_fastest_rounds(framework_rounds) for framework_rounds in rounds.values()]
     rows = summarise(results, labels, class_info["model_name"], args.threads)
     seg_rows = []
@@ -226,7 +237,7 @@ def main(args: argparse.Namespace) -> list[dict]:
         with spawn.Pool(1) as pool:
             seg_rows.append(pool.apply(_segmentation_worker, (str(onnx_dir / SEG_ONNX_NAME), image_paths,
                                                               args.iterations, args.warmup, args.threads,
-                                                              args.device)))
+                                                              device)))
 
     output_dir = Path(args.output_dir) if args.output_dir else onnx_dir
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -237,9 +248,10 @@ def main(args: argparse.Namespace) -> list[dict]:
     atomic_save(output_dir / "benchmark_results.csv", lambda tmp: frame.to_csv(tmp, index=False))
     atomic_write_json(output_dir / "benchmark_results.json", rows)
     _plot(rows, output_dir / "benchmark_results.png")
-    columns = ["framework", "batch_size", "size_mb", "mean_ms", "std_ms", "p50_ms", "p95_ms", "images_per_s",
-               "speedup_vs_pytorch", "size_reduction_vs_pytorch", "test_accuracy", "top1_agreement_with_pytorch"]
-    print(f"\nmodel {class_info['model_name']}, {args.threads} threads, {args.iterations} iterations after "
+    columns = ["framework"] + (["runs_on"] if device == "cuda" else []) + [
+        "batch_size", "size_mb", "mean_ms", "std_ms", "p50_ms", "p95_ms", "images_per_s", "speedup_vs_pytorch",
+        "size_reduction_vs_pytorch", "test_accuracy", "top1_agreement_with_pytorch"]
+    print(f"\nmodel {class_info['model_name']} on {device}, {args.threads} threads, {args.iterations} iterations after "
           f"{args.warmup} warm-up, fastest of {args.rounds} alternating rounds, accuracy on {len(labels)} test "
           f"images")
     print(frame[columns].to_string(index=False))

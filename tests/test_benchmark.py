@@ -1,9 +1,12 @@
 """benchmark.py runs each framework in its own process and writes a table a user can trust."""
 
 import json
+import logging
 
+import onnxruntime as ort
 import pandas as pd
 import pytest
+import torch
 
 import benchmark
 import quantize_onnx_models as qom
@@ -21,6 +24,7 @@ def test_benchmark_writes_results_for_every_framework(tiny_run, tmp_path):
         "--warmup", "1", "--batch_sizes", "1,4", "--threads", "1", "--rounds", "2"]))
     frame = pd.read_csv(onnx_dir / "benchmark_results.csv")
     assert set(frame["framework"]) == {"pytorch", "onnx_fp32", "onnx_int8"}
+    assert (frame["runs_on"] == "cpu").all()
     assert sorted(frame["batch_size"].unique()) == [1, 4] and len(frame) == 6
     assert {"size_mb", "mean_ms", "std_ms", "p50_ms", "p95_ms", "images_per_s", "speedup_vs_pytorch",
             "size_reduction_vs_pytorch", "test_accuracy", "top1_agreement_with_pytorch"} <= set(frame.columns)
@@ -54,3 +58,26 @@ def test_rounds_must_be_positive(tiny_run, tmp_path):
     with pytest.raises(UserError, match="--rounds"):
         benchmark.main(benchmark.get_args_parser().parse_args([
             "--pytorch_model_path", str(tiny_run), "--onnx_model_dir", str(tmp_path), "--rounds", "0"]))
+
+
+def test_cuda_without_a_gpu_is_a_clear_error_before_anything_is_timed(tiny_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="--device cuda"):
+        benchmark.main(benchmark.get_args_parser().parse_args([
+            "--pytorch_model_path", str(tiny_run), "--onnx_model_dir", str(tmp_path), "--device", "cuda"]))
+
+
+def test_onnx_on_cuda_needs_the_gpu_wheel_and_says_so_once_when_it_falls_back_to_cpu(monkeypatch, caplog):
+    from utils import device
+
+    device._warn_no_onnx_cuda.cache_clear()
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with caplog.at_level(logging.WARNING):
+        assert device.onnx_providers("cuda") == ["CPUExecutionProvider"]
+        assert device.onnx_providers("cuda") == ["CPUExecutionProvider"]
+    assert caplog.text.count("install onnxruntime-gpu") == 1
+    assert device.onnx_providers("cpu") == ["CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert device.onnx_providers("cuda") == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert device.onnx_providers("cpu") == ["CPUExecutionProvider"]
+    device._warn_no_onnx_cuda.cache_clear()

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from utils.device import onnx_providers
 from utils.errors import UserError
 
 
@@ -40,11 +41,8 @@ class OnnxPredictor:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        providers = ["CPUExecutionProvider"]
-        if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
+            self.session = ort.InferenceSession(str(path), options, providers=onnx_providers(device.type))
         except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types
             raise UserError(f"cannot load ONNX model {path}: {str(err).splitlines()[0]}") from err
         self.input_name = self.session.get_inputs()[0].name

@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from utils.device import onnx_providers
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -157,14 +158,11 @@ class OnnxParser(_LogitParser):
         if not path.is_file():
             raise UserError(f"segmentation model {path} not found; export it with quantize_onnx_models.py "
                             f"--skip_segmentation False, or pass --seg_model FILE")
-        providers = ["CPUExecutionProvider"]
-        if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
         try:
             options = ort.SessionOptions()
             if threads:
                 options.intra_op_num_threads = threads
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
+            self.session = ort.InferenceSession(str(path), options, providers=onnx_providers(device))
         except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types
             raise UserError(f"cannot load segmentation model {path}: {str(err).splitlines()[0]}") from err
         meta = self.session.get_modelmeta().custom_metadata_map
