@@ -43,7 +43,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--onnx_model_dir", default="onnx_models",
                         help="folder written by quantize_onnx_models.py (default: %(default)s)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu",
-                        help="where PyTorch and ONNX Runtime run; auto = cuda if a GPU is visible (default: %(default)s)")
+                        help="where PyTorch and ONNX Runtime run; auto = cuda if a GPU is visible "
+                             "(default: %(default)s)")
     parser.add_argument("--iterations", type=int, default=100, help="timed runs per batch size (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed runs first (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=3,
@@ -251,9 +252,9 @@ def main(args: argparse.Namespace) -> list[dict]:
     columns = ["framework"] + (["runs_on"] if device == "cuda" else []) + [
         "batch_size", "size_mb", "mean_ms", "std_ms", "p50_ms", "p95_ms", "images_per_s", "speedup_vs_pytorch",
         "size_reduction_vs_pytorch", "test_accuracy", "top1_agreement_with_pytorch"]
-    print(f"\nmodel {class_info['model_name']} on {device}, {args.threads} threads, {args.iterations} iterations after "
-          f"{args.warmup} warm-up, fastest of {args.rounds} alternating rounds, accuracy on {len(labels)} test "
-          f"images")
+    print(f"\nmodel {class_info['model_name']} on {device}, {args.threads} threads, {args.iterations} iterations "
+          f"after {args.warmup} warm-up, fastest of {args.rounds} alternating rounds, accuracy on {len(labels)} "
+          f"test images")
     print(frame[columns].to_string(index=False))
     for batch_size in batch_sizes:
         summary = ", ".join(f"{r['framework']} {r['speedup_vs_pytorch']:.2f}x" for r in rows

@@ -20,7 +20,6 @@ def select_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-
 def onnx_cuda_available() -> bool:
     """The CUDA provider ships only in the onnxruntime-gpu wheel, not in the plain onnxruntime one."""
     import onnxruntime as ort
