@@ -29,7 +29,7 @@ from utils.cli import run_cli
 from utils.device import onnx_cuda_available, onnx_providers, select_device
 from utils.errors import UserError
 from utils.logging_setup import setup_logging
-from utils.timing import call_latencies_ms
+from utils.timing import call_latencies_ms, latency_summary
 
 logger = logging.getLogger(__name__)
 
@@ -84,13 +84,10 @@ def _segmentation_worker(model_file: str, image_paths: list[Path], iterations: i
     parser = OnnxParser(model_file, device, threads=threads)
     pictures = [np.asarray(load_rgb(p)) for p in image_paths[:8]]
     next_picture = itertools.cycle(pictures).__next__
-    times = np.array(call_latencies_ms(lambda: parser.parse(next_picture()), iterations, warmup))
+    times = call_latencies_ms(lambda: parser.parse(next_picture()), iterations, warmup)
     return {"model": "face parser (" + (parser.source or Path(model_file).name) + ")", "framework": "onnx_fp32",
             "batch_size": 1, "threads": threads, "size_mb": round(Path(model_file).stat().st_size / 2**20, 2),
-            "input_size": "x".join(str(v) for v in parser.preprocessing["size"]),
-            "mean_ms": round(float(times.mean()), 3), "std_ms": round(float(times.std()), 3),
-            "p50_ms": round(float(np.percentile(times, 50)), 3), "p95_ms": round(float(np.percentile(times, 95)), 3),
-            "images_per_s": round(1000 / float(times.mean()), 1)}
+            "input_size": "x".join(str(v) for v in parser.preprocessing["size"]), **latency_summary(times)}
 
 
 def _worker(framework: str, model_file: Optional[str], run_dir: str, images: np.ndarray, batch_sizes: list[int],
@@ -156,16 +153,13 @@ def summarise(results: list[dict], labels: np.ndarray, model_name: str, threads:
     for result in results:
         pred = np.array(result["predictions"])
         for batch_size, times in result["timings_ms"].items():
-            times = np.array(times)
             base_mean = float(np.mean(base["timings_ms"][batch_size]))
             rows.append({
                 "model": model_name, "framework": result["framework"], "runs_on": result["runs_on"],
                 "batch_size": int(batch_size),
                 "threads": threads, "size_mb": round(result["size_bytes"] / 2**20, 2),
-                "mean_ms": round(float(times.mean()), 3), "std_ms": round(float(times.std()), 3),
-                "p50_ms": round(float(np.percentile(times, 50)), 3), "p95_ms": round(float(np.percentile(times, 95)), 3),
-                "images_per_s": round(int(batch_size) / (float(times.mean()) / 1000), 1),
-                "speedup_vs_pytorch": round(base_mean / float(times.mean()), 2),
+                **latency_summary(times, int(batch_size)),
+                "speedup_vs_pytorch": round(base_mean / float(np.mean(times)), 2),
                 "size_reduction_vs_pytorch": round(base["size_bytes"] / result["size_bytes"], 2),
                 "test_accuracy": round(float((pred == labels).mean()), 4),
                 "top1_agreement_with_pytorch": round(float((pred == base_pred).mean()), 4),
