@@ -42,11 +42,11 @@ class TrainConfig:
                                   "folder is save_results/dataset+<data_name>/...")
     model_name: str = _opt("efficientnet_b0", "a model from the README table or any timm model name")
     n_class: Optional[int] = _opt(None, "number of classes; checked against the class folders (default: inferred)")
-    epochs: int = _opt(50, "maximum number of epochs")
+    epochs: int = _opt(12, "training epochs (the learning-rate schedule spans them; early stopping may end sooner)")
     batch_size: int = _opt(32, "images per training step")
     img_size: int = _opt(224, "input resolution (square) fed to the model")
     lr_ae: float = _opt(0.001, "peak learning rate")
-    optimizer: str = _opt("adam", "optimizer", choices=["adam", "adamw", "sgd"], lower=True)
+    optimizer: str = _opt("adamw", "optimizer", choices=["adam", "adamw", "sgd"], lower=True)
     pre_trained: bool = _opt(True, "start from ImageNet weights (True/False)")
     random_state: int = _opt(42, "seed for the split, initialisation, shuffling and augmentation")
 
@@ -57,7 +57,15 @@ class TrainConfig:
     randaugment: bool = _opt(False, "add RandAugment (rand-m9-mstd0.5) to the training augmentation")
     color_jitter: float = _opt(0.2, "brightness/contrast/saturation jitter strength (no hue shift: colour is diagnostic)")
     vflip: float = _opt(0.0, "vertical flip probability (0.5 suits dermoscopy; keep 0 for upright face photos)")
-    min_crop_scale: float = _opt(0.5, "smallest area share kept by the random resized crop, so lesions stay in view")
+    min_crop_scale: float = _opt(0.25, "smallest area share kept by the random resized crop, so lesions stay in view")
+    eval_crop: str = _opt("center", "how validation, test, inference and ONNX export fit a photo into the square "
+                                    "input: center = resize the short side and cut the centre (crop_pct), squash = "
+                                    "resize both sides (whole photo, aspect changed), letterbox = resize the long "
+                                    "side and pad (whole photo, aspect kept)", choices=["center", "squash", "letterbox"])
+    crop_pct: Optional[float] = _opt(None, "share of the resized image the eval crop keeps (default: the model's "
+                                           "pretrained value, e.g. 0.875)")
+    mixup: float = _opt(0.0, "mixup alpha (timm Mixup; 0 = off)")
+    cutmix: float = _opt(0.0, "cutmix alpha (timm Mixup; 0 = off)")
     input_kind: str = _opt("full_image", "train on whole photos, or on the face's skin region made by the face "
                                          "parser (masks cached in <data_dir>/.skin_masks/)",
                            choices=["full_image", "skin_region"])
@@ -77,16 +85,27 @@ class TrainConfig:
     warmup_epochs: int = _opt(1, "linear warm-up epochs (cosine and step)")
     step_size: int = _opt(10, "epochs between learning-rate decays (step schedule)")
     step_gamma: float = _opt(0.1, "decay factor (step schedule)")
-    weight_decay: float = _opt(1e-4, "weight decay (not applied to biases and norm layers)")
+    weight_decay: float = _opt(0.01, "weight decay (not applied to biases and norm layers)")
+    layer_decay: Optional[float] = _opt(None, "layer-wise learning-rate decay (e.g. 0.75: each earlier block learns "
+                                              "at 0.75x the next one's rate; default off)")
     momentum: float = _opt(0.9, "momentum (sgd)")
-    label_smoothing: float = _opt(0.0, "label smoothing (cross-entropy and focal loss)")
+    label_smoothing: float = _opt(0.1, "label smoothing (cross-entropy and focal loss)")
     loss: str = _opt("ce", "training loss: cross-entropy or focal loss", choices=["ce", "focal"])
     focal_gamma: float = _opt(2.0, "focal loss focusing parameter (0 = cross-entropy)")
     class_weights: str = _opt("none", "per-class loss weights (focal: alpha): none, or auto = inverse class "
                                       "frequency n/(K*count)", choices=["none", "auto"])
-    sampler: str = _opt("random", "training batches: random shuffling, or balanced = a weighted sampler that draws "
-                                  "every class equally often", choices=["random", "balanced"])
-    calibrate: bool = _opt(True, "fit temperature scaling on the validation split after training (True/False)")
+    sampler: str = _opt("auto", "training batches: random shuffling, balanced = a weighted sampler that draws "
+                                "every class equally often, auto = balanced when the largest training class has at "
+                                "least 1.5x the images of the smallest", choices=["auto", "random", "balanced"])
+    model_ema: bool = _opt(True, "evaluate, save and export an exponential moving average of the weights (timm "
+                                 "ModelEmaV3 with warm-up, so it also works for short fine-tunes)")
+    model_ema_decay: float = _opt(0.998, "EMA decay ceiling (the warm-up starts lower)")
+    refit: bool = _opt(True, "after the best epoch is chosen on validation, retrain from the same start on trainset + "
+                             "validation for that many epochs and deliver that model (True/False)")
+    tta: bool = _opt(True, "average each test image with its mirror image (horizontal flip) in the final test, and "
+                           "make that inference.py's default for this run")
+    calibrate: bool = _opt(True, "fit temperature scaling on held-out validation predictions after training; the "
+                                 "temperature stays 1.0 unless it lowers cross-validated NLL (True/False)")
     patience: int = _opt(10, "early stopping: epochs without improvement of --monitor (0 disables)")
     monitor: str = _opt("val_balanced_acc", "validation metric that picks model_best.pth and drives early stopping",
                         choices=["val_balanced_acc", "val_loss"])
@@ -127,6 +146,15 @@ class TrainConfig:
             (self.num_workers >= 0, "--num_workers must be 0 or more"),
             (self.patience >= 0, "--patience must be 0 or more"),
             (self.focal_gamma >= 0, "--focal_gamma must be 0 or more"),
+            (self.mixup >= 0 and self.cutmix >= 0, "--mixup and --cutmix must be 0 or more"),
+            (not (self.mixup or self.cutmix) or self.batch_size % 2 == 0,
+             "--mixup/--cutmix need an even --batch_size"),
+            (not (self.mixup or self.cutmix) or (self.loss == "ce" and self.class_weights == "none"),
+             "--mixup/--cutmix train on mixed (soft) labels: use them with --loss ce --class_weights none "
+             "(--sampler balanced still balances the classes)"),
+            (self.layer_decay is None or 0 < self.layer_decay <= 1, "--layer_decay must be in (0, 1]"),
+            (self.crop_pct is None or 0 < self.crop_pct <= 1, "--crop_pct must be in (0, 1]"),
+            (0 < self.model_ema_decay < 1, "--model_ema_decay must be between 0 and 1"),
         ]
         for ok, message in checks:
             if not ok:

@@ -28,7 +28,7 @@ from dataloaders.image_io import load_rgb
 from dataloaders.inference_data import collect_inference_images, make_inference_loader
 from dataloaders.transforms import build_eval_transform
 from torch_trainer import run_folder as rf
-from torch_trainer.checkpoint import load_run_model
+from torch_trainer.checkpoint import WEIGHT_CHOICES, load_run_model
 from torch_trainer.predictors import OnnxPredictor, TorchPredictor, predict_proba
 from utils.atomic import atomic_path, atomic_write_json
 from utils.cli import run_cli
@@ -53,8 +53,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--inference_output", default="inference_results", help="output folder (default: %(default)s)")
     parser.add_argument("--generate_gradcam", type=str2bool, nargs="?", const=True, default=False,
                         metavar="True|False", help="save a Grad-CAM overlay per image (default: %(default)s)")
-    parser.add_argument("--weights", choices=["best", "last"], default="best",
-                        help="model_best.pth or model_last.pth (default: %(default)s)")
+    parser.add_argument("--weights", choices=list(WEIGHT_CHOICES), default="final",
+                        help="final = the model the run delivered (the refit on train + validation when there was "
+                             "one), best = the best validation epoch, last = the last epoch (default: %(default)s)")
     parser.add_argument("--batch_size", type=int, default=32, help="images per batch (default: %(default)s)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: %(default)s)")
     parser.add_argument("--num_workers", type=int, default=2,
@@ -65,8 +66,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help=f"ONNX classifier for --backend onnx (default: {DEFAULT_ONNX_MODEL})")
     parser.add_argument("--cam_method", choices=list(CAM_METHODS), default="gradcam",
                         help="pytorch-grad-cam method (default: %(default)s)")
-    parser.add_argument("--tta", type=str2bool, nargs="?", const=True, default=False, metavar="True|False",
-                        help="average the prediction over the image and its mirror (default: %(default)s)")
+    parser.add_argument("--tta", type=str2bool, nargs="?", const=True, default=None, metavar="True|False",
+                        help="average the logits of the image and its mirror (default: what the run was tested "
+                             "with, class_info.json 'tta')")
     parser.add_argument("--topk", type=int, default=1,
                         help="also list the k most likely classes per image in the JSON (default: %(default)s)")
     parser.add_argument("--labels_from_folders", type=str2bool, nargs="?", const=True, default=False,
@@ -177,7 +179,8 @@ class BatchClassifier:
         self.device = select_device(args.device)
         self.predictor, model = build_predictor(args, run_dir, class_info, self.device)
         self.class_names = class_info["class_names"]
-        self.topk, self.tta = args.topk, args.tta
+        self.topk = args.topk
+        self.tta = bool(class_info.get("tta", False)) if args.tta is None else args.tta
         self.temperature = float(class_info.get("temperature", 1.0))
         self.probs: list[np.ndarray] = []
         self.cams = (GradcamWriter(output_dir, model, args.cam_method, class_info["preprocessing"])

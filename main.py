@@ -14,32 +14,30 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-from torch.utils.data import DistributedSampler
 
 from configs import TrainConfig, add_dataclass_arguments, parse_with_config_file
-from dataloaders.build import balanced_sampler, effective_workers, make_loader
+from dataloaders.build import effective_workers, make_loader
 from dataloaders.discovery import discover_dataset
 from dataloaders.skin_region import (MaskCache, cache_settings, image_loader_for_run, parse_parts_flag, part_names,
                                      region_settings, select_parts)
 from dataloaders.splits import DataSplits, load_splits, save_splits, split_dataset
 from dataloaders.transforms import build_eval_transform, build_train_transform, resolve_preprocessing
 from torch_trainer import run_folder as rf
-from torch_trainer.checkpoint import load_checkpoint, save_checkpoint
+from torch_trainer import phase
+from torch_trainer.checkpoint import load_checkpoint
 from torch_trainer.models import build_model, count_parameters
-from torch_trainer.optim import build_optimizer, build_scheduler
-from torch_trainer.trainer import EarlyStopping, FitState, Precision, evaluate, fit
+from torch_trainer.phase import run_phase
+from torch_trainer.trainer import Precision, evaluate
 from utils.atomic import atomic_save, atomic_write_json
 from utils.cli import run_cli
 from utils.device import select_device
 from utils.errors import UserError
-from utils.distributed import (DistInfo, barrier, broadcast, gather_evaluation, init_distributed,
-                               launched_by_torchrun, reduce_train_stats, shutdown)
+from utils.distributed import DistInfo, barrier, broadcast, init_distributed, launched_by_torchrun, shutdown
 from utils.experiment_tracking import ExperimentTracker
 from utils.face_parsing import build_face_parser
 from utils.logging_setup import add_file_handler, remove_handler, setup_logging
-from utils.calibration import apply_temperature, fit_temperature, logits_from_probs
-from utils.losses import build_criterion
-from utils.metrics import macro_auc
+from utils.calibration import apply_temperature, guarded_temperature, logits_from_probs
+from utils.metrics import classification_metrics
 from utils.reports import write_classification_report
 from utils.seed import seed_everything, set_deterministic
 
@@ -110,25 +108,11 @@ def load_data_and_model(cfg: TrainConfig, run_dir: Optional[Path], device: torch
     return splits, model, timm_name, None, region
 
 
-def _checkpoint_state(model, optimizer, scheduler, precision, stopper, state, epoch, val, cfg, class_info):
-    return {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "scaler": precision.scaler.state_dict(),
-        "early_stopping": stopper.state_dict(),
-        "epoch": epoch,
-        "num_updates": state.num_updates,
-        "metric": {"monitor": cfg.monitor, "val_loss": val["loss"], "val_balanced_acc": val["balanced_acc"],
-                   "val_acc": val["acc"]},
-        "config": cfg.to_dict(),
-        "class_info": class_info,
-    }
-
-
 def train(cfg: TrainConfig, run_dir: Path, device: torch.device, splits: DataSplits, model: torch.nn.Module,
           timm_name: str, class_info: Optional[dict[str, Any]], skin_region: Optional[dict[str, Any]] = None,
           dist_info: DistInfo = DistInfo()) -> dict[str, Any]:
+    """The selection phase (train split, best epoch on validation), then with ``--refit`` the refit on train +
+    validation, then calibration and the test report of the delivered model."""
     resuming = cfg.resume is not None
     writes = dist_info.is_main  # under torchrun only rank 0 touches the run folder
     class_names = splits.class_names
@@ -138,151 +122,133 @@ def train(cfg: TrainConfig, run_dir: Path, device: torch.device, splits: DataSpl
         logger.warning("%d unreadable image(s) skipped; see %s", len(splits.skipped), run_dir / "skipped_files.csv")
 
     if not resuming:
-        class_info = rf.build_class_info(class_names, cfg.model_name, timm_name,
-                                         resolve_preprocessing(model, cfg.img_size), cfg.drop_rate, skin_region)
+        preprocessing = resolve_preprocessing(model, cfg.img_size, cfg.eval_crop, cfg.crop_pct)
+        class_info = {**rf.build_class_info(class_names, cfg.model_name, timm_name, preprocessing, cfg.drop_rate,
+                                            skin_region), "tta": cfg.tta}
         if writes:
             save_splits(run_dir, splits)
             atomic_write_json(run_dir / rf.CLASS_INFO, class_info)
             atomic_write_json(run_dir / rf.CONFIGS, cfg.to_dict())
     preprocessing = class_info["preprocessing"]
     image_loader = image_loader_for_run(class_info, cfg.resolved_data_dir)
-    logger.info("model %s (%s): %.2fM parameters, input %s, mean %s, std %s", cfg.model_name, timm_name,
-                count_parameters(model) / 1e6, preprocessing["input_size"], preprocessing["mean"],
-                preprocessing["std"])
-
-    channels_last = device.type == "cuda"
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    # ``net`` trains (DDP-wrapped under torchrun); ``model`` is what checkpoints and the final evaluation use.
-    net = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                     else None) if dist_info.enabled else model)
-    generator = torch.Generator()
-    pin = device.type == "cuda"
-    train_tf = build_train_transform(preprocessing, min_crop_scale=cfg.min_crop_scale, vflip=cfg.vflip,
-                                     color_jitter=cfg.color_jitter, randaugment=cfg.randaugment)
+    logger.info("model %s (%s): %.2fM parameters, input %s, mean %s, std %s, eval crop %s %.3f", cfg.model_name,
+                timm_name, count_parameters(model) / 1e6, preprocessing["input_size"], preprocessing["mean"],
+                preprocessing["std"], preprocessing["crop_mode"], preprocessing["crop_pct"])
     eval_tf = build_eval_transform(preprocessing)
-    train_labels = [sample.label for sample in splits.train]
-    if dist_info.enabled:
-        sampler = DistributedSampler(splits.train, dist_info.world_size, dist_info.rank, shuffle=True,
-                                     seed=cfg.random_state)
-        val_sampler = DistributedSampler(splits.val, dist_info.world_size, dist_info.rank, shuffle=False)
-    else:
-        sampler = balanced_sampler(train_labels, generator) if cfg.sampler == "balanced" else None
-        val_sampler = None
-    train_loader = make_loader(splits.train, train_tf, cfg.batch_size, cfg.num_workers, train=True,
-                               generator=generator, pin_memory=pin, loader=image_loader, sampler=sampler)
-    val_loader = make_loader(splits.val, eval_tf, cfg.batch_size, cfg.num_workers, train=False, pin_memory=pin,
-                             loader=image_loader, sampler=val_sampler)
-    full_val_loader = (make_loader(splits.val, eval_tf, cfg.batch_size, cfg.num_workers, train=False,
-                                   pin_memory=pin, loader=image_loader) if dist_info.enabled else val_loader)
-    test_loader = make_loader(splits.test, eval_tf, cfg.batch_size, cfg.num_workers, train=False, pin_memory=pin,
-                              loader=image_loader)
-
-    class_counts = [train_labels.count(k) for k in range(len(class_names))]
-    train_criterion = build_criterion(cfg.loss, cfg.class_weights, class_counts, cfg.label_smoothing, cfg.focal_gamma)
-    # Validation and test loss without smoothing, so they stay comparable across --label_smoothing values.
-    eval_criterion = torch.nn.CrossEntropyLoss()
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, len(train_loader))
-    precision = Precision.for_device(device, cfg.amp)
-    stopper = EarlyStopping(cfg.monitor, cfg.patience)
-    state = FitState()
-
-    if resuming:
-        ckpt = load_checkpoint(run_dir / rf.LAST_CKPT)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scheduler is not None and ckpt["scheduler"] is not None:
-            scheduler.load_state_dict(ckpt["scheduler"])
-        precision.scaler.load_state_dict(ckpt["scaler"])
-        stopper.load_state_dict(ckpt["early_stopping"])
-        state = FitState(start_epoch=ckpt["epoch"] + 1, num_updates=ckpt["num_updates"],
-                         epochs_done=ckpt["epoch"] + 1)
-        rf.truncate_log(run_dir, last_epoch=ckpt["epoch"] + 1)
-        logger.info("resuming %s after epoch %d of %d", run_dir, ckpt["epoch"] + 1, cfg.epochs)
-
-    def on_epoch_start(epoch: int) -> None:
-        # Reseeding per epoch makes epoch N identical whether the run went straight through or was resumed.
-        seed_everything(cfg.random_state + epoch)
-        generator.manual_seed(cfg.random_state * 1_000_003 + epoch)
-        if isinstance(sampler, DistributedSampler):
-            sampler.set_epoch(epoch)
-        if writes:
-            rf.write_status(run_dir, "running", epoch=epoch + 1, epochs=cfg.epochs)
-
     tracker = ExperimentTracker(cfg.wandb if writes else "disabled", run_dir,
                                 {**cfg.to_dict(), "class_names": class_names, "timm_model_name": timm_name,
                                  "world_size": dist_info.world_size}, cfg.wandb_project, run_dir.name)
-
-    def on_epoch_end(epoch: int, train_stats: dict, val: dict, is_best: bool) -> None:
-        row = {
-            "epoch": epoch + 1, "train_loss": train_stats["loss"], "train_acc": train_stats["acc"],
-            "val_loss": val["loss"], "val_acc": val["acc"], "val_balanced_acc": val["balanced_acc"],
-            "val_macro_auc": macro_auc(val["targets"], val["probs"], len(class_names)), "lr": train_stats["lr"],
-            "epoch_seconds": round(train_stats["seconds"], 3),
-            "train_images_per_s": round(train_stats["images_per_s"], 2),
-            "data_loading_fraction": round(train_stats["data_fraction"], 4)}
-        if not writes:
-            return
-        # The log row first: if the process stops before the checkpoint, --resume restarts from the previous
-        # checkpoint and drops the rows after it; the other way round the row would be lost.
-        rf.append_log_row(run_dir, row)
-        tracker.log(row, step=epoch + 1)
-        ckpt_state = _checkpoint_state(model, optimizer, scheduler, precision, stopper, state, epoch, val, cfg,
-                                       class_info)
-        if is_best:
-            save_checkpoint(run_dir / rf.BEST_CKPT, ckpt_state)
-        save_checkpoint(run_dir / rf.LAST_CKPT, ckpt_state)
-
+    common = dict(preprocessing=preprocessing, image_loader=image_loader, class_names=class_names,
+                  class_info=class_info, eval_transform=eval_tf, tracker=tracker, dist_info=dist_info)
     try:
-        fit(net, train_loader, val_loader, train_criterion, optimizer, scheduler, precision, stopper,
-            epochs=cfg.epochs, state=state, on_epoch_start=on_epoch_start, on_epoch_end=on_epoch_end,
-            channels_last=channels_last, eval_criterion=eval_criterion,
-            reduce_train=lambda stats: reduce_train_stats(stats, dist_info),
-            gather_val=lambda result: gather_evaluation(result, dist_info))
+        selection = run_phase(phase.SELECT, cfg, run_dir, model, device, splits.train, splits.val,
+                              stop_after=cfg.epochs, resume=resuming, **common)
         barrier(dist_info)  # rank 0 has written the last checkpoint; the other ranks are done
+        refit = None
+        if cfg.refit:
+            best_epochs = int(broadcast(load_checkpoint(run_dir / rf.BEST_CKPT)["epoch"] + 1 if writes else None,
+                                        dist_info))
+            # The same start as the selection phase: seeded head, the same pretrained weights.
+            seed_everything(cfg.random_state)
+            refit_model, _ = build_model(cfg.model_name, len(class_names), cfg.pre_trained, cfg.pretrained_path,
+                                         cfg.drop_rate)
+            logger.info("refit: training on train + validation (%d images) for the %d epoch(s) validation chose",
+                        len(splits.train) + len(splits.val), best_epochs)
+            refit = run_phase(phase.REFIT, cfg, run_dir, refit_model, device, splits.train + splits.val, None,
+                              stop_after=best_epochs, resume=resuming, **common)
+            refit["epochs"] = best_epochs
+            barrier(dist_info)
         if not writes:
-            return {"run_dir": str(run_dir), "test_metrics": None, "epochs_run": state.epochs_done}
-        result = _finish_training(cfg, run_dir, model, class_info, splits, full_val_loader, test_loader,
-                                  eval_criterion, precision, channels_last, tracker, image_loader)
+            return {"run_dir": str(run_dir), "test_metrics": None, "epochs_run": selection["epochs_run"]}
+        result = _finish_training(cfg, run_dir, model, class_info, splits, device, tracker, image_loader, eval_tf,
+                                  selection, refit)
     except BaseException:
         tracker.finish(exit_code=1)
         raise
     tracker.finish()
-    return {"run_dir": str(run_dir), "test_metrics": result, "epochs_run": state.epochs_done}
+    return {"run_dir": str(run_dir), "test_metrics": result, "epochs_run": selection["epochs_run"]}
 
 
 def _finish_training(cfg: TrainConfig, run_dir: Path, model, class_info: dict[str, Any], splits: DataSplits,
-                     val_loader, test_loader, eval_criterion, precision, channels_last: bool, tracker,
-                     image_loader) -> dict[str, Any]:
-    """Best weights back, temperature scaling, the test report, and what W&B gets at the end."""
+                     device: torch.device, tracker, image_loader, eval_tf, selection: dict[str, Any],
+                     refit: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """Calibrate on the selected model's held-out validation predictions, then test the delivered model.
+
+    The test report also holds the variants the recipe chose between (the selected model without refit, without
+    test-time flips, the raw weights without EMA), so a run shows what each step bought on this data.
+    """
     class_names = splits.class_names
+    precision = Precision.for_device(device, cfg.amp)
+    channels_last = device.type == "cuda"
+    loader = lambda samples: make_loader(samples, eval_tf, cfg.batch_size, cfg.num_workers, train=False,  # noqa
+                                         pin_memory=device.type == "cuda", loader=image_loader)
+    val_loader, test_loader = loader(splits.val), loader(splits.test)
+    criterion = torch.nn.CrossEntropyLoss()
+    score = lambda net, data, tta, desc: evaluate(net, data, criterion, precision,  # noqa: E731
+                                                  channels_last=channels_last, desc=desc, tta=tta)
 
     best = load_checkpoint(run_dir / rf.BEST_CKPT)
     model.load_state_dict(best["model"])
+    val = score(model, val_loader, cfg.tta, "validation")
+    atomic_write_json(run_dir / rf.VAL_METRICS, {
+        "weights": rf.BEST_CKPT, "best_epoch": best["epoch"] + 1, "tta": cfg.tta,
+        "note": "the selected model on the held-out validation split, before temperature scaling",
+        **classification_metrics(val["targets"], val["preds"], class_names, val["probs"])})
+    calibration = None
     temperature = 1.0
     if cfg.calibrate:
-        val = evaluate(model, val_loader, eval_criterion, precision, channels_last=channels_last, desc="calibrate")
-        temperature = fit_temperature(logits_from_probs(val["probs"]), val["targets"])
-        class_info = {**class_info, "temperature": temperature}
-        atomic_write_json(run_dir / rf.CLASS_INFO, class_info)
-        logger.info("temperature scaling fitted on %d validation images: T = %.3f", len(val["targets"]),
-                    temperature)
-    test = evaluate(model, test_loader, eval_criterion, precision, channels_last=channels_last, desc="test")
+        calibration = guarded_temperature(logits_from_probs(val["probs"]), val["targets"], seed=cfg.random_state)
+        temperature = calibration.temperature
+        logger.info("temperature scaling on %d held-out validation images: fitted T = %.3f, %s; using T = %.3f",
+                    calibration.n_images, calibration.fitted, calibration.reason, temperature)
+
+    weights_name = rf.REFIT_CKPT if refit is not None else rf.BEST_CKPT
+    delivered = load_checkpoint(run_dir / weights_name)
+    variants: dict[str, dict[str, Any]] = {}
+
+    def headline(result: dict) -> dict[str, Any]:
+        probs = apply_temperature(result["probs"], temperature)
+        return {k: v for k, v in classification_metrics(result["targets"], probs.argmax(1), class_names,
+                                                        probs).items() if k != "per_class"}
+
+    if refit is not None:  # the selected model as it would have been delivered without the refit
+        variants["no_refit"] = headline(score(model, test_loader, cfg.tta, "test (no refit)"))
+        model.load_state_dict(delivered["model"])
+    test = score(model, test_loader, cfg.tta, "test")
+    if cfg.tta:
+        variants["no_tta"] = headline(score(model, test_loader, False, "test (no TTA)"))
+    if "model_train" in delivered:
+        model.load_state_dict(delivered["model_train"])
+        variants["no_ema"] = headline(score(model, test_loader, cfg.tta, "test (no EMA)"))
+        model.load_state_dict(delivered["model"])
+
+    class_info = {**class_info, "weights": weights_name, "temperature": temperature, "tta": cfg.tta}
+    if calibration is not None:
+        class_info["calibration"] = calibration.to_dict()
+    if refit is not None:
+        class_info["refit"] = {"epochs": refit["epochs"], "images": refit["images"]}
+    atomic_write_json(run_dir / rf.CLASS_INFO, class_info)
+    seconds = {"select": round(selection["seconds"], 1), "refit": round(refit["seconds"], 1) if refit else 0.0}
     metrics = write_classification_report(
         run_dir, test["targets"], apply_temperature(test["probs"], temperature), class_names,
         confusion_name="confusion_matrix_test",
-        extra={"weights": rf.BEST_CKPT, "best_epoch": best["epoch"] + 1, "monitor": cfg.monitor,
-               "loss": test["loss"], "temperature": temperature},
+        extra={"weights": weights_name, "best_epoch": best["epoch"] + 1, "monitor": cfg.monitor,
+               "refit_epochs": refit["epochs"] if refit else None, "tta": cfg.tta, "loss": test["loss"],
+               "temperature": temperature, "calibration": calibration.to_dict() if calibration else None,
+               "training_seconds": seconds, "variants": variants},
         uncalibrated_probs=test["probs"] if cfg.calibrate else None)
-    logger.info("test (best epoch %d): accuracy %.4f, balanced accuracy %.4f, macro F1 %.4f, macro AUC %s, ECE %.4f%s "
-                "on %d images", metrics["best_epoch"], metrics["accuracy"], metrics["balanced_accuracy"],
+    logger.info("test (%s%s): accuracy %.4f, balanced accuracy %.4f, macro F1 %.4f, macro AUC %s, ECE %.4f%s "
+                "on %d images", "refit on train + validation" if refit else f"best epoch {metrics['best_epoch']}",
+                ", flip TTA" if cfg.tta else "", metrics["accuracy"], metrics["balanced_accuracy"],
                 metrics["macro_f1"], f"{metrics['macro_auc']:.4f}" if metrics.get("macro_auc") is not None else "n/a",
                 metrics["ece"], f" (before temperature scaling {metrics['ece_uncalibrated']:.4f})"
                 if "ece_uncalibrated" in metrics else "", metrics["n_images"])
+    for name, values in variants.items():
+        logger.info("  variant %-9s balanced accuracy %.4f, accuracy %.4f, macro AUC %s", name,
+                    values["balanced_accuracy"], values["accuracy"],
+                    f"{values['macro_auc']:.4f}" if values.get("macro_auc") is not None else "n/a")
     if tracker.run is not None:
-        tracker.summary({f"test_{k}": v for k, v in metrics.items()})
+        tracker.summary({f"test_{k}": v for k, v in metrics.items() if not isinstance(v, dict)})
         tracker.log_images("confusion_matrix", [run_dir / "confusion_matrix_test.png"])
         tracker.log_images("gradcam", save_gradcam_examples(model, splits.test[:GRADCAM_EXAMPLES], class_info,
                                                             image_loader, run_dir / "gradcam_examples"))

@@ -32,7 +32,7 @@ from dataloaders.image_io import load_rgb
 from dataloaders.skin_region import image_loader_for_run
 from dataloaders.transforms import build_eval_transform
 from torch_trainer import run_folder as rf
-from torch_trainer.checkpoint import load_run_model
+from torch_trainer.checkpoint import WEIGHT_CHOICES, load_run_model
 from torch_trainer.predictors import OnnxPredictor, softmax
 from utils.atomic import atomic_path, atomic_write_json
 from utils.cli import run_cli
@@ -65,7 +65,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--seg_model", default=DEFAULT_SEGFORMER,
                         help="SegFormer face parser to export: Hugging Face id or local folder (default: %(default)s)")
     parser.add_argument("--seg_revision", default=None, help="Hugging Face revision (commit) of --seg_model")
-    parser.add_argument("--weights", choices=["best", "last"], default="best", help="(default: %(default)s)")
+    parser.add_argument("--weights", choices=list(WEIGHT_CHOICES), default="final",
+                        help="final = the run's delivered model, best = best validation epoch, last = last epoch "
+                             "(default: %(default)s)")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default: %(default)s)")
     parser.add_argument("--quantize", choices=["int8", "none"], default="int8", help="(default: %(default)s)")
     parser.add_argument("--calib_images", type=int, default=200,

@@ -13,11 +13,23 @@ import torch
 from timm.data import create_transform, resolve_data_config
 
 RANDAUGMENT_POLICY = "rand-m9-mstd0.5"
+# main.py's --eval_crop names, as timm's eval crop modes
+EVAL_CROP_MODES = {"center": "center", "squash": "squash", "letterbox": "border"}
 
 
-def resolve_preprocessing(model: torch.nn.Module, img_size: int) -> dict[str, Any]:
-    """The model's own mean/std/interpolation/crop (timm pretrained config) at the requested input size."""
-    data_config = resolve_data_config({"input_size": (3, img_size, img_size)}, model=model)
+def resolve_preprocessing(model: torch.nn.Module, img_size: int, eval_crop: str | None = None,
+                          crop_pct: float | None = None) -> dict[str, Any]:
+    """The model's own mean/std/interpolation/crop (timm pretrained config) at the requested input size.
+
+    ``eval_crop``/``crop_pct`` override how a (non-square) photo is fitted into the square input; None keeps the
+    model's pretrained policy.
+    """
+    overrides: dict[str, Any] = {"input_size": (3, img_size, img_size)}
+    if crop_pct is not None:
+        overrides["crop_pct"] = crop_pct
+    if eval_crop is not None:
+        overrides["crop_mode"] = EVAL_CROP_MODES[eval_crop]
+    data_config = resolve_data_config(overrides, model=model)
     return {
         "input_size": list(data_config["input_size"]),
         "mean": [float(v) for v in data_config["mean"]],

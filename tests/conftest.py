@@ -35,7 +35,7 @@ def lesion_dataset(tmp_path_factory) -> Path:
 def train_args(data_dir: Path, save_dir: Path, *extra: str) -> list[str]:
     return ["--data_dir", str(data_dir), "--data_name", "demo", "--model_name", TINY_MODEL,
             "--pre_trained", "False", "--epochs", "2", "--img_size", "64", "--batch_size", "16",
-            "--lr_ae", "0.005", "--num_workers", "0", "--save_dir", str(save_dir), *extra]
+            "--lr_ae", "0.005", "--num_workers", "0", "--save_dir", str(save_dir), "--refit", "False", *extra]
 
 
 @pytest.fixture(scope="session")

@@ -11,13 +11,22 @@ def parse(*argv):
     return TrainConfig.from_args(main.parse_args(list(argv)))
 
 
-def test_defaults_match_the_original_project():
+def test_defaults_are_the_recipe():
     cfg = parse()
     assert (cfg.data_name, cfg.model_name, cfg.epochs, cfg.batch_size, cfg.img_size) == \
-        ("skin", "efficientnet_b0", 50, 32, 224)
-    assert cfg.lr_ae == 0.001 and cfg.optimizer == "adam" and cfg.pre_trained is True and cfg.random_state == 42
+        ("skin", "efficientnet_b0", 12, 32, 224)
+    assert cfg.lr_ae == 0.001 and cfg.optimizer == "adamw" and cfg.pre_trained is True and cfg.random_state == 42
+    assert cfg.refit and cfg.model_ema and cfg.tta and cfg.calibrate and cfg.sampler == "auto"
+    assert cfg.label_smoothing == 0.1
     assert cfg.n_class is None
     assert str(cfg.resolved_data_dir) == "data/skin_dataset"
+
+
+def test_the_original_readme_command_still_parses_to_its_values():
+    cfg = parse("--data_name", "skin", "--model_name", "efficientnet_b0", "--n_class", "6", "--epochs", "50",
+                "--batch_size", "32", "--img_size", "224", "--lr_ae", "0.001", "--optimizer", "adam",
+                "--pre_trained", "True", "--random_state", "42")
+    assert (cfg.n_class, cfg.epochs, cfg.optimizer, cfg.lr_ae, cfg.pre_trained) == (6, 50, "adam", 0.001, True)
 
 
 @pytest.mark.parametrize("text,expected", [("True", True), ("False", False), ("false", False), ("0", False),

@@ -103,15 +103,17 @@ def test_json_schema(outputs, tiny_run):
 
 
 def test_predictions_match_the_model_run_directly(outputs, tiny_run, photo_folder):
-    """The probabilities are the model's, scaled by the temperature the run fitted on its validation split."""
+    """The probabilities are the model's, scaled by the temperature the run fitted on its validation split, with the
+    flip test-time augmentation the run was tested with (main.py's default)."""
     output, _ = outputs
     model, info = load_run_model(tiny_run)
-    assert info["temperature"] > 0
+    assert info["temperature"] > 0 and info["tta"] is True
     transform = build_eval_transform(info["preprocessing"])
     rows = {r["filename"]: r for r in read_csv(output / "predictions.csv")}
     with torch.inference_mode():
         for name, row in rows.items():
-            logits = model(transform(load_rgb(photo_folder / name)).unsqueeze(0))
+            x = transform(load_rgb(photo_folder / name)).unsqueeze(0)
+            logits = (model(x) + model(torch.flip(x, dims=[3]))) / 2
             probs = (logits / info["temperature"]).softmax(1)[0].numpy()
             expected = [float(row[f"prob_{n}"]) for n in info["class_names"]]
             assert np.allclose(probs, expected, atol=1e-5), name
@@ -141,15 +143,18 @@ def test_rerun_replaces_previous_outputs(tiny_run, photo_folder, tmp_path):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
-def test_tta_averages_the_image_and_its_mirror(tiny_run, photo_folder, tmp_path):
-    run(tiny_run, photo_folder / "wide.png", tmp_path / "tta", "--tta")
+def test_tta_averages_the_logits_of_the_image_and_its_mirror_and_can_be_turned_off(tiny_run, photo_folder,
+                                                                                   tmp_path):
     model, info = load_run_model(tiny_run)
     x = build_eval_transform(info["preprocessing"])(load_rgb(photo_folder / "wide.png")).unsqueeze(0)
+    t = info["temperature"]
     with torch.inference_mode():
-        t = info["temperature"]
-        expected = ((model(x) / t).softmax(1) + (model(torch.flip(x, dims=[3])) / t).softmax(1))[0].numpy() / 2
-    row = read_csv(tmp_path / "tta" / "predictions.csv")[0]
-    assert np.allclose([float(row[f"prob_{n}"]) for n in info["class_names"]], expected, atol=1e-5)
+        with_tta = ((model(x) + model(torch.flip(x, dims=[3]))) / 2 / t).softmax(1)[0].numpy()
+        without = (model(x) / t).softmax(1)[0].numpy()
+    for flag, expected in (("True", with_tta), ("False", without)):
+        run(tiny_run, photo_folder / "wide.png", tmp_path / flag, "--tta", flag)
+        row = read_csv(tmp_path / flag / "predictions.csv")[0]
+        assert np.allclose([float(row[f"prob_{n}"]) for n in info["class_names"]], expected, atol=1e-5)
 
 
 def test_onnx_backend_agrees_with_torch(outputs, tiny_run, photo_folder, tmp_path):

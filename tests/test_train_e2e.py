@@ -11,6 +11,7 @@ import torch
 
 import main
 from tests.conftest import ROOT, train_args
+from torch_trainer import phase
 from torch_trainer import run_folder as rf
 
 pytestmark = pytest.mark.slow
@@ -92,14 +93,14 @@ def test_same_seed_gives_the_same_log(two_runs):
 
 def test_interrupted_run_resumes_to_the_same_result(lesion_dataset, tmp_path, monkeypatch, two_runs):
     straight = two_runs[0]
-    real_save = main.save_checkpoint
+    real_save = phase.save_checkpoint
 
     def save_then_interrupt(path, state):
         real_save(path, state)
         if path.name == rf.LAST_CKPT and state["epoch"] == 1:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(main, "save_checkpoint", save_then_interrupt)
+    monkeypatch.setattr(phase, "save_checkpoint", save_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         train(train_args(lesion_dataset, tmp_path, "--epochs", "3"))
     monkeypatch.undo()

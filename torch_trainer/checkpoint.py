@@ -26,9 +26,13 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
                         f"{first_line}") from err
 
 
-def load_run_model(run_dir: str | Path, weights: str = "best") -> tuple[torch.nn.Module, dict[str, Any]]:
+WEIGHT_CHOICES = ("final", "best", "last")
+
+
+def load_run_model(run_dir: str | Path, weights: str = "final") -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild a trained model from a run folder alone: architecture and classes from class_info.json, weights
-    from model_best.pth or model_last.pth. Returns ``(model in eval mode on CPU, class_info)``."""
+    from the delivered checkpoint (``final``: model_refit.pth after a refit, else model_best.pth), model_best.pth
+    (the best validation epoch) or model_last.pth. Returns ``(model in eval mode on CPU, class_info)``."""
     import timm
 
     from torch_trainer import run_folder as rf
@@ -37,10 +41,11 @@ def load_run_model(run_dir: str | Path, weights: str = "best") -> tuple[torch.nn
     if not run_dir.is_dir():
         raise UserError(f"run folder not found: {run_dir}; pass the folder main.py printed at the end of training")
     class_info = rf.read_class_info(run_dir)
-    ckpt_path = run_dir / (rf.BEST_CKPT if weights == "best" else rf.LAST_CKPT)
+    names = {"final": rf.delivered_weights(class_info), "best": rf.BEST_CKPT, "last": rf.LAST_CKPT}
+    ckpt_path = run_dir / names[weights]
     if not ckpt_path.is_file():
-        raise UserError(f"{ckpt_path} is missing; the run may not have finished an epoch (try --weights "
-                        f"{'last' if weights == 'best' else 'best'})")
+        raise UserError(f"{ckpt_path} is missing; the run may not have finished (try --weights "
+                        f"{'last' if weights != 'last' else 'best'})")
     state = load_checkpoint(ckpt_path)
     state = state.get("model", state) if isinstance(state, dict) else state
     model = timm.create_model(class_info["timm_model_name"], pretrained=False, num_classes=class_info["n_class"],

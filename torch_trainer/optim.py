@@ -12,6 +12,9 @@ from configs import TrainConfig
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     # timm skips weight decay on biases and norm layers, which plain torch.optim would decay too.
     extra = {"momentum": cfg.momentum} if cfg.optimizer == "sgd" else {}
+    if cfg.layer_decay is not None:
+        # timm groups the model's blocks (its group_matcher) and scales each group's rate by layer_decay ** depth
+        extra["layer_decay"] = cfg.layer_decay
     return create_optimizer_v2(model, opt=cfg.optimizer, lr=cfg.lr_ae, weight_decay=cfg.weight_decay, **extra)
 
 

@@ -59,8 +59,9 @@ class OnnxPredictor:
 
 def predict_proba(predictor: Any, images: torch.Tensor, tta: bool = False, temperature: float = 1.0) -> np.ndarray:
     """Softmax probabilities of ``logits / temperature`` (the run's fitted temperature scaling); with ``tta`` the
-    average over the image and its horizontal mirror."""
-    probs = softmax(predictor.logits(images) / temperature)
+    logits are the mean of the image's and its horizontal mirror's, as main.py computed them when it fitted the
+    temperature and reported the test metrics."""
+    logits = predictor.logits(images)
     if tta:
-        probs = (probs + softmax(predictor.logits(torch.flip(images, dims=[3])) / temperature)) / 2
-    return probs
+        logits = (logits + predictor.logits(torch.flip(images, dims=[3]))) / 2
+    return softmax(logits / temperature)

@@ -4,7 +4,9 @@ save_results/dataset+<data>/model+<model>/<YYYY-MM-DD_HH-MM-SS>/
     class_info.json      classes + model name + preprocessing: all that inference/export need to rebuild
     configs.json         the resolved training config
     model_last.pth / model_best.pth   checkpoints (model, optimizer, scheduler, epoch, metric, config)
+    model_refit.pth, refit_log.csv    the refit on train + validation (--refit), the delivered model when present
     log.csv, learning_curves.png, train.log, run_status.json
+    val_metrics.json     the selected model on the held-out validation split (before the refit saw it)
     split_train.csv / split_val.csv / split_test.csv, skipped_files.csv
     test_metrics.json, per_class_metrics.csv, roc_curves.png, reliability_diagram.png,
     confusion_matrix_test.csv, confusion_matrix_test.png
@@ -29,10 +31,15 @@ CLASS_INFO = "class_info.json"
 CONFIGS = "configs.json"
 LAST_CKPT = "model_last.pth"
 BEST_CKPT = "model_best.pth"
+REFIT_CKPT = "model_refit.pth"
 LOG_CSV = "log.csv"
+REFIT_LOG_CSV = "refit_log.csv"
+VAL_METRICS = "val_metrics.json"
 STATUS = "run_status.json"
 LOG_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_acc", "val_macro_auc", "lr",
                "epoch_seconds", "train_images_per_s", "data_loading_fraction"]
+REFIT_LOG_COLUMNS = ["epoch", "train_loss", "train_acc", "lr", "epoch_seconds", "train_images_per_s",
+                     "data_loading_fraction"]
 # Columns that must be identical between two CPU runs with the same seed (timings are not).
 METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_acc", "val_macro_auc", "lr"]
 
@@ -99,20 +106,28 @@ def write_status(run_dir: Path, state: str, **details: Any) -> None:
                                          **details})
 
 
-def append_log_row(run_dir: Path, row: dict[str, Any]) -> pd.DataFrame:
-    path = run_dir / LOG_CSV
-    log = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=LOG_COLUMNS)
+def append_log_row(run_dir: Path, row: dict[str, Any], name: str = LOG_CSV) -> pd.DataFrame:
+    """Add an epoch's row to ``log.csv`` (and redraw the learning curves) or to ``refit_log.csv``."""
+    columns = LOG_COLUMNS if name == LOG_CSV else REFIT_LOG_COLUMNS
+    path = run_dir / name
+    log = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=columns)
     log = log[log["epoch"] < row["epoch"]]  # a resumed run replaces rows past its checkpoint
-    new_row = pd.DataFrame([row], columns=LOG_COLUMNS)
+    new_row = pd.DataFrame([row], columns=columns)
     log = pd.concat([log, new_row], ignore_index=True) if len(log) else new_row
     atomic_save(path, lambda tmp: log.to_csv(tmp, index=False))
-    plot_learning_curves(log, run_dir / "learning_curves.png")
+    if name == LOG_CSV:
+        plot_learning_curves(log, run_dir / "learning_curves.png")
     return log
 
 
-def truncate_log(run_dir: Path, last_epoch: int) -> None:
+def delivered_weights(class_info: dict[str, Any]) -> str:
+    """The checkpoint a run delivers: the refit when there is one, else the best validation epoch."""
+    return class_info.get("weights", BEST_CKPT)
+
+
+def truncate_log(run_dir: Path, last_epoch: int, name: str = LOG_CSV) -> None:
     """Keep log rows up to ``last_epoch`` (1-based), the epoch a resumed checkpoint finished."""
-    path = run_dir / LOG_CSV
+    path = run_dir / name
     if path.is_file():
         log = pd.read_csv(path)
         log = log[log["epoch"] <= last_epoch]

@@ -48,9 +48,17 @@ def _to_device(images: torch.Tensor, targets: torch.Tensor, device: torch.device
     return images, targets.to(device, non_blocking=True)
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DistributedDataParallel wrapper (state-dict keys without ``module.``)."""
+    return getattr(model, "module", model)
+
+
 def train_one_epoch(model: torch.nn.Module, loader, criterion: Callable, optimizer: torch.optim.Optimizer,
                     precision: Precision, *, scheduler=None, num_updates: int = 0, channels_last: bool = False,
-                    epoch: int = 0, show_progress: bool = True) -> dict[str, Any]:
+                    epoch: int = 0, show_progress: bool = True, ema=None,
+                    mixup_fn: Optional[Callable] = None) -> dict[str, Any]:
+    """One pass over ``loader``; ``ema`` (timm ModelEmaV3) follows every optimizer step, ``mixup_fn`` (timm Mixup)
+    turns each batch into mixed images and soft targets (``criterion`` must then take soft targets)."""
     model.train()
     loss_sum, correct, seen = 0.0, 0, 0
     data_seconds = 0.0
@@ -63,6 +71,9 @@ def train_one_epoch(model: torch.nn.Module, loader, criterion: Callable, optimiz
             continue
         images, targets, _ = batch
         images, targets = _to_device(images, targets, precision.device, channels_last)
+        hard_targets = targets
+        if mixup_fn is not None:
+            images, targets = mixup_fn(images, targets)
         with precision.autocast():
             logits = model(images)
             loss = criterion(logits, targets)
@@ -73,12 +84,14 @@ def train_one_epoch(model: torch.nn.Module, loader, criterion: Callable, optimiz
         precision.scaler.step(optimizer)
         precision.scaler.update()
         num_updates += 1
+        if ema is not None:
+            ema.update(unwrap(model), step=num_updates)
         if scheduler is not None:
             scheduler.step_update(num_updates=num_updates)
 
         batch_size = targets.size(0)
         loss_sum += loss.item() * batch_size
-        correct += (logits.argmax(1) == targets).sum().item()
+        correct += (logits.argmax(1) == hard_targets).sum().item()
         seen += batch_size
         elapsed = time.perf_counter() - start
         progress.set_postfix(loss=f"{loss_sum / seen:.4f}", img_s=f"{seen / elapsed:.1f}")
@@ -98,8 +111,12 @@ def train_one_epoch(model: torch.nn.Module, loader, criterion: Callable, optimiz
 
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, loader, criterion: Callable, precision: Precision, *,
-             channels_last: bool = False, desc: str = "eval", show_progress: bool = True) -> dict[str, Any]:
-    """Loss, accuracy and balanced accuracy, plus per-image targets, probabilities and dataset indices."""
+             channels_last: bool = False, desc: str = "eval", show_progress: bool = True,
+             tta: bool = False) -> dict[str, Any]:
+    """Loss, accuracy and balanced accuracy, plus per-image targets, probabilities and dataset indices.
+
+    With ``tta`` the logits are the mean of the image's and its horizontal mirror's (as inference.py --tta does).
+    """
     model.eval()
     loss_sum, seen = 0.0, 0
     all_targets, all_probs, all_indices = [], [], []
@@ -109,8 +126,9 @@ def evaluate(model: torch.nn.Module, loader, criterion: Callable, precision: Pre
         images, targets, indices = batch
         images, targets = _to_device(images, targets, precision.device, channels_last)
         with precision.autocast():
-            logits = model(images)
-        logits = logits.float()
+            logits = model(images).float()
+            if tta:
+                logits = (logits + model(torch.flip(images, dims=[3])).float()) / 2
         loss_sum += criterion(logits, targets).item() * targets.size(0)
         seen += targets.size(0)
         all_targets.append(targets.cpu())
@@ -176,27 +194,39 @@ class FitState:
 
 def fit(model: torch.nn.Module, train_loader, val_loader, criterion: Callable, optimizer: torch.optim.Optimizer,
         scheduler, precision: Precision, stopper: EarlyStopping, *, epochs: int, state: FitState,
-        on_epoch_start: Callable[[int], None], on_epoch_end: Callable[[int, dict, dict, bool], None],
+        on_epoch_start: Callable[[int], None], on_epoch_end: Callable[[int, dict, Optional[dict], bool], None],
         channels_last: bool = False, eval_criterion: Optional[Callable] = None,
         reduce_train: Callable[[dict], dict] = lambda stats: stats,
-        gather_val: Callable[[dict], dict] = lambda result: result) -> None:
+        gather_val: Callable[[dict], dict] = lambda result: result, ema=None,
+        mixup_fn: Optional[Callable] = None, desc: str = "") -> None:
     """Run epochs ``state.start_epoch .. epochs-1``; ``on_epoch_end`` writes logs and checkpoints.
 
-    ``reduce_train``/``gather_val`` combine the processes' results under DistributedDataParallel.
+    Validation (of the EMA weights when ``ema`` is given) picks the best epoch; with ``val_loader=None`` (the refit
+    on all labelled images) every epoch just trains. ``reduce_train``/``gather_val`` combine the processes' results
+    under DistributedDataParallel.
     """
+    if stopper.should_stop:  # resumed after early stopping had already ended the run
+        return
     for epoch in range(state.start_epoch, epochs):
         on_epoch_start(epoch)
         train = reduce_train(train_one_epoch(model, train_loader, criterion, optimizer, precision, scheduler=scheduler,
-                                             num_updates=state.num_updates, channels_last=channels_last, epoch=epoch))
+                                             num_updates=state.num_updates, channels_last=channels_last, epoch=epoch,
+                                             ema=ema, mixup_fn=mixup_fn))
         state.num_updates = train["num_updates"]
-        val = gather_val(evaluate(model, val_loader, eval_criterion or criterion, precision,
+        state.epochs_done = epoch + 1
+        if val_loader is None:
+            logger.info("%sepoch %d/%d  train loss %.4f acc %.3f | %.1f img/s, data %.0f%%", desc, epoch + 1, epochs,
+                        train["loss"], train["acc"], train["images_per_s"], 100 * train["data_fraction"])
+            on_epoch_end(epoch, train, None, False)
+            continue
+        scored = ema.module if ema is not None else model
+        val = gather_val(evaluate(scored, val_loader, eval_criterion or criterion, precision,
                                   channels_last=channels_last, desc=f"epoch {epoch + 1} val"))
         is_best = stopper.update(val, epoch)
-        logger.info("epoch %d/%d  train loss %.4f acc %.3f | val loss %.4f acc %.3f bal.acc %.3f | %.1f img/s, "
-                    "data %.0f%%%s", epoch + 1, epochs, train["loss"], train["acc"], val["loss"], val["acc"],
+        logger.info("%sepoch %d/%d  train loss %.4f acc %.3f | val loss %.4f acc %.3f bal.acc %.3f | %.1f img/s, "
+                    "data %.0f%%%s", desc, epoch + 1, epochs, train["loss"], train["acc"], val["loss"], val["acc"],
                     val["balanced_acc"], train["images_per_s"], 100 * train["data_fraction"],
                     "  *best*" if is_best else "")
-        state.epochs_done = epoch + 1
         on_epoch_end(epoch, train, val, is_best)
         if stopper.should_stop:
             logger.info("early stopping: %s did not improve for %d epochs (best epoch %d)", stopper.monitor,

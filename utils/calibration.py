@@ -1,12 +1,26 @@
-"""Temperature scaling (Guo et al., 2017): one scalar T fitted on validation logits, ``softmax(logits / T)``."""
+"""Temperature scaling (Guo et al., 2017): one scalar T fitted on validation logits, ``softmax(logits / T)``.
+
+``guarded_temperature`` only moves T away from 1.0 when that lowers the NLL of predictions the fit has not seen
+(K-fold cross-validation over the calibration set): a T fitted on a few hundred images can otherwise sharpen an
+already over-confident model.
+"""
 
 from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+logger = logging.getLogger(__name__)
+
 T_MIN, T_MAX = 0.05, 20.0
+CV_FOLDS = 5
+# Below these a fitted temperature is a guess: too few images, or too few errors to tell confidence from luck.
+MIN_CALIBRATION_IMAGES = 200
+MIN_CALIBRATION_ERRORS = 20
 
 
 def fit_temperature(logits: np.ndarray, targets: np.ndarray) -> float:
@@ -44,3 +58,54 @@ def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
     scaled -= scaled.max(axis=1, keepdims=True)
     exp = np.exp(scaled)
     return exp / exp.sum(axis=1, keepdims=True)
+
+
+def nll(logits: np.ndarray, targets: np.ndarray, temperature: float = 1.0) -> float:
+    logits_t = torch.as_tensor(logits, dtype=torch.float64) / temperature
+    return float(F.cross_entropy(logits_t, torch.as_tensor(targets, dtype=torch.long)))
+
+
+@dataclass
+class CalibrationResult:
+    temperature: float      # what gets applied: the fitted T, or 1.0 when the guard refused it
+    fitted: float           # T fitted on the whole calibration set
+    accepted: bool
+    n_images: int
+    n_errors: int
+    cv_nll_fitted: float    # mean held-out NLL with T fitted on the other folds
+    cv_nll_identity: float  # mean held-out NLL with T = 1
+    reason: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def guarded_temperature(logits: np.ndarray, targets: np.ndarray, folds: int = CV_FOLDS,
+                        seed: int = 0) -> CalibrationResult:
+    """Temperature scaling that holds on unseen data: the T fitted on all of ``logits`` is used only when, in
+    ``folds``-fold cross-validation, temperatures fitted on the other folds lower each held-out fold's NLL on
+    average below T = 1; otherwise T stays 1.0. Warns when the calibration set is too small to trust."""
+    logits, targets = np.asarray(logits, dtype=np.float64), np.asarray(targets)
+    n_images = len(targets)
+    n_errors = int((logits.argmax(1) != targets).sum()) if n_images else 0
+    fitted = fit_temperature(logits, targets)
+    if n_images < folds * 2 or n_errors == 0:
+        return CalibrationResult(1.0, fitted, False, n_images, n_errors, float("nan"), float("nan"),
+                                 "too few images or no errors to calibrate on")
+    order = np.random.default_rng(seed).permutation(n_images)
+    held_fitted, held_identity = [], []
+    for fold in np.array_split(order, folds):
+        rest = np.setdiff1d(order, fold)
+        t_fold = fit_temperature(logits[rest], targets[rest])
+        held_fitted.append(nll(logits[fold], targets[fold], t_fold) * len(fold))
+        held_identity.append(nll(logits[fold], targets[fold]) * len(fold))
+    cv_fitted, cv_identity = sum(held_fitted) / n_images, sum(held_identity) / n_images
+    accepted = cv_fitted < cv_identity
+    reason = ("cross-validated NLL %.4f < %.4f at T = 1" if accepted else
+              "cross-validated NLL %.4f is not below %.4f at T = 1, so T stays 1.0") % (cv_fitted, cv_identity)
+    if n_images < MIN_CALIBRATION_IMAGES or n_errors < MIN_CALIBRATION_ERRORS:
+        logger.warning("temperature scaling: only %d calibration images with %d errors (want >= %d and >= %d); "
+                       "treat the calibrated probabilities with caution", n_images, n_errors,
+                       MIN_CALIBRATION_IMAGES, MIN_CALIBRATION_ERRORS)
+    return CalibrationResult(fitted if accepted else 1.0, fitted, accepted, n_images, n_errors, cv_fitted,
+                             cv_identity, reason)

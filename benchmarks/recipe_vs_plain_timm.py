@@ -1,0 +1,217 @@
+"""The judge of the training recipe: main.py's defaults against a plain timm fine-tune, same data, same weights.
+
+For every dataset and seed it trains
+  plain  a plain timm fine-tune written out below (ImageFolder, timm ``create_transform``, AdamW, one-cycle,
+         label smoothing 0.1, the whole trainset, no validation split): the obvious alternative a user would write;
+  main   ``python main.py`` with its defaults and only --data_dir --model_name --img_size --epochs --random_state
+         (plus --save_dir for where the run folder goes, and whatever --main_args adds, for ablations);
+both from the same pretrained weights, evaluates both on the dataset's testset, and writes
+  results.csv   one row per (dataset, method, seed): accuracy, balanced accuracy, macro AUC, ECE (before/after
+                temperature scaling for main), training images/s, wall seconds (main: selection and refit phases);
+  summary.csv / summary.md   mean ± sd over seeds per dataset and method, and main minus plain.
+Finished (dataset, method, seed) rows are kept, so an interrupted comparison continues where it stopped.
+
+Example (the README's comparison):
+    python benchmarks/recipe_vs_plain_timm.py --data_dir ../shared/data/dermnet_a ../shared/data/isic_binary \
+        ../shared/data/isic_9class --model_name efficientnet_lite0 --img_size 192 --epochs 6 --seeds 0 1 2 \
+        --output_dir docs/recipe_runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from torch_trainer.models import build_model  # noqa: E402
+from utils.metrics import classification_metrics  # noqa: E402
+
+METRICS = ["accuracy", "balanced_accuracy", "macro_auc", "ece", "ece_uncalibrated", "train_images_per_s",
+           "select_seconds", "refit_seconds", "wall_seconds"]
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("main.py recipe vs a plain timm fine-tune", add_help=add_help)
+    parser.add_argument("--data_dir", nargs="+", required=True, help="dataset roots with trainset/ and testset/")
+    parser.add_argument("--model_name", default="efficientnet_lite0")
+    parser.add_argument("--img_size", type=int, default=192)
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=["plain", "main"], choices=["plain", "main"])
+    parser.add_argument("--main_args", default="", help="extra main.py flags (ablations), e.g. \"--model_ema False\"")
+    parser.add_argument("--tag", default="", help="name suffix of the main method in the tables (ablations)")
+    parser.add_argument("--batch_size", type=int, default=32, help="plain loop only; main.py uses its default")
+    parser.add_argument("--plain_lr", type=float, default=1e-3)
+    parser.add_argument("--output_dir", default="recipe_comparison")
+    return parser
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# (a) the control: a plain timm fine-tune, written the way a user would write it
+# --------------------------------------------------------------------------------------------------------------------
+def train_plain(data_dir: Path, model_name: str, img_size: int, epochs: int, seed: int, batch_size: int,
+                lr: float) -> dict:
+    from timm.data import create_transform, resolve_data_config
+    from torchvision.datasets import ImageFolder
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    train_set = ImageFolder(data_dir / "trainset")
+    test_set = ImageFolder(data_dir / "testset")
+    model, _ = build_model(model_name, len(train_set.classes), pre_trained=True)  # the same weights main.py gets
+    data_config = resolve_data_config({"input_size": (3, img_size, img_size)}, model=model)
+    train_set.transform = create_transform(**data_config, is_training=True)
+    test_set.transform = create_transform(**data_config)
+    workers = min(4, os.cpu_count() or 1)
+    generator = torch.Generator().manual_seed(seed)
+    train_loader = torch.utils.data.DataLoader(train_set, batch_size, shuffle=True, drop_last=True,
+                                               num_workers=workers, generator=generator)
+    test_loader = torch.utils.data.DataLoader(test_set, batch_size * 2, num_workers=workers)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * len(train_loader))
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+    seen, train_seconds = 0, 0.0
+    start = time.perf_counter()
+    for _ in range(epochs):
+        model.train()
+        tick = time.perf_counter()
+        for images, targets in train_loader:
+            loss = criterion(model(images), targets)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            seen += len(targets)
+        train_seconds += time.perf_counter() - tick
+    model.eval()
+    probs, labels = [], []
+    with torch.inference_mode():
+        for images, targets in test_loader:
+            probs.append(model(images).softmax(1))
+            labels.append(targets)
+    probs_np, labels_np = torch.cat(probs).numpy(), torch.cat(labels).numpy()
+    metrics = classification_metrics(labels_np, probs_np.argmax(1), test_set.classes, probs_np)
+    return {"accuracy": metrics["accuracy"], "balanced_accuracy": metrics["balanced_accuracy"],
+            "macro_auc": metrics["macro_auc"], "ece": metrics["ece"], "ece_uncalibrated": metrics["ece"],
+            "train_images_per_s": seen / train_seconds, "select_seconds": 0.0, "refit_seconds": 0.0,
+            "wall_seconds": time.perf_counter() - start}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# (b) main.py with its defaults, as a user runs it
+# --------------------------------------------------------------------------------------------------------------------
+def train_main(data_dir: Path, model_name: str, img_size: int, epochs: int, seed: int, save_dir: Path,
+               main_args: str) -> dict:
+    command = [sys.executable, str(ROOT / "main.py"), "--data_dir", str(data_dir), "--model_name", model_name,
+               "--img_size", str(img_size), "--epochs", str(epochs), "--random_state", str(seed),
+               "--save_dir", str(save_dir), *shlex.split(main_args)]
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    start = time.perf_counter()
+    done = subprocess.run(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"main.py failed ({' '.join(command)}):\n{done.stdout[-3000:]}")
+    run_dir = max((p.parent for p in save_dir.rglob("run_status.json")), key=lambda p: p.stat().st_mtime)
+    test = json.loads((run_dir / "test_metrics.json").read_text())
+    log = pd.read_csv(run_dir / "log.csv")
+    timings = test.get("training_seconds", {})
+    return {"accuracy": test["accuracy"], "balanced_accuracy": test["balanced_accuracy"],
+            "macro_auc": test.get("macro_auc"), "ece": test["ece"],
+            "ece_uncalibrated": test.get("ece_uncalibrated", test["ece"]),
+            "train_images_per_s": float(log["train_images_per_s"].mean()),
+            "select_seconds": timings.get("select", float("nan")), "refit_seconds": timings.get("refit", 0.0),
+            "wall_seconds": wall, "run_dir": str(run_dir)}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+def summarise(results: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    rows, lines = [], []
+    header = ("| dataset | method | seeds | accuracy | balanced acc | macro AUC | ECE (before → after T) | train img/s "
+              "| wall s (select + refit) |")
+    lines += [header, "|---|---|---|---|---|---|---|---|---|"]
+    for (dataset, method), group in results.groupby(["dataset", "method"], sort=True):
+        row = {"dataset": dataset, "method": method, "seeds": len(group)}
+        for name in METRICS:
+            values = pd.to_numeric(group[name], errors="coerce")
+            row[f"{name}_mean"], row[f"{name}_sd"] = values.mean(), values.std(ddof=1) if len(values) > 1 else 0.0
+        rows.append(row)
+        fmt = lambda n, d=3: f"{row[n + '_mean']:.{d}f} ± {row[n + '_sd']:.{d}f}"  # noqa: E731
+        lines.append(f"| {dataset} | {method} | {len(group)} | {fmt('accuracy')} | {fmt('balanced_accuracy')} | "
+                     f"{fmt('macro_auc')} | {row['ece_uncalibrated_mean']:.3f} → {row['ece_mean']:.3f} | "
+                     f"{row['train_images_per_s_mean']:.1f} | {row['wall_seconds_mean']:.0f} "
+                     f"({row['select_seconds_mean']:.0f} + {row['refit_seconds_mean']:.0f}) |")
+    summary = pd.DataFrame(rows)
+    # main minus plain on the seeds both have (paired by seed)
+    lines += ["", "| dataset | method − plain | Δ accuracy | Δ balanced acc | Δ macro AUC | Δ ECE | img/s ratio |",
+              "|---|---|---|---|---|---|---|"]
+    averages: dict[str, list[float]] = {}
+    for dataset, group in results.groupby("dataset", sort=True):
+        plain = group[group["method"] == "plain"].set_index("seed")
+        for method in sorted(set(group["method"]) - {"plain"}):
+            other = group[group["method"] == method].set_index("seed")
+            seeds = sorted(set(plain.index) & set(other.index))
+            if not seeds:
+                continue
+            delta = {n: (pd.to_numeric(other.loc[seeds, n]) - pd.to_numeric(plain.loc[seeds, n])) for n in
+                     ("accuracy", "balanced_accuracy", "macro_auc", "ece")}
+            ratio = (other.loc[seeds, "train_images_per_s"] / plain.loc[seeds, "train_images_per_s"]).mean()
+            averages.setdefault(method, []).append(delta["balanced_accuracy"].mean())
+            cell = lambda s: f"{100 * s.mean():+.2f} ± {100 * (s.std(ddof=1) if len(s) > 1 else 0):.2f}"  # noqa
+            lines.append(f"| {dataset} | {method} ({len(seeds)} seeds) | {cell(delta['accuracy'])} | "
+                         f"{cell(delta['balanced_accuracy'])} | {cell(delta['macro_auc'])} | {cell(delta['ece'])} | "
+                         f"{ratio:.2f} |")
+    for method, values in averages.items():
+        lines.append(f"\n{method}: balanced accuracy minus plain, averaged over {len(values)} dataset(s): "
+                     f"{100 * float(np.mean(values)):+.2f} points (Δ in points; ± is the sd over seeds)")
+    return summary, "\n".join(lines) + "\n"
+
+
+def main(args: argparse.Namespace) -> None:
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    results_path = output / "results.csv"
+    results = pd.read_csv(results_path) if results_path.is_file() else pd.DataFrame()
+    main_name = "main" + (f"[{args.tag}]" if args.tag else "")
+    for data_dir in map(Path, args.data_dir):
+        for seed in args.seeds:
+            for method in args.methods:
+                name = main_name if method == "main" else "plain"
+                if len(results) and ((results["dataset"] == data_dir.name) & (results["method"] == name)
+                                     & (results["seed"] == seed)).any():
+                    continue
+                print(f"== {data_dir.name} {name} seed {seed}", flush=True)
+                if method == "plain":
+                    row = train_plain(data_dir, args.model_name, args.img_size, args.epochs, seed, args.batch_size,
+                                      args.plain_lr)
+                else:
+                    row = train_main(data_dir, args.model_name, args.img_size, args.epochs, seed,
+                                     output / "runs" / (args.tag or "default"), args.main_args)
+                row = {"dataset": data_dir.name, "method": name, "seed": seed, "model": args.model_name,
+                       "img_size": args.img_size, "epochs": args.epochs, "main_args": args.main_args
+                       if method == "main" else "", **row}
+                print("   " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()
+                                        if isinstance(v, float) and not math.isnan(v)), flush=True)
+                results = pd.concat([results, pd.DataFrame([row])], ignore_index=True)
+                results.to_csv(results_path.with_suffix(".tmp"), index=False)
+                os.replace(results_path.with_suffix(".tmp"), results_path)
+    summary, markdown = summarise(results)
+    summary.to_csv(output / "summary.csv", index=False)
+    (output / "summary.md").write_text(markdown, encoding="utf-8")
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

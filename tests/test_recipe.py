@@ -1,0 +1,174 @@
+"""The training recipe: refit on every labelled image, EMA weights delivered, guarded calibration, sampler auto."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import main
+from configs import TrainConfig
+from dataloaders.transforms import build_eval_transform, resolve_preprocessing
+from tests.conftest import TINY_MODEL, train_args
+from torch_trainer import phase
+from torch_trainer import run_folder as rf
+from torch_trainer.checkpoint import load_run_model
+from torch_trainer.predictors import softmax
+from utils.calibration import guarded_temperature
+from utils.errors import UserError
+
+
+def train(argv):
+    return main.main(main.parse_args(argv))
+
+
+def split_paths(run_dir: Path, split: str) -> set[str]:
+    return set(pd.read_csv(run_dir / f"split_{split}.csv")["filepath"])
+
+
+def relative(samples, root: Path) -> set[str]:
+    return {s.path.relative_to(root).as_posix() for s in samples}
+
+
+@pytest.fixture(scope="module")
+def refit_run(lesion_dataset, tmp_path_factory):
+    """A run with the refit, recording which images each phase trained and validated on."""
+    seen = {}
+    real_run_phase = phase.run_phase
+
+    def spy(files, cfg, run_dir, model, device, train_samples, val_samples, **kwargs):
+        seen[files.name] = (list(train_samples), val_samples)
+        return real_run_phase(files, cfg, run_dir, model, device, train_samples, val_samples, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(main, "run_phase", spy)
+        result = train(train_args(lesion_dataset, tmp_path_factory.mktemp("refit"), "--refit", "True"))
+    return Path(result["run_dir"]), seen
+
+
+@pytest.mark.slow
+def test_refit_trains_on_train_plus_validation_and_is_the_delivered_model(refit_run, lesion_dataset):
+    run_dir, seen = refit_run
+    train_files, val_files = split_paths(run_dir, "train"), split_paths(run_dir, "val")
+    assert relative(seen["select"][0], lesion_dataset) == train_files
+    assert relative(seen["select"][1], lesion_dataset) == val_files
+    assert relative(seen["refit"][0], lesion_dataset) == train_files | val_files and seen["refit"][1] is None
+
+    info = json.loads((run_dir / rf.CLASS_INFO).read_text())
+    metrics = json.loads((run_dir / "test_metrics.json").read_text())
+    assert info["weights"] == metrics["weights"] == rf.REFIT_CKPT
+    assert info["refit"] == {"epochs": metrics["best_epoch"], "images": len(train_files | val_files)}
+    assert len(pd.read_csv(run_dir / rf.REFIT_LOG_CSV)) == metrics["best_epoch"]
+    assert set(metrics["variants"]) == {"no_refit", "no_tta", "no_ema"}
+    assert json.loads((run_dir / rf.VAL_METRICS).read_text())["n_images"] == len(val_files)
+
+    model, _ = load_run_model(run_dir)
+    delivered = torch.load(run_dir / rf.REFIT_CKPT, weights_only=True)["model"]
+    selected = torch.load(run_dir / rf.BEST_CKPT, weights_only=True)["model"]
+    state = model.state_dict()
+    assert all(torch.equal(state[k], delivered[k]) for k in delivered)
+    assert not all(torch.equal(selected[k], delivered[k]) for k in delivered)
+    best_model, _ = load_run_model(run_dir, "best")
+    assert all(torch.equal(best_model.state_dict()[k], selected[k]) for k in selected)
+
+
+@pytest.mark.slow
+def test_ema_weights_are_what_gets_saved_evaluated_and_exported(refit_run):
+    run_dir, _ = refit_run
+    for name in (rf.BEST_CKPT, rf.REFIT_CKPT):
+        ckpt = torch.load(run_dir / name, weights_only=True)
+        assert not all(torch.equal(ckpt["model"][k], ckpt["model_train"][k]) for k in ckpt["model"]), name
+    # inference.py, quantize_onnx_models.py and benchmark.py all rebuild the model through load_run_model
+    model, info = load_run_model(run_dir)
+    ema = torch.load(run_dir / info["weights"], weights_only=True)["model"]
+    assert all(torch.equal(model.state_dict()[k], ema[k]) for k in ema)
+
+
+@pytest.mark.slow
+def test_run_interrupted_during_the_refit_resumes_to_the_same_model(refit_run, lesion_dataset, tmp_path,
+                                                                     monkeypatch):
+    straight, _ = refit_run
+    real_save = phase.save_checkpoint
+
+    def save_then_interrupt(path, state):
+        real_save(path, state)
+        if path.name == rf.REFIT_CKPT and state["epoch"] == 0:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(phase, "save_checkpoint", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train(train_args(lesion_dataset, tmp_path, "--refit", "True"))
+    monkeypatch.undo()
+    (run_dir,) = (tmp_path / "dataset+demo" / f"model+{TINY_MODEL}").iterdir()
+    assert len(pd.read_csv(run_dir / rf.REFIT_LOG_CSV)) == 1
+    train(["--resume", str(run_dir), "--num_workers", "0"])
+    resumed = torch.load(run_dir / rf.REFIT_CKPT, weights_only=True)["model"]
+    reference = torch.load(straight / rf.REFIT_CKPT, weights_only=True)["model"]
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+    assert json.loads((run_dir / rf.CLASS_INFO).read_text())["weights"] == rf.REFIT_CKPT
+
+
+def _sampled_labels(logits: np.ndarray, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.array([rng.choice(logits.shape[1], p=row) for row in softmax(logits)])
+
+
+def test_calibration_guard_keeps_t_1_when_fitting_does_not_help():
+    logits = np.random.default_rng(0).normal(size=(600, 3)) * 2
+    targets = _sampled_labels(logits, 1)  # labels drawn from the model's own probabilities: calibrated at T = 1
+    result = guarded_temperature(logits, targets)
+    assert result.temperature == 1.0 and not result.accepted
+    assert result.fitted != 1.0  # the plain fit would still have moved it
+    # The same labels with 4x sharper logits: over-confident, and the guard lets the fitted T through.
+    result = guarded_temperature(logits * 4, targets)
+    assert result.accepted and 3.0 < result.temperature < 5.5
+    assert result.cv_nll_fitted < result.cv_nll_identity
+
+
+def test_calibration_guard_warns_about_a_small_calibration_set(caplog):
+    logits = np.random.default_rng(0).normal(size=(60, 3)) * 8
+    guarded_temperature(logits, _sampled_labels(logits / 8, 2))
+    assert "only 60 calibration images" in caplog.text
+
+
+def test_sampler_auto_balances_only_imbalanced_training_sets():
+    cfg = TrainConfig(data_dir="x")
+    assert phase.resolve_sampler(cfg, [0] * 30 + [1] * 10, 2, distributed=False) == "balanced"
+    assert phase.resolve_sampler(cfg, [0] * 12 + [1] * 10, 2, distributed=False) == "random"
+    assert phase.resolve_sampler(cfg, [0] * 30 + [1] * 10, 2, distributed=True) == "random"
+    assert phase.resolve_sampler(TrainConfig(data_dir="x", sampler="random"), [0] * 30 + [1], 2, False) == "random"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--mixup", "0.2", "--batch_size", "15"], "even --batch_size"),
+    (["--cutmix", "1.0", "--loss", "focal"], "--loss ce --class_weights none"),
+    (["--layer_decay", "1.5"], "--layer_decay"),
+    (["--crop_pct", "0"], "--crop_pct"),
+])
+def test_bad_recipe_flags_are_one_line_errors(argv, message):
+    with pytest.raises(UserError, match=message):
+        TrainConfig.from_args(main.parse_args(argv))
+
+
+def test_eval_crop_policy_is_recorded_and_rebuilt_from_the_run_folder():
+    import timm
+    from PIL import Image
+
+    model = timm.create_model(TINY_MODEL)
+    letterbox = resolve_preprocessing(model, 64, "letterbox", 1.0)
+    assert (letterbox["crop_mode"], letterbox["crop_pct"]) == ("border", 1.0)
+    wide = Image.new("RGB", (200, 100), (255, 0, 0))
+    x = build_eval_transform(letterbox)(wide)
+    # The whole red photo fits, padded above and below: the top row is padding, the centre is red.
+    assert x.shape == (3, 64, 64) and x[0, 0, 32] < x[0, 32, 32]
+    center = build_eval_transform(resolve_preprocessing(model, 64, "center"))(wide)
+    assert torch.allclose(center[:, 0, 32], center[:, 32, 32])  # cropped inside the photo: red everywhere
+
+
+@pytest.mark.slow
+def test_mixup_cutmix_and_layer_decay_train(lesion_dataset, tmp_path):
+    result = train(train_args(lesion_dataset, tmp_path, "--epochs", "1", "--mixup", "0.2", "--cutmix", "1.0",
+                              "--layer_decay", "0.8"))
+    assert result["test_metrics"]["n_images"] == 48
