@@ -102,6 +102,9 @@ class TrainConfig:
     model_ema_decay: float = _opt(0.998, "EMA decay ceiling (the warm-up starts lower)")
     refit: bool = _opt(True, "after the best epoch is chosen on validation, retrain from the same start on trainset + "
                              "validation for that many epochs and deliver that model (True/False)")
+    folds: int = _opt(0, "K-fold cross-validation of the trainset instead of one validation split: K models give "
+                         "out-of-fold metrics and the calibration set, then one refit on the whole trainset for the "
+                         "median best epoch is delivered (K+1 trainings; 0 = off)")
     tta: bool = _opt(True, "average each test image with its mirror image (horizontal flip) in the final test, and "
                            "make that inference.py's default for this run")
     calibrate: bool = _opt(True, "fit temperature scaling on held-out validation predictions after training; the "
@@ -152,6 +155,8 @@ class TrainConfig:
             (not (self.mixup or self.cutmix) or (self.loss == "ce" and self.class_weights == "none"),
              "--mixup/--cutmix train on mixed (soft) labels: use them with --loss ce --class_weights none "
              "(--sampler balanced still balances the classes)"),
+            (self.folds == 0 or self.folds >= 2, f"--folds {self.folds}: use at least 2 folds, or 0 for one "
+                                                 f"validation split"),
             (self.layer_decay is None or 0 < self.layer_decay <= 1, "--layer_decay must be in (0, 1]"),
             (self.crop_pct is None or 0 < self.crop_pct <= 1, "--crop_pct must be in (0, 1]"),
             (0 < self.model_ema_decay < 1, "--model_ema_decay must be between 0 and 1"),

@@ -13,6 +13,8 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import numpy as np
+import pandas as pd
 import torch
 
 from configs import TrainConfig, add_dataclass_arguments, parse_with_config_file
@@ -101,7 +103,7 @@ def load_data_and_model(cfg: TrainConfig, run_dir: Optional[Path], device: torch
         return splits, model, timm_name, class_info, region
     index = discover_dataset(cfg.resolved_data_dir, n_class=cfg.n_class,
                              num_threads=max(2, effective_workers(cfg.num_workers)))
-    splits = split_dataset(index, cfg.val_ratio, cfg.random_state)
+    splits = split_dataset(index, cfg.val_ratio, cfg.random_state, cfg.folds)
     model, timm_name = build_model(cfg.model_name, len(splits.class_names), cfg.pre_trained, cfg.pretrained_path,
                                    cfg.drop_rate)
     region = prepare_skin_masks(cfg, splits, device) if cfg.input_kind == "skin_region" else None
@@ -141,22 +143,27 @@ def train(cfg: TrainConfig, run_dir: Path, device: torch.device, splits: DataSpl
     common = dict(preprocessing=preprocessing, image_loader=image_loader, class_names=class_names,
                   class_info=class_info, eval_transform=eval_tf, tracker=tracker, dist_info=dist_info)
     try:
-        selection = run_phase(phase.SELECT, cfg, run_dir, model, device, splits.train, splits.val,
-                              stop_after=cfg.epochs, resume=resuming, **common)
-        barrier(dist_info)  # rank 0 has written the last checkpoint; the other ranks are done
+        if splits.folds is not None:
+            selection = _cross_validate(cfg, run_dir, device, splits, resuming, common)
+            refit_epochs = int(np.ceil(np.median(selection["best_epochs"])))
+        else:
+            selection = run_phase(phase.SELECT, cfg, run_dir, model, device, splits.train, splits.val,
+                                  stop_after=cfg.epochs, resume=resuming, **common)
+            barrier(dist_info)  # rank 0 has written the last checkpoint; the other ranks are done
+            refit_epochs = (int(broadcast(load_checkpoint(run_dir / rf.BEST_CKPT)["epoch"] + 1 if writes else None,
+                                          dist_info)) if cfg.refit else 0)
         refit = None
-        if cfg.refit:
-            best_epochs = int(broadcast(load_checkpoint(run_dir / rf.BEST_CKPT)["epoch"] + 1 if writes else None,
-                                        dist_info))
+        if refit_epochs:
             # The same start as the selection phase: seeded head, the same pretrained weights.
             seed_everything(cfg.random_state)
             refit_model, _ = build_model(cfg.model_name, len(class_names), cfg.pre_trained, cfg.pretrained_path,
                                          cfg.drop_rate)
-            logger.info("refit: training on train + validation (%d images) for the %d epoch(s) validation chose",
-                        len(splits.train) + len(splits.val), best_epochs)
-            refit = run_phase(phase.REFIT, cfg, run_dir, refit_model, device, splits.train + splits.val, None,
-                              stop_after=best_epochs, resume=resuming, **common)
-            refit["epochs"] = best_epochs
+            everything = splits.train + splits.val
+            logger.info("refit: training on every labelled training image (%d) for the %d epoch(s) validation chose",
+                        len(everything), refit_epochs)
+            refit = run_phase(phase.REFIT, cfg, run_dir, refit_model, device, everything, None,
+                              stop_after=refit_epochs, resume=resuming, **common)
+            refit["epochs"] = refit_epochs
             barrier(dist_info)
         if not writes:
             return {"run_dir": str(run_dir), "test_metrics": None, "epochs_run": selection["epochs_run"]}
@@ -167,6 +174,52 @@ def train(cfg: TrainConfig, run_dir: Path, device: torch.device, splits: DataSpl
         raise
     tracker.finish()
     return {"run_dir": str(run_dir), "test_metrics": result, "epochs_run": selection["epochs_run"]}
+
+
+def _cross_validate(cfg: TrainConfig, run_dir: Path, device: torch.device, splits: DataSplits, resuming: bool,
+                    common: dict[str, Any]) -> dict[str, Any]:
+    """--folds K: one selection phase per fold (in fold_<k>/), each from the same pretrained start."""
+    outcomes = []
+    for fold in range(cfg.folds):
+        train_samples, held_out = splits.fold(fold)
+        logger.info("fold %d/%d: %d training, %d held-out images", fold + 1, cfg.folds, len(train_samples),
+                    len(held_out))
+        seed_everything(cfg.random_state)
+        fold_model, _ = build_model(cfg.model_name, len(splits.class_names), cfg.pre_trained, cfg.pretrained_path,
+                                    cfg.drop_rate)
+        outcomes.append(run_phase(phase.fold_files(fold), cfg, run_dir, fold_model, device, train_samples, held_out,
+                                  stop_after=cfg.epochs, resume=resuming, **common))
+        barrier(common["dist_info"])
+    best_epochs = [o["best_epoch"] + 1 for o in outcomes]
+    logger.info("cross-validation: best epochs per fold %s", best_epochs)
+    return {"epochs_run": sum(o["epochs_run"] for o in outcomes), "seconds": sum(o["seconds"] for o in outcomes),
+            "best_epochs": best_epochs}
+
+
+def _out_of_fold(cfg: TrainConfig, run_dir: Path, model, splits: DataSplits, score, loader) -> dict[str, Any]:
+    """Every training image predicted by the fold model that held it out: the OOF report and calibration set."""
+    n_class = len(splits.class_names)
+    probs = np.zeros((len(splits.train), n_class), dtype=np.float32)
+    for fold in range(cfg.folds):
+        model.load_state_dict(load_checkpoint(run_dir / phase.fold_files(fold).best)["model"])
+        positions = [i for i, f in enumerate(splits.folds) if f == fold]
+        result = score(model, loader([splits.train[i] for i in positions]), cfg.tta, f"fold {fold + 1} held-out")
+        probs[[positions[i] for i in result["indices"]]] = result["probs"]
+    targets = np.array([s.label for s in splits.train])
+    frame = pd.DataFrame({"filepath": [s.path.relative_to(splits.root).as_posix() for s in splits.train],
+                          "label": targets, "fold": np.array(splits.folds) + 1,
+                          **{f"prob_{name}": probs[:, k] for k, name in enumerate(splits.class_names)}})
+    atomic_save(run_dir / rf.OOF_PREDICTIONS, lambda tmp: frame.to_csv(tmp, index=False))
+    metrics = classification_metrics(targets, probs.argmax(1), splits.class_names, probs)
+    atomic_write_json(run_dir / rf.OOF_METRICS, {
+        "folds": cfg.folds, "tta": cfg.tta, "per_fold_balanced_accuracy": [
+            float(classification_metrics(targets[frame["fold"] == k + 1], probs[frame["fold"] == k + 1].argmax(1),
+                                         splits.class_names)["balanced_accuracy"]) for k in range(cfg.folds)],
+        "note": "out-of-fold predictions of every training image, before temperature scaling", **metrics})
+    logger.info("out-of-fold (%d folds, %d images): accuracy %.4f, balanced accuracy %.4f, macro AUC %s",
+                cfg.folds, len(targets), metrics["accuracy"], metrics["balanced_accuracy"],
+                f"{metrics['macro_auc']:.4f}" if metrics.get("macro_auc") is not None else "n/a")
+    return {"targets": targets, "probs": probs}
 
 
 def _finish_training(cfg: TrainConfig, run_dir: Path, model, class_info: dict[str, Any], splits: DataSplits,
@@ -182,24 +235,29 @@ def _finish_training(cfg: TrainConfig, run_dir: Path, model, class_info: dict[st
     channels_last = device.type == "cuda"
     loader = lambda samples: make_loader(samples, eval_tf, cfg.batch_size, cfg.num_workers, train=False,  # noqa
                                          pin_memory=device.type == "cuda", loader=image_loader)
-    val_loader, test_loader = loader(splits.val), loader(splits.test)
+    val_loader, test_loader = (loader(splits.val) if splits.val else None), loader(splits.test)
     criterion = torch.nn.CrossEntropyLoss()
     score = lambda net, data, tta, desc: evaluate(net, data, criterion, precision,  # noqa: E731
                                                   channels_last=channels_last, desc=desc, tta=tta)
 
-    best = load_checkpoint(run_dir / rf.BEST_CKPT)
-    model.load_state_dict(best["model"])
-    val = score(model, val_loader, cfg.tta, "validation")
-    atomic_write_json(run_dir / rf.VAL_METRICS, {
-        "weights": rf.BEST_CKPT, "best_epoch": best["epoch"] + 1, "tta": cfg.tta,
-        "note": "the selected model on the held-out validation split, before temperature scaling",
-        **classification_metrics(val["targets"], val["preds"], class_names, val["probs"])})
+    if splits.folds is not None:
+        val = _out_of_fold(cfg, run_dir, model, splits, score, loader)
+        best_epoch = refit["epochs"]
+    else:
+        best = load_checkpoint(run_dir / rf.BEST_CKPT)
+        best_epoch = best["epoch"] + 1
+        model.load_state_dict(best["model"])
+        val = score(model, val_loader, cfg.tta, "validation")
+        atomic_write_json(run_dir / rf.VAL_METRICS, {
+            "weights": rf.BEST_CKPT, "best_epoch": best_epoch, "tta": cfg.tta,
+            "note": "the selected model on the held-out validation split, before temperature scaling",
+            **classification_metrics(val["targets"], val["probs"].argmax(1), class_names, val["probs"])})
     calibration = None
     temperature = 1.0
     if cfg.calibrate:
         calibration = guarded_temperature(logits_from_probs(val["probs"]), val["targets"], seed=cfg.random_state)
         temperature = calibration.temperature
-        logger.info("temperature scaling on %d held-out validation images: fitted T = %.3f, %s; using T = %.3f",
+        logger.info("temperature scaling on %d held-out images: fitted T = %.3f, %s; using T = %.3f",
                     calibration.n_images, calibration.fitted, calibration.reason, temperature)
 
     weights_name = rf.REFIT_CKPT if refit is not None else rf.BEST_CKPT
@@ -211,9 +269,9 @@ def _finish_training(cfg: TrainConfig, run_dir: Path, model, class_info: dict[st
         return {k: v for k, v in classification_metrics(result["targets"], probs.argmax(1), class_names,
                                                         probs).items() if k != "per_class"}
 
-    if refit is not None:  # the selected model as it would have been delivered without the refit
+    if refit is not None and splits.folds is None:  # the selected model as delivered without the refit
         variants["no_refit"] = headline(score(model, test_loader, cfg.tta, "test (no refit)"))
-        model.load_state_dict(delivered["model"])
+    model.load_state_dict(delivered["model"])
     test = score(model, test_loader, cfg.tta, "test")
     if cfg.tta:
         variants["no_tta"] = headline(score(model, test_loader, False, "test (no TTA)"))
@@ -232,7 +290,7 @@ def _finish_training(cfg: TrainConfig, run_dir: Path, model, class_info: dict[st
     metrics = write_classification_report(
         run_dir, test["targets"], apply_temperature(test["probs"], temperature), class_names,
         confusion_name="confusion_matrix_test",
-        extra={"weights": weights_name, "best_epoch": best["epoch"] + 1, "monitor": cfg.monitor,
+        extra={"weights": weights_name, "best_epoch": best_epoch, "folds": cfg.folds or None, "monitor": cfg.monitor,
                "refit_epochs": refit["epochs"] if refit else None, "tta": cfg.tta, "loss": test["loss"],
                "temperature": temperature, "calibration": calibration.to_dict() if calibration else None,
                "training_seconds": seconds, "variants": variants},

@@ -160,12 +160,18 @@ def cpu_latency_ms(run_dir: Path, iterations: int) -> float:
 
 def summary_row(key: str, varying: dict[str, Any], run_dir: Path, latency_iterations: int) -> dict[str, Any]:
     metrics = json.loads((run_dir / "test_metrics.json").read_text(encoding="utf-8"))
-    log = pd.read_csv(run_dir / rf.LOG_CSV)
-    best = log[log["epoch"] == metrics["best_epoch"]].iloc[0]
-    state = torch.load(run_dir / rf.BEST_CKPT, map_location="cpu", weights_only=True)["model"]
+    if (run_dir / rf.OOF_METRICS).is_file():  # --folds: the out-of-fold predictions are the validation figures
+        oof = json.loads((run_dir / rf.OOF_METRICS).read_text(encoding="utf-8"))
+        val_balanced_acc, val_macro_auc = oof["balanced_accuracy"], oof.get("macro_auc")
+    else:
+        log = pd.read_csv(run_dir / rf.LOG_CSV)
+        best = log[log["epoch"] == metrics["best_epoch"]].iloc[0]
+        val_balanced_acc = best["val_balanced_acc"]
+        val_macro_auc = best["val_macro_auc"] if pd.notna(best.get("val_macro_auc")) else None
+    state = torch.load(run_dir / metrics.get("weights", rf.BEST_CKPT), map_location="cpu", weights_only=True)["model"]
     n_params = sum(t.numel() for name, t in state.items() if t.is_floating_point())
-    return {"run": key, **varying, "val_balanced_acc": round(float(best["val_balanced_acc"]), 4),
-            "val_macro_auc": round(float(best["val_macro_auc"]), 4) if pd.notna(best.get("val_macro_auc")) else None,
+    return {"run": key, **varying, "val_balanced_acc": round(float(val_balanced_acc), 4),
+            "val_macro_auc": round(float(val_macro_auc), 4) if val_macro_auc is not None else None,
             "test_accuracy": round(metrics["accuracy"], 4), "test_balanced_acc": round(metrics["balanced_accuracy"], 4),
             "test_macro_f1": round(metrics["macro_f1"], 4),
             "test_macro_auc": round(metrics["macro_auc"], 4) if metrics.get("macro_auc") is not None else None,

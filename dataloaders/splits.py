@@ -5,12 +5,14 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from dataloaders.discovery import DatasetIndex, Sample
 from utils.atomic import atomic_path
 from utils.errors import UserError
 
 SPLIT_NAMES = ("train", "val", "test")
+FOLDS_CSV = "folds.csv"  # --folds K: each training image's fold (1..K)
 
 
 @dataclass
@@ -21,6 +23,14 @@ class DataSplits:
     val: list[Sample]
     test: list[Sample]
     skipped: list[tuple[Path, str]]
+    folds: Optional[list[int]] = None  # --folds K: each train sample's fold (0..K-1); val is then empty
+
+    def fold(self, k: int) -> tuple[list[Sample], list[Sample]]:
+        """Fold ``k``'s training images (every other fold) and held-out images."""
+        assert self.folds is not None
+        train = [s for s, f in zip(self.train, self.folds) if f != k]
+        held_out = [s for s, f in zip(self.train, self.folds) if f == k]
+        return train, held_out
 
     def counts(self) -> dict[str, dict[str, int]]:
         return {split: {name: sum(s.label == i for s in getattr(self, split)) for i, name in
@@ -44,7 +54,30 @@ def stratified_split(samples: list[Sample], val_ratio: float, seed: int,
     return sorted(train, key=order), sorted(val, key=order)
 
 
-def split_dataset(index: DatasetIndex, val_ratio: float, seed: int) -> DataSplits:
+def assign_folds(samples: list[Sample], k: int, seed: int, class_names: list[str]) -> list[int]:
+    """Stratified K-fold assignment (scikit-learn, seeded): every image in exactly one fold."""
+    from sklearn.model_selection import StratifiedKFold
+
+    labels = [s.label for s in samples]
+    smallest = min(range(len(class_names)), key=labels.count)
+    if labels.count(smallest) < k:
+        raise UserError(f"--folds {k} is more than class {class_names[smallest]!r} has training images "
+                        f"({labels.count(smallest)}); use --folds {max(labels.count(smallest), 2)} or fewer, or 0 "
+                        f"for one validation split")
+    folds = [0] * len(samples)
+    splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    for fold, (_, held_out) in enumerate(splitter.split(samples, labels)):
+        for i in held_out:
+            folds[i] = fold
+    return folds
+
+
+def split_dataset(index: DatasetIndex, val_ratio: float, seed: int, folds: int = 0) -> DataSplits:
+    if folds:
+        order = lambda s: (s.label, s.path.as_posix())  # noqa: E731
+        train = sorted(index.train, key=order)
+        return DataSplits(index.root, index.class_names, train, [], index.test, index.skipped,
+                          folds=assign_folds(train, folds, seed, index.class_names))
     train, val = stratified_split(index.train, val_ratio, seed, index.class_names)
     return DataSplits(index.root, index.class_names, train, val, index.test, index.skipped)
 
@@ -71,8 +104,20 @@ def save_splits(run_dir: Path, splits: DataSplits) -> None:
         writer = csv.writer(handle)
         writer.writerow(["filepath", "reason"])
         writer.writerows([p.as_posix(), reason] for p, reason in splits.skipped)
+    if splits.folds is not None:
+        with atomic_path(run_dir / FOLDS_CSV) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["filepath", "label", "class_name", "fold"])
+            for s, fold in zip(splits.train, splits.folds):
+                writer.writerow([s.path.relative_to(splits.root).as_posix(), s.label, splits.class_names[s.label],
+                                 fold + 1])
 
 
 def load_splits(run_dir: Path, root: Path, class_names: list[str]) -> DataSplits:
     lists = {split: read_split_csv(run_dir / f"split_{split}.csv", root) for split in SPLIT_NAMES}
-    return DataSplits(root, class_names, lists["train"], lists["val"], lists["test"], skipped=[])
+    folds = None
+    if (run_dir / FOLDS_CSV).is_file():
+        with open(run_dir / FOLDS_CSV, newline="", encoding="utf-8") as handle:
+            by_path = {row["filepath"]: int(row["fold"]) - 1 for row in csv.DictReader(handle)}
+        folds = [by_path[s.path.relative_to(root).as_posix()] for s in lists["train"]]
+    return DataSplits(root, class_names, lists["train"], lists["val"], lists["test"], skipped=[], folds=folds)

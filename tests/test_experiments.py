@@ -111,7 +111,8 @@ def test_torchrun_two_cpu_processes_write_one_run_folder(lesion_dataset, tmp_pat
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(_free_port()), str(ROOT / "main.py"),
-           *train_args(lesion_dataset, tmp_path / "runs", "--epochs", "2", "--img_size", "48", "--batch_size", "8")]
+           *train_args(lesion_dataset, tmp_path / "runs", "--epochs", "2", "--img_size", "48", "--batch_size", "8",
+                       "--refit", "True")]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     runs = sorted((tmp_path / "runs").glob("dataset+demo/model+*/*"))
@@ -121,5 +122,8 @@ def test_torchrun_two_cpu_processes_write_one_run_folder(lesion_dataset, tmp_pat
     assert list(log["epoch"]) == [1, 2]
     metrics = json.loads((run / "test_metrics.json").read_text())
     assert metrics["n_images"] == 16 * 3  # the whole test split, evaluated once
+    # the refit ran on both processes and rank 0 delivered it
+    assert metrics["weights"] == "model_refit.pth" and (run / "model_refit.pth").is_file()
+    assert list(pd.read_csv(run / "refit_log.csv")["epoch"]) == list(range(1, metrics["best_epoch"] + 1))
     assert json.loads((run / "run_status.json").read_text())["state"] == "finished"
     assert done.stderr.count("done: ") + done.stdout.count("done: ") == 1  # rank 0 alone reports

@@ -172,3 +172,82 @@ def test_mixup_cutmix_and_layer_decay_train(lesion_dataset, tmp_path):
     result = train(train_args(lesion_dataset, tmp_path, "--epochs", "1", "--mixup", "0.2", "--cutmix", "1.0",
                               "--layer_decay", "0.8"))
     assert result["test_metrics"]["n_images"] == 48
+
+
+@pytest.fixture(scope="module")
+def folds_run(lesion_dataset, tmp_path_factory):
+    seen = {}
+    real_run_phase = phase.run_phase
+
+    def spy(files, cfg, run_dir, model, device, train_samples, val_samples, **kwargs):
+        seen[files.name] = (list(train_samples), list(val_samples) if val_samples is not None else None)
+        return real_run_phase(files, cfg, run_dir, model, device, train_samples, val_samples, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(main, "run_phase", spy)
+        result = train(train_args(lesion_dataset, tmp_path_factory.mktemp("folds"), "--folds", "3", "--epochs", "1"))
+    return Path(result["run_dir"]), seen
+
+
+@pytest.mark.slow
+def test_folds_never_share_an_image_and_the_refit_uses_all_of_them(folds_run, lesion_dataset):
+    run_dir, seen = folds_run
+    folds = pd.read_csv(run_dir / "folds.csv")
+    trainset = {p.relative_to(lesion_dataset).as_posix() for p in (lesion_dataset / "trainset").rglob("*.jpg")}
+    assert set(folds["filepath"]) == trainset and folds["filepath"].is_unique
+    assert sorted(folds["fold"].unique()) == [1, 2, 3]
+    assert folds.groupby("fold")["label"].nunique().eq(3).all()  # stratified: every class in every fold
+    held_outs = []
+    for k in (1, 2, 3):
+        fold_train, held_out = (relative(samples, lesion_dataset) for samples in seen[f"fold {k}"])
+        assert not fold_train & held_out
+        assert held_out == set(folds.loc[folds["fold"] == k, "filepath"])
+        assert fold_train | held_out == trainset
+        held_outs.append(held_out)
+        assert (run_dir / f"fold_{k}" / rf.BEST_CKPT).is_file()
+    assert sum(map(len, held_outs)) == len(trainset)
+    assert relative(seen["refit"][0], lesion_dataset) == trainset
+
+    oof = pd.read_csv(run_dir / rf.OOF_PREDICTIONS)
+    assert set(oof["filepath"]) == trainset
+    assert {"label", "fold", "prob_benign", "prob_malignant", "prob_normal"} <= set(oof.columns)
+    info = json.loads((run_dir / rf.CLASS_INFO).read_text())
+    assert info["weights"] == rf.REFIT_CKPT and info["calibration"]["n_images"] == len(trainset)
+    assert json.loads((run_dir / rf.OOF_METRICS).read_text())["n_images"] == len(trainset)
+
+
+@pytest.mark.slow
+def test_folds_run_resumes_after_an_interruption(folds_run, lesion_dataset, tmp_path, monkeypatch):
+    straight, _ = folds_run
+    real_save = phase.save_checkpoint
+
+    def save_then_interrupt(path, state):
+        real_save(path, state)
+        if path.parent.name == "fold_2":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(phase, "save_checkpoint", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train(train_args(lesion_dataset, tmp_path, "--folds", "3", "--epochs", "1"))
+    monkeypatch.undo()
+    (run_dir,) = (tmp_path / "dataset+demo" / f"model+{TINY_MODEL}").iterdir()
+    assert not (run_dir / "fold_3").exists()
+    train(["--resume", str(run_dir), "--num_workers", "0"])
+    resumed = torch.load(run_dir / rf.REFIT_CKPT, weights_only=True)["model"]
+    reference = torch.load(straight / rf.REFIT_CKPT, weights_only=True)["model"]
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+
+
+@pytest.mark.parametrize("folds,message", [("1", "use at least 2 folds"), ("99", "more than class")])
+def test_bad_folds_value_is_a_one_line_error(lesion_dataset, tmp_path, folds, message):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    done = subprocess.run([sys.executable, str(ROOT / "main.py"),
+                           *train_args(lesion_dataset, tmp_path / "runs", "--folds", folds)],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2 and message in done.stderr
+    assert done.stderr.strip().count("\n") == 0 and "Traceback" not in done.stderr
+    assert not (tmp_path / "runs").exists()

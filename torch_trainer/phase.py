@@ -38,14 +38,23 @@ AUTO_BALANCE_RATIO = 1.5
 
 @dataclass(frozen=True)
 class PhaseFiles:
+    """Where a phase keeps its checkpoints and log, relative to the run folder."""
     name: str
-    last: str                 # checkpoint after every epoch (resume)
+    last: str                   # checkpoint after every epoch (resume)
     log: str
-    best: Optional[str] = None  # selection phase only
+    best: Optional[str] = None  # phases with validation: the best epoch's checkpoint
+    resumable_only: bool = False  # --resume needs its checkpoint (the selection phase of a one-split run)
 
 
-SELECT = PhaseFiles("select", rf.LAST_CKPT, rf.LOG_CSV, rf.BEST_CKPT)
+SELECT = PhaseFiles("select", rf.LAST_CKPT, rf.LOG_CSV, rf.BEST_CKPT, resumable_only=True)
 REFIT = PhaseFiles("refit", rf.REFIT_CKPT, rf.REFIT_LOG_CSV)
+
+
+def fold_files(fold: int) -> PhaseFiles:
+    """Fold ``fold`` (0-based) of --folds K, in its own sub-folder ``fold_<fold+1>/``."""
+    folder = rf.fold_dir_name(fold)
+    return PhaseFiles(f"fold {fold + 1}", f"{folder}/{rf.LAST_CKPT}", f"{folder}/{rf.LOG_CSV}",
+                      f"{folder}/{rf.BEST_CKPT}")
 
 
 def resolve_sampler(cfg: TrainConfig, labels: list[int], n_class: int, distributed: bool) -> str:
@@ -142,8 +151,9 @@ def run_phase(files: PhaseFiles, cfg: TrainConfig, run_dir: Path, model: torch.n
     state = FitState()
 
     last_path = run_dir / files.last
-    if resume and last_path.is_file():
-        ckpt = load_checkpoint(last_path)
+    last_path.parent.mkdir(parents=True, exist_ok=True)
+    if resume and (last_path.is_file() or files.resumable_only):
+        ckpt = load_checkpoint(last_path)  # a one-line error when the selection phase never saved an epoch
         model.load_state_dict(ckpt.get("model_train", ckpt["model"]))
         if ema is not None:
             ema.module.load_state_dict(ckpt["model"])
@@ -179,7 +189,7 @@ def run_phase(files: PhaseFiles, cfg: TrainConfig, run_dir: Path, model: torch.n
             return
         # The log row first: if the process stops before the checkpoint, --resume restarts from the previous
         # checkpoint and drops the rows after it; the other way round the row would be lost.
-        rf.append_log_row(run_dir, row, name=files.log)
+        rf.append_log_row(run_dir, row, name=files.log, with_validation=val is not None)
         tracker.log({f"{files.name}/{k}" if files.name != "select" else k: v for k, v in row.items()},
                     step=epoch + 1 if files.name == "select" else None)
         metric = ({"monitor": cfg.monitor, "val_loss": val["loss"], "val_balanced_acc": val["balanced_acc"],

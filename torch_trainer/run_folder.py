@@ -7,6 +7,8 @@ save_results/dataset+<data>/model+<model>/<YYYY-MM-DD_HH-MM-SS>/
     model_refit.pth, refit_log.csv    the refit on train + validation (--refit), the delivered model when present
     log.csv, learning_curves.png, train.log, run_status.json
     val_metrics.json     the selected model on the held-out validation split (before the refit saw it)
+    --folds K: folds.csv, fold_<k>/ (log.csv, model_best.pth, model_last.pth), oof_metrics.json,
+               oof_predictions.csv (every training image predicted by the fold model that did not train on it)
     split_train.csv / split_val.csv / split_test.csv, skipped_files.csv
     test_metrics.json, per_class_metrics.csv, roc_curves.png, reliability_diagram.png,
     confusion_matrix_test.csv, confusion_matrix_test.png
@@ -35,6 +37,8 @@ REFIT_CKPT = "model_refit.pth"
 LOG_CSV = "log.csv"
 REFIT_LOG_CSV = "refit_log.csv"
 VAL_METRICS = "val_metrics.json"
+OOF_METRICS = "oof_metrics.json"
+OOF_PREDICTIONS = "oof_predictions.csv"
 STATUS = "run_status.json"
 LOG_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_acc", "val_macro_auc", "lr",
                "epoch_seconds", "train_images_per_s", "data_loading_fraction"]
@@ -106,18 +110,24 @@ def write_status(run_dir: Path, state: str, **details: Any) -> None:
                                          **details})
 
 
-def append_log_row(run_dir: Path, row: dict[str, Any], name: str = LOG_CSV) -> pd.DataFrame:
-    """Add an epoch's row to ``log.csv`` (and redraw the learning curves) or to ``refit_log.csv``."""
-    columns = LOG_COLUMNS if name == LOG_CSV else REFIT_LOG_COLUMNS
+def append_log_row(run_dir: Path, row: dict[str, Any], name: str = LOG_CSV,
+                   with_validation: bool = True) -> pd.DataFrame:
+    """Add an epoch's row to a phase's log (``log.csv``, ``fold_<k>/log.csv``: and redraw its learning curves) or,
+    without validation columns, to ``refit_log.csv``."""
+    columns = LOG_COLUMNS if with_validation else REFIT_LOG_COLUMNS
     path = run_dir / name
     log = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=columns)
     log = log[log["epoch"] < row["epoch"]]  # a resumed run replaces rows past its checkpoint
     new_row = pd.DataFrame([row], columns=columns)
     log = pd.concat([log, new_row], ignore_index=True) if len(log) else new_row
     atomic_save(path, lambda tmp: log.to_csv(tmp, index=False))
-    if name == LOG_CSV:
-        plot_learning_curves(log, run_dir / "learning_curves.png")
+    if with_validation:
+        plot_learning_curves(log, path.parent / "learning_curves.png")
     return log
+
+
+def fold_dir_name(fold: int) -> str:
+    return f"fold_{fold + 1}"
 
 
 def delivered_weights(class_info: dict[str, Any]) -> str:
