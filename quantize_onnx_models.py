@@ -123,7 +123,10 @@ def onnx_metadata(class_info: dict[str, Any], run_dir: Path, precision: str) -> 
             "interpolation": pre["interpolation"], "crop_pct": str(pre["crop_pct"]), "crop_mode": pre["crop_mode"],
             "source_run": str(run_dir), "precision": precision, "output": "logits",
             # Divide the logits by this before softmax for calibrated probabilities (1.0 = not calibrated).
-            "temperature": str(class_info.get("temperature", 1.0))}
+            "temperature": str(class_info.get("temperature", 1.0)),
+            # "true": the run was tested on the mean logits of the image and its horizontal mirror (inference.py's
+            # default for it); run the model on both and average before dividing by the temperature.
+            "tta": str(bool(class_info.get("tta", False))).lower()}
 
 
 def _set_metadata(path: Path, metadata: dict[str, str]) -> None:

@@ -36,6 +36,7 @@ def test_export_writes_verified_self_describing_models(exported, tiny_run):
         assert json.loads(meta["std"]) == info["preprocessing"]["std"]
         assert json.loads(meta["input_size"]) == info["preprocessing"]["input_size"]
         assert meta["source_run"] == str(tiny_run) and meta["precision"] == precision
+        assert float(meta["temperature"]) == info["temperature"] and meta["tta"] == "true"
     assert report["fp32_max_prob_diff"] <= qom.FP32_PROB_TOLERANCE
     assert report["fp32_accuracy"] == report["torch_accuracy"]
     assert report["verify_images"] == 48  # the whole synthetic test split

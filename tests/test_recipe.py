@@ -127,6 +127,18 @@ def test_calibration_guard_keeps_t_1_when_fitting_does_not_help():
     assert result.cv_nll_fitted < result.cv_nll_identity
 
 
+def test_calibration_guard_sharpens_only_on_strong_evidence():
+    logits = np.random.default_rng(0).normal(size=(600, 3)) * 2
+    targets = _sampled_labels(logits, 1)
+    # Logits at 0.85x: mildly under-confident; the fit sharpens (T < 1) for a gain below the 10% bar.
+    mild = guarded_temperature(logits * 0.85, targets)
+    assert mild.fitted < 1.0 and mild.cv_nll_fitted < mild.cv_nll_identity
+    assert mild.temperature == 1.0 and "sharpening needs 10.0%" in mild.reason
+    # Logits at 0.25x: strongly under-confident; the gain clears the bar and T goes well below 1.
+    strong = guarded_temperature(logits * 0.25, targets)
+    assert strong.accepted and strong.temperature < 0.5
+
+
 def test_calibration_guard_warns_about_a_small_calibration_set(caplog):
     logits = np.random.default_rng(0).normal(size=(60, 3)) * 8
     guarded_temperature(logits, _sampled_labels(logits / 8, 2))

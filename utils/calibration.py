@@ -2,7 +2,9 @@
 
 ``guarded_temperature`` only moves T away from 1.0 when that lowers the NLL of predictions the fit has not seen
 (K-fold cross-validation over the calibration set): a T fitted on a few hundred images can otherwise sharpen an
-already over-confident model.
+already over-confident model. Sharpening (T < 1) needs far stronger evidence than softening: the calibration
+predictions come from the split that also chose the best epoch, so the model looks better there than on new photos
+and a fitted T is biased towards sharpening.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ CV_FOLDS = 5
 # Below these a fitted temperature is a guess: too few images, or too few errors to tell confidence from luck.
 MIN_CALIBRATION_IMAGES = 200
 MIN_CALIBRATION_ERRORS = 20
-# The held-out NLL must fall by at least this share before T moves: smaller gains are within fitting noise.
-MIN_RELATIVE_NLL_GAIN = 0.005
+# The held-out NLL must fall by at least this share before T moves: smaller gains are within fitting noise, and a
+# sharpening T (< 1) must clear a much higher bar (selection bias, see above).
+MIN_NLL_GAIN_SOFTEN = 0.005
+MIN_NLL_GAIN_SHARPEN = 0.10
 
 
 def fit_temperature(logits: np.ndarray, targets: np.ndarray) -> float:
@@ -85,8 +89,8 @@ class CalibrationResult:
 def guarded_temperature(logits: np.ndarray, targets: np.ndarray, folds: int = CV_FOLDS,
                         seed: int = 0) -> CalibrationResult:
     """Temperature scaling that holds on unseen data: the T fitted on all of ``logits`` is used only when, in
-    ``folds``-fold cross-validation, temperatures fitted on the other folds lower the held-out folds' NLL at least
-    0.5% below T = 1; otherwise T stays 1.0. Warns when the calibration set is too small to trust."""
+    ``folds``-fold cross-validation, temperatures fitted on the other folds lower the held-out folds' NLL below
+    T = 1 by at least 0.5% (softening, T > 1) or 10% (sharpening, T < 1); otherwise T stays 1.0. Warns when the calibration set is too small to trust."""
     logits, targets = np.asarray(logits, dtype=np.float64), np.asarray(targets)
     n_images = len(targets)
     n_errors = int((logits.argmax(1) != targets).sum()) if n_images else 0
@@ -102,9 +106,12 @@ def guarded_temperature(logits: np.ndarray, targets: np.ndarray, folds: int = CV
         held_fitted.append(nll(logits[fold], targets[fold], t_fold) * len(fold))
         held_identity.append(nll(logits[fold], targets[fold]) * len(fold))
     cv_fitted, cv_identity = sum(held_fitted) / n_images, sum(held_identity) / n_images
-    accepted = cv_fitted < cv_identity * (1 - MIN_RELATIVE_NLL_GAIN)
-    reason = ("cross-validated NLL %.4f < %.4f at T = 1" if accepted else
-              "cross-validated NLL %.4f is not 0.5%% below %.4f at T = 1, so T stays 1.0") % (cv_fitted, cv_identity)
+    needed = MIN_NLL_GAIN_SHARPEN if fitted < 1.0 else MIN_NLL_GAIN_SOFTEN
+    gain = 1 - cv_fitted / cv_identity
+    accepted = gain >= needed
+    reason = (f"cross-validated NLL {cv_fitted:.4f} vs {cv_identity:.4f} at T = 1 ({100 * gain:+.1f}%; "
+              f"{'sharpening' if fitted < 1.0 else 'softening'} needs {100 * needed:.1f}%)"
+              + ("" if accepted else ", so T stays 1.0"))
     if n_images < MIN_CALIBRATION_IMAGES or n_errors < MIN_CALIBRATION_ERRORS:
         logger.warning("temperature scaling: only %d calibration images with %d errors (want >= %d and >= %d); "
                        "treat the calibrated probabilities with caution", n_images, n_errors,
