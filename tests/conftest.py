@@ -38,6 +38,21 @@ def train_args(data_dir: Path, save_dir: Path, *extra: str) -> list[str]:
             "--lr_ae", "0.005", "--num_workers", "0", "--save_dir", str(save_dir), "--refit", "False", *extra]
 
 
+def interrupt_after_checkpoint(monkeypatch, when) -> None:
+    """Make training stop with KeyboardInterrupt (as Ctrl-C would) right after writing a checkpoint for which
+    ``when(path, state)`` holds; ``monkeypatch.undo()`` restores normal saving."""
+    from torch_trainer import phase
+
+    real_save = phase.save_checkpoint
+
+    def save_then_interrupt(path, state):
+        real_save(path, state)
+        if when(path, state):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(phase, "save_checkpoint", save_then_interrupt)
+
+
 @pytest.fixture(scope="session")
 def tiny_run(lesion_dataset, tmp_path_factory) -> Path:
     """A finished run folder of the tiny model, shared by the tests that read run folders back."""

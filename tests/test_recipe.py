@@ -11,7 +11,7 @@ import torch
 import main
 from configs import TrainConfig
 from dataloaders.transforms import build_eval_transform, resolve_preprocessing
-from tests.conftest import TINY_MODEL, train_args
+from tests.conftest import TINY_MODEL, interrupt_after_checkpoint, train_args
 from torch_trainer import phase
 from torch_trainer import run_folder as rf
 from torch_trainer.checkpoint import load_run_model
@@ -90,14 +90,7 @@ def test_ema_weights_are_what_gets_saved_evaluated_and_exported(refit_run):
 def test_run_interrupted_during_the_refit_resumes_to_the_same_model(refit_run, lesion_dataset, tmp_path,
                                                                      monkeypatch):
     straight, _ = refit_run
-    real_save = phase.save_checkpoint
-
-    def save_then_interrupt(path, state):
-        real_save(path, state)
-        if path.name == rf.REFIT_CKPT and state["epoch"] == 0:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(phase, "save_checkpoint", save_then_interrupt)
+    interrupt_after_checkpoint(monkeypatch, lambda path, state: path.name == rf.REFIT_CKPT and state["epoch"] == 0)
     with pytest.raises(KeyboardInterrupt):
         train(train_args(lesion_dataset, tmp_path, "--refit", "True"))
     monkeypatch.undo()
@@ -231,14 +224,7 @@ def test_folds_never_share_an_image_and_the_refit_uses_all_of_them(folds_run, le
 @pytest.mark.slow
 def test_folds_run_resumes_after_an_interruption(folds_run, lesion_dataset, tmp_path, monkeypatch):
     straight, _ = folds_run
-    real_save = phase.save_checkpoint
-
-    def save_then_interrupt(path, state):
-        real_save(path, state)
-        if path.parent.name == "fold_2":
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(phase, "save_checkpoint", save_then_interrupt)
+    interrupt_after_checkpoint(monkeypatch, lambda path, state: path.parent.name == "fold_2")
     with pytest.raises(KeyboardInterrupt):
         train(train_args(lesion_dataset, tmp_path, "--folds", "3", "--epochs", "1"))
     monkeypatch.undo()

@@ -10,8 +10,7 @@ import pytest
 import torch
 
 import main
-from tests.conftest import ROOT, train_args
-from torch_trainer import phase
+from tests.conftest import ROOT, interrupt_after_checkpoint, train_args
 from torch_trainer import run_folder as rf
 
 pytestmark = pytest.mark.slow
@@ -93,14 +92,7 @@ def test_same_seed_gives_the_same_log(two_runs):
 
 def test_interrupted_run_resumes_to_the_same_result(lesion_dataset, tmp_path, monkeypatch, two_runs):
     straight = two_runs[0]
-    real_save = phase.save_checkpoint
-
-    def save_then_interrupt(path, state):
-        real_save(path, state)
-        if path.name == rf.LAST_CKPT and state["epoch"] == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(phase, "save_checkpoint", save_then_interrupt)
+    interrupt_after_checkpoint(monkeypatch, lambda path, state: path.name == rf.LAST_CKPT and state["epoch"] == 1)
     with pytest.raises(KeyboardInterrupt):
         train(train_args(lesion_dataset, tmp_path, "--epochs", "3"))
     monkeypatch.undo()
