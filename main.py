@@ -154,10 +154,7 @@ def train(cfg: TrainConfig, run_dir: Path, device: torch.device, splits: DataSpl
                                           dist_info)) if cfg.refit else 0)
         refit = None
         if refit_epochs:
-            # The same start as the selection phase: seeded head, the same pretrained weights.
-            seed_everything(cfg.random_state)
-            refit_model, _ = build_model(cfg.model_name, len(class_names), cfg.pre_trained, cfg.pretrained_path,
-                                         cfg.drop_rate)
+            refit_model = _fresh_model(cfg, len(class_names))
             everything = splits.train + splits.val
             logger.info("refit: training on every labelled training image (%d) for the %d epoch(s) validation chose",
                         len(everything), refit_epochs)
@@ -176,6 +173,13 @@ def train(cfg: TrainConfig, run_dir: Path, device: torch.device, splits: DataSpl
     return {"run_dir": str(run_dir), "test_metrics": result, "epochs_run": selection["epochs_run"]}
 
 
+def _fresh_model(cfg: TrainConfig, n_class: int) -> torch.nn.Module:
+    """The start every phase shares: the same pretrained weights and the same seeded head."""
+    seed_everything(cfg.random_state)
+    model, _ = build_model(cfg.model_name, n_class, cfg.pre_trained, cfg.pretrained_path, cfg.drop_rate)
+    return model
+
+
 def _cross_validate(cfg: TrainConfig, run_dir: Path, device: torch.device, splits: DataSplits, resuming: bool,
                     common: dict[str, Any]) -> dict[str, Any]:
     """--folds K: one selection phase per fold (in fold_<k>/), each from the same pretrained start."""
@@ -184,9 +188,7 @@ def _cross_validate(cfg: TrainConfig, run_dir: Path, device: torch.device, split
         train_samples, held_out = splits.fold(fold)
         logger.info("fold %d/%d: %d training, %d held-out images", fold + 1, cfg.folds, len(train_samples),
                     len(held_out))
-        seed_everything(cfg.random_state)
-        fold_model, _ = build_model(cfg.model_name, len(splits.class_names), cfg.pre_trained, cfg.pretrained_path,
-                                    cfg.drop_rate)
+        fold_model = _fresh_model(cfg, len(splits.class_names))
         outcomes.append(run_phase(phase.fold_files(fold), cfg, run_dir, fold_model, device, train_samples, held_out,
                                   stop_after=cfg.epochs, resume=resuming, **common))
         barrier(common["dist_info"])
@@ -261,7 +263,7 @@ def _finish_training(cfg: TrainConfig, run_dir: Path, model, class_info: dict[st
                     calibration.n_images, calibration.fitted, calibration.reason, temperature)
 
     weights_name = rf.REFIT_CKPT if refit is not None else rf.BEST_CKPT
-    delivered = load_checkpoint(run_dir / weights_name)
+    delivered = load_checkpoint(run_dir / rf.REFIT_CKPT) if refit is not None else best
     variants: dict[str, dict[str, Any]] = {}
 
     def headline(result: dict) -> dict[str, Any]:

@@ -43,10 +43,10 @@ class PhaseFiles:
     last: str                   # checkpoint after every epoch (resume)
     log: str
     best: Optional[str] = None  # phases with validation: the best epoch's checkpoint
-    resumable_only: bool = False  # --resume needs its checkpoint (the selection phase of a one-split run)
+    required_on_resume: bool = False  # --resume fails without its checkpoint (the selection phase of a one-split run)
 
 
-SELECT = PhaseFiles("select", rf.LAST_CKPT, rf.LOG_CSV, rf.BEST_CKPT, resumable_only=True)
+SELECT = PhaseFiles("select", rf.LAST_CKPT, rf.LOG_CSV, rf.BEST_CKPT, required_on_resume=True)
 REFIT = PhaseFiles("refit", rf.REFIT_CKPT, rf.REFIT_LOG_CSV)
 
 
@@ -115,14 +115,12 @@ def run_phase(files: PhaseFiles, cfg: TrainConfig, run_dir: Path, model: torch.n
     train_tf = build_train_transform(preprocessing, min_crop_scale=cfg.min_crop_scale, vflip=cfg.vflip,
                                      color_jitter=cfg.color_jitter, randaugment=cfg.randaugment)
     labels = [sample.label for sample in train_samples]
-    if dist_info.enabled:
+    choice = resolve_sampler(cfg, labels, len(class_names), dist_info.enabled)
+    if dist_info.enabled:  # torchrun: always random (main() refuses an explicit --sampler balanced there)
         sampler = DistributedSampler(train_samples, dist_info.world_size, dist_info.rank, shuffle=True,
                                      seed=cfg.random_state)
     else:
-        use_balanced = resolve_sampler(cfg, labels, len(class_names), False) == "balanced"
-        sampler = balanced_sampler(labels, generator) if use_balanced else None
-    if dist_info.enabled:
-        resolve_sampler(cfg, labels, len(class_names), True)  # only to warn
+        sampler = balanced_sampler(labels, generator) if choice == "balanced" else None
     train_loader = make_loader(train_samples, train_tf, cfg.batch_size, cfg.num_workers, train=True,
                                generator=generator, pin_memory=pin, loader=image_loader, sampler=sampler)
     val_loader = None
@@ -152,7 +150,7 @@ def run_phase(files: PhaseFiles, cfg: TrainConfig, run_dir: Path, model: torch.n
 
     last_path = run_dir / files.last
     last_path.parent.mkdir(parents=True, exist_ok=True)
-    if resume and (last_path.is_file() or files.resumable_only):
+    if resume and (last_path.is_file() or files.required_on_resume):
         ckpt = load_checkpoint(last_path)  # a one-line error when the selection phase never saved an epoch
         model.load_state_dict(ckpt.get("model_train", ckpt["model"]))
         if ema is not None:
