@@ -37,7 +37,7 @@ demo: $(INSTALLED) $(DEMO_DATA)/trainset
 	$(PY) inference.py --model_path $$run --inference_folder $(DEMO_DATA)/testset \
 		--inference_output inference_results/demo --generate_gradcam --device cpu && \
 	$(PY) quantize_onnx_models.py --model_path $$run --output_dir onnx_models --skip_segmentation && \
-	$(PY) benchmark.py --pytorch_model_path $$run --onnx_model_dir onnx_models --iterations 20 --warmup 3 \
+	$(PY) benchmark.py --model_path $$run --onnx_model_dir onnx_models --iterations 20 --warmup 3 \
 		--batch_sizes 1,8 && \
 	echo "run folder: $$run" && \
 	echo "ONNX models: onnx_models/clf_model.onnx (FP32), onnx_models/clf_model_int8.onnx (INT8)" && \

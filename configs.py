@@ -13,22 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, get_type_hints
 
+from utils.cli import DEVICE_CHOICES, NUM_WORKERS_HELP, str2bool  # noqa: F401 - str2bool is re-exported
 from utils.errors import UserError
 
-TRUE_STRINGS = {"true", "1", "yes", "y", "on"}
-FALSE_STRINGS = {"false", "0", "no", "n", "off"}
-
-
-def str2bool(value: str | bool) -> bool:
-    """Parse ``True/False`` (any case), ``1/0``, ``yes/no``: the original README writes ``--pre_trained True``."""
-    if isinstance(value, bool):
-        return value
-    lowered = str(value).strip().lower()
-    if lowered in TRUE_STRINGS:
-        return True
-    if lowered in FALSE_STRINGS:
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
 
 
 def _opt(default: Any, help: str, choices: Optional[list] = None, **extra: Any) -> Any:
@@ -53,7 +40,7 @@ class TrainConfig:
     # --- data ---
     data_dir: Optional[str] = _opt(None, "dataset root holding trainset/ and testset/ (default data/<data_name>_dataset)")
     val_ratio: float = _opt(0.2, "share of trainset held out (stratified) for validation")
-    num_workers: int = _opt(4, "DataLoader worker processes (capped at the CPU count; 0 loads in the main process)")
+    num_workers: int = _opt(4, NUM_WORKERS_HELP)
     randaugment: bool = _opt(False, "add RandAugment (rand-m9-mstd0.5) to the training augmentation")
     color_jitter: float = _opt(0.2, "brightness/contrast/saturation jitter strength (no hue shift: colour is diagnostic)")
     vflip: float = _opt(0.0, "vertical flip probability (0.5 suits dermoscopy; keep 0 for upright face photos)")
@@ -114,7 +101,7 @@ class TrainConfig:
                         choices=["val_balanced_acc", "val_loss"])
 
     # --- runtime ---
-    device: str = _opt("auto", "where to train", choices=["auto", "cpu", "cuda"])
+    device: str = _opt("auto", "where to train; auto = cuda when a GPU is visible, else cpu", choices=list(DEVICE_CHOICES))
     amp: bool = _opt(True, "mixed precision on CUDA (bf16 where supported, else fp16); ignored on CPU")
     deterministic: bool = _opt(False, "deterministic kernels (slower on GPU; see REPRODUCIBILITY.md)")
     save_dir: str = _opt("save_results", "root folder for run folders")
@@ -206,7 +193,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, config_cls: type = 
             kwargs["type"] = (lambda s: str(s).lower()) if f.metadata.get("lower") else kind
         if f.metadata.get("choices"):
             kwargs["choices"] = f.metadata["choices"]
-        kwargs["help"] += " (default: %(default)s)"
+        if "(default:" not in kwargs["help"]:  # a help text that words its own default keeps it
+            kwargs["help"] += " (default: %(default)s)"
         parser.add_argument(f"--{f.name}", **kwargs)
 
 

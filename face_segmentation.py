@@ -12,117 +12,31 @@ per-part shares; unreadable files are listed in skipped.csv.
 from __future__ import annotations
 
 import argparse
-import csv
-import logging
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
-from PIL import Image
-from tqdm import tqdm
-
-from dataloaders.image_io import failure_reason, load_rgb
+from dataloaders.face_parsing import build_face_parser, segmentation_flags
 from dataloaders.inference_data import collect_inference_images
-from dataloaders.skin_region import make_skin_region, parse_parts_flag, part_names, select_parts, skin_mask
-from utils.atomic import atomic_path, atomic_save, atomic_write_json
-from utils.cli import run_cli
-from utils.face_parsing import SEG_BACKENDS, FaceParser, build_face_parser, colour_overlay
+from dataloaders.segmentation_outputs import segment_folder
+from utils.cli import device_flags, run_cli
+from utils.device import select_device
 from utils.logging_setup import setup_logging
-from utils.paths import safe_output_path
-
-logger = logging.getLogger(__name__)
-
-
-def add_segmentation_arguments(parser: argparse.ArgumentParser) -> None:
-    """The face-parser flags shared by face_segmentation.py and inference_with_segmentation.py."""
-    parser.add_argument("--seg_backend", choices=list(SEG_BACKENDS), default="segformer",
-                        help="segformer (transformers), onnx (exported seg_model.onnx) or opencv (Haar face + "
-                             "skin colour heuristic, no weights) (default: %(default)s)")
-    parser.add_argument("--seg_model", default=None,
-                        help="segformer: Hugging Face id or local folder (default jonathandinu/face-parsing); "
-                             "onnx: path (default onnx_models/seg_model.onnx)")
-    parser.add_argument("--seg_revision", default=None, help="Hugging Face revision (commit) to pin the parser")
-    parser.add_argument("--parts", default=None,
-                        help="comma-separated parser labels that count as skin (default: skin,nose)")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("skinclf face segmentation", add_help=add_help,
+                                     parents=[segmentation_flags(), device_flags("cpu", "where the face parser runs")],
                                      description="Segment the facial skin in an image or a folder of images.")
     parser.add_argument("--input", required=True, help="an image or a folder of images (searched recursively)")
     parser.add_argument("--output", default="face_segmentation_results", help="output folder (default: %(default)s)")
-    add_segmentation_arguments(parser)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="(default: %(default)s)")
     return parser
-
-
-def write_image(path: Path, array: np.ndarray, **save_kwargs: Any) -> None:
-    atomic_save(path, lambda tmp: Image.fromarray(array).save(tmp, format=_format(path), **save_kwargs))
-
-
-def _format(path: Path) -> str:
-    return "JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG"
-
-
-def part_shares(label_map: np.ndarray, id2label: dict[int, str]) -> dict[str, float]:
-    counts = np.bincount(label_map.ravel(), minlength=max(id2label) + 1)
-    return {name: float(counts[value]) / label_map.size for value, name in sorted(id2label.items())}
-
-
-def segment_one(parser: FaceParser, part_ids: list[int], image: np.ndarray):
-    label_map = parser.parse(image)
-    region = make_skin_region(image, skin_mask(label_map, part_ids), (0, 0, 0), parser.face_detected(label_map))
-    return label_map, region
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     setup_logging()
     root, paths = collect_inference_images(args.input, "--input")
-    parser = build_face_parser(args.seg_backend, args.seg_model, args.seg_revision, args.device)
-    part_ids = select_parts(parser.id2label, parse_parts_flag(args.parts))
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(output / "labels.json", {"id2label": {str(k): v for k, v in parser.id2label.items()},
-                                               "skin_parts": part_names(parser.id2label, part_ids),
-                                               **parser.describe()})
-    logger.info("face parser %s; skin = %s", parser.describe(), ", ".join(part_names(parser.id2label, part_ids)))
-
-    rows: list[dict[str, Any]] = []
-    skipped: list[dict[str, str]] = []
-    for path in tqdm(paths, desc="segmentation", disable=None):
-        relative = path.relative_to(root)
-        try:
-            image = np.asarray(load_rgb(path))
-        except Exception as err:  # noqa: BLE001 - any undecodable file is reported, never fatal
-            skipped.append({"filename": relative.as_posix(), "reason": failure_reason(path, err)})
-            logger.warning("skipping %s: %s", path, skipped[-1]["reason"])
-            continue
-        label_map, region = segment_one(parser, part_ids, image)
-        write_image(safe_output_path(output, relative, ".labels.png"), label_map)
-        write_image(safe_output_path(output, relative, ".overlay.jpg"), colour_overlay(image, label_map), quality=90)
-        write_image(safe_output_path(output, relative, ".mask.png"), region.mask.astype(np.uint8) * 255)
-        if region.face_found:
-            write_image(safe_output_path(output, relative, ".skin.png"), region.image)
-        shares = part_shares(label_map, parser.id2label)
-        present = ", ".join(f"{name} {share:.1%}" for name, share in shares.items() if share > 0)
-        logger.info("%s: %s; %s", relative.as_posix(), "face" if region.face_found else "NO FACE FOUND", present)
-        rows.append({"filename": relative.as_posix(), "face_found": region.face_found,
-                     "skin_ratio": round(region.skin_ratio, 6),
-                     **{f"share_{name}": round(share, 6) for name, share in shares.items()}})
-
-    columns = ["filename", "face_found", "skin_ratio"] + [f"share_{n}" for _, n in sorted(parser.id2label.items())]
-    with atomic_path(output / "segmentation_summary.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    with atomic_path(output / "skipped.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["filename", "reason"])
-        writer.writeheader()
-        writer.writerows(skipped)
-    no_face = [r["filename"] for r in rows if not r["face_found"]]
-    logger.info("%d images: %d with a face, %d without (see segmentation_summary.csv), %d unreadable; results in %s",
-                len(paths), len(rows) - len(no_face), len(no_face), len(skipped), output)
-    return {"segmented": len(rows), "no_face": no_face, "skipped": len(skipped), "output": str(output)}
+    parser = build_face_parser(args.seg_backend, args.seg_model, args.seg_revision, select_device(args.device).type)
+    return segment_folder(root, paths, Path(args.output), parser, args.parts)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

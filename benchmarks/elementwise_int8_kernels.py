@@ -7,25 +7,24 @@ or the SiLU kept in float between a dequantize and a quantize, with ONNX Runtime
 of --runs calls is printed.
 
 Example (the README's figures):
-    python benchmarks/elementwise_int8_kernels.py --runs 200 --threads 2
+    python -m benchmarks.elementwise_int8_kernels --runs 200 --threads 2
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.timing import call_latencies_ms  # noqa: E402
+from utils.machine import describe_machine, machine_info
+from utils.onnx_runtime import create_session
+from utils.timing import call_latencies_ms
 
 
-def _session(nodes, input_type: int, shape: list[int], threads: int) -> ort.InferenceSession:
+def _session(nodes, input_type: int, shape: list[int], threads: int) :
     quant_params = [numpy_helper.from_array(np.array(0.05, np.float32), "x_scale"),
                     numpy_helper.from_array(np.array(128, np.uint8), "x_zero"),
                     numpy_helper.from_array(np.array(1 / 255, np.float32), "gate_scale"),
@@ -35,9 +34,7 @@ def _session(nodes, input_type: int, shape: list[int], threads: int) -> ort.Infe
                               [helper.make_tensor_value_info("y", input_type, shape)],
                               [t for t in quant_params if t.name in used])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return create_session(model.SerializeToString(), "cpu", threads)
 
 
 def cases() -> dict[str, tuple[list, int]]:
@@ -77,6 +74,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     inputs = {TensorProto.FLOAT: rng.standard_normal(shape).astype(np.float32),
               TensorProto.UINT8: rng.integers(0, 256, shape, dtype=np.uint8)}
+    print(f"machine: {describe_machine(machine_info(args.threads))}")
     print(f"{np.prod(shape):,} values, {args.threads} threads, median of {args.runs} runs")
     for name, (nodes, input_type) in cases().items():
         session = _session(nodes, input_type, shape, args.threads)

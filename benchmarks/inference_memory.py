@@ -1,12 +1,12 @@
 """Memory and speed of inference.py on a large folder: RSS must stay flat however many images there are.
 
-Generates --n_images synthetic photos (unless --folder is given), runs inference.main in-process while a thread
+Generates --n_images synthetic photos (unless --folder is given), runs inference.py's engine (torch_trainer.prediction.infer_folder) in-process while a thread
 samples the resident memory of this process and its DataLoader workers, and prints images/s and RSS (the maximum
 over each tenth of the run). Without --model_path it builds a throwaway run folder (random weights; speed and
 memory do not depend on the weight values) for --model_name at --img_size.
 
 Example (the figures in the README):
-    python benchmarks/inference_memory.py --n_images 5000 --model_name efficientnet_b0 --img_size 224
+    python -m benchmarks.inference_memory --n_images 5000 --model_name efficientnet_b0 --img_size 224
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import threading
 import time
@@ -22,15 +21,15 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import inference  # noqa: E402
-from data.synthetic_lesions import CLASSES, make_lesion_image  # noqa: E402
-from dataloaders.transforms import resolve_preprocessing  # noqa: E402
-from torch_trainer import run_folder as rf  # noqa: E402
-from torch_trainer.checkpoint import save_checkpoint  # noqa: E402
-from torch_trainer.models import build_model  # noqa: E402
-from utils.atomic import atomic_write_json  # noqa: E402
+from data.synthetic_lesions import CLASSES, make_lesion_image
+from dataloaders.transforms import resolve_preprocessing
+from torch_trainer import run_folder as rf
+from torch_trainer.checkpoint import save_checkpoint
+from torch_trainer.models import build_model
+from utils.machine import describe_machine, machine_info
+from torch_trainer.prediction import PredictionOptions, infer_folder
+from torch_trainer.run_info import RunInfo, write_run_info
 
 
 def tree_rss_mb(pid: int) -> float:
@@ -63,8 +62,8 @@ def make_folder(folder: Path, n_images: int, size: int) -> None:
 def make_run_folder(run_dir: Path, model_name: str, img_size: int) -> Path:
     model, timm_name = build_model(model_name, len(CLASSES), False)
     run_dir.mkdir(parents=True, exist_ok=True)
-    info = rf.build_class_info(list(CLASSES), model_name, timm_name, resolve_preprocessing(model, img_size), 0.0)
-    atomic_write_json(run_dir / rf.CLASS_INFO, info)
+    write_run_info(run_dir, RunInfo(list(CLASSES), model_name, timm_name, resolve_preprocessing(model, img_size),
+                                    {"drop_rate": 0.0}))
     save_checkpoint(run_dir / rf.BEST_CKPT, {"model": model.state_dict()})
     return run_dir
 
@@ -104,21 +103,19 @@ def main(args: argparse.Namespace) -> dict:
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        argv = ["--model_path", str(run_dir), "--inference_folder", str(folder), "--inference_output",
-                str(tmp / "out"), "--batch_size", str(args.batch_size), "--num_workers", str(args.num_workers),
-                "--backend", args.backend, "--device", "cpu"]
-        if args.onnx_model:
-            argv += ["--onnx_model", args.onnx_model]
-        if args.generate_gradcam:
-            argv.append("--generate_gradcam")
-        summary = inference.main(inference.parse_args(argv))
+        options = PredictionOptions(backend=args.backend, onnx_model=args.onnx_model, device="cpu",
+                                    gradcam=args.generate_gradcam)
+        summary = infer_folder(run_dir, folder, tmp / "out", options, batch_size=args.batch_size,
+                               num_workers=args.num_workers)
         done.set()
         sampler.join()
     rss = np.array([mb for _, mb in samples])
     tenths = [round(float(np.max(chunk)), 1) for chunk in np.array_split(rss, 10) if len(chunk)]
     result = {"images": summary["predicted"], "images_per_s": round(summary["images_per_s"], 2),
               "rss_peak_mb": round(float(rss.max()), 1), "rss_max_per_tenth_mb": tenths,
-              "backend": args.backend, "batch_size": args.batch_size, "num_workers": args.num_workers}
+              "backend": args.backend, "batch_size": args.batch_size, "num_workers": args.num_workers,
+              **machine_info()}
+    print(f"machine: {describe_machine(result)}")
     print(json.dumps(result))
     return result
 

@@ -6,28 +6,27 @@ the same training images for every variant) and scores every model on the run's 
 benchmark.py and benchmarks/model_zoo_speed.py, not here.
 
 Example (the README's INT8 comparison):
-    python benchmarks/int8_variants.py --model_path <ISIC binary run folder> --float_stages 0,1,2,3
+    python -m benchmarks.int8_variants --model_path <ISIC binary run folder> --float_stages 0,1,2,3
 """
 
 from __future__ import annotations
 
 import argparse
 import random
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import quantize_onnx_models as qom  # noqa: E402
-from dataloaders.image_io import load_rgb  # noqa: E402
-from dataloaders.transforms import build_eval_transform  # noqa: E402
-from torch_trainer import run_folder as rf  # noqa: E402
-from torch_trainer.checkpoint import load_run_model  # noqa: E402
-from utils.onnx_export import export_fp32  # noqa: E402
-from utils.onnx_quant import (CALIBRATION_METHODS, CalibrationReader, prepare_for_quantization,  # noqa: E402
+from dataloaders.inference_data import load_preprocessed
+from dataloaders.transforms import build_eval_transform
+from torch_trainer import run_folder as rf
+from torch_trainer.checkpoint import load_run_model
+from utils.machine import describe_machine, machine_info
+from torch_trainer.onnx_export import export_fp32
+from torch_trainer.predictors import onnx_probs
+from torch_trainer.onnx_quant import (CALIBRATION_METHODS, CalibrationReader, prepare_for_quantization,
                               quantize_int8)
 
 
@@ -38,20 +37,21 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(CALIBRATION_METHODS))
     parser.add_argument("--float_stages", default="0,1,2,3", help="comma-separated stage counts kept in FP32")
     args = parser.parse_args()
+    print(f"machine: {describe_machine(machine_info())}", flush=True)
     run = Path(args.model_path)
     model, info = load_run_model(run)
-    transform = build_eval_transform(info["preprocessing"])
+    transform = build_eval_transform(info.preprocessing)
     test = rf.run_split(run, "test")
     labels = np.array([s.label for s in test])
-    images = qom._load_images([s.path for s in test], transform)
+    images = load_preprocessed([s.path for s in test], transform)
     train = rf.run_split(run, "train")
     calib = [s.path for s in random.Random(0).sample(train, min(args.calib_images, len(train)))]
     levels = [level["module"] for level in model.feature_info]
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
         fp32 = work / "fp32.onnx"
-        export_fp32(model, info["preprocessing"]["input_size"], fp32, 17)
-        fp32_pred = qom._onnx_probs(fp32, images, info["n_class"]).argmax(1)
+        export_fp32(model, list(info.preprocessing.input_size), fp32, 17)
+        fp32_pred = onnx_probs(fp32, images, info.n_class).argmax(1)
         prepped = work / "preprocessed.onnx"
         prepare_for_quantization(fp32, prepped)
         print(f"FP32: test accuracy {(fp32_pred == labels).mean():.4f} on {len(labels)} images", flush=True)
@@ -59,10 +59,10 @@ def main() -> None:
         for method in args.methods.split(","):
             for stages in (int(v) for v in args.float_stages.split(",")):
                 target = work / f"int8_{method}_{stages}.onnx"
-                reader = CalibrationReader(calib, lambda paths: qom._load_images(paths, transform, load_rgb).numpy())
+                reader = CalibrationReader(calib, lambda paths: load_preprocessed(paths, transform).numpy())
                 until = levels[stages - 1] if stages else None
                 quantize_int8(prepped, target, reader, method, until)
-                pred = qom._onnx_probs(target, images, info["n_class"]).argmax(1)
+                pred = onnx_probs(target, images, info.n_class).argmax(1)
                 accuracy = (pred == labels).mean()
                 print(f"{method},{stages},{until or '-'},{accuracy:.4f},"
                       f"{100 * ((fp32_pred == labels).mean() - accuracy):.2f},{(pred == fp32_pred).mean():.4f}",

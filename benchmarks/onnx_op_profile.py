@@ -4,9 +4,9 @@ Used to see why an INT8 model is slower than its FP32 original (e.g. EfficientNe
 model's own input size, the same thread count for every file.
 
 Example:
-    python benchmarks/onnx_op_profile.py onnx_models/clf_model.onnx onnx_models/clf_model_int8.onnx
+    python -m benchmarks.onnx_op_profile onnx_models/clf_model.onnx onnx_models/clf_model_int8.onnx
     # split convolutions by the timm module they come from (the README's EfficientNet-B0 table)
-    python benchmarks/onnx_op_profile.py fp32.onnx int8.onnx --runs 40 --top 12 \
+    python -m benchmarks.onnx_op_profile fp32.onnx int8.onnx --runs 40 --top 12 \
         --name_pattern "conv_pwl|conv_pw|conv_dw|conv_stem|conv_head|se"
 """
 
@@ -16,27 +16,23 @@ import argparse
 import collections
 import json
 import re
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.timing import call_latencies_ms  # noqa: E402
+from utils.onnx_runtime import create_session
+from utils.machine import describe_machine, machine_info
+from utils.timing import call_latencies_ms
 
 
 def profile(path: Path, threads: int, runs: int, name_pattern: str | None = None
             ) -> tuple[float, dict[str, tuple[float, float]]]:
     """Median latency (ms) and, per operator type (suffixed with the node name's first ``name_pattern`` match),
     (share of kernel time in %, ms per run)."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.enable_profiling = True
-    options.profile_file_prefix = str(Path(tempfile.mkdtemp()) / path.stem)
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = create_session(path, "cpu", threads, profile_prefix=str(Path(tempfile.mkdtemp()) / path.stem))
     spec = session.get_inputs()[0]
     shape = [1 if not isinstance(d, int) else d for d in spec.shape]
     feed = {spec.name: np.random.default_rng(0).random(shape, dtype=np.float32)}
@@ -65,6 +61,7 @@ def main() -> None:
                              "that ONNX Runtime fused or re-laid out are named after their output tensor, e.g. "
                              "the activation a convolution absorbed)")
     args = parser.parse_args()
+    print(f"machine: {describe_machine(machine_info(args.threads))}")
     for path in args.models:
         median_ms, shares = profile(path, args.threads, args.runs, args.name_pattern)
         top = ", ".join(f"{op} {share:.1f}% ({ms:.2f} ms)" for op, (share, ms) in list(shares.items())[: args.top])

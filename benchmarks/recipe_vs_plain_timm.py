@@ -12,7 +12,7 @@ both from the same pretrained weights, evaluates both on the dataset's testset, 
 Finished (dataset, method, seed) rows are kept, so an interrupted comparison continues where it stopped.
 
 Example (the README's comparison):
-    python benchmarks/recipe_vs_plain_timm.py --data_dir ../shared/data/dermnet_a ../shared/data/isic_binary \
+    python -m benchmarks.recipe_vs_plain_timm --data_dir ../shared/data/dermnet_a ../shared/data/isic_binary \
         ../shared/data/isic_9class --model_name efficientnet_lite0 --img_size 192 --epochs 6 --seeds 0 1 2 \
         --output_dir docs/recipe_runs
 """
@@ -34,10 +34,10 @@ import pandas as pd
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from torch_trainer.models import build_model  # noqa: E402
-from utils.metrics import classification_metrics  # noqa: E402
+from torch_trainer.models import build_model
+from utils.machine import describe_machine, machine_info
+from utils.metrics import classification_metrics
 
 METRICS = ["accuracy", "balanced_accuracy", "macro_auc", "ece", "ece_uncalibrated", "train_images_per_s",
            "select_seconds", "refit_seconds", "wall_seconds"]
@@ -185,6 +185,8 @@ def main(args: argparse.Namespace) -> None:
     results_path = output / "results.csv"
     results = pd.read_csv(results_path) if results_path.is_file() else pd.DataFrame()
     main_name = "main" + (f"[{args.tag}]" if args.tag else "")
+    machine = machine_info()
+    print(f"machine: {describe_machine(machine)}", flush=True)
     for data_dir in map(Path, args.data_dir):
         for seed in args.seeds:
             for method in args.methods:
@@ -201,7 +203,8 @@ def main(args: argparse.Namespace) -> None:
                                      output / "runs" / (args.tag or "default"), args.main_args)
                 row = {"dataset": data_dir.name, "method": name, "seed": seed, "model": args.model_name,
                        "img_size": args.img_size, "epochs": args.epochs, "main_args": args.main_args
-                       if method == "main" else "", **row}
+                       if method == "main" else "", **row, "cpu_model": machine["cpu_model"],
+                       "cpu_isa": machine["cpu_isa"], "threads": machine["threads"], "torch": machine["torch"]}
                 print("   " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()
                                         if isinstance(v, float) and not math.isnan(v)), flush=True)
                 results = pd.concat([results, pd.DataFrame([row])], ignore_index=True)

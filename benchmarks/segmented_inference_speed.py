@@ -9,25 +9,26 @@ Backends timed through the script itself, on drawn face photos (data/synthetic_f
 The classifier is a random-weight run folder (efficientnet_b0 at 224 by default) run by ONNX Runtime.
 
 Example (the README table):
-    python benchmarks/segmented_inference_speed.py --images 40 --backends opencv onnx-tiny onnx-b5
+    python -m benchmarks.segmented_inference_speed --images 40 --backends opencv onnx-tiny onnx-b5
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import tempfile
 from pathlib import Path
 
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import inference_with_segmentation as iws  # noqa: E402
-import quantize_onnx_models as qom  # noqa: E402
-from benchmarks.model_zoo_speed import make_run_folder  # noqa: E402
-from data.synthetic_faces import generate_dataset  # noqa: E402
+from benchmarks.model_zoo_speed import make_run_folder
+from data.synthetic_faces import generate_dataset
+from torch_trainer.onnx_export import ExportSettings, export_run, export_segmentation
+from torch_trainer.prediction import PredictionOptions
+from torch_trainer.segmented_prediction import SegmentationOptions, infer_folder_segmented
+from utils.export_dir import ExportDir
+from utils.machine import describe_machine, machine_info
 
 FACE_LABELS = ["background", "skin", "nose", "eye_g", "l_eye", "r_eye", "l_brow", "r_brow", "l_ear", "r_ear",
                "mouth", "u_lip", "l_lip", "hair", "hat", "ear_r", "neck_l", "neck", "cloth"]
@@ -71,29 +72,31 @@ def main(args: argparse.Namespace) -> pd.DataFrame:
         work = Path(work)
         data = generate_dataset(work / "faces", n_train=4, n_test=max(1, args.images // 2), img_size=args.photo_size)
         run_dir = make_run_folder(work / "run", args.model_name, data, args.img_size)
-        onnx_dir = work / "onnx"
-        qom.main(qom.get_args_parser().parse_args(["--model_path", str(run_dir), "--output_dir", str(onnx_dir),
-                                                   "--quantize", "none", "--skip_segmentation"]))
+        onnx_dir = ExportDir(work / "onnx")
+        export_run(run_dir, onnx_dir, ExportSettings(quantize="none"))
         for backend in args.backends:
-            seg_flags = ["--seg_backend", "opencv"]
+            segmentation = SegmentationOptions(seg_backend="opencv", save_segmented=False)
             params = None
             if backend in SEGFORMER_SHAPES:
                 folder, params = save_random_segformer(work / backend, SEGFORMER_SHAPES[backend])
                 seg_dir = work / f"{backend}-onnx"
-                qom.export_segmentation(str(folder), None, seg_dir, 17)
-                seg_flags = ["--seg_backend", "onnx", "--seg_model", str(seg_dir / "seg_model.onnx")]
-            summary = iws.main(iws.get_args_parser().parse_args(
-                ["--model_path", str(run_dir), "--inference_folder", str(data / "testset"), "--inference_output",
-                 str(work / f"out-{backend}"), "--backend", "onnx", "--onnx_model", str(onnx_dir / "clf_model.onnx"),
-                 "--num_workers", "0", "--save_segmented", "False", *seg_flags]))
+                export_segmentation(str(folder), None, seg_dir, 17)
+                segmentation = SegmentationOptions(seg_backend="onnx", seg_model=str(ExportDir(seg_dir).seg),
+                                                   save_segmented=False)
+            summary = infer_folder_segmented(run_dir, data / "testset", work / f"out-{backend}",
+                                             PredictionOptions(backend="onnx", onnx_model=str(onnx_dir.fp32)),
+                                             segmentation, num_workers=0)
             rows.append({"backend": backend, "parser_parameters_m": round(params / 1e6, 2) if params else None,
                          "photos": summary["predicted"], "photo_size": args.photo_size,
                          "classifier": f"{args.model_name}@{args.img_size} onnx",
                          "images_per_s": round(summary["images_per_s"], 2),
                          "faces_found": summary["predicted"] - summary["no_face"]})
             print(rows[-1], flush=True)
+    machine = machine_info()
     table = pd.DataFrame(rows)
+    print(f"machine: {describe_machine(machine)}")
     print(table.to_string(index=False))
+    table = table.assign(**{key: machine[key] for key in ("cpu_model", "cpu_isa", "threads", "torch", "onnxruntime")})
     if args.output:
         table.to_csv(args.output, index=False)
     return table

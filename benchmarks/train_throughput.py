@@ -7,7 +7,7 @@ augmentation main.py uses, and reports, for each --num_workers value:
 Data loading is the bottleneck when the loader alone is slower than the model alone.
 
 Example (the figures in the README):
-    python benchmarks/train_throughput.py --data_dir ../shared/data/dogcat --model_name efficientnet_b0 \
+    python -m benchmarks.train_throughput --data_dir ../shared/data/dogcat --model_name efficientnet_b0 \
         --img_size 224 --batch_size 32 --num_workers 0 1 2 --steps 8
 """
 
@@ -16,20 +16,19 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from configs import TrainConfig  # noqa: E402
-from dataloaders.build import make_loader  # noqa: E402
-from dataloaders.discovery import discover_dataset  # noqa: E402
-from dataloaders.transforms import build_train_transform, resolve_preprocessing  # noqa: E402
-from torch_trainer.models import build_model  # noqa: E402
-from torch_trainer.optim import build_optimizer  # noqa: E402
+from configs import TrainConfig
+from dataloaders.build import make_loader
+from dataloaders.discovery import discover_dataset
+from dataloaders.transforms import build_train_transform, resolve_preprocessing
+from torch_trainer.models import build_model
+from utils.machine import describe_machine, machine_info
+from torch_trainer.optim import build_optimizer
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -90,6 +89,8 @@ def main(args: argparse.Namespace) -> list[dict]:
     fixed = next(iter(_loader(index.train, transform, args.batch_size, 0)))
     model_only, _ = _loop([fixed], args.steps, args.warmup, train_step)
     results = []
+    machine = machine_info()
+    print(f"machine: {describe_machine(machine)}", flush=True)
     for workers in args.num_workers:
         loader_only, _ = _loop(_loader(index.train, transform, args.batch_size, workers), args.steps, args.warmup)
         full, waiting = _loop(_loader(index.train, transform, args.batch_size, workers), args.steps, args.warmup,
@@ -97,7 +98,7 @@ def main(args: argparse.Namespace) -> list[dict]:
         row = {"model": timm_name, "img_size": args.img_size, "batch_size": args.batch_size, "num_workers": workers,
                "threads": torch.get_num_threads(), "train_images_per_s": round(full, 2),
                "data_wait_share": round(waiting, 3), "loader_only_images_per_s": round(loader_only, 1),
-               "model_only_images_per_s": round(model_only, 2)}
+               "model_only_images_per_s": round(model_only, 2), **machine}
         results.append(row)
         print(json.dumps(row), flush=True)
     if args.output:

@@ -12,7 +12,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Optional
 
 import numpy as np
 from PIL import Image
@@ -21,6 +21,10 @@ from tqdm import tqdm
 from dataloaders.image_io import load_rgb
 from utils.atomic import atomic_save
 from utils.errors import UserError
+
+if TYPE_CHECKING:  # types only: the run contract sits above this package
+    from dataloaders.transforms import Preprocessing
+    from torch_trainer.run_info import RunInfo
 
 logger = logging.getLogger(__name__)
 
@@ -94,9 +98,9 @@ def make_skin_region(image: np.ndarray, mask: np.ndarray, fill: tuple[int, int, 
     return SkinRegion(region, mask, face_found, ratio)
 
 
-def fill_colour(preprocessing: dict[str, Any]) -> tuple[int, int, int]:
+def fill_colour(preprocessing: "Preprocessing") -> tuple[int, int, int]:
     """The normalisation mean as 8-bit RGB: non-skin pixels become zero after normalisation."""
-    return tuple(int(round(m * 255)) for m in preprocessing["mean"])  # type: ignore[return-value]
+    return tuple(int(round(m * 255)) for m in preprocessing.mean)  # type: ignore[return-value]
 
 
 def settings_key(settings: dict[str, Any]) -> str:
@@ -179,12 +183,12 @@ def region_settings(parser_description: dict[str, Any], parts: list[str]) -> dic
             "min_skin_ratio": MIN_SKIN_RATIO, "no_face": "full_image"}
 
 
-def image_loader_for_run(class_info: dict[str, Any], data_root: str | Path):
+def image_loader_for_run(info: "RunInfo", data_root: str | Path):
     """``load_rgb`` for whole-image runs; the cached-mask loader for skin-region runs (masks must exist)."""
-    if class_info.get("input_kind", "full_image") != "skin_region":
+    if info.input_kind != "skin_region":
         return load_rgb
-    cache = MaskCache(data_root, cache_settings(class_info["skin_region"]))
+    cache = MaskCache(data_root, cache_settings(info.skin_region))
     if not cache.folder.is_dir():
         raise UserError(f"skin masks for this run are not in {cache.folder}; run main.py --resume or retrain so "
                         f"they are computed")
-    return SkinRegionLoader(cache, fill_colour(class_info["preprocessing"]))
+    return SkinRegionLoader(cache, fill_colour(info.preprocessing))

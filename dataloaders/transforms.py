@@ -1,12 +1,14 @@
 """Preprocessing, defined once: resolved from timm's data config, saved in the run folder, rebuilt from there.
 
-Training, inference, ONNX export and benchmarks all call ``build_eval_transform(preprocessing)`` with the dict
-saved in ``class_info.json``, so a deployed model sees exactly the preprocessing it was validated with.
+Training, inference, ONNX export and benchmarks all call ``build_eval_transform(preprocessing)`` with the
+``Preprocessing`` saved in ``class_info.json``, so a deployed model sees exactly the preprocessing it was validated
+with.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -17,8 +19,34 @@ RANDAUGMENT_POLICY = "rand-m9-mstd0.5"
 EVAL_CROP_MODES = {"center": "center", "squash": "squash", "letterbox": "border"}
 
 
+@dataclass(frozen=True)
+class Preprocessing:
+    """What a model's input must look like: timm's data config, resolved once at training time."""
+
+    input_size: tuple[int, int, int]  # (channels, height, width)
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str
+    crop_pct: float
+    crop_mode: str = "center"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "Preprocessing":
+        return cls(input_size=tuple(int(v) for v in values["input_size"]),
+                   mean=tuple(float(v) for v in values["mean"]), std=tuple(float(v) for v in values["std"]),
+                   interpolation=str(values["interpolation"]), crop_pct=float(values.get("crop_pct") or 0.875),
+                   crop_mode=str(values.get("crop_mode") or "center"))
+
+    @property
+    def image_size(self) -> int:
+        return self.input_size[-1]
+
+
 def resolve_preprocessing(model: torch.nn.Module, img_size: int, eval_crop: str | None = None,
-                          crop_pct: float | None = None) -> dict[str, Any]:
+                          crop_pct: float | None = None) -> Preprocessing:
     """The model's own mean/std/interpolation/crop (timm pretrained config) at the requested input size.
 
     ``eval_crop``/``crop_pct`` override how a (non-square) photo is fitted into the square input; None keeps the
@@ -30,54 +58,46 @@ def resolve_preprocessing(model: torch.nn.Module, img_size: int, eval_crop: str 
     if eval_crop is not None:
         overrides["crop_mode"] = EVAL_CROP_MODES[eval_crop]
     data_config = resolve_data_config(overrides, model=model)
-    return {
-        "input_size": list(data_config["input_size"]),
-        "mean": [float(v) for v in data_config["mean"]],
-        "std": [float(v) for v in data_config["std"]],
-        "interpolation": data_config["interpolation"],
-        "crop_pct": float(data_config["crop_pct"]),
-        "crop_mode": data_config.get("crop_mode", "center"),
-    }
+    return Preprocessing.from_dict({**data_config, "crop_mode": data_config.get("crop_mode", "center")})
 
 
-def build_eval_transform(preprocessing: dict[str, Any]):
+def build_eval_transform(preprocessing: Preprocessing):
     return create_transform(
-        input_size=tuple(preprocessing["input_size"]),
+        input_size=preprocessing.input_size,
         is_training=False,
-        interpolation=preprocessing["interpolation"],
-        mean=tuple(preprocessing["mean"]),
-        std=tuple(preprocessing["std"]),
-        crop_pct=preprocessing["crop_pct"],
-        crop_mode=preprocessing["crop_mode"],
+        interpolation=preprocessing.interpolation,
+        mean=preprocessing.mean,
+        std=preprocessing.std,
+        crop_pct=preprocessing.crop_pct,
+        crop_mode=preprocessing.crop_mode,
     )
 
 
-def build_train_transform(preprocessing: dict[str, Any], *, min_crop_scale: float, vflip: float,
+def build_train_transform(preprocessing: Preprocessing, *, min_crop_scale: float, vflip: float,
                           color_jitter: float, randaugment: bool):
     return create_transform(
-        input_size=tuple(preprocessing["input_size"]),
+        input_size=preprocessing.input_size,
         is_training=True,
         scale=(min_crop_scale, 1.0),
         hflip=0.5,
         vflip=vflip,
         color_jitter=color_jitter,
         auto_augment=RANDAUGMENT_POLICY if randaugment else None,
-        interpolation=preprocessing["interpolation"],
-        mean=tuple(preprocessing["mean"]),
-        std=tuple(preprocessing["std"]),
+        interpolation=preprocessing.interpolation,
+        mean=preprocessing.mean,
+        std=preprocessing.std,
     )
 
 
-def eval_crop_box(width: int, height: int, preprocessing: dict[str, Any]) -> tuple[int, int, int, int]:
+def eval_crop_box(width: int, height: int, preprocessing: Preprocessing) -> tuple[int, int, int, int]:
     """The region (left, top, right, bottom) of a ``width`` x ``height`` original that the eval transform keeps.
 
     Mirrors timm's ``transforms_imagenet_eval``: the image is scaled so the crop is ``crop_pct`` of the scaled image,
     then centre-cropped. Used to put Grad-CAM maps back onto the original photo.
     """
-    size = preprocessing["input_size"][-1]
-    crop_pct = preprocessing.get("crop_pct") or 0.875
-    kept = size / math.floor(size / crop_pct)  # share of the scaled image's edge that the centre crop keeps
-    mode = preprocessing.get("crop_mode") or "center"
+    size = preprocessing.image_size
+    kept = size / math.floor(size / preprocessing.crop_pct)  # share of the scaled image's edge the centre crop keeps
+    mode = preprocessing.crop_mode
     if mode == "squash":
         box_w, box_h = width * kept, height * kept
     elif mode == "border":

@@ -1,7 +1,6 @@
 """Tests run offline on CPU with generated data and tiny models."""
 
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -12,7 +11,6 @@ os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="skinclf-hf-home-")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

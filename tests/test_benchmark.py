@@ -9,13 +9,14 @@ import pytest
 import torch
 
 import benchmark
+from torch_trainer.benchmarking import keep_fastest_rounds
 import quantize_onnx_models as qom
 from utils.errors import UserError
 
 pytestmark = pytest.mark.slow
 
 
-def test_benchmark_writes_results_for_every_framework(tiny_run, tmp_path):
+def test_benchmark_writes_results_for_every_framework(tiny_run, tmp_path, capsys):
     onnx_dir = tmp_path / "onnx"
     qom.main(qom.get_args_parser().parse_args(["--skip_segmentation", "--model_path", str(tiny_run), "--output_dir", str(onnx_dir),
                                                "--calib_images", "32"]))
@@ -37,6 +38,10 @@ def test_benchmark_writes_results_for_every_framework(tiny_run, tmp_path):
     assert all(len(row["round_p50_ms"]) == 2 and min(row["round_p50_ms"]) == row["p50_ms"] for row in rows)
     assert json.loads((onnx_dir / "benchmark_results.json").read_text()) == rows
     assert (onnx_dir / "benchmark_results.png").stat().st_size > 0
+    # Which machine the figures hold for: INT8 gains depend on the instruction set.
+    assert {"cpu_model", "cpu_isa", "torch_cpu_capability", "usable_cpus", "torch", "onnxruntime"} <= set(frame.columns)
+    assert frame["cpu_model"].nunique() == 1 and str(frame["cpu_model"].iloc[0]).strip()
+    assert "machine: " in capsys.readouterr().out
 
 
 def test_benchmark_without_onnx_models_says_how_to_make_them(tiny_run, tmp_path):
@@ -48,7 +53,7 @@ def test_benchmark_without_onnx_models_says_how_to_make_them(tiny_run, tmp_path)
 def test_each_framework_keeps_its_fastest_round_per_batch_size():
     rounds = [{"framework": "onnx_fp32", "size_bytes": 10, "predictions": [1, 0], "timings_ms": {1: [5, 6, 7], 4: [9, 9, 9]}},
               {"framework": "onnx_fp32", "size_bytes": 10, "timings_ms": {1: [3, 3, 30], 4: [12, 12, 1]}}]
-    kept = benchmark.keep_fastest_rounds(rounds)
+    kept = keep_fastest_rounds(rounds)
     assert kept["timings_ms"] == {1: [3, 3, 30], 4: [9, 9, 9]}
     assert kept["round_p50_ms"] == {1: [6.0, 3.0], 4: [9.0, 12.0]}
     assert kept["predictions"] == [1, 0] and kept["size_bytes"] == 10

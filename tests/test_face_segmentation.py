@@ -2,6 +2,7 @@
 
 import csv
 import logging
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,6 +16,8 @@ import inference
 import inference_with_segmentation as iws
 import main
 import quantize_onnx_models as qom
+from torch_trainer.onnx_export import export_segmentation
+from torch_trainer.run_info import read_run_info
 from tests.conftest import train_args
 from data.synthetic_faces import generate_dataset as generate_faces
 from data.synthetic_faces import make_face_image
@@ -23,7 +26,7 @@ from dataloaders.skin_region import (MASK_CACHE_DIR, MaskCache, SkinRegionLoader
                                      make_skin_region, select_parts, skin_mask)
 from torch_trainer import run_folder as rf
 from utils.errors import UserError
-from utils.face_parsing import OnnxParser, OpenCVSkinParser, SegformerParser
+from dataloaders.face_parsing import OnnxParser, OpenCVSkinParser, SegformerParser
 
 # jonathandinu/face-parsing's order; BiSeNet's CelebAMask-HQ order differs (nose is 10 there), which is why label
 # names, never indices, decide what counts as skin.
@@ -136,8 +139,18 @@ def test_unavailable_segformer_is_one_clear_error(tmp_path):
         SegformerParser(str(tmp_path / "missing"))
 
 
+def test_local_segformer_without_its_processor_file_says_so(tiny_segformer, tmp_path):
+    """A folder with the weights but no preprocessor_config.json is not 'offline and not cached'."""
+    copy = tmp_path / "no_processor"
+    shutil.copytree(tiny_segformer, copy)
+    (copy / "preprocessor_config.json").unlink()
+    with pytest.raises(UserError, match="no preprocessor_config.json") as err:
+        SegformerParser(str(copy))
+    assert "offline" not in str(err.value) and "save_pretrained" in str(err.value)
+
+
 def test_segformer_onnx_export_is_dynamic_and_matches(tiny_segformer, tmp_path):
-    report = qom.export_segmentation(str(tiny_segformer), None, tmp_path, 17)
+    report = export_segmentation(str(tiny_segformer), None, tmp_path, 17)
     assert report["seg_verified_shape"][0] == 3 and report["seg_label_agreement"] >= 0.999
     onnx_parser = OnnxParser(tmp_path / "seg_model.onnx")
     assert onnx_parser.id2label == _id2label(SEGFORMER_LABELS)
@@ -210,19 +223,19 @@ def skin_region_run(face_dataset, tmp_path_factory) -> Path:
 
 
 def test_training_on_skin_regions_records_it_and_caches_masks(skin_region_run, face_dataset):
-    info = rf.read_class_info(skin_region_run)
-    assert info["input_kind"] == "skin_region"
-    assert info["skin_region"]["seg_backend"] == "opencv" and info["skin_region"]["parts"] == ["skin"]
-    cache = MaskCache(face_dataset, cache_settings(info["skin_region"]))
+    info = read_run_info(skin_region_run)
+    assert info.input_kind == "skin_region"
+    assert info.skin_region["seg_backend"] == "opencv" and info.skin_region["parts"] == ["skin"]
+    cache = MaskCache(face_dataset, cache_settings(info.skin_region))
     masks = sorted(cache.folder.rglob("*.png"))
     assert len(masks) == 2 * (10 + 4) and cache.folder.parent.name == MASK_CACHE_DIR
     # the training loader and segmented inference make the same classifier input from the same photo
     photo = sorted((face_dataset / "testset" / "acne").glob("*.png"))[0]
-    trained_on = np.asarray(SkinRegionLoader(cache, fill_colour(info["preprocessing"]))(photo))
+    trained_on = np.asarray(SkinRegionLoader(cache, fill_colour(info.preprocessing))(photo))
     image = np.asarray(Image.open(photo).convert("RGB"))
     parser = OpenCVSkinParser()
     label_map = parser.parse(image)
-    at_inference = make_skin_region(image, skin_mask(label_map, [1]), fill_colour(info["preprocessing"]),
+    at_inference = make_skin_region(image, skin_mask(label_map, [1]), fill_colour(info.preprocessing),
                                     parser.face_detected(label_map)).image
     assert trained_on.shape == at_inference.shape and (trained_on == at_inference).all()
 
@@ -250,12 +263,12 @@ def test_segmented_inference_columns_and_no_face_policies(skin_region_run, mixed
         summary = _segmented_inference(skin_region_run, mixed_folder, tmp_path / "full", "--generate_gradcam")
     assert "trained on whole images" not in caplog.text
     assert summary["predicted"] == 4 and summary["skipped"] == 1 and summary["no_face"] == 1
-    info = rf.read_class_info(skin_region_run)
+    info = read_run_info(skin_region_run)
     with open(tmp_path / "full" / "predictions.csv", newline="") as fh:
         reader = csv.DictReader(fh)
         rows = {r["filename"]: r for r in reader}
     expected = (["filename", "predicted_class", "predicted_label", "confidence"]
-                + [f"prob_{n}" for n in info["class_names"]] + ["face_found", "skin_ratio"])
+                + [f"prob_{n}" for n in info.class_names] + ["face_found", "skin_ratio"])
     assert reader.fieldnames == expected
     assert rows["no_face.jpg"]["face_found"] == "False" and float(rows["no_face.jpg"]["skin_ratio"]) < 0.01
     assert all(rows[n]["face_found"] == "True" for n in rows if n != "no_face.jpg")
@@ -330,7 +343,7 @@ def test_scripts_run_on_the_tiny_segformer_and_its_onnx_export(tiny_segformer, s
         header = next(csv.reader(fh))
     assert header[3:] == [f"share_{n}" for n in SEGFORMER_LABELS]
 
-    qom.export_segmentation(str(tiny_segformer), None, tmp_path / "onnx", 17)
+    export_segmentation(str(tiny_segformer), None, tmp_path / "onnx", 17)
     for backend, model in (("segformer", tiny_segformer), ("onnx", tmp_path / "onnx" / "seg_model.onnx")):
         result = iws.main(iws.get_args_parser().parse_args(
             ["--model_path", str(skin_region_run), "--inference_folder", str(mixed_folder), "--inference_output",

@@ -22,11 +22,11 @@ from dataloaders.datasets import ImageSamples
 from dataloaders.discovery import Sample
 from dataloaders.image_io import check_image, load_rgb
 from dataloaders.inference_data import InferenceImages
-from dataloaders.transforms import build_eval_transform
+from dataloaders.transforms import Preprocessing, build_eval_transform
 from utils.errors import UserError
 
-PREPROCESSING = {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear",
-                 "crop_pct": 0.875, "crop_mode": "center"}
+PREPROCESSING = Preprocessing(input_size=(3, 32, 32), mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bilinear",
+                              crop_pct=0.875, crop_mode="center")
 TRANSFORM = build_eval_transform(PREPROCESSING)
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

@@ -10,10 +10,10 @@ from PIL import Image
 import main
 from data.synthetic_lesions import generate_dataset, mask_path_for
 from dataloaders.image_io import load_rgb
-from dataloaders.transforms import build_eval_transform, eval_crop_box
+from dataloaders.transforms import Preprocessing, build_eval_transform, eval_crop_box
 from torch_trainer.checkpoint import load_run_model
 from torch_trainer.models import SUPPORTED_MODELS, build_model
-from utils.gradcam import GradCamExplainer, cam_on_original, find_target_layer
+from torch_trainer.gradcam import GradCamExplainer, cam_on_original, find_target_layer
 
 
 @pytest.mark.parametrize("name", sorted(SUPPORTED_MODELS))
@@ -34,8 +34,8 @@ def test_target_layer_is_the_last_spatial_stage(name):
 
 
 def test_crop_box_matches_the_eval_transform():
-    pre = {"input_size": [3, 224, 224], "crop_pct": 0.875, "crop_mode": "center", "interpolation": "bilinear",
-           "mean": [0.5] * 3, "std": [0.5] * 3}
+    pre = Preprocessing(input_size=(3, 224, 224), crop_pct=0.875, crop_mode="center", interpolation="bilinear",
+                        mean=(0.5,) * 3, std=(0.5,) * 3)
     # 224 / floor(224 / 0.875) = 224 / 256 of the shorter side is kept, centred
     assert eval_crop_box(512, 256, pre) == (144, 16, 368, 240)
     cam = np.ones((224, 224), np.float32)
@@ -52,17 +52,17 @@ def test_gradcam_points_at_the_lesion(tmp_path):
         "--num_workers", "0", "--save_dir", str(tmp_path / "runs")]))
     assert result["test_metrics"]["balanced_accuracy"] >= 0.8
     model, info = load_run_model(result["run_dir"])
-    transform = build_eval_transform(info["preprocessing"])
+    transform = build_eval_transform(info.preprocessing)
     lesion_images = sorted((root / "testset" / "benign").glob("*.jpg")) + \
         sorted((root / "testset" / "malignant").glob("*.jpg"))
     images = torch.stack([transform(load_rgb(p)) for p in lesion_images])
     with torch.inference_mode():
         predicted = model(images).argmax(1).tolist()
-    with GradCamExplainer(model, "gradcam", tuple(info["preprocessing"]["input_size"])) as explainer:
+    with GradCamExplainer(model, "gradcam", info.preprocessing.input_size) as explainer:
         cams = explainer.explain(images, predicted)
     ratios = []
     for cam, path in zip(cams, lesion_images):
-        heat = cam_on_original(cam, (128, 128), info["preprocessing"])
+        heat = cam_on_original(cam, (128, 128), info.preprocessing)
         lesion = np.asarray(Image.open(mask_path_for(Path(path), root))) > 0
         ratios.append(heat[lesion].mean() / max(heat[~lesion].mean(), 1e-6))
     ratios = np.array(ratios)

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,8 @@ from dataloaders.image_io import load_rgb
 from dataloaders.transforms import build_eval_transform
 from tests.conftest import ROOT
 from torch_trainer.checkpoint import load_run_model
+from torch_trainer.onnx_export import export_fp32
+from utils.onnx_runtime import write_onnx_metadata
 from utils.errors import UserError
 
 pytestmark = pytest.mark.slow  # every test here needs the trained tiny run
@@ -107,15 +110,15 @@ def test_predictions_match_the_model_run_directly(outputs, tiny_run, photo_folde
     flip test-time augmentation the run was tested with (main.py's default)."""
     output, _ = outputs
     model, info = load_run_model(tiny_run)
-    assert info["temperature"] > 0 and info["tta"] is True
-    transform = build_eval_transform(info["preprocessing"])
+    assert info.temperature > 0 and info.tta is True
+    transform = build_eval_transform(info.preprocessing)
     rows = {r["filename"]: r for r in read_csv(output / "predictions.csv")}
     with torch.inference_mode():
         for name, row in rows.items():
             x = transform(load_rgb(photo_folder / name)).unsqueeze(0)
             logits = (model(x) + model(torch.flip(x, dims=[3]))) / 2
-            probs = (logits / info["temperature"]).softmax(1)[0].numpy()
-            expected = [float(row[f"prob_{n}"]) for n in info["class_names"]]
+            probs = (logits / info.temperature).softmax(1)[0].numpy()
+            expected = [float(row[f"prob_{n}"]) for n in info.class_names]
             assert np.allclose(probs, expected, atol=1e-5), name
 
 
@@ -146,21 +149,21 @@ def test_rerun_replaces_previous_outputs(tiny_run, photo_folder, tmp_path):
 def test_tta_averages_the_logits_of_the_image_and_its_mirror_and_can_be_turned_off(tiny_run, photo_folder,
                                                                                    tmp_path):
     model, info = load_run_model(tiny_run)
-    x = build_eval_transform(info["preprocessing"])(load_rgb(photo_folder / "wide.png")).unsqueeze(0)
-    t = info["temperature"]
+    x = build_eval_transform(info.preprocessing)(load_rgb(photo_folder / "wide.png")).unsqueeze(0)
+    t = info.temperature
     with torch.inference_mode():
         with_tta = ((model(x) + model(torch.flip(x, dims=[3]))) / 2 / t).softmax(1)[0].numpy()
         without = (model(x) / t).softmax(1)[0].numpy()
     for flag, expected in (("True", with_tta), ("False", without)):
         run(tiny_run, photo_folder / "wide.png", tmp_path / flag, "--tta", flag)
         row = read_csv(tmp_path / flag / "predictions.csv")[0]
-        assert np.allclose([float(row[f"prob_{n}"]) for n in info["class_names"]], expected, atol=1e-5)
+        assert np.allclose([float(row[f"prob_{n}"]) for n in info.class_names], expected, atol=1e-5)
 
 
 def test_onnx_backend_agrees_with_torch(outputs, tiny_run, photo_folder, tmp_path):
     model, info = load_run_model(tiny_run)
     onnx_path = tmp_path / "clf_model.onnx"
-    torch.onnx.export(model, (torch.randn(2, *info["preprocessing"]["input_size"]),), str(onnx_path), dynamo=False,
+    torch.onnx.export(model, (torch.randn(2, *info.preprocessing.input_size),), str(onnx_path), dynamo=False,
                       input_names=["input"], output_names=["logits"],
                       dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17)
     run(tiny_run, photo_folder, tmp_path / "onnx", "--backend", "onnx", "--onnx_model", str(onnx_path))
@@ -169,9 +172,24 @@ def test_onnx_backend_agrees_with_torch(outputs, tiny_run, photo_folder, tmp_pat
     assert onnx_rows.keys() == torch_rows.keys()
     for name, row in onnx_rows.items():
         assert row["predicted_class"] == torch_rows[name]["predicted_class"]
-        for label in info["class_names"]:
+        for label in info.class_names:
             assert abs(float(row[f"prob_{label}"]) - float(torch_rows[name][f"prob_{label}"])) < 1e-4
 
+
+
+def test_onnx_backend_warns_when_the_file_came_from_another_run(tiny_run, photo_folder, tmp_path, caplog):
+    model, info = load_run_model(tiny_run)
+    onnx_path = tmp_path / "other.onnx"
+    export_fp32(model, list(info.preprocessing.input_size), onnx_path, 17)
+    write_onnx_metadata(onnx_path, info.onnx_metadata(tmp_path / "another_run", "fp32"))
+    with caplog.at_level(logging.WARNING):
+        run(tiny_run, photo_folder, tmp_path / "o", "--backend", "onnx", "--onnx_model", str(onnx_path))
+    assert "was exported from" in caplog.text and "another_run" in caplog.text
+    caplog.clear()
+    write_onnx_metadata(onnx_path, info.onnx_metadata(tiny_run, "fp32"))
+    with caplog.at_level(logging.WARNING):
+        run(tiny_run, photo_folder, tmp_path / "o", "--backend", "onnx", "--onnx_model", str(onnx_path))
+    assert "was exported from" not in caplog.text
 
 def test_onnx_backend_without_a_model_file_says_how_to_get_one(tiny_run, photo_folder, tmp_path):
     with pytest.raises(UserError, match="quantize_onnx_models.py"):
@@ -194,7 +212,7 @@ def test_broken_run_folders_are_one_line_errors(tiny_run, photo_folder, tmp_path
     wrong = tmp_path / "wrong_arch"
     shutil.copytree(tiny_run, wrong)
     info = json.loads((wrong / "class_info.json").read_text())
-    info["n_class"] = 5
+    info["class_names"] += ["extra_a", "extra_b"]  # the run says 5 classes; its weights have 3
     (wrong / "class_info.json").write_text(json.dumps(info))
     with pytest.raises(UserError, match="does not fit"):
         run(wrong, photo_folder, tmp_path / "o")

@@ -9,6 +9,8 @@ import pytest
 
 import inference
 import quantize_onnx_models as qom
+from torch_trainer import onnx_export, onnx_quant
+from utils.onnx_runtime import read_onnx_metadata
 from utils.errors import UserError
 
 pytestmark = pytest.mark.slow
@@ -30,14 +32,14 @@ def test_export_writes_verified_self_describing_models(exported, tiny_run):
     info = json.loads((tiny_run / "class_info.json").read_text())
     assert json.loads((output / "class_info.json").read_text()) == info
     for name, precision in (("clf_model.onnx", "fp32"), ("clf_model_int8.onnx", "int8")):
-        meta = qom.read_onnx_metadata(output / name)
+        meta = read_onnx_metadata(output / name)
         assert json.loads(meta["class_names"]) == info["class_names"]
         assert json.loads(meta["mean"]) == info["preprocessing"]["mean"]
         assert json.loads(meta["std"]) == info["preprocessing"]["std"]
         assert json.loads(meta["input_size"]) == info["preprocessing"]["input_size"]
         assert meta["source_run"] == str(tiny_run) and meta["precision"] == precision
         assert float(meta["temperature"]) == info["temperature"] and meta["tta"] == "true"
-    assert report["fp32_max_prob_diff"] <= qom.FP32_PROB_TOLERANCE
+    assert report["fp32_max_prob_diff"] <= onnx_export.FP32_PROB_TOLERANCE
     assert report["fp32_accuracy"] == report["torch_accuracy"]
     assert report["verify_images"] == 48  # the whole synthetic test split
 
@@ -65,7 +67,7 @@ def test_gated_model_starts_with_its_stride_8_stages_in_float(exported):
     assert report["agreement_attempts"][0]["float_stages"] == 3
     stages = report["int8_float_stages"]
     assert stages >= 3 and report["int8_float_until"] == f"blocks.{stages - 1}"
-    assert qom.read_onnx_metadata(output / "clf_model_int8.onnx")["float_stages"] == str(stages)
+    assert read_onnx_metadata(output / "clf_model_int8.onnx")["float_stages"] == str(stages)
     convs = _quantized_convs(output / "clf_model_int8.onnx")
     float_prefixes = ("/conv_stem/",) + tuple(f"/blocks/blocks.{i}/" for i in range(stages))
     early = [q for name, q in convs.items() if name.startswith(float_prefixes)]
@@ -92,13 +94,13 @@ def test_agreement_guard_adds_float_stages_until_int8_gives_fp32_answers(tiny_ru
 def test_agreement_guard_keeps_the_best_attempt_when_none_passes(tiny_run, tmp_path, monkeypatch):
     # Scripted agreements, so the "none passed" path runs whatever the tiny model's real numbers are.
     scripted = iter([0.90, 0.97, 0.95, 0.96, 0.93, 0.97])
-    monkeypatch.setattr(qom, "_top1_agreement", lambda *_: next(scripted))
+    monkeypatch.setattr(onnx_quant, "top1_agreement", lambda *_: next(scripted))
     report = qom.main(qom.get_args_parser().parse_args(["--skip_segmentation", "--model_path", str(tiny_run),
                                                         "--output_dir", str(tmp_path), "--calib_images", "16",
                                                         "--keep_float_stages", "0", "--min_agreement", "0.99"]))
     assert [a["float_stages"] for a in report["agreement_attempts"]] == [0, 1, 2, 3, 4, 5]
     assert report["int8_float_stages"] == 1 and report["int8_float_until"] == "blocks.0"  # first of the two 0.97s
-    assert qom.read_onnx_metadata(tmp_path / "clf_model_int8.onnx")["float_stages"] == "1"
+    assert read_onnx_metadata(tmp_path / "clf_model_int8.onnx")["float_stages"] == "1"
     convs = _quantized_convs(tmp_path / "clf_model_int8.onnx")
     assert not any(q for name, q in convs.items() if name.startswith(("/conv_stem/", "/blocks/blocks.0/")))
     assert all(q for name, q in convs.items() if name.startswith("/blocks/blocks.1/"))
@@ -108,12 +110,12 @@ def test_int8_file_that_stays_mostly_float_says_so_and_names_the_all_int8_agreem
                                                                                      monkeypatch, caplog):
     # A model with many close calls (seen on 8-class ISIC): only every stage in FP32 reaches the agreement asked for.
     scripted = iter([0.90, 0.92, 0.93, 0.94, 0.95, 0.995])
-    monkeypatch.setattr(qom, "_top1_agreement", lambda *_: next(scripted))
+    monkeypatch.setattr(onnx_quant, "top1_agreement", lambda *_: next(scripted))
     with caplog.at_level(logging.WARNING):
         report = qom.main(qom.get_args_parser().parse_args([
             "--skip_segmentation", "--model_path", str(tiny_run), "--output_dir", str(tmp_path), "--calib_images",
             "16", "--keep_float_stages", "0", "--min_agreement", "0.99"]))
-    assert report["int8_float_stages"] == 5 and report["int8_size_ratio"] > qom.INT8_SIZE_RATIO_WARNING
+    assert report["int8_float_stages"] == 5 and report["int8_size_ratio"] > onnx_export.INT8_SIZE_RATIO_WARNING
     warning = next(r.getMessage() for r in caplog.records if "of the FP32 file" in r.getMessage())
     assert f"{100 * report['int8_size_ratio']:.0f}% of the FP32 file" in warning
     assert "first 5 of 5 stages" in warning and "with 0 float stages INT8 gave FP32's answer on 0.9000" in warning

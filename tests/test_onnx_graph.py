@@ -1,4 +1,4 @@
-"""utils/onnx_export.py and utils/onnx_quant.py: graph rewrites that keep answers, and the float/INT8 split."""
+"""torch_trainer/onnx_export.py and torch_trainer/onnx_quant.py: graph rewrites that keep answers, and the float/INT8 split."""
 
 import numpy as np
 import onnx
@@ -9,8 +9,8 @@ from timm.layers import create_conv2d
 from timm.layers.conv2d_same import Conv2dSame
 from torch import nn
 
-from utils.onnx_export import export_fp32
-from utils.onnx_quant import auto_float_stages, gated_activation_count, module_node_prefix, nodes_up_to
+from torch_trainer.onnx_export import export_fp32
+from torch_trainer.onnx_quant import auto_float_stages, gated_activation_count, module_node_prefix, nodes_up_to
 
 
 class SameConvSE(nn.Module):

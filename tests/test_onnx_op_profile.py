@@ -1,16 +1,10 @@
 """benchmarks/onnx_op_profile.py: the per-operator table that explains INT8-vs-FP32 speed in the README."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("onnx_op_profile", ROOT / "benchmarks" / "onnx_op_profile.py")
-onnx_op_profile = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(onnx_op_profile)
+from benchmarks import onnx_op_profile
 
 
 def _two_conv_model(path):

@@ -12,7 +12,7 @@ import main
 from configs import TrainConfig
 from dataloaders.transforms import build_eval_transform, resolve_preprocessing
 from tests.conftest import TINY_MODEL, interrupt_after_checkpoint, train_args
-from torch_trainer import phase
+from torch_trainer import phase, training
 from torch_trainer import run_folder as rf
 from torch_trainer.checkpoint import load_run_model
 from torch_trainer.predictors import softmax
@@ -38,12 +38,12 @@ def refit_run(lesion_dataset, tmp_path_factory):
     seen = {}
     real_run_phase = phase.run_phase
 
-    def spy(files, cfg, run_dir, model, device, train_samples, val_samples, **kwargs):
+    def spy(files, ctx, model, train_samples, val_samples, **kwargs):
         seen[files.name] = (list(train_samples), val_samples)
-        return real_run_phase(files, cfg, run_dir, model, device, train_samples, val_samples, **kwargs)
+        return real_run_phase(files, ctx, model, train_samples, val_samples, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(main, "run_phase", spy)
+        patch.setattr(training, "run_phase", spy)
         result = train(train_args(lesion_dataset, tmp_path_factory.mktemp("refit"), "--refit", "True"))
     return Path(result["run_dir"]), seen
 
@@ -82,7 +82,7 @@ def test_ema_weights_are_what_gets_saved_evaluated_and_exported(refit_run):
         assert not all(torch.equal(ckpt["model"][k], ckpt["model_train"][k]) for k in ckpt["model"]), name
     # inference.py, quantize_onnx_models.py and benchmark.py all rebuild the model through load_run_model
     model, info = load_run_model(run_dir)
-    ema = torch.load(run_dir / info["weights"], weights_only=True)["model"]
+    ema = torch.load(run_dir / info.weights, weights_only=True)["model"]
     assert all(torch.equal(model.state_dict()[k], ema[k]) for k in ema)
 
 
@@ -163,7 +163,7 @@ def test_eval_crop_policy_is_recorded_and_rebuilt_from_the_run_folder():
 
     model = timm.create_model(TINY_MODEL)
     letterbox = resolve_preprocessing(model, 64, "letterbox", 1.0)
-    assert (letterbox["crop_mode"], letterbox["crop_pct"]) == ("border", 1.0)
+    assert (letterbox.crop_mode, letterbox.crop_pct) == ("border", 1.0)
     wide = Image.new("RGB", (200, 100), (255, 0, 0))
     x = build_eval_transform(letterbox)(wide)
     # The whole red photo fits, padded above and below: the top row is padding, the centre is red.
@@ -184,12 +184,12 @@ def folds_run(lesion_dataset, tmp_path_factory):
     seen = {}
     real_run_phase = phase.run_phase
 
-    def spy(files, cfg, run_dir, model, device, train_samples, val_samples, **kwargs):
+    def spy(files, ctx, model, train_samples, val_samples, **kwargs):
         seen[files.name] = (list(train_samples), list(val_samples) if val_samples is not None else None)
-        return real_run_phase(files, cfg, run_dir, model, device, train_samples, val_samples, **kwargs)
+        return real_run_phase(files, ctx, model, train_samples, val_samples, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(main, "run_phase", spy)
+        patch.setattr(training, "run_phase", spy)
         result = train(train_args(lesion_dataset, tmp_path_factory.mktemp("folds"), "--folds", "3", "--epochs", "1"))
     return Path(result["run_dir"]), seen
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from utils.atomic import atomic_save
 from utils.errors import UserError
+
+if TYPE_CHECKING:
+    from torch_trainer.run_info import RunInfo
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -29,31 +32,31 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 WEIGHT_CHOICES = ("final", "best", "last")
 
 
-def load_run_model(run_dir: str | Path, weights: str = "final") -> tuple[torch.nn.Module, dict[str, Any]]:
+def load_run_model(run_dir: str | Path, weights: str = "final") -> tuple[torch.nn.Module, "RunInfo"]:
     """Rebuild a trained model from a run folder alone: architecture and classes from class_info.json, weights
     from the delivered checkpoint (``final``: model_refit.pth after a refit, else model_best.pth), model_best.pth
-    (the best validation epoch) or model_last.pth. Returns ``(model in eval mode on CPU, class_info)``."""
+    (the best validation epoch) or model_last.pth. Returns ``(model in eval mode on CPU, run info)``."""
     import timm
 
     from torch_trainer import run_folder as rf
+    from torch_trainer.run_info import read_run_info
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run folder not found: {run_dir}; pass the folder main.py printed at the end of training")
-    class_info = rf.read_class_info(run_dir)
-    names = {"final": rf.delivered_weights(class_info), "best": rf.BEST_CKPT, "last": rf.LAST_CKPT}
+    info = read_run_info(run_dir)
+    names = {"final": info.weights, "best": rf.BEST_CKPT, "last": rf.LAST_CKPT}
     ckpt_path = run_dir / names[weights]
     if not ckpt_path.is_file():
         raise UserError(f"{ckpt_path} is missing; the run may not have finished (try --weights "
                         f"{'last' if weights != 'last' else 'best'})")
     state = load_checkpoint(ckpt_path)
     state = state.get("model", state) if isinstance(state, dict) else state
-    model = timm.create_model(class_info["timm_model_name"], pretrained=False, num_classes=class_info["n_class"],
-                              **class_info.get("model_kwargs", {}))
+    model = timm.create_model(info.timm_model_name, pretrained=False, num_classes=info.n_class, **info.model_kwargs)
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
         detail = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
-        raise UserError(f"{ckpt_path} does not fit {class_info['timm_model_name']} with {class_info['n_class']} "
-                        f"classes as recorded in class_info.json ({detail})") from err
-    return model.eval(), class_info
+        raise UserError(f"{ckpt_path} does not fit {info.timm_model_name} with {info.n_class} classes as recorded "
+                        f"in class_info.json ({detail})") from err
+    return model.eval(), info

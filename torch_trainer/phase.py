@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch.utils.data import DistributedSampler
@@ -23,7 +23,8 @@ from dataloaders.transforms import build_train_transform
 from torch_trainer import run_folder as rf
 from torch_trainer.checkpoint import load_checkpoint, save_checkpoint
 from torch_trainer.optim import build_optimizer, build_scheduler
-from torch_trainer.trainer import EarlyStopping, FitState, Precision, fit
+from torch_trainer.run_info import RunInfo
+from torch_trainer.trainer import EarlyStopping, FitHooks, FitState, Precision, Trainee, fit
 from utils.distributed import DistInfo, gather_evaluation, reduce_train_stats
 from utils.losses import build_criterion
 from utils.metrics import macro_auc
@@ -96,75 +97,42 @@ def delivered_state(model: torch.nn.Module, ema) -> dict[str, torch.Tensor]:
     return (ema.module if ema is not None else model).state_dict()
 
 
-def run_phase(files: PhaseFiles, cfg: TrainConfig, run_dir: Path, model: torch.nn.Module, device: torch.device,
-              train_samples: list[Sample], val_samples: Optional[list[Sample]], *, preprocessing: dict[str, Any],
-              image_loader, class_names: list[str], class_info: dict[str, Any], stop_after: int,
-              eval_transform, tracker, dist_info: DistInfo = DistInfo(), resume: bool = False) -> dict[str, Any]:
+@dataclass
+class PhaseContext:
+    """What every phase of one run shares."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    device: torch.device
+    info: RunInfo
+    image_loader: Callable
+    eval_transform: Callable
+    tracker: Any  # utils.experiment_tracking.ExperimentTracker
+    dist_info: DistInfo = field(default_factory=DistInfo)
+
+
+def run_phase(files: PhaseFiles, ctx: PhaseContext, model: torch.nn.Module, train_samples: list[Sample],
+              val_samples: Optional[list[Sample]], *, stop_after: int, resume: bool = False) -> dict[str, Any]:
     """Train ``model`` in place for epochs ``0 .. stop_after-1`` of a ``cfg.epochs`` schedule (early stopping may end
-    the selection phase sooner); returns the phase's outcome (epochs run, best epoch, seconds)."""
-    writes = dist_info.is_main
-    channels_last = device.type == "cuda"
-    model.to(device)
+    the selection phase sooner); returns the phase's outcome (epochs run, best epoch, seconds, images)."""
+    cfg, dist_info = ctx.cfg, ctx.dist_info
+    channels_last = ctx.device.type == "cuda"
+    model.to(ctx.device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     # ``net`` trains (DDP-wrapped under torchrun); ``model`` is what checkpoints and the final evaluation use.
-    net = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                     else None) if dist_info.enabled else model)
+    net = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index]
+                                                     if ctx.device.type == "cuda" else None)
+           if dist_info.enabled else model)
     generator = torch.Generator()
-    pin = device.type == "cuda"
-    train_tf = build_train_transform(preprocessing, min_crop_scale=cfg.min_crop_scale, vflip=cfg.vflip,
-                                     color_jitter=cfg.color_jitter, randaugment=cfg.randaugment)
-    labels = [sample.label for sample in train_samples]
-    choice = resolve_sampler(cfg, labels, len(class_names), dist_info.enabled)
-    if dist_info.enabled:  # torchrun: always random (main() refuses an explicit --sampler balanced there)
-        sampler = DistributedSampler(train_samples, dist_info.world_size, dist_info.rank, shuffle=True,
-                                     seed=cfg.random_state)
-    else:
-        sampler = balanced_sampler(labels, generator) if choice == "balanced" else None
-    train_loader = make_loader(train_samples, train_tf, cfg.batch_size, cfg.num_workers, train=True,
-                               generator=generator, pin_memory=pin, loader=image_loader, sampler=sampler)
-    val_loader = None
-    if val_samples is not None:
-        val_sampler = (DistributedSampler(val_samples, dist_info.world_size, dist_info.rank, shuffle=False)
-                       if dist_info.enabled else None)
-        val_loader = make_loader(val_samples, eval_transform, cfg.batch_size, cfg.num_workers, train=False,
-                                 pin_memory=pin, loader=image_loader, sampler=val_sampler)
-
-    mixup_fn = build_mixup(cfg, len(class_names))
-    if mixup_fn is not None:
-        from timm.loss import SoftTargetCrossEntropy
-
-        train_criterion = SoftTargetCrossEntropy()  # Mixup already smoothed the labels
-    else:
-        class_counts = [labels.count(k) for k in range(len(class_names))]
-        train_criterion = build_criterion(cfg.loss, cfg.class_weights, class_counts, cfg.label_smoothing,
-                                          cfg.focal_gamma)
-    # Validation loss without smoothing or weights, so it stays comparable across --label_smoothing values.
-    eval_criterion = torch.nn.CrossEntropyLoss()
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, len(train_loader))
-    precision = Precision.for_device(device, cfg.amp)
+    train_loader, sampler = _train_loader(ctx, train_samples, generator)
+    val_loader = _val_loader(ctx, val_samples) if val_samples is not None else None
+    trainee = Trainee(net, _train_criterion(cfg, train_samples, ctx.info.n_class), build_optimizer(model, cfg), None,
+                      Precision.for_device(ctx.device, cfg.amp), channels_last, build_ema(cfg, model),
+                      build_mixup(cfg, ctx.info.n_class))
+    trainee.scheduler = build_scheduler(trainee.optimizer, cfg, len(train_loader))
     stopper = EarlyStopping(cfg.monitor, cfg.patience if val_loader is not None else 0)
-    ema = build_ema(cfg, model)
-    state = FitState()
-
-    last_path = run_dir / files.last
-    last_path.parent.mkdir(parents=True, exist_ok=True)
-    if resume and (last_path.is_file() or files.required_on_resume):
-        ckpt = load_checkpoint(last_path)  # a one-line error when the selection phase never saved an epoch
-        model.load_state_dict(ckpt.get("model_train", ckpt["model"]))
-        if ema is not None:
-            ema.module.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scheduler is not None and ckpt["scheduler"] is not None:
-            scheduler.load_state_dict(ckpt["scheduler"])
-        precision.scaler.load_state_dict(ckpt["scaler"])
-        stopper.load_state_dict(ckpt["early_stopping"])
-        state = FitState(start_epoch=ckpt["epoch"] + 1, num_updates=ckpt["num_updates"],
-                         epochs_done=ckpt["epoch"] + 1)
-        rf.truncate_log(run_dir, last_epoch=ckpt["epoch"] + 1, name=files.log)
-        logger.info("resuming the %s phase of %s after epoch %d of %d", files.name, run_dir, ckpt["epoch"] + 1,
-                    stop_after)
+    state = _resume(files, ctx, model, trainee, stopper, stop_after) if resume else FitState()
 
     def on_epoch_start(epoch: int) -> None:
         # Reseeding per epoch makes epoch N identical whether the run went straight through or was resumed.
@@ -172,51 +140,125 @@ def run_phase(files: PhaseFiles, cfg: TrainConfig, run_dir: Path, model: torch.n
         generator.manual_seed(cfg.random_state * 1_000_003 + epoch)
         if isinstance(sampler, DistributedSampler):
             sampler.set_epoch(epoch)
-        if writes:
-            rf.write_status(run_dir, "running", phase=files.name, epoch=epoch + 1, epochs=stop_after)
+        if dist_info.is_main:
+            rf.write_status(ctx.run_dir, "running", phase=files.name, epoch=epoch + 1, epochs=stop_after)
 
     def on_epoch_end(epoch: int, train_stats: dict, val: Optional[dict], is_best: bool) -> None:
-        row = {"epoch": epoch + 1, "train_loss": train_stats["loss"], "train_acc": train_stats["acc"],
-               "lr": train_stats["lr"], "epoch_seconds": round(train_stats["seconds"], 3),
-               "train_images_per_s": round(train_stats["images_per_s"], 2),
-               "data_loading_fraction": round(train_stats["data_fraction"], 4)}
-        if val is not None:
-            row.update({"val_loss": val["loss"], "val_acc": val["acc"], "val_balanced_acc": val["balanced_acc"],
-                        "val_macro_auc": macro_auc(val["targets"], val["probs"], len(class_names))})
-        if not writes:
-            return
-        # The log row first: if the process stops before the checkpoint, --resume restarts from the previous
-        # checkpoint and drops the rows after it; the other way round the row would be lost.
-        rf.append_log_row(run_dir, row, name=files.log, with_validation=val is not None)
-        tracker.log({f"{files.name}/{k}" if files.name != "select" else k: v for k, v in row.items()},
-                    step=epoch + 1 if files.name == "select" else None)
-        metric = ({"monitor": cfg.monitor, "val_loss": val["loss"], "val_balanced_acc": val["balanced_acc"],
-                   "val_acc": val["acc"]} if val is not None else None)
-        ckpt_state = {
-            "model": delivered_state(model, ema),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "scaler": precision.scaler.state_dict(),
-            "early_stopping": stopper.state_dict(),
-            "epoch": epoch,
-            "num_updates": state.num_updates,
-            "phase": files.name,
-            "metric": metric,
-            "config": cfg.to_dict(),
-            "class_info": class_info,
-        }
-        if ema is not None:
-            ckpt_state["model_train"] = model.state_dict()  # the raw weights, to resume training from
-        if is_best and files.best:
-            save_checkpoint(run_dir / files.best, ckpt_state)
-        save_checkpoint(last_path, ckpt_state)
+        if dist_info.is_main:
+            _record_epoch(_PhaseState(files, ctx, model, trainee, stopper, state), epoch, train_stats, val, is_best)
 
     start = time.perf_counter()
-    fit(net, train_loader, val_loader, train_criterion, optimizer, scheduler, precision, stopper,
-        epochs=stop_after, state=state, on_epoch_start=on_epoch_start, on_epoch_end=on_epoch_end,
-        channels_last=channels_last, eval_criterion=eval_criterion,
-        reduce_train=lambda stats: reduce_train_stats(stats, dist_info),
-        gather_val=lambda result: gather_evaluation(result, dist_info), ema=ema, mixup_fn=mixup_fn,
+    fit(trainee, train_loader, val_loader, stopper, epochs=stop_after, state=state,
+        hooks=FitHooks(on_epoch_start, on_epoch_end, lambda stats: reduce_train_stats(stats, dist_info),
+                       lambda result: gather_evaluation(result, dist_info)),
         desc="" if files.name == "select" else f"{files.name}: ")
     return {"epochs_run": state.epochs_done, "best_epoch": stopper.best_epoch, "seconds": time.perf_counter() - start,
             "images": len(train_samples)}
+
+
+def _train_loader(ctx: PhaseContext, samples: list[Sample], generator: torch.Generator):
+    cfg, dist_info = ctx.cfg, ctx.dist_info
+    transform = build_train_transform(ctx.info.preprocessing, min_crop_scale=cfg.min_crop_scale, vflip=cfg.vflip,
+                                      color_jitter=cfg.color_jitter, randaugment=cfg.randaugment)
+    labels = [sample.label for sample in samples]
+    choice = resolve_sampler(cfg, labels, ctx.info.n_class, dist_info.enabled)
+    if dist_info.enabled:  # torchrun: always random (main() refuses an explicit --sampler balanced there)
+        sampler = DistributedSampler(samples, dist_info.world_size, dist_info.rank, shuffle=True,
+                                     seed=cfg.random_state)
+    else:
+        sampler = balanced_sampler(labels, generator) if choice == "balanced" else None
+    loader = make_loader(samples, transform, cfg.batch_size, cfg.num_workers, train=True, generator=generator,
+                         pin_memory=ctx.device.type == "cuda", loader=ctx.image_loader, sampler=sampler)
+    return loader, sampler
+
+
+def _val_loader(ctx: PhaseContext, samples: list[Sample]):
+    dist_info = ctx.dist_info
+    sampler = (DistributedSampler(samples, dist_info.world_size, dist_info.rank, shuffle=False)
+               if dist_info.enabled else None)
+    return make_loader(samples, ctx.eval_transform, ctx.cfg.batch_size, ctx.cfg.num_workers, train=False,
+                       pin_memory=ctx.device.type == "cuda", loader=ctx.image_loader, sampler=sampler)
+
+
+def _train_criterion(cfg: TrainConfig, samples: list[Sample], n_class: int):
+    if cfg.mixup or cfg.cutmix:
+        from timm.loss import SoftTargetCrossEntropy
+
+        return SoftTargetCrossEntropy()  # Mixup already smoothed the labels
+    labels = [sample.label for sample in samples]
+    return build_criterion(cfg.loss, cfg.class_weights, [labels.count(k) for k in range(n_class)],
+                           cfg.label_smoothing, cfg.focal_gamma)
+
+
+def _resume(files: PhaseFiles, ctx: PhaseContext, model: torch.nn.Module, trainee: Trainee, stopper: EarlyStopping,
+            stop_after: int) -> FitState:
+    """Restore the phase from its last checkpoint (a fresh start when a later phase has not begun yet)."""
+    last_path = ctx.run_dir / files.last
+    if not (last_path.is_file() or files.required_on_resume):
+        return FitState()
+    ckpt = load_checkpoint(last_path)  # a one-line error when the selection phase never saved an epoch
+    model.load_state_dict(ckpt.get("model_train", ckpt["model"]))
+    if trainee.ema is not None:
+        trainee.ema.module.load_state_dict(ckpt["model"])
+    trainee.optimizer.load_state_dict(ckpt["optimizer"])
+    if trainee.scheduler is not None and ckpt["scheduler"] is not None:
+        trainee.scheduler.load_state_dict(ckpt["scheduler"])
+    trainee.precision.scaler.load_state_dict(ckpt["scaler"])
+    stopper.load_state_dict(ckpt["early_stopping"])
+    rf.truncate_log(ctx.run_dir, last_epoch=ckpt["epoch"] + 1, name=files.log)
+    logger.info("resuming the %s phase of %s after epoch %d of %d", files.name, ctx.run_dir, ckpt["epoch"] + 1,
+                stop_after)
+    return FitState(start_epoch=ckpt["epoch"] + 1, num_updates=ckpt["num_updates"], epochs_done=ckpt["epoch"] + 1)
+
+
+@dataclass
+class _PhaseState:
+    """Everything an epoch's checkpoint is made of."""
+
+    files: PhaseFiles
+    ctx: PhaseContext
+    model: torch.nn.Module  # unwrapped (no DDP)
+    trainee: Trainee
+    stopper: EarlyStopping
+    state: FitState
+
+
+def _record_epoch(phase_state: _PhaseState, epoch: int, train_stats: dict, val: Optional[dict],
+                  is_best: bool) -> None:
+    """The epoch's log row, tracker entry and checkpoints (rank 0 only)."""
+    files, ctx, model, trainee = phase_state.files, phase_state.ctx, phase_state.model, phase_state.trainee
+    stopper, state = phase_state.stopper, phase_state.state
+    row = {"epoch": epoch + 1, "train_loss": train_stats["loss"], "train_acc": train_stats["acc"],
+           "lr": train_stats["lr"], "epoch_seconds": round(train_stats["seconds"], 3),
+           "train_images_per_s": round(train_stats["images_per_s"], 2),
+           "data_loading_fraction": round(train_stats["data_fraction"], 4)}
+    if val is not None:
+        row.update({"val_loss": val["loss"], "val_acc": val["acc"], "val_balanced_acc": val["balanced_acc"],
+                    "val_macro_auc": macro_auc(val["targets"], val["probs"], ctx.info.n_class)})
+    last_path = ctx.run_dir / files.last
+    last_path.parent.mkdir(parents=True, exist_ok=True)  # fold_<k>/
+    # The log row first: if the process stops before the checkpoint, --resume restarts from the previous
+    # checkpoint and drops the rows after it; the other way round the row would be lost.
+    rf.append_log_row(ctx.run_dir, row, name=files.log, with_validation=val is not None)
+    ctx.tracker.log({f"{files.name}/{k}" if files.name != "select" else k: v for k, v in row.items()},
+                    step=epoch + 1 if files.name == "select" else None)
+    metric = ({"monitor": ctx.cfg.monitor, "val_loss": val["loss"], "val_balanced_acc": val["balanced_acc"],
+               "val_acc": val["acc"]} if val is not None else None)
+    ckpt_state = {
+        "model": delivered_state(model, trainee.ema),
+        "optimizer": trainee.optimizer.state_dict(),
+        "scheduler": trainee.scheduler.state_dict() if trainee.scheduler is not None else None,
+        "scaler": trainee.precision.scaler.state_dict(),
+        "early_stopping": stopper.state_dict(),
+        "epoch": epoch,
+        "num_updates": state.num_updates,
+        "phase": files.name,
+        "metric": metric,
+        "config": ctx.cfg.to_dict(),
+        "class_info": ctx.info.to_dict(),
+    }
+    if trainee.ema is not None:
+        ckpt_state["model_train"] = model.state_dict()  # the raw weights, to resume training from
+    if is_best and files.best:
+        save_checkpoint(ctx.run_dir / files.best, ckpt_state)
+    save_checkpoint(last_path, ckpt_state)

@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from utils.device import onnx_providers
 from utils.errors import UserError
+from utils.onnx_runtime import create_session
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -32,19 +32,9 @@ class OnnxPredictor:
     """Runs an exported classifier; its single input is the preprocessed batch, its first output the logits."""
 
     def __init__(self, path: str | Path, n_class: int, device: torch.device, threads: int = 0):
-        import onnxruntime as ort
-
         path = Path(path)
-        if not path.is_file():
-            raise UserError(f"ONNX model not found: {path}; export one with quantize_onnx_models.py or pass "
-                            f"--onnx_model FILE")
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=onnx_providers(device.type))
-        except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise UserError(f"cannot load ONNX model {path}: {str(err).splitlines()[0]}") from err
+        self.session = create_session(path, device.type, threads,
+                                      missing_hint="export one with quantize_onnx_models.py or pass --onnx_model FILE")
         self.input_name = self.session.get_inputs()[0].name
         output = self.session.get_outputs()[0]
         self.outputs_probabilities = "prob" in output.name.lower()
@@ -65,3 +55,10 @@ def predict_proba(predictor: Any, images: torch.Tensor, tta: bool = False, tempe
     if tta:
         logits = (logits + predictor.logits(torch.flip(images, dims=[3]))) / 2
     return softmax(logits / temperature)
+
+
+def onnx_probs(path: str | Path, images: torch.Tensor, n_class: int, batch_size: int = 32) -> np.ndarray:
+    """Softmax probabilities of an ONNX classifier on the CPU (export verification), ``batch_size`` at a time."""
+    predictor = OnnxPredictor(path, n_class, torch.device("cpu"))
+    return np.concatenate([softmax(predictor.logits(images[i:i + batch_size]))
+                           for i in range(0, len(images), batch_size)])

@@ -2,6 +2,7 @@
 
 save_results/dataset+<data>/model+<model>/<YYYY-MM-DD_HH-MM-SS>/
     class_info.json      classes + model name + preprocessing: all that inference/export need to rebuild
+                         (read and written only through torch_trainer.run_info.RunInfo)
     configs.json         the resolved training config
     model_last.pth / model_best.pth   checkpoints (model, optimizer, scheduler, epoch, metric, config)
     model_refit.pth, refit_log.csv    the refit on train + validation (--refit), the delivered model when present
@@ -19,7 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import pandas as pd
 
@@ -56,37 +57,6 @@ def create_run_dir(save_dir: str | Path, data_name: str, model_name: str) -> Pat
         run_dir, n = parent / f"{stamp}_{n}", n + 1
     run_dir.mkdir(parents=True)
     return run_dir
-
-
-def build_class_info(class_names: list[str], model_name: str, timm_name: str, preprocessing: dict[str, Any],
-                     drop_rate: float, skin_region: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    info = {
-        "class_names": class_names,
-        "class_to_idx": {name: i for i, name in enumerate(class_names)},
-        "n_class": len(class_names),
-        "model_name": model_name,
-        "timm_model_name": timm_name,
-        "model_kwargs": {"drop_rate": drop_rate},
-        "preprocessing": preprocessing,
-        "input_kind": "skin_region" if skin_region else "full_image",
-    }
-    if skin_region:
-        info["skin_region"] = skin_region
-    return info
-
-
-def read_class_info(run_dir: str | Path) -> dict[str, Any]:
-    path = Path(run_dir) / CLASS_INFO
-    if not path.is_file():
-        raise UserError(f"{path} is missing; --model_path must be a run folder written by main.py")
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path} is not valid JSON: {err}") from err
-    for key in ("class_names", "timm_model_name", "preprocessing"):
-        if key not in info:
-            raise UserError(f"{path} has no {key!r}; it was not written by this version of main.py")
-    return info
 
 
 def dataset_root(run_dir: str | Path, data_dir: str | None = None) -> Path:
@@ -128,11 +98,6 @@ def append_log_row(run_dir: Path, row: dict[str, Any], name: str = LOG_CSV,
 
 def fold_dir_name(fold: int) -> str:
     return f"fold_{fold + 1}"
-
-
-def delivered_weights(class_info: dict[str, Any]) -> str:
-    """The checkpoint a run delivers: the refit when there is one, else the best validation epoch."""
-    return class_info.get("weights", BEST_CKPT)
 
 
 def truncate_log(run_dir: Path, last_epoch: int, name: str = LOG_CSV) -> None:

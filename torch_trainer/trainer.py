@@ -192,42 +192,70 @@ class FitState:
     epochs_done: int = 0
 
 
-def fit(model: torch.nn.Module, train_loader, val_loader, criterion: Callable, optimizer: torch.optim.Optimizer,
-        scheduler, precision: Precision, stopper: EarlyStopping, *, epochs: int, state: FitState,
-        on_epoch_start: Callable[[int], None], on_epoch_end: Callable[[int, dict, Optional[dict], bool], None],
-        channels_last: bool = False, eval_criterion: Optional[Callable] = None,
-        reduce_train: Callable[[dict], dict] = lambda stats: stats,
-        gather_val: Callable[[dict], dict] = lambda result: result, ema=None,
-        mixup_fn: Optional[Callable] = None, desc: str = "") -> None:
-    """Run epochs ``state.start_epoch .. epochs-1``; ``on_epoch_end`` writes logs and checkpoints.
+@dataclass
+class Trainee:
+    """What the epochs train and how: the model (DDP-wrapped under torchrun), its loss, optimizer and schedule,
+    and the timm extras around them (EMA of the weights, Mixup/CutMix)."""
 
-    Validation (of the EMA weights when ``ema`` is given) picks the best epoch; with ``val_loader=None`` (the refit
-    on all labelled images) every epoch just trains. ``reduce_train``/``gather_val`` combine the processes' results
-    under DistributedDataParallel.
+    model: torch.nn.Module
+    criterion: Callable
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    precision: Precision
+    channels_last: bool = False
+    ema: Any = None
+    mixup_fn: Optional[Callable] = None
+    # Validation loss without smoothing or class weights, so it stays comparable across runs.
+    eval_criterion: Callable = field(default_factory=torch.nn.CrossEntropyLoss)
+
+
+def _identity(value: dict) -> dict:
+    return value
+
+
+@dataclass
+class FitHooks:
+    """``on_epoch_end`` writes logs and checkpoints; ``reduce_train``/``gather_val`` combine the processes' results
+    under DistributedDataParallel."""
+
+    on_epoch_start: Callable[[int], None]
+    on_epoch_end: Callable[[int, dict, Optional[dict], bool], None]
+    reduce_train: Callable[[dict], dict] = _identity
+    gather_val: Callable[[dict], dict] = _identity
+
+
+def fit(trainee: Trainee, train_loader, val_loader, stopper: EarlyStopping, *, epochs: int, state: FitState,
+        hooks: FitHooks, desc: str = "") -> None:
+    """Run epochs ``state.start_epoch .. epochs-1``.
+
+    Validation (of the EMA weights when there is an EMA) picks the best epoch; with ``val_loader=None`` (the refit
+    on all labelled images) every epoch just trains.
     """
     if stopper.should_stop:  # resumed after early stopping had already ended the run
         return
+    t = trainee
     for epoch in range(state.start_epoch, epochs):
-        on_epoch_start(epoch)
-        train = reduce_train(train_one_epoch(model, train_loader, criterion, optimizer, precision, scheduler=scheduler,
-                                             num_updates=state.num_updates, channels_last=channels_last, epoch=epoch,
-                                             ema=ema, mixup_fn=mixup_fn))
+        hooks.on_epoch_start(epoch)
+        train = hooks.reduce_train(train_one_epoch(
+            t.model, train_loader, t.criterion, t.optimizer, t.precision, scheduler=t.scheduler,
+            num_updates=state.num_updates, channels_last=t.channels_last, epoch=epoch, ema=t.ema,
+            mixup_fn=t.mixup_fn))
         state.num_updates = train["num_updates"]
         state.epochs_done = epoch + 1
         if val_loader is None:
             logger.info("%sepoch %d/%d  train loss %.4f acc %.3f | %.1f img/s, data %.0f%%", desc, epoch + 1, epochs,
                         train["loss"], train["acc"], train["images_per_s"], 100 * train["data_fraction"])
-            on_epoch_end(epoch, train, None, False)
+            hooks.on_epoch_end(epoch, train, None, False)
             continue
-        scored = ema.module if ema is not None else model
-        val = gather_val(evaluate(scored, val_loader, eval_criterion or criterion, precision,
-                                  channels_last=channels_last, desc=f"epoch {epoch + 1} val"))
+        scored = t.ema.module if t.ema is not None else t.model
+        val = hooks.gather_val(evaluate(scored, val_loader, t.eval_criterion, t.precision,
+                                        channels_last=t.channels_last, desc=f"epoch {epoch + 1} val"))
         is_best = stopper.update(val, epoch)
         logger.info("%sepoch %d/%d  train loss %.4f acc %.3f | val loss %.4f acc %.3f bal.acc %.3f | %.1f img/s, "
                     "data %.0f%%%s", desc, epoch + 1, epochs, train["loss"], train["acc"], val["loss"], val["acc"],
                     val["balanced_acc"], train["images_per_s"], 100 * train["data_fraction"],
                     "  *best*" if is_best else "")
-        on_epoch_end(epoch, train, val, is_best)
+        hooks.on_epoch_end(epoch, train, val, is_best)
         if stopper.should_stop:
             logger.info("early stopping: %s did not improve for %d epochs (best epoch %d)", stopper.monitor,
                         stopper.patience, stopper.best_epoch + 1)

@@ -8,7 +8,8 @@ centre crop removed gets no heat.
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
 
 import cv2
 import numpy as np
@@ -19,6 +20,9 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from dataloaders.transforms import eval_crop_box
 from utils.errors import UserError
+
+if TYPE_CHECKING:
+    from torch_trainer.run_info import RunInfo
 
 logger = logging.getLogger(__name__)
 
@@ -128,3 +132,37 @@ def render_overlay(original_rgb: np.ndarray, cam_full: np.ndarray, alpha: float 
         overlay = cv2.resize(overlay, (round(overlay.shape[1] * scale), round(overlay.shape[0] * scale)),
                              interpolation=cv2.INTER_AREA)
     return overlay
+
+
+def save_gradcam_examples(model: torch.nn.Module, samples, info: "RunInfo", image_loader, folder: Path) -> list[Path]:
+    """Grad-CAM overlays of a few test images (for W&B); a model without a usable layer just gets none."""
+    from PIL import Image
+
+    from dataloaders.transforms import build_eval_transform
+    from utils.atomic import atomic_save
+
+    transform = build_eval_transform(info.preprocessing)
+    device = next(model.parameters()).device
+    try:
+        explainer = GradCamExplainer(model, "gradcam", info.preprocessing.input_size)
+    except Exception as err:  # noqa: BLE001 - an explanation is a nice-to-have at the end of training
+        logger.warning("no Grad-CAM examples: %s", err)
+        return []
+    paths = []
+    try:
+        for sample in samples:
+            picture = image_loader(sample.path)
+            batch = transform(picture).unsqueeze(0).to(device)
+            with torch.no_grad():
+                predicted = int(model(batch).argmax(1))
+            cam = explainer.explain(batch, [predicted])[0]
+            original = np.asarray(picture)
+            overlay = render_overlay(original, cam_on_original(cam, (original.shape[1], original.shape[0]),
+                                                               info.preprocessing))
+            target = folder / (f"{sample.path.stem}_true-{info.class_names[sample.label]}_pred-"
+                               f"{info.class_names[predicted]}.jpg")
+            atomic_save(target, lambda tmp: Image.fromarray(overlay).save(tmp, format="JPEG", quality=90))
+            paths.append(target)
+    finally:
+        explainer.close()
+    return paths

@@ -11,6 +11,7 @@ hard-coded index list, so parsers with another label order (BiSeNet vs. SegForme
 
 from __future__ import annotations
 
+import argparse
 import json
 from abc import ABC, abstractmethod
 import logging
@@ -21,15 +22,16 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from utils.device import onnx_providers
 from utils.errors import UserError
+from utils.export_dir import DEFAULT_EXPORT, ExportDir
+from utils.onnx_runtime import create_session
 
 logger = logging.getLogger(__name__)
 
 SEG_BACKENDS = ("segformer", "onnx", "opencv")
 DEFAULT_SEGFORMER = "jonathandinu/face-parsing"
-DEFAULT_SEG_ONNX = Path("onnx_models") / "seg_model.onnx"
-SEG_ONNX_NAME = "seg_model.onnx"
+PROCESSOR_FILE = "preprocessor_config.json"
+DEFAULT_SEG_ONNX = DEFAULT_EXPORT.seg
 
 
 class FaceParser(ABC):
@@ -94,7 +96,14 @@ def load_segformer(model_ref: str, revision: Optional[str] = None):
     if _looks_like_path(model_ref) and not Path(model_ref).expanduser().is_dir():
         raise UserError(f"--seg_model {model_ref}: folder not found; pass a folder saved with save_pretrained() "
                         f"or a Hugging Face id such as {DEFAULT_SEGFORMER}")
-    ref = str(Path(model_ref).expanduser()) if Path(model_ref).expanduser().is_dir() else model_ref
+    local = Path(model_ref).expanduser()
+    ref = str(local) if local.is_dir() else model_ref
+    if local.is_dir() and (local / "config.json").is_file() and not (local / PROCESSOR_FILE).is_file():
+        # Without this check the processor's OSError reads like a missing download.
+        raise UserError(f"--seg_model {model_ref}: the folder has the model but no {PROCESSOR_FILE} (the image "
+                        f"processor's settings); save it beside the model with "
+                        f"AutoImageProcessor.from_pretrained('{DEFAULT_SEGFORMER}').save_pretrained('{model_ref}') "
+                        f"or copy the file from where the model came from")
     try:
         model = SegformerForSemanticSegmentation.from_pretrained(ref, revision=revision)
         processor = AutoImageProcessor.from_pretrained(ref, revision=revision)
@@ -102,7 +111,7 @@ def load_segformer(model_ref: str, revision: Optional[str] = None):
         raise UserError(
             f"cannot load the SegFormer face parser {model_ref!r} (offline and not in the Hugging Face cache?): "
             f"download it once while online, or pass --seg_model PATH to a local copy, or use --seg_backend onnx "
-            f"with an exported {SEG_ONNX_NAME}, or --seg_backend opencv (heuristic, needs no weights)") from err
+            f"with an exported {ExportDir.SEG_NAME}, or --seg_backend opencv (heuristic, needs no weights)") from err
     except ValueError as err:  # a folder that holds another kind of model
         raise UserError(f"--seg_model {model_ref} is not a SegFormer semantic-segmentation model: "
                         f"{str(err).splitlines()[0]}") from err
@@ -152,19 +161,10 @@ class OnnxParser(_LogitParser):
     backend = "onnx"
 
     def __init__(self, path: str | Path = DEFAULT_SEG_ONNX, device: str = "cpu", threads: int = 0):
-        import onnxruntime as ort
-
         path = Path(path)
-        if not path.is_file():
-            raise UserError(f"segmentation model {path} not found; export it with quantize_onnx_models.py "
-                            f"--skip_segmentation False, or pass --seg_model FILE")
-        try:
-            options = ort.SessionOptions()
-            if threads:
-                options.intra_op_num_threads = threads
-            self.session = ort.InferenceSession(str(path), options, providers=onnx_providers(device))
-        except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise UserError(f"cannot load segmentation model {path}: {str(err).splitlines()[0]}") from err
+        self.session = create_session(path, device, threads, what="segmentation model",
+                                      missing_hint="export it with quantize_onnx_models.py --skip_segmentation False, "
+                                                   "or pass --seg_model FILE")
         meta = self.session.get_modelmeta().custom_metadata_map
         if "id2label" not in meta or "parser_preprocessing" not in meta:
             raise UserError(f"{path} has no id2label/parser_preprocessing metadata; export it with "
@@ -251,6 +251,21 @@ class OpenCVSkinParser(FaceParser):
     def describe(self) -> dict[str, Any]:
         return {"seg_backend": self.backend, "seg_model": "haarcascade_frontalface_default+ycrcb",
                 "seg_revision": cv2.__version__}
+
+
+def segmentation_flags() -> argparse.ArgumentParser:
+    """The face-parser flags shared by face_segmentation.py and inference_with_segmentation.py (``parents=``)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--seg_backend", choices=list(SEG_BACKENDS), default="segformer",
+                        help="segformer (transformers), onnx (exported seg_model.onnx) or opencv (Haar face + "
+                             "skin colour heuristic, no weights) (default: %(default)s)")
+    parser.add_argument("--seg_model", default=None,
+                        help="segformer: Hugging Face id or local folder (default jonathandinu/face-parsing); "
+                             "onnx: path (default onnx_models/seg_model.onnx)")
+    parser.add_argument("--seg_revision", default=None, help="Hugging Face revision (commit) to pin the parser")
+    parser.add_argument("--parts", default=None,
+                        help="comma-separated parser labels that count as skin (default: skin,nose)")
+    return parser
 
 
 def build_face_parser(backend: str, seg_model: Optional[str] = None, revision: Optional[str] = None,

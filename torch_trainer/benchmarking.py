@@ -1,0 +1,263 @@
+"""Timing PyTorch eager against the exported ONNX models, fairly: each framework in a fresh process with the same
+thread count and the same real preprocessed test images, over alternating rounds that each keep their fastest.
+benchmark.py parses flags and calls ``benchmark_run``; benchmarks/model_zoo_speed.py reuses it."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import multiprocessing as mp
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from torch_trainer import run_folder as rf
+from torch_trainer.run_info import RunInfo, read_run_info
+from utils.device import onnx_cuda_available, select_device
+from utils.errors import UserError
+from utils.export_dir import ExportDir
+from utils.machine import describe_machine, machine_info
+from utils.onnx_runtime import create_session, read_onnx_metadata
+from utils.timing import call_latencies_ms, latency_summary
+
+logger = logging.getLogger(__name__)
+
+# Recorded in every CSV/JSON row, so a table always says which machine it holds for.
+MACHINE_COLUMNS = ("cpu_model", "cpu_isa", "torch_cpu_capability", "usable_cpus", "torch", "onnxruntime")
+TABLE_COLUMNS = ["batch_size", "size_mb", "mean_ms", "std_ms", "p50_ms", "p95_ms", "images_per_s",
+                 "speedup_vs_pytorch", "size_reduction_vs_pytorch", "test_accuracy", "top1_agreement_with_pytorch"]
+
+
+@dataclass(frozen=True)
+class BenchmarkSettings:
+    batch_sizes: tuple[int, ...] = (1, 32)
+    iterations: int = 100
+    warmup: int = 10
+    rounds: int = 3
+    threads: int = 1
+    device: str = "cpu"
+    eval_images: int = 0  # 0 = the whole test split
+    data_dir: Optional[str] = None
+
+    def check(self) -> None:
+        if not self.batch_sizes or min(self.batch_sizes) < 1 or min(self.iterations, self.threads, self.rounds) < 1:
+            raise UserError("--batch_sizes, --iterations, --threads and --rounds must be positive")
+
+
+@dataclass
+class BenchmarkResult:
+    rows: list[dict[str, Any]]  # classifier rows: framework x batch size
+    segmentation_rows: list[dict[str, Any]]  # the exported face parser, when there is one
+    machine: dict[str, Any]
+    device: str
+    test_images: int
+
+
+def benchmark_run(run_dir: Path, export: ExportDir, settings: BenchmarkSettings) -> BenchmarkResult:
+    """Time the run's PyTorch model and every classifier in ``export`` (and the face parser, if exported)."""
+    settings.check()
+    info = read_run_info(run_dir)
+    # A --device cuda without a GPU is a one-line error before anything is timed.
+    device = select_device(settings.device).type
+    if device == "cuda" and not onnx_cuda_available():
+        logger.warning("!!! this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu in place of "
+                       "onnxruntime): the ONNX rows run on the CPU while PyTorch runs on the GPU, so their speed-ups "
+                       "compare different devices (see the runs_on column)")
+    frameworks: dict[str, Optional[str]] = {"pytorch": None}
+    for name, path in export.classifiers().items():
+        frameworks[name] = str(path)
+        source = read_onnx_metadata(path).get("source_run")
+        if source and Path(source).resolve() != run_dir.resolve():
+            logger.warning("!!! %s was exported from %s, not from %s; the comparison is between different "
+                           "models", path.name, source, run_dir)
+    if len(frameworks) == 1:
+        raise UserError(f"no ONNX models in {export.root}; create them with quantize_onnx_models.py --model_path "
+                        f"{run_dir} --output_dir {export.root}")
+    machine = machine_info(settings.threads)
+    logger.info("machine: %s", describe_machine(machine))
+    images, labels, image_paths = _test_images(run_dir, info, settings.data_dir, settings.eval_images)
+    rounds: dict[str, list[dict]] = {framework: [] for framework in frameworks}
+    spawn = mp.get_context("spawn")
+    for round_index in range(settings.rounds):
+        for framework, model_file in frameworks.items():
+            logger.info("round %d/%d: timing %s (%d threads, batch sizes %s) in a fresh process", round_index + 1,
+                        settings.rounds, framework, settings.threads, list(settings.batch_sizes))
+            with spawn.Pool(1) as pool:
+                rounds[framework].append(pool.apply(_worker, (
+                    framework, model_file, str(run_dir), images, list(settings.batch_sizes), settings.iterations,
+                    settings.warmup, settings.threads, device, round_index == 0)))
+    results = [keep_fastest_rounds(framework_rounds) for framework_rounds in rounds.values()]
+    recorded = {key: machine[key] for key in MACHINE_COLUMNS}
+    rows = [{**row, **recorded} for row in summarise(results, labels, info.model_name, settings.threads)]
+    seg_rows = []
+    if export.seg.is_file():
+        logger.info("timing the face parser %s in a fresh process", export.seg)
+        with spawn.Pool(1) as pool:
+            seg_rows.append({**pool.apply(_segmentation_worker, (str(export.seg), image_paths, settings.iterations,
+                                                                 settings.warmup, settings.threads, device)),
+                             **recorded})
+    return BenchmarkResult(rows, seg_rows, machine, device, len(labels))
+
+
+def write_benchmark(result: BenchmarkResult, export: ExportDir) -> None:
+    """benchmark_results.csv/.json/.png (and benchmark_segmentation.csv) under ``export.root``, atomically."""
+    import pandas as pd
+
+    from utils.atomic import atomic_save, atomic_write_json
+
+    export.root.mkdir(parents=True, exist_ok=True)
+    frame = pd.DataFrame(result.rows)
+    frame["round_p50_ms"] = frame["round_p50_ms"].map(lambda medians: " ".join(f"{m:g}" for m in medians))
+    atomic_save(export.benchmark_file("results.csv"), lambda tmp: frame.to_csv(tmp, index=False))
+    atomic_write_json(export.benchmark_file("results.json"), result.rows)
+    _plot(result.rows, export.benchmark_file("results.png"))
+    if result.segmentation_rows:
+        seg_frame = pd.DataFrame(result.segmentation_rows)
+        atomic_save(export.benchmark_file("segmentation.csv"), lambda tmp: seg_frame.to_csv(tmp, index=False))
+
+
+def format_benchmark(result: BenchmarkResult, settings: BenchmarkSettings) -> str:
+    """The printed report: machine, settings, the table, the speed-ups and every round's medians."""
+    import pandas as pd
+
+    rows = result.rows
+    frame = pd.DataFrame(rows)
+    columns = ["framework"] + (["runs_on"] if result.device == "cuda" else []) + TABLE_COLUMNS
+    lines = [f"machine: {describe_machine(result.machine)}",
+             f"model {rows[0]['model']} on {result.device}, {settings.threads} threads, {settings.iterations} "
+             f"iterations after {settings.warmup} warm-up, fastest of {settings.rounds} alternating rounds, accuracy "
+             f"on {result.test_images} test images", frame[columns].to_string(index=False)]
+    for batch_size in settings.batch_sizes:
+        summary = ", ".join(f"{r['framework']} {r['speedup_vs_pytorch']:.2f}x" for r in rows
+                            if r["batch_size"] == batch_size and r["framework"] != "pytorch")
+        lines.append(f"batch {batch_size}: speed-up vs PyTorch eager: {summary}")
+        if settings.rounds > 1:
+            spread = "; ".join(f"{r['framework']} " + " / ".join(f"{m:g}" for m in r["round_p50_ms"])
+                               for r in rows if r["batch_size"] == batch_size)
+            lines.append(f"batch {batch_size}: p50 ms of each round (the fastest is in the table): {spread}")
+    if result.segmentation_rows:
+        seg_columns = [c for c in result.segmentation_rows[0] if c not in MACHINE_COLUMNS]
+        lines += ["", "face parser, one photo at a time (parser resize, inference, upsampling and arg-max):",
+                  pd.DataFrame(result.segmentation_rows)[seg_columns].to_string(index=False)]
+    return "\n".join(lines)
+
+
+def _test_images(run_dir: Path, info: RunInfo, data_dir: Optional[str], limit: int):
+    """Preprocessed test images and labels, decoded once in the parent and shared with every worker."""
+    from dataloaders.skin_region import image_loader_for_run
+    from dataloaders.transforms import build_eval_transform
+
+    transform = build_eval_transform(info.preprocessing)
+    samples = rf.run_split(run_dir, "test", data_dir)
+    if limit:
+        samples = samples[:limit]
+    loader = image_loader_for_run(info, rf.dataset_root(run_dir, data_dir))
+    images = np.stack([transform(loader(s.path)).numpy() for s in samples]).astype(np.float32)
+    return images, np.array([s.label for s in samples]), [s.path for s in samples]
+
+
+def _segmentation_worker(model_file: str, image_paths: list[Path], iterations: int, warmup: int, threads: int,
+                         device: str) -> dict[str, Any]:
+    """Batch-1 latency of the exported face parser on real test photos, resize + argmax included."""
+    from dataloaders.image_io import load_rgb
+    from dataloaders.face_parsing import OnnxParser
+
+    parser = OnnxParser(model_file, device, threads=threads)
+    pictures = [np.asarray(load_rgb(p)) for p in image_paths[:8]]
+    next_picture = itertools.cycle(pictures).__next__
+    times = call_latencies_ms(lambda: parser.parse(next_picture()), iterations, warmup)
+    return {"model": "face parser (" + (parser.source or Path(model_file).name) + ")", "framework": "onnx_fp32",
+            "batch_size": 1, "threads": threads, "size_mb": round(Path(model_file).stat().st_size / 2**20, 2),
+            "input_size": "x".join(str(v) for v in parser.preprocessing["size"]), **latency_summary(times)}
+
+
+def _worker(framework: str, model_file: Optional[str], run_dir: str, images: np.ndarray, batch_sizes: list[int],
+            iterations: int, warmup: int, threads: int, device: str, predict: bool = True) -> dict[str, Any]:
+    """Runs in a fresh process: load one framework's model, time it, and (if asked) predict the test images."""
+    import torch
+
+    torch.set_num_threads(threads)
+    if framework == "pytorch":
+        from torch_trainer.checkpoint import load_run_model
+
+        model, _ = load_run_model(run_dir)
+        model.to(device)
+        size_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+        runs_on = device
+
+        def run(batch: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                out = model(torch.from_numpy(batch).to(device))
+                return out.float().cpu().numpy()
+    else:
+        # benchmark_run() has already said it once if the CUDA provider is missing.
+        session = create_session(model_file, device, threads, inter_op_threads=1, warn_no_cuda=False)
+        input_name = session.get_inputs()[0].name
+        size_bytes = Path(model_file).stat().st_size
+        runs_on = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+
+        def run(batch: np.ndarray) -> np.ndarray:
+            return session.run(None, {input_name: batch})[0]
+
+    timings = {}
+    for batch_size in batch_sizes:
+        batch = np.resize(images, (batch_size, *images.shape[1:]))  # repeats test images if there are fewer
+        timings[batch_size] = call_latencies_ms(lambda: run(batch), iterations, warmup)
+    result = {"framework": framework, "runs_on": runs_on, "size_bytes": int(size_bytes), "timings_ms": timings}
+    if predict:
+        result["predictions"] = np.concatenate(
+            [run(images[i:i + 32]).argmax(1) for i in range(0, len(images), 32)]).tolist()
+    return result
+
+
+def keep_fastest_rounds(rounds: list[dict]) -> dict:
+    """One framework's results over several rounds -> the first round's predictions with, per batch size, the
+    timings of the round whose median was lowest, plus every round's median for the record."""
+    kept = {key: value for key, value in rounds[0].items() if key != "timings_ms"}
+    kept["timings_ms"], kept["round_p50_ms"] = {}, {}
+    for batch_size in rounds[0]["timings_ms"]:
+        medians = [float(np.median(r["timings_ms"][batch_size])) for r in rounds]
+        kept["timings_ms"][batch_size] = rounds[int(np.argmin(medians))]["timings_ms"][batch_size]
+        kept["round_p50_ms"][batch_size] = [round(m, 3) for m in medians]
+    return kept
+
+
+def summarise(results: list[dict], labels: np.ndarray, model_name: str, threads: int) -> list[dict]:
+    """One row per framework and batch size, speed-ups and agreement relative to PyTorch eager."""
+    base = next(r for r in results if r["framework"] == "pytorch")
+    base_pred = np.array(base["predictions"])
+    rows = []
+    for result in results:
+        pred = np.array(result["predictions"])
+        for batch_size, times in result["timings_ms"].items():
+            base_mean = float(np.mean(base["timings_ms"][batch_size]))
+            rows.append({
+                "model": model_name, "framework": result["framework"], "runs_on": result["runs_on"],
+                "batch_size": int(batch_size),
+                "threads": threads, "size_mb": round(result["size_bytes"] / 2**20, 2),
+                **latency_summary(times, int(batch_size)),
+                "speedup_vs_pytorch": round(base_mean / float(np.mean(times)), 2),
+                "size_reduction_vs_pytorch": round(base["size_bytes"] / result["size_bytes"], 2),
+                "test_accuracy": round(float((pred == labels).mean()), 4),
+                "top1_agreement_with_pytorch": round(float((pred == base_pred).mean()), 4),
+                "round_p50_ms": result.get("round_p50_ms", {}).get(batch_size, []),
+            })
+    return rows
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    from utils.plots import plt, save_figure
+
+    batch_sizes = sorted({r["batch_size"] for r in rows})
+    frameworks = list(dict.fromkeys(r["framework"] for r in rows))
+    fig, axes = plt.subplots(1, len(batch_sizes), figsize=(5 * len(batch_sizes), 4), squeeze=False)
+    for ax, batch_size in zip(axes[0], batch_sizes):
+        values = [next(r["mean_ms"] for r in rows if r["framework"] == f and r["batch_size"] == batch_size)
+                  for f in frameworks]
+        bars = ax.bar(frameworks, values, color=["#888888", "#1f77b4", "#2ca02c"][:len(frameworks)])
+        ax.bar_label(bars, fmt="%.1f")
+        ax.set(title=f"batch {batch_size}", ylabel="mean latency (ms)")
+    fig.suptitle(f"{rows[0]['model']}: {rows[0]['threads']} threads")
+    save_figure(fig, path)

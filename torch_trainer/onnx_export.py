@@ -1,0 +1,273 @@
+"""Turning a trained timm model into a fast, self-contained, verified ONNX graph (and the face parser into one).
+
+Two rewrites make the graph faster without changing its answers (the export is verified against PyTorch afterwards):
+- TF-"same" convolutions (tf_* models such as tf_efficientnet_lite0) compute their padding from the input shape at
+  run time. Exported as is, that is a chain of Shape/Gather/Div/Pad nodes before every strided conv: 25 % of the
+  FP32 time, and in INT8 a float island (dequantize, pad, quantize) around each of them. The input size is fixed at
+  export, so the padding is a constant: a ZeroPad2d that ONNX Runtime folds into the conv.
+- Squeeze-excitation's `x.mean((2, 3), keepdim=True)` exports as ReduceMean, which ONNX Runtime's quantizer leaves in
+  float (dequantize, reduce, quantize); the identical GlobalAveragePool has an INT8 kernel.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from dataloaders.inference_data import load_preprocessed
+from dataloaders.skin_region import image_loader_for_run
+from dataloaders.transforms import build_eval_transform
+from torch_trainer import run_folder as rf
+from torch_trainer.checkpoint import load_run_model
+from torch_trainer.onnx_quant import CalibrationData, QuantSettings, ReferenceSet, quantize_verified, warn_mostly_float
+from torch_trainer.predictors import onnx_probs
+from torch_trainer.run_info import write_run_info
+from utils.atomic import atomic_path
+from utils.errors import UserError
+from utils.export_dir import ExportDir
+from utils.onnx_runtime import check_onnx_model, create_session, write_onnx_metadata
+
+logger = logging.getLogger(__name__)
+
+
+def freeze_same_padding(model: nn.Module, input_size: list[int]) -> int:
+    """Replace timm's dynamic-padding Conv2dSame layers by constant padding for ``input_size``; returns how many."""
+    from timm.layers.conv2d_same import Conv2dSame
+    from timm.layers.padding import get_same_padding
+
+    input_hw: dict[str, tuple[int, int]] = {}
+
+    def record(name: str):
+        def hook(_module: nn.Module, inputs: tuple) -> None:  # returning a value would replace the inputs
+            input_hw[name] = tuple(inputs[0].shape[-2:])
+        return hook
+
+    hooks = [module.register_forward_pre_hook(record(name))
+             for name, module in model.named_modules() if isinstance(module, Conv2dSame)]
+    try:
+        with torch.inference_mode():
+            model(torch.zeros(1, *input_size))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for name, (height, width) in input_hw.items():
+        conv = model.get_submodule(name)
+        pad_h = get_same_padding(height, conv.kernel_size[0], conv.stride[0], conv.dilation[0])
+        pad_w = get_same_padding(width, conv.kernel_size[1], conv.stride[1], conv.dilation[1])
+        plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, 0, conv.dilation,
+                          conv.groups, conv.bias is not None)
+        plain.load_state_dict(conv.state_dict())
+        padded = nn.Sequential(nn.ZeroPad2d((pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)), plain)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, padded)
+    return len(input_hw)
+
+
+def export_fp32(model: nn.Module, input_size: list[int], path: Path, opset: int) -> dict[str, int]:
+    """Export with a dynamic batch axis to one self-contained file; returns what the rewrites changed."""
+    model = copy.deepcopy(model).eval()  # the caller's model stays the PyTorch reference
+    padded = freeze_same_padding(model, input_size)
+    dummy = torch.randn(2, *input_size)
+    # The TorchScript exporter writes one self-contained file; the dynamo exporter would need onnxscript and puts
+    # weights in a side .onnx.data file by default.
+    with warnings.catch_warnings():
+        # The legacy exporter's deprecation notice, tracer and shape-inference warnings are expected here.
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", category=UserWarning)
+        torch.onnx.export(model, (dummy,), str(path), dynamo=False, input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset,
+                          do_constant_folding=True)
+    pooled = spatial_means_to_global_pool(path)
+    return {"same_padding_frozen": padded, "reduce_mean_to_global_pool": pooled}
+
+
+def spatial_means_to_global_pool(path: Path) -> int:
+    """Rewrite ReduceMean over H and W (keepdims) of 4-D tensors as GlobalAveragePool, in place; returns how many."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(path))
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in [*inferred.input, *inferred.value_info]
+             if v.type.tensor_type.HasField("shape")}
+    count = 0
+    nodes = []
+    for node in model.graph.node:
+        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        # Opset < 18 carries the axes as an attribute; a second input (opset 18+) is left alone.
+        if (node.op_type == "ReduceMean" and len(node.input) == 1 and ranks.get(node.input[0]) == 4
+                and list(attributes.get("axes", [])) in ([2, 3], [-2, -1]) and attributes.get("keepdims", 1) == 1):
+            nodes.append(helper.make_node("GlobalAveragePool", [node.input[0]], list(node.output), name=node.name))
+            count += 1
+        else:
+            nodes.append(node)
+    if count:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        onnx.save(model, str(path))
+    return count
+
+
+FP32_PROB_TOLERANCE = 1e-4
+INT8_ACCURACY_DROP_WARNING = 0.01
+# An INT8 file above half the FP32 size means most weights stayed float: the name promises more than the file gives.
+INT8_SIZE_RATIO_WARNING = 0.5
+SEG_LOGIT_TOLERANCE = 1e-3  # relative to the largest logit
+SEG_LABEL_AGREEMENT = 0.999
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """quantize_onnx_models.py's flags, bar the face parser's."""
+
+    weights: str = "final"
+    opset: int = 17
+    quantize: str = "int8"  # or "none"
+    verify_images: int = 0  # 0 = the whole test split
+    data_dir: Optional[str] = None  # the dataset root if it moved since training
+    quant: QuantSettings = field(default_factory=QuantSettings)
+
+
+def export_run(run_dir: Path, export: ExportDir, settings: ExportSettings) -> dict[str, Any]:
+    """Export a run's delivered classifier to a verified FP32 ONNX file and (unless ``quantize`` is "none") a
+    verified INT8 one, each with the run's contract as metadata, plus a class_info.json copy. A model that fails its
+    check is an error and nothing is left under its final name. Returns the export report."""
+    model, info = load_run_model(run_dir, settings.weights)
+    levels = getattr(model, "feature_info", None) or []
+    stages = settings.quant.keep_float_stages
+    if stages != "auto" and int(stages) > len(levels):
+        raise UserError(f"--keep_float_stages {stages}: {info.timm_model_name} has {len(levels)} stages "
+                        f"({', '.join(level['module'] for level in levels) or 'none known'})")
+    transform = build_eval_transform(info.preprocessing)
+    loader = image_loader_for_run(info, rf.dataset_root(run_dir, settings.data_dir))
+    test_samples = rf.run_split(run_dir, "test", settings.data_dir)
+    if settings.verify_images:
+        test_samples = test_samples[: settings.verify_images]
+    images = load_preprocessed([s.path for s in test_samples], transform, loader)
+    with torch.inference_mode():
+        torch_probs = np.concatenate([model(images[i:i + 32]).softmax(1).numpy() for i in range(0, len(images), 32)])
+    test = ReferenceSet(images, np.array([s.label for s in test_samples]), torch_probs)
+    export.root.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"source_run": str(run_dir), "verify_images": len(test_samples),
+                              "torch_accuracy": float((torch_probs.argmax(1) == test.labels).mean())}
+    metadata = info.onnx_metadata(run_dir, "fp32")
+    with atomic_path(export.fp32) as fp32_tmp:
+        report["export_rewrites"] = export_fp32(model, list(info.preprocessing.input_size), fp32_tmp, settings.opset)
+        write_onnx_metadata(fp32_tmp, metadata)
+        check_onnx_model(fp32_tmp)
+        report.update(_verify_fp32(fp32_tmp, test))
+        if settings.quantize == "int8":
+            has_val = (run_dir / "split_val.csv").is_file()
+            val = rf.run_split(run_dir, "val", settings.data_dir) if has_val else []
+            data = CalibrationData([s.path for s in rf.run_split(run_dir, "train", settings.data_dir)],
+                                   load_preprocessed([s.path for s in val], transform, loader) if val
+                                   else torch.empty(0), lambda paths: load_preprocessed(paths, transform, loader))
+            report.update(quantize_verified(fp32_tmp, export.int8, levels, metadata, settings.quant, test, data))
+    if settings.quantize == "none" and export.int8.exists():
+        # An INT8 file from an earlier export would otherwise be benchmarked and deployed beside the new FP32 one.
+        export.int8.unlink()
+        logger.info("removed the older %s from %s", export.INT8_NAME, export.root)
+    write_run_info(export.root, info)
+    _log_export(report, len(levels))
+    return report
+
+
+def _verify_fp32(path: Path, test: ReferenceSet) -> dict[str, Any]:
+    fp32_probs = onnx_probs(path, test.images, test.torch_probs.shape[1])
+    max_diff = float(np.abs(fp32_probs - test.torch_probs).max())
+    same_top1 = bool((fp32_probs.argmax(1) == test.torch_probs.argmax(1)).all())
+    if max_diff > FP32_PROB_TOLERANCE or not same_top1:
+        raise UserError(f"FP32 ONNX disagrees with PyTorch on the test images (max |prob diff| {max_diff:.2e}, "
+                        f"same top-1: {same_top1}); nothing was written")
+    logger.info("FP32 ONNX matches PyTorch on %d test images (max |prob diff| %.2e)", len(test.images), max_diff)
+    return {"fp32_max_prob_diff": max_diff, "fp32_accuracy": float((fp32_probs.argmax(1) == test.labels).mean())}
+
+
+def _log_export(report: dict[str, Any], n_stages: int) -> None:
+    logger.info("test accuracy: PyTorch %.4f | ONNX FP32 %.4f%s", report["torch_accuracy"], report["fp32_accuracy"],
+                f" | ONNX INT8 {report['int8_accuracy']:.4f} (top-1 agreement with PyTorch "
+                f"{report['int8_top1_agreement']:.4f}, size {100 * report['int8_size_ratio']:.0f}% of FP32)"
+                if "int8_accuracy" in report else "")
+    if "int8_accuracy" not in report:
+        return
+    if report["fp32_accuracy"] - report["int8_accuracy"] > INT8_ACCURACY_DROP_WARNING:
+        logger.warning("!!! INT8 test accuracy is %.1f points below FP32; try --calibrate_method percentile, "
+                       "--keep_float_stages with more stages in float, or deploy the FP32 model",
+                       100 * (report["fp32_accuracy"] - report["int8_accuracy"]))
+    if report["int8_size_ratio"] > INT8_SIZE_RATIO_WARNING:
+        warn_mostly_float(report, n_stages)
+    logger.info("batch-1 latency on this machine: FP32 %.2f ms, INT8 %.2f ms (%d float stages; benchmark.py "
+                "measures properly)", report["fp32_batch1_ms"], report["int8_batch1_ms"], report["int8_float_stages"])
+    if report["int8_batch1_ms"] >= report["fp32_batch1_ms"]:
+        logger.warning("!!! the INT8 model is not faster than FP32 here (%.2f vs %.2f ms); deploy %s unless the "
+                       "smaller file matters more", report["int8_batch1_ms"], report["fp32_batch1_ms"],
+                       ExportDir.FP32_NAME)
+
+
+class _LogitsOnly(torch.nn.Module):
+    """SegFormer returns a ModelOutput; ONNX wants one plain tensor output."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values).logits
+
+
+def _verification_size(size: list[int]) -> tuple[int, int]:
+    """An input size unlike the export example's, so a size frozen at export time shows up as a mismatch."""
+    return max(32, (size[0] * 3 // 4) // 32 * 32), max(32, (size[1] * 5 // 8) // 32 * 32)
+
+
+def export_segmentation(model_ref: str, revision: Optional[str], output_dir: Path, opset: int, parser=None
+                        ) -> dict[str, Any]:
+    """Export the SegFormer face parser to seg_model.onnx (dynamic batch, height and width), verified first."""
+    from dataloaders.face_parsing import SegformerParser, parser_preprocessing
+
+    parser = parser or SegformerParser(model_ref, revision)
+    pre = parser_preprocessing(parser.processor)
+    wrapper = _LogitsOnly(parser.model).eval()  # eval(): the exporter keeps the wrapper's mode, and dropout with it
+    example = torch.randn(2, 3, *pre["size"])
+    check_h, check_w = _verification_size(pre["size"])
+    check = torch.randn(3, 3, check_h, check_w)
+    metadata = {"id2label": json.dumps({str(k): v for k, v in parser.id2label.items()}, ensure_ascii=False),
+                "parser_preprocessing": json.dumps(pre), "seg_model": model_ref, "seg_revision": parser.revision or "",
+                "output": "logits at 1/4 of the input size"}
+    target = ExportDir(output_dir).seg
+    with atomic_path(target) as tmp:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=DeprecationWarning)
+            warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+            torch.onnx.export(wrapper, (example,), str(tmp), dynamo=False, input_names=["pixel_values"],
+                              output_names=["logits"], opset_version=opset, do_constant_folding=True,
+                              dynamic_axes={"pixel_values": {0: "batch", 2: "height", 3: "width"},
+                                            "logits": {0: "batch", 2: "logits_height", 3: "logits_width"}})
+        write_onnx_metadata(tmp, metadata)
+        check_onnx_model(tmp)
+        onnx_logits = create_session(tmp).run(None, {"pixel_values": check.numpy()})[0]
+        with torch.inference_mode():
+            torch_logits = wrapper(check).numpy()
+        if onnx_logits.shape != torch_logits.shape:
+            raise UserError(f"exported face parser gives shape {onnx_logits.shape} at batch 3, {check_h}x{check_w} "
+                            f"but PyTorch gives {torch_logits.shape}; nothing was written")
+        max_diff = float(np.abs(onnx_logits - torch_logits).max())
+        agreement = float((onnx_logits.argmax(1) == torch_logits.argmax(1)).mean())
+        tolerance = SEG_LOGIT_TOLERANCE * max(1.0, float(np.abs(torch_logits).max()))
+        if max_diff > tolerance or agreement < SEG_LABEL_AGREEMENT:
+            raise UserError(f"exported face parser disagrees with PyTorch at batch 3, {check_h}x{check_w} (max |logit "
+                            f"diff| {max_diff:.2e}, label agreement {agreement:.4f}); nothing was written")
+    logger.info("face parser %s -> %s (%d labels; matches PyTorch at batch 3, %dx%d: max |logit diff| %.1e)",
+                model_ref, target, len(parser.id2label), check_h, check_w, max_diff)
+    return {"seg_model": model_ref, "seg_max_logit_diff": max_diff, "seg_label_agreement": agreement,
+            "seg_verified_shape": [3, 3, check_h, check_w]}

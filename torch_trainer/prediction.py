@@ -1,0 +1,307 @@
+"""The prediction engine behind inference.py and inference_with_segmentation.py: preprocessed batches in, prediction
+rows, Grad-CAM overlays and the output files (predictions.csv/.json, skipped.csv, labelled-folder metrics) out."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from dataloaders.image_io import load_rgb
+from dataloaders.inference_data import collect_inference_images, make_inference_loader
+from dataloaders.transforms import build_eval_transform
+
+from torch_trainer.checkpoint import WEIGHT_CHOICES, load_run_model
+from torch_trainer.gradcam import CAM_METHODS, GradCamExplainer, cam_on_original, render_overlay
+from torch_trainer.predictors import OnnxPredictor, TorchPredictor, predict_proba
+from torch_trainer.run_info import RunInfo, read_run_info
+from utils.atomic import atomic_path, atomic_write_json
+from utils.cli import add_bool_flag, device_flags, model_path_flags, num_workers_flags
+from utils.device import select_device
+from utils.errors import UserError
+from utils.export_dir import DEFAULT_EXPORT
+from utils.onnx_runtime import read_onnx_metadata
+from utils.paths import safe_output_path
+from utils.reports import write_classification_report
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ONNX_MODEL = DEFAULT_EXPORT.fp32
+
+
+def prediction_flags() -> argparse.ArgumentParser:
+    """The flags of inference.py, which inference_with_segmentation.py shares (``parents=[prediction_flags()]``)."""
+    parser = argparse.ArgumentParser(add_help=False, parents=[model_path_flags(), device_flags(), num_workers_flags(2)])
+    parser.add_argument("--inference_folder", default="inference_set",
+                        help="folder of images (searched recursively) or one image file (default: %(default)s)")
+    parser.add_argument("--inference_output", default="inference_results", help="output folder (default: %(default)s)")
+    add_bool_flag(parser, "--generate_gradcam", False, "save a Grad-CAM overlay per image (default: %(default)s)")
+    parser.add_argument("--weights", choices=list(WEIGHT_CHOICES), default="final",
+                        help="final = the model the run delivered (the refit on train + validation when there was "
+                             "one), best = the best validation epoch, last = the last epoch (default: %(default)s)")
+    parser.add_argument("--batch_size", type=int, default=32, help="images per batch (default: %(default)s)")
+    parser.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                        help="run the classifier with PyTorch or ONNX Runtime (default: %(default)s)")
+    parser.add_argument("--onnx_model", default=None,
+                        help=f"ONNX classifier for --backend onnx (default: {DEFAULT_ONNX_MODEL})")
+    parser.add_argument("--cam_method", choices=list(CAM_METHODS), default="gradcam",
+                        help="pytorch-grad-cam method (default: %(default)s)")
+    add_bool_flag(parser, "--tta", None, "average the logits of the image and its mirror (default: what the run was "
+                                         "tested with, class_info.json 'tta')")
+    parser.add_argument("--topk", type=int, default=1,
+                        help="also list the k most likely classes per image in the JSON (default: %(default)s)")
+    add_bool_flag(parser, "--labels_from_folders", False,
+                  "the folder is labelled (<class>/ sub-folders named like the training classes): also "
+                  "write metrics.json, per_class_metrics.csv, ROC, reliability and confusion matrix "
+                  "(default: %(default)s)")
+    return parser
+
+
+@dataclass(frozen=True)
+class PredictionOptions:
+    """How to classify: the flags inference.py and inference_with_segmentation.py share."""
+
+    weights: str = "final"
+    backend: str = "torch"
+    onnx_model: Optional[str] = None
+    device: str = "auto"
+    tta: Optional[bool] = None  # None: what the run was tested with
+    topk: int = 1
+    gradcam: bool = False
+    cam_method: str = "gradcam"
+
+    @classmethod
+    def from_args(cls, args: Any) -> "PredictionOptions":
+        return cls(weights=args.weights, backend=args.backend, onnx_model=args.onnx_model, device=args.device,
+                   tta=args.tta, topk=args.topk, gradcam=args.generate_gradcam, cam_method=args.cam_method)
+
+
+GRADCAM_SUFFIX = ".gradcam.jpg"  # appended to the input's relative path, so names in sub-folders never collide
+
+
+class GradcamWriter:
+    """Writes overlays into a staging folder that replaces ``gradcam/`` only once every overlay is written."""
+
+    def __init__(self, output_dir: Path, model, method: str, preprocessing):
+        self.final_dir = output_dir / "gradcam"
+        self.staging = output_dir / ".gradcam.partial"
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self.preprocessing = preprocessing
+        self.explainer = GradCamExplainer(model, method, preprocessing.input_size)
+        logger.info("Grad-CAM (%s) on layer %s", method, self.explainer.target_name)
+
+    def write(self, images, class_indices: list[int], originals: list[np.ndarray], relatives: list[Path]) -> None:
+        """``originals``: the pictures the eval transform was applied to, at their own size."""
+        cams = self.explainer.explain(images, class_indices)
+        for cam, original, relative in zip(cams, originals, relatives):
+            full = cam_on_original(cam, (original.shape[1], original.shape[0]), self.preprocessing)
+            target = safe_output_path(self.staging, relative, GRADCAM_SUFFIX)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(render_overlay(original, full)).save(target, quality=90)
+
+    def publish(self) -> None:
+        self.explainer.close()
+        self.staging.mkdir(parents=True, exist_ok=True)
+        old = self.final_dir.with_name(".gradcam.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if self.final_dir.exists():
+            self.final_dir.rename(old)
+        self.staging.rename(self.final_dir)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def abandon(self) -> None:
+        self.explainer.close()
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def build_predictor(options: PredictionOptions, run_dir: Path, info: RunInfo, device):
+    """The classifier (PyTorch or ONNX Runtime) and, where Grad-CAM or the torch backend needs it, the PyTorch model."""
+    model = None
+    if options.backend == "torch" or options.gradcam:
+        model, _ = load_run_model(run_dir, options.weights)
+        model.to(device)
+    if options.backend == "onnx":
+        onnx_path = Path(options.onnx_model) if options.onnx_model else DEFAULT_ONNX_MODEL
+        predictor = OnnxPredictor(onnx_path, info.n_class, device)
+        warn_if_other_run(onnx_path, run_dir)
+        return predictor, model
+    return TorchPredictor(model, device), model
+
+
+def warn_if_other_run(onnx_path: Path, run_dir: Path) -> None:
+    """An ONNX file exported from another run folder gives that run's answers under this run's class names."""
+    source = read_onnx_metadata(onnx_path).get("source_run")
+    if source and Path(source).resolve() != Path(run_dir).resolve():
+        logger.warning("!!! %s was exported from %s, not from --model_path %s; its answers are that run's",
+                       onnx_path, source, run_dir)
+
+
+def prediction_row(relative: str, probs: np.ndarray, class_names: list[str], topk: int) -> dict[str, Any]:
+    best = int(probs.argmax())
+    row = {"filename": relative, "predicted_class": best, "predicted_label": class_names[best],
+           "confidence": float(probs[best]),
+           "probabilities": {name: float(p) for name, p in zip(class_names, probs)}}
+    if topk > 1:
+        order = np.argsort(-probs)[:topk]
+        row["topk"] = [{"label": class_names[i], "probability": float(probs[i])} for i in order]
+    return row
+
+
+def _csv_value(value: Any) -> Any:
+    return f"{value:.6f}" if isinstance(value, float) else value
+
+
+def write_outputs(output_dir: Path, rows: list[dict], skipped: list[dict], class_names: list[str],
+                  extra_columns: tuple[str, ...] = ()) -> None:
+    """predictions.csv (inference.py's columns, then ``extra_columns``), skipped.csv and predictions.json."""
+    header = (["filename", "predicted_class", "predicted_label", "confidence"] + [f"prob_{n}" for n in class_names]
+              + list(extra_columns))
+    with atomic_path(output_dir / "predictions.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        for row in rows:
+            writer.writerow([row["filename"], row["predicted_class"], row["predicted_label"],
+                             f"{row['confidence']:.6f}"] + [f"{row['probabilities'][n]:.6f}" for n in class_names]
+                            + [_csv_value(row[c]) for c in extra_columns])
+    with atomic_path(output_dir / "skipped.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["filename", "reason"])
+        writer.writerows([s["filename"], s["reason"]] for s in skipped)
+    skipped_entries = [{"predicted_class": None, "predicted_label": None, "confidence": None, "probabilities": None,
+                        **s, "skipped": True} for s in skipped]
+    atomic_write_json(output_dir / "predictions.json", [{**row, "skipped": False} for row in rows] + skipped_entries)
+
+
+def open_run(model_path: str | Path, batch_size: int, topk: int) -> tuple[Path, RunInfo]:
+    if batch_size < 1 or topk < 1:
+        raise UserError("--batch_size and --topk must be at least 1")
+    run_dir = Path(model_path)
+    if not run_dir.is_dir():
+        raise UserError(f"--model_path {run_dir} not found; pass a run folder written by main.py")
+    return run_dir, read_run_info(run_dir)
+
+
+class BatchClassifier:
+    """Preprocessed batches in, prediction rows (and Grad-CAM overlays) out; shared by both inference scripts."""
+
+    def __init__(self, options: PredictionOptions, run_dir: Path, info: RunInfo, output_dir: Path):
+        self.device = select_device(options.device)
+        self.predictor, model = build_predictor(options, run_dir, info, self.device)
+        self.class_names = info.class_names
+        self.topk = options.topk
+        self.tta = info.tta if options.tta is None else options.tta
+        self.temperature = info.temperature
+        self.probs: list[np.ndarray] = []
+        self.cams = (GradcamWriter(output_dir, model, options.cam_method, info.preprocessing)
+                     if options.gradcam else None)
+        self.rows: list[dict[str, Any]] = []
+
+    @property
+    def wants_originals(self) -> bool:
+        return self.cams is not None
+
+    def classify(self, images, relatives: list[Path], originals: Optional[list[np.ndarray]] = None,
+                 extras: Optional[list[dict[str, Any]]] = None) -> None:
+        probs = predict_proba(self.predictor, images, tta=self.tta, temperature=self.temperature)
+        self.probs.extend(probs)
+        for i, (relative, p) in enumerate(zip(relatives, probs)):
+            self.rows.append({**prediction_row(relative.as_posix(), p, self.class_names, self.topk),
+                              **(extras[i] if extras else {})})
+        if self.cams is not None:
+            self.cams.write(images.to(self.device), [int(p.argmax()) for p in probs], originals, relatives)
+
+    def finish(self) -> None:
+        if self.cams is not None:
+            self.cams.publish()
+
+    def abandon(self) -> None:
+        if self.cams is not None:
+            self.cams.abandon()
+
+
+def score_labelled_folder(output_dir: Path, rows: list[dict], probs: list[np.ndarray],
+                          class_names: list[str]) -> Optional[dict[str, Any]]:
+    """Metrics of predictions whose first path component names a training class; other files are listed."""
+    index = {name: i for i, name in enumerate(class_names)}
+    targets, kept, unlabelled = [], [], []
+    for row, p in zip(rows, probs):
+        folder = Path(row["filename"]).parts[0] if len(Path(row["filename"]).parts) > 1 else None
+        if folder in index:
+            targets.append(index[folder])
+            kept.append(p)
+        else:
+            unlabelled.append(row["filename"])
+    if unlabelled:
+        logger.warning("%d image(s) are not inside a folder named after a class (%s), left out of the metrics: %s",
+                       len(unlabelled), ", ".join(class_names), ", ".join(unlabelled[:5]))
+    if not targets:
+        raise UserError(f"--labels_from_folders: no image sits in a sub-folder named after a class "
+                        f"({', '.join(class_names)})")
+    metrics = write_classification_report(output_dir, np.array(targets), np.stack(kept), class_names,
+                                          metrics_name="metrics.json", extra={"unlabelled_images": unlabelled})
+    logger.info("labelled folder: accuracy %.4f, balanced accuracy %.4f, macro F1 %.4f, macro AUC %s, ECE %.4f on %d "
+                "images (see %s)", metrics["accuracy"], metrics["balanced_accuracy"], metrics["macro_f1"],
+                f"{metrics['macro_auc']:.4f}" if metrics.get("macro_auc") is not None else "n/a", metrics["ece"],
+                metrics["n_images"], output_dir / "metrics.json")
+    return metrics
+
+
+def summarise(found: int, rows: list[dict], skipped: list[dict], class_names: list[str], seconds: float,
+              output_dir: Path, gradcam: bool) -> dict[str, Any]:
+    counts = Counter(row["predicted_label"] for row in rows)
+    summary = {"images_found": found, "predicted": len(rows), "skipped": len(skipped),
+               "per_class": {name: counts.get(name, 0) for name in class_names},
+               "images_per_s": len(rows) / seconds if seconds > 0 else 0.0, "output": str(output_dir)}
+    logger.info("%d images: %d classified, %d skipped (see skipped.csv) in %.1fs, %.1f images/s", found,
+                len(rows), len(skipped), seconds, summary["images_per_s"])
+    logger.info("predicted per class: %s", ", ".join(f"{k} {v}" for k, v in summary["per_class"].items()))
+    logger.info("results: %s%s", output_dir / "predictions.csv", f" and {output_dir / 'gradcam'}/" if gradcam else "")
+    return summary
+
+
+def infer_folder(model_path: str | Path, folder: str | Path, output_dir: Path, options: PredictionOptions, *,
+                 batch_size: int = 32, num_workers: int = 2, labels_from_folders: bool = False) -> dict[str, Any]:
+    """inference.py: classify every image under ``folder`` (or one image file) with a run folder, write the
+    outputs into ``output_dir`` and return the summary (counts, images/s, metrics for a labelled folder)."""
+    run_dir, info = open_run(model_path, batch_size, options.topk)
+    root, paths = collect_inference_images(folder)
+    if info.input_kind != "full_image":
+        logger.warning("this model was trained on %s inputs but inference.py feeds whole images; use "
+                       "inference_with_segmentation.py", info.input_kind)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    classifier = BatchClassifier(options, run_dir, info, output_dir)
+    loader = make_inference_loader(paths, build_eval_transform(info.preprocessing), batch_size, num_workers)
+
+    skipped: list[dict] = []
+    relative = [p.relative_to(root) for p in paths]
+    start = time.perf_counter()
+    try:
+        for images, indices, _sizes, failed in tqdm(loader, desc="inference", disable=None):
+            for index, reason in failed:
+                logger.warning("skipping %s: %s", paths[index], reason)
+                skipped.append({"filename": relative[index].as_posix(), "reason": reason})
+            if images is None:
+                continue
+            originals = ([np.asarray(load_rgb(paths[i])) for i in indices] if classifier.wants_originals else None)
+            classifier.classify(images, [relative[i] for i in indices], originals)
+    except BaseException:
+        classifier.abandon()
+        raise
+    seconds = time.perf_counter() - start
+    classifier.finish()
+    write_outputs(output_dir, classifier.rows, skipped, info.class_names)
+    summary = summarise(len(paths), classifier.rows, skipped, info.class_names, seconds, output_dir,
+                        options.gradcam)
+    if labels_from_folders:
+        summary["metrics"] = score_labelled_folder(output_dir, classifier.rows, classifier.probs, info.class_names)
+    return summary

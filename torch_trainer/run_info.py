@@ -1,0 +1,119 @@
+"""The run-folder contract: ``class_info.json`` as a typed object, the only way code reads or writes that file.
+
+Everything a consumer needs to rebuild the delivered model and its input lives here: the classes, the timm
+architecture, the preprocessing, what kind of input it was trained on, and what the run decided after training
+(which checkpoint is delivered, the calibration temperature, flip TTA). The ONNX metadata is produced from the same
+object, so an exported file carries exactly what the run folder says.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Optional
+
+from dataloaders.transforms import Preprocessing
+from torch_trainer import run_folder as rf
+from utils.atomic import atomic_write_json
+from utils.errors import UserError
+
+# Bump when a change would make an older reader misread the file; readers refuse files from a newer schema.
+# Files without the key were written before it existed and are read as version 1.
+SCHEMA_VERSION = 1
+_REQUIRED = ("class_names", "model_name", "timm_model_name", "preprocessing")
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    class_names: list[str]
+    model_name: str  # as the user asked for it (--model_name)
+    timm_model_name: str  # what timm built
+    preprocessing: Preprocessing
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    input_kind: str = "full_image"  # or "skin_region" (main.py --input_kind)
+    skin_region: Optional[dict[str, Any]] = None  # the face parser and parts a skin-region run was trained with
+    tta: bool = False  # the run was tested on the mean logits of the image and its mirror
+    weights: str = rf.BEST_CKPT  # the delivered checkpoint: model_refit.pth after a refit
+    temperature: float = 1.0  # divide logits by this before softmax (1.0 = not calibrated)
+    calibration: Optional[dict[str, Any]] = None  # how the temperature was decided
+    refit: Optional[dict[str, Any]] = None  # epochs and images of the refit on train + validation
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def n_class(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def class_to_idx(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.class_names)}
+
+    def updated(self, **changes: Any) -> "RunInfo":
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        values: dict[str, Any] = {
+            "schema_version": self.schema_version, "class_names": list(self.class_names),
+            "class_to_idx": self.class_to_idx, "n_class": self.n_class, "model_name": self.model_name,
+            "timm_model_name": self.timm_model_name, "model_kwargs": dict(self.model_kwargs),
+            "preprocessing": self.preprocessing.to_dict(), "input_kind": self.input_kind, "tta": self.tta,
+            "weights": self.weights, "temperature": self.temperature}
+        for optional in ("skin_region", "calibration", "refit"):
+            if getattr(self, optional) is not None:
+                values[optional] = getattr(self, optional)
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "class_info.json") -> "RunInfo":
+        version = values.get("schema_version", 1)
+        if not isinstance(version, int) or version > SCHEMA_VERSION:
+            raise UserError(f"{source} has schema_version {version!r}, newer than this skinclf reads "
+                            f"({SCHEMA_VERSION}); update skinclf, or retrain the run with this version")
+        missing = [key for key in _REQUIRED if key not in values]
+        if missing:
+            raise UserError(f"{source} has no {', '.join(map(repr, missing))}; it was not written by main.py "
+                            f"(retrain with this version)")
+        try:
+            return cls(class_names=[str(name) for name in values["class_names"]], model_name=values["model_name"],
+                       timm_model_name=values["timm_model_name"],
+                       preprocessing=Preprocessing.from_dict(values["preprocessing"]),
+                       model_kwargs=dict(values.get("model_kwargs") or {}),
+                       input_kind=values.get("input_kind", "full_image"), skin_region=values.get("skin_region"),
+                       tta=bool(values.get("tta", False)), weights=values.get("weights", rf.BEST_CKPT),
+                       temperature=float(values.get("temperature", 1.0)), calibration=values.get("calibration"),
+                       refit=values.get("refit"), schema_version=version)
+        except (KeyError, TypeError, ValueError) as err:
+            raise UserError(f"{source} is damaged ({type(err).__name__}: {err}); retrain or restore the file") from err
+
+    def onnx_metadata(self, source_run: str | Path, precision: str) -> dict[str, str]:
+        """The ONNX file's metadata_props: enough to preprocess, name the classes and calibrate without the run."""
+        pre = self.preprocessing
+        return {"class_names": json.dumps(self.class_names, ensure_ascii=False),
+                "model_name": self.model_name, "timm_model_name": self.timm_model_name,
+                "input_size": json.dumps(list(pre.input_size)), "mean": json.dumps(list(pre.mean)),
+                "std": json.dumps(list(pre.std)), "interpolation": pre.interpolation, "crop_pct": str(pre.crop_pct),
+                "crop_mode": pre.crop_mode, "source_run": str(source_run), "precision": precision,
+                "output": "logits",
+                # Divide the logits by this before softmax for calibrated probabilities (1.0 = not calibrated).
+                "temperature": str(self.temperature),
+                # "true": the run was tested on the mean logits of the image and its horizontal mirror
+                # (inference.py's default for it); run the model on both and average before the temperature.
+                "tta": str(self.tta).lower(), "schema_version": str(self.schema_version)}
+
+
+def read_run_info(folder: str | Path) -> RunInfo:
+    """The ``class_info.json`` of a run folder (or of an export folder, which keeps a copy)."""
+    path = Path(folder) / rf.CLASS_INFO
+    if not path.is_file():
+        raise UserError(f"{path} is missing; --model_path must be a run folder written by main.py")
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(values, dict):
+        raise UserError(f"{path} is not a class_info.json written by main.py")
+    return RunInfo.from_dict(values, str(path))
+
+
+def write_run_info(folder: str | Path, info: RunInfo) -> None:
+    atomic_write_json(Path(folder) / rf.CLASS_INFO, info.to_dict())

@@ -1,0 +1,136 @@
+"""Classification of the face's skin only (inference_with_segmentation.py): a face parser finds the skin, the rest
+of the photo is filled as training filled it, and the prediction engine classifies what is left."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from dataloaders.build import effective_workers
+from dataloaders.face_parsing import FaceParser, build_face_parser
+from dataloaders.inference_data import InferenceImages, collect_inference_images
+from dataloaders.skin_region import (fill_colour, make_skin_region, parse_parts_flag, part_names, select_parts,
+                                     skin_mask)
+from dataloaders.transforms import build_eval_transform
+from torch_trainer.prediction import (BatchClassifier, PredictionOptions, open_run, score_labelled_folder, summarise,
+                                      write_outputs)
+from torch_trainer.run_info import RunInfo
+from utils.device import select_device
+from utils.paths import safe_output_path
+
+logger = logging.getLogger(__name__)
+
+EXTRA_COLUMNS = ("face_found", "skin_ratio")
+
+
+def check_training_match(info: RunInfo, parser: FaceParser, parts: list[str]) -> None:
+    """Warn when the model did not see skin regions made this way (the original project's silent mismatch)."""
+    if info.input_kind != "skin_region":
+        logger.warning("this model was trained on whole images but is now fed skin regions; its predictions may be "
+                       "off. Retrain with main.py --input_kind skin_region --seg_backend %s", parser.backend)
+        return
+    trained = info.skin_region
+    now = {**parser.describe(), "parts": parts}
+    # The backend may differ (segformer in training, its ONNX export here): the parser and the parts must not.
+    for key in ("seg_model", "parts"):
+        if trained.get(key) != now.get(key):
+            logger.warning("the model was trained on skin regions with %s=%s, now %s=%s", key, trained.get(key),
+                           key, now.get(key))
+
+
+def _collate_list(batch):
+    return batch
+
+
+@dataclass(frozen=True)
+class SegmentationOptions:
+    """inference_with_segmentation.py's face-parser flags."""
+
+    seg_backend: str = "segformer"
+    seg_model: Optional[str] = None
+    seg_revision: Optional[str] = None
+    parts: Optional[str] = None  # comma-separated parser labels that count as skin
+    no_face_policy: str = "full_image"  # or "skip"
+    save_segmented: bool = True
+
+    @classmethod
+    def from_args(cls, args: Any) -> "SegmentationOptions":
+        return cls(args.seg_backend, args.seg_model, args.seg_revision, args.parts, args.no_face_policy,
+                   args.save_segmented)
+
+
+def infer_folder_segmented(model_path: str | Path, folder: str | Path, output_dir: Path, options: PredictionOptions,
+                           segmentation: SegmentationOptions, *, batch_size: int = 32, num_workers: int = 2,
+                           labels_from_folders: bool = False) -> dict[str, Any]:
+    """inference_with_segmentation.py: segment each photo's facial skin, fill the rest as training did, classify,
+    write inference.py's outputs plus face_found/skin_ratio and the classifier inputs; returns the summary."""
+    run_dir, info = open_run(model_path, batch_size, options.topk)
+    root, paths = collect_inference_images(folder)
+    parser = build_face_parser(segmentation.seg_backend, segmentation.seg_model, segmentation.seg_revision,
+                               select_device(options.device).type)
+    part_ids = select_parts(parser.id2label, parse_parts_flag(segmentation.parts))
+    check_training_match(info, parser, part_names(parser.id2label, part_ids))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    segmented_dir = output_dir / "segmented"
+    if segmentation.save_segmented:
+        shutil.rmtree(segmented_dir, ignore_errors=True)  # inputs of an earlier run would not match predictions.csv
+    classifier = BatchClassifier(options, run_dir, info, output_dir)
+    transform = build_eval_transform(info.preprocessing)
+    fill = fill_colour(info.preprocessing)
+    workers = effective_workers(num_workers)
+    # Workers only decode; the parser runs here, once, rather than once per worker process.
+    loader = DataLoader(InferenceImages(paths, np.asarray), batch_size=batch_size, num_workers=workers,
+                        collate_fn=_collate_list)
+
+    skipped: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    try:
+        for batch in tqdm(loader, desc="segment + classify", disable=None):
+            tensors, relatives, originals, extras = [], [], [], []
+            for image, index, detail in batch:
+                relative = paths[index].relative_to(root)
+                if image is None:
+                    logger.warning("skipping %s: %s", paths[index], detail)
+                    skipped.append({"filename": relative.as_posix(), "reason": detail})
+                    continue
+                label_map = parser.parse(image)
+                region = make_skin_region(image, skin_mask(label_map, part_ids), fill, parser.face_detected(label_map))
+                if not region.face_found and segmentation.no_face_policy == "skip":
+                    skipped.append({"filename": relative.as_posix(), "reason": "no face found (--no_face_policy skip)",
+                                    "face_found": False, "skin_ratio": round(region.skin_ratio, 6)})
+                    continue
+                picture = Image.fromarray(region.image)
+                if segmentation.save_segmented:
+                    target = safe_output_path(segmented_dir, relative, ".skin.png")
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    picture.save(target)
+                tensors.append(transform(picture))
+                relatives.append(relative)
+                originals.append(region.image)
+                extras.append({"face_found": region.face_found, "skin_ratio": round(region.skin_ratio, 6)})
+            if tensors:
+                classifier.classify(torch.stack(tensors), relatives, originals, extras)
+    except BaseException:
+        classifier.abandon()
+        raise
+    seconds = time.perf_counter() - start
+    classifier.finish()
+    write_outputs(output_dir, classifier.rows, skipped, info.class_names, EXTRA_COLUMNS)
+    summary = summarise(len(paths), classifier.rows, skipped, info.class_names, seconds, output_dir,
+                        options.gradcam)
+    if labels_from_folders:
+        summary["metrics"] = score_labelled_folder(output_dir, classifier.rows, classifier.probs, info.class_names)
+    summary["no_face"] = sum(1 for r in classifier.rows if not r["face_found"]) + sum(
+        1 for s in skipped if s.get("face_found") is False)
+    logger.info("no face found in %d image(s) (policy %s)", summary["no_face"], segmentation.no_face_policy)
+    return summary

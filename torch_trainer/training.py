@@ -1,0 +1,397 @@
+"""A whole training run, as main.py starts it: data and model, the run folder, the selection phase (or K folds), the
+refit on every labelled image, calibration, and the test report of the delivered model.
+
+main.py parses flags and calls ``run_training``; run_experiments.py calls main.py's ``main`` in-process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import pandas as pd
+import torch
+
+from configs import TrainConfig
+from dataloaders.build import effective_workers, make_loader
+from dataloaders.discovery import discover_dataset
+from dataloaders.face_parsing import build_face_parser
+from dataloaders.skin_region import (MaskCache, cache_settings, image_loader_for_run, parse_parts_flag, part_names,
+                                     region_settings, select_parts)
+from dataloaders.splits import DataSplits, load_splits, save_splits, split_dataset
+from dataloaders.transforms import build_eval_transform, resolve_preprocessing
+from torch_trainer import phase
+from torch_trainer import run_folder as rf
+from torch_trainer.checkpoint import load_checkpoint
+from torch_trainer.gradcam import save_gradcam_examples
+from torch_trainer.models import build_model, count_parameters
+from torch_trainer.phase import PhaseContext, run_phase
+from torch_trainer.run_info import RunInfo, read_run_info, write_run_info
+from torch_trainer.trainer import Precision, evaluate
+from utils.atomic import atomic_save, atomic_write_json
+from utils.calibration import CalibrationResult, apply_temperature, guarded_temperature, logits_from_probs
+from utils.device import select_device
+from utils.distributed import DistInfo, barrier, broadcast, init_distributed, launched_by_torchrun, shutdown
+from utils.errors import UserError
+from utils.experiment_tracking import ExperimentTracker
+from utils.logging_setup import add_file_handler, remove_handler
+from utils.metrics import classification_metrics
+from utils.reports import write_classification_report
+from utils.seed import seed_everything, set_deterministic
+
+logger = logging.getLogger(__name__)
+
+# Flags a resumed run may change; everything else comes from the run's configs.json so the run stays one run.
+RESUME_OVERRIDABLE = ("epochs", "patience", "device", "num_workers", "amp", "wandb")
+GRADCAM_EXAMPLES = 4
+
+
+def resolve_config(args: argparse.Namespace) -> TrainConfig:
+    """The flags as a TrainConfig; with --resume, the run's own configs.json plus the flags a resume may change."""
+    cfg = TrainConfig.from_args(args)
+    if not cfg.resume:
+        return cfg
+    run_dir = Path(cfg.resume)
+    configs_path = run_dir / rf.CONFIGS
+    if not configs_path.is_file():
+        raise UserError(f"--resume {run_dir}: {configs_path.name} not found; pass a run folder written by main.py")
+    saved = json.loads(configs_path.read_text(encoding="utf-8"))
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    for name in RESUME_OVERRIDABLE:
+        if getattr(cfg, name) != defaults[name]:
+            saved[name] = getattr(cfg, name)
+    saved["resume"] = str(run_dir)
+    return TrainConfig.from_dict(saved)
+
+
+def run_training(cfg: TrainConfig, on_run_dir: Optional[Callable[[Path], None]] = None) -> dict[str, Any]:
+    """Train one run (one process, or every rank under torchrun); ``on_run_dir`` hears the run folder as soon as it
+    exists. Returns ``{"run_dir", "test_metrics", "epochs_run"}``."""
+    if launched_by_torchrun():
+        if cfg.sampler == "balanced":
+            raise UserError("--sampler balanced is not supported under torchrun yet; use --class_weights auto")
+        dist_info, device = init_distributed(cfg.device)
+    else:
+        dist_info, device = DistInfo(), select_device(cfg.device)
+    try:
+        return _train_process(cfg, device, dist_info, on_run_dir)
+    finally:
+        shutdown(dist_info)
+
+
+def _train_process(cfg: TrainConfig, device: torch.device, dist_info: DistInfo,
+                   on_run_dir: Optional[Callable[[Path], None]]) -> dict[str, Any]:
+    set_deterministic(cfg.deterministic)
+    seed_everything(cfg.random_state)
+    splits, model, timm_name, info, skin_region = load_data_and_model(
+        cfg, Path(cfg.resume) if cfg.resume else None, device)
+    if cfg.resume:
+        run_dir = Path(cfg.resume)
+    else:
+        run_dir = Path(broadcast(str(rf.create_run_dir(cfg.save_dir, cfg.data_name, cfg.model_name))
+                                 if dist_info.is_main else None, dist_info))
+    if on_run_dir is not None and dist_info.is_main:
+        on_run_dir(run_dir)
+    handler = add_file_handler(run_dir / "train.log") if dist_info.is_main else None
+    logger.info("run folder: %s (device %s%s)", run_dir, device,
+                f", {dist_info.world_size} processes" if dist_info.enabled else "")
+    try:
+        if info is None:
+            info = _start_run(cfg, run_dir, splits, model, timm_name, skin_region, dist_info)
+        result = train(cfg, run_dir, device, splits, model, info, dist_info)
+    except KeyboardInterrupt:
+        if dist_info.is_main:
+            rf.write_status(run_dir, "interrupted")
+        logger.warning("interrupted; the last finished epoch is in %s; continue with --resume %s",
+                       run_dir / rf.LAST_CKPT, run_dir)
+        raise
+    except BaseException as err:
+        if dist_info.is_main:
+            rf.write_status(run_dir, "failed", error=f"{type(err).__name__}: {err}")
+        raise
+    finally:
+        if handler is not None:
+            remove_handler(handler)
+    if dist_info.is_main:
+        rf.write_status(run_dir, "finished", epochs_run=result["epochs_run"])
+        logger.info("done: %s", run_dir)
+    return result
+
+
+def prepare_skin_masks(cfg: TrainConfig, splits: DataSplits, device: torch.device) -> dict[str, Any]:
+    """Compute (or reuse) every image's skin mask; returns the settings class_info.json records."""
+    parser = build_face_parser(cfg.seg_backend, cfg.seg_model, cfg.seg_revision, device.type)
+    part_ids = select_parts(parser.id2label, parse_parts_flag(cfg.parts))
+    settings = region_settings(parser.describe(), part_names(parser.id2label, part_ids))
+    cache = MaskCache(cfg.resolved_data_dir, cache_settings(settings))
+    paths = [s.path for s in splits.train + splits.val + splits.test]
+    counts = cache.fill_missing(paths, parser, part_ids)
+    logger.info("skin masks (%s, parts %s): %d cached, %d computed, %d without a face (whole image used), "
+                "%d unreadable", settings["seg_backend"], ",".join(settings["parts"]), counts["cached"],
+                counts["computed"], counts["no_face"], counts["failed"])
+    return settings
+
+
+def load_data_and_model(cfg: TrainConfig, run_dir: Optional[Path], device: torch.device
+                        ) -> tuple[DataSplits, torch.nn.Module, str, Optional[RunInfo], Optional[dict]]:
+    """Everything that can fail on a user mistake, done before a new run folder is created.
+
+    Returns the splits, the model, its timm name, when resuming the run's RunInfo (None for a new run), and for
+    skin-region runs the skin-region settings (masks computed and cached by then).
+    """
+    if run_dir is not None:  # resuming: the split and the architecture come from the run folder
+        info = read_run_info(run_dir)
+        splits = load_splits(run_dir, cfg.resolved_data_dir, info.class_names)
+        model, timm_name = build_model(cfg.model_name, len(splits.class_names), False, None, cfg.drop_rate)
+        region = prepare_skin_masks(cfg, splits, device) if cfg.input_kind == "skin_region" else None
+        return splits, model, timm_name, info, region
+    index = discover_dataset(cfg.resolved_data_dir, n_class=cfg.n_class,
+                             num_threads=max(2, effective_workers(cfg.num_workers)))
+    splits = split_dataset(index, cfg.val_ratio, cfg.random_state, cfg.folds)
+    model, timm_name = build_model(cfg.model_name, len(splits.class_names), cfg.pre_trained, cfg.pretrained_path,
+                                   cfg.drop_rate)
+    region = prepare_skin_masks(cfg, splits, device) if cfg.input_kind == "skin_region" else None
+    return splits, model, timm_name, None, region
+
+
+def _start_run(cfg: TrainConfig, run_dir: Path, splits: DataSplits, model: torch.nn.Module, timm_name: str,
+               skin_region: Optional[dict[str, Any]], dist_info: DistInfo) -> RunInfo:
+    """A new run's contract (classes, architecture, preprocessing), written with its config and splits."""
+    info = RunInfo(class_names=splits.class_names, model_name=cfg.model_name, timm_model_name=timm_name,
+                   preprocessing=resolve_preprocessing(model, cfg.img_size, cfg.eval_crop, cfg.crop_pct),
+                   model_kwargs={"drop_rate": cfg.drop_rate},
+                   input_kind="skin_region" if skin_region else "full_image", skin_region=skin_region, tta=cfg.tta)
+    if dist_info.is_main:  # under torchrun only rank 0 touches the run folder
+        save_splits(run_dir, splits)
+        write_run_info(run_dir, info)
+        atomic_write_json(run_dir / rf.CONFIGS, cfg.to_dict())
+    return info
+
+
+def train(cfg: TrainConfig, run_dir: Path, device: torch.device, splits: DataSplits, model: torch.nn.Module,
+          info: RunInfo, dist_info: DistInfo = DistInfo()) -> dict[str, Any]:
+    """The selection phase (train split, best epoch on validation), then with ``--refit`` the refit on train +
+    validation, then calibration and the test report of the delivered model."""
+    for split, counts in splits.counts().items():
+        logger.info("%-5s %5d images  %s", split, sum(counts.values()), counts)
+    if splits.skipped:
+        logger.warning("%d unreadable image(s) skipped; see %s", len(splits.skipped), run_dir / "skipped_files.csv")
+    pre = info.preprocessing
+    logger.info("model %s (%s): %.2fM parameters, input %s, mean %s, std %s, eval crop %s %.3f", cfg.model_name,
+                info.timm_model_name, count_parameters(model) / 1e6, list(pre.input_size), list(pre.mean),
+                list(pre.std), pre.crop_mode, pre.crop_pct)
+    tracker = ExperimentTracker(cfg.wandb if dist_info.is_main else "disabled", run_dir,
+                                {**cfg.to_dict(), "class_names": info.class_names,
+                                 "timm_model_name": info.timm_model_name, "world_size": dist_info.world_size},
+                                cfg.wandb_project, run_dir.name)
+    ctx = PhaseContext(cfg, run_dir, device, info, image_loader_for_run(info, cfg.resolved_data_dir),
+                       build_eval_transform(pre), tracker, dist_info)
+    try:
+        selection, refit = _select_and_refit(ctx, splits, model)
+        if not dist_info.is_main:
+            return {"run_dir": str(run_dir), "test_metrics": None, "epochs_run": selection["epochs_run"]}
+        result = _finish_training(ctx, model, splits, selection, refit)
+    except BaseException:
+        tracker.finish(exit_code=1)
+        raise
+    tracker.finish()
+    return {"run_dir": str(run_dir), "test_metrics": result, "epochs_run": selection["epochs_run"]}
+
+
+def _select_and_refit(ctx: PhaseContext, splits: DataSplits, model: torch.nn.Module
+                      ) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
+    """The selection phase (or the K folds), then the refit on every labelled training image for the epochs that
+    validation chose. Returns both phases' outcomes (the refit's is None without --refit)."""
+    cfg, resuming = ctx.cfg, ctx.cfg.resume is not None
+    if splits.folds is not None:
+        selection = _cross_validate(ctx, splits, resuming)
+        refit_epochs = int(np.ceil(np.median(selection["best_epochs"])))
+    else:
+        selection = run_phase(phase.SELECT, ctx, model, splits.train, splits.val, stop_after=cfg.epochs,
+                              resume=resuming)
+        barrier(ctx.dist_info)  # rank 0 has written the last checkpoint; the other ranks are done
+        best_epoch = load_checkpoint(ctx.run_dir / rf.BEST_CKPT)["epoch"] + 1 if ctx.dist_info.is_main else None
+        refit_epochs = int(broadcast(best_epoch, ctx.dist_info)) if cfg.refit else 0
+    if not refit_epochs:
+        return selection, None
+    everything = splits.train + splits.val
+    logger.info("refit: training on every labelled training image (%d) for the %d epoch(s) validation chose",
+                len(everything), refit_epochs)
+    refit = run_phase(phase.REFIT, ctx, _fresh_model(cfg, len(splits.class_names)), everything, None,
+                      stop_after=refit_epochs, resume=resuming)
+    refit["epochs"] = refit_epochs
+    barrier(ctx.dist_info)
+    return selection, refit
+
+
+def _fresh_model(cfg: TrainConfig, n_class: int) -> torch.nn.Module:
+    """The start every phase shares: the same pretrained weights and the same seeded head."""
+    seed_everything(cfg.random_state)
+    model, _ = build_model(cfg.model_name, n_class, cfg.pre_trained, cfg.pretrained_path, cfg.drop_rate)
+    return model
+
+
+def _cross_validate(ctx: PhaseContext, splits: DataSplits, resuming: bool) -> dict[str, Any]:
+    """--folds K: one selection phase per fold (in fold_<k>/), each from the same pretrained start."""
+    cfg = ctx.cfg
+    outcomes = []
+    for fold in range(cfg.folds):
+        train_samples, held_out = splits.fold(fold)
+        logger.info("fold %d/%d: %d training, %d held-out images", fold + 1, cfg.folds, len(train_samples),
+                    len(held_out))
+        fold_model = _fresh_model(cfg, len(splits.class_names))
+        outcomes.append(run_phase(phase.fold_files(fold), ctx, fold_model, train_samples, held_out,
+                                  stop_after=cfg.epochs, resume=resuming))
+        barrier(ctx.dist_info)
+    best_epochs = [o["best_epoch"] + 1 for o in outcomes]
+    logger.info("cross-validation: best epochs per fold %s", best_epochs)
+    return {"epochs_run": sum(o["epochs_run"] for o in outcomes), "seconds": sum(o["seconds"] for o in outcomes),
+            "best_epochs": best_epochs}
+
+
+@dataclass
+class _Scorer:
+    """Evaluates a model on a list of samples with the run's eval transform and image loader."""
+
+    ctx: PhaseContext
+
+    def __call__(self, model: torch.nn.Module, samples, tta: bool, desc: str) -> dict[str, Any]:
+        cfg, device = self.ctx.cfg, self.ctx.device
+        loader = make_loader(samples, self.ctx.eval_transform, cfg.batch_size, cfg.num_workers, train=False,
+                             pin_memory=device.type == "cuda", loader=self.ctx.image_loader)
+        return evaluate(model, loader, torch.nn.CrossEntropyLoss(), Precision.for_device(device, cfg.amp),
+                        channels_last=device.type == "cuda", desc=desc, tta=tta)
+
+
+def _out_of_fold(ctx: PhaseContext, model: torch.nn.Module, splits: DataSplits, score: _Scorer) -> dict[str, Any]:
+    """Every training image predicted by the fold model that held it out: the OOF report and calibration set."""
+    cfg, run_dir = ctx.cfg, ctx.run_dir
+    n_class = len(splits.class_names)
+    probs = np.zeros((len(splits.train), n_class), dtype=np.float32)
+    for fold in range(cfg.folds):
+        model.load_state_dict(load_checkpoint(run_dir / phase.fold_files(fold).best)["model"])
+        positions = [i for i, f in enumerate(splits.folds) if f == fold]
+        result = score(model, [splits.train[i] for i in positions], cfg.tta, f"fold {fold + 1} held-out")
+        probs[[positions[i] for i in result["indices"]]] = result["probs"]
+    targets = np.array([s.label for s in splits.train])
+    frame = pd.DataFrame({"filepath": [s.path.relative_to(splits.root).as_posix() for s in splits.train],
+                          "label": targets, "fold": np.array(splits.folds) + 1,
+                          **{f"prob_{name}": probs[:, k] for k, name in enumerate(splits.class_names)}})
+    atomic_save(run_dir / rf.OOF_PREDICTIONS, lambda tmp: frame.to_csv(tmp, index=False))
+    metrics = classification_metrics(targets, probs.argmax(1), splits.class_names, probs)
+    atomic_write_json(run_dir / rf.OOF_METRICS, {
+        "folds": cfg.folds, "tta": cfg.tta, "per_fold_balanced_accuracy": [
+            float(classification_metrics(targets[frame["fold"] == k + 1], probs[frame["fold"] == k + 1].argmax(1),
+                                         splits.class_names)["balanced_accuracy"]) for k in range(cfg.folds)],
+        "note": "out-of-fold predictions of every training image, before temperature scaling", **metrics})
+    logger.info("out-of-fold (%d folds, %d images): accuracy %.4f, balanced accuracy %.4f, macro AUC %s",
+                cfg.folds, len(targets), metrics["accuracy"], metrics["balanced_accuracy"],
+                f"{metrics['macro_auc']:.4f}" if metrics.get("macro_auc") is not None else "n/a")
+    return {"targets": targets, "probs": probs}
+
+
+def _held_out_predictions(ctx: PhaseContext, model: torch.nn.Module, splits: DataSplits, score: _Scorer,
+                          refit: Optional[dict[str, Any]]) -> tuple[dict[str, Any], int, Optional[dict[str, Any]]]:
+    """The calibration set (validation predictions of the selected model, or out-of-fold predictions), the best
+    epoch and, for a one-split run, the selected checkpoint (whose weights are then left in ``model``)."""
+    if splits.folds is not None:
+        return _out_of_fold(ctx, model, splits, score), refit["epochs"], None
+    best = load_checkpoint(ctx.run_dir / rf.BEST_CKPT)
+    model.load_state_dict(best["model"])
+    val = score(model, splits.val, ctx.cfg.tta, "validation")
+    atomic_write_json(ctx.run_dir / rf.VAL_METRICS, {
+        "weights": rf.BEST_CKPT, "best_epoch": best["epoch"] + 1, "tta": ctx.cfg.tta,
+        "note": "the selected model on the held-out validation split, before temperature scaling",
+        **classification_metrics(val["targets"], val["probs"].argmax(1), splits.class_names, val["probs"])})
+    return val, best["epoch"] + 1, best
+
+
+def _calibrate(cfg: TrainConfig, held_out: dict[str, Any]) -> Optional[CalibrationResult]:
+    if not cfg.calibrate:
+        return None
+    calibration = guarded_temperature(logits_from_probs(held_out["probs"]), held_out["targets"],
+                                      seed=cfg.random_state)
+    logger.info("temperature scaling on %d held-out images: fitted T = %.3f, %s; using T = %.3f",
+                calibration.n_images, calibration.fitted, calibration.reason, calibration.temperature)
+    return calibration
+
+
+def _test_with_variants(ctx: PhaseContext, model: torch.nn.Module, splits: DataSplits, score: _Scorer,
+                        delivered: dict[str, Any], temperature: float
+                        ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The delivered model on the test split, and the variants the recipe chose between (the selected model
+    without the refit, without test-time flips, the raw weights without EMA), so a run shows what each step bought
+    on this data. ``model`` holds the selected weights on entry and the delivered ones on return."""
+    cfg, class_names = ctx.cfg, splits.class_names
+
+    def headline(result: dict) -> dict[str, Any]:
+        probs = apply_temperature(result["probs"], temperature)
+        return {k: v for k, v in classification_metrics(result["targets"], probs.argmax(1), class_names,
+                                                        probs).items() if k != "per_class"}
+
+    variants: dict[str, dict[str, Any]] = {}
+    if delivered.get("phase") == phase.REFIT.name and splits.folds is None:  # the selected model without the refit
+        variants["no_refit"] = headline(score(model, splits.test, cfg.tta, "test (no refit)"))
+    model.load_state_dict(delivered["model"])
+    test = score(model, splits.test, cfg.tta, "test")
+    if cfg.tta:
+        variants["no_tta"] = headline(score(model, splits.test, False, "test (no TTA)"))
+    if "model_train" in delivered:
+        model.load_state_dict(delivered["model_train"])
+        variants["no_ema"] = headline(score(model, splits.test, cfg.tta, "test (no EMA)"))
+        model.load_state_dict(delivered["model"])
+    return test, variants
+
+
+def _finish_training(ctx: PhaseContext, model: torch.nn.Module, splits: DataSplits, selection: dict[str, Any],
+                     refit: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """Calibrate on held-out predictions of the selected model, then test the delivered model and write the report
+    and the final run contract."""
+    cfg, run_dir = ctx.cfg, ctx.run_dir
+    score = _Scorer(ctx)
+    held_out, best_epoch, best = _held_out_predictions(ctx, model, splits, score, refit)
+    calibration = _calibrate(cfg, held_out)
+    temperature = calibration.temperature if calibration is not None else 1.0
+    delivered = load_checkpoint(run_dir / rf.REFIT_CKPT) if refit is not None else best
+    test, variants = _test_with_variants(ctx, model, splits, score, delivered, temperature)
+    weights_name = rf.REFIT_CKPT if refit is not None else rf.BEST_CKPT
+    info = ctx.info.updated(weights=weights_name, temperature=temperature, tta=cfg.tta,
+                            calibration=calibration.to_dict() if calibration else None,
+                            refit={"epochs": refit["epochs"], "images": refit["images"]} if refit else None)
+    write_run_info(run_dir, info)
+    seconds = {"select": round(selection["seconds"], 1), "refit": round(refit["seconds"], 1) if refit else 0.0}
+    metrics = write_classification_report(
+        run_dir, test["targets"], apply_temperature(test["probs"], temperature), splits.class_names,
+        confusion_name="confusion_matrix_test",
+        extra={"weights": weights_name, "best_epoch": best_epoch, "folds": cfg.folds or None, "monitor": cfg.monitor,
+               "refit_epochs": refit["epochs"] if refit else None, "tta": cfg.tta, "loss": test["loss"],
+               "temperature": temperature, "calibration": calibration.to_dict() if calibration else None,
+               "training_seconds": seconds, "variants": variants},
+        uncalibrated_probs=test["probs"] if cfg.calibrate else None)
+    _log_test(metrics, variants, refit is not None, cfg.tta)
+    if ctx.tracker.run is not None:
+        ctx.tracker.summary({f"test_{k}": v for k, v in metrics.items() if not isinstance(v, dict)})
+        ctx.tracker.log_images("confusion_matrix", [run_dir / "confusion_matrix_test.png"])
+        ctx.tracker.log_images("gradcam", save_gradcam_examples(model, splits.test[:GRADCAM_EXAMPLES], info,
+                                                                ctx.image_loader, run_dir / "gradcam_examples"))
+    return metrics
+
+
+def _log_test(metrics: dict[str, Any], variants: dict[str, dict[str, Any]], refit: bool, tta: bool) -> None:
+    def auc(values: dict) -> str:
+        return f"{values['macro_auc']:.4f}" if values.get("macro_auc") is not None else "n/a"
+
+    logger.info("test (%s%s): accuracy %.4f, balanced accuracy %.4f, macro F1 %.4f, macro AUC %s, ECE %.4f%s "
+                "on %d images", "refit on train + validation" if refit else f"best epoch {metrics['best_epoch']}",
+                ", flip TTA" if tta else "", metrics["accuracy"], metrics["balanced_accuracy"], metrics["macro_f1"],
+                auc(metrics), metrics["ece"], f" (before temperature scaling {metrics['ece_uncalibrated']:.4f})"
+                if "ece_uncalibrated" in metrics else "", metrics["n_images"])
+    for name, values in variants.items():
+        logger.info("  variant %-9s balanced accuracy %.4f, accuracy %.4f, macro AUC %s", name,
+                    values["balanced_accuracy"], values["accuracy"], auc(values))

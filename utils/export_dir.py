@@ -1,0 +1,53 @@
+"""The export folder written by quantize_onnx_models.py and read by inference.py, the face parser and benchmark.py:
+every file name in it is known here and nowhere else."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_EXPORT_DIR = Path("onnx_models")
+
+
+@dataclass(frozen=True)
+class ExportDir:
+    root: Path = DEFAULT_EXPORT_DIR
+
+    FP32_NAME = "clf_model.onnx"
+    INT8_NAME = "clf_model_int8.onnx"
+    SEG_NAME = "seg_model.onnx"
+    CLASS_INFO_NAME = "class_info.json"  # a copy of the run's contract, as torch_trainer.run_info writes it
+    REPORT_NAME = "export_report.json"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def fp32(self) -> Path:
+        return self.root / self.FP32_NAME
+
+    @property
+    def int8(self) -> Path:
+        return self.root / self.INT8_NAME
+
+    @property
+    def seg(self) -> Path:
+        return self.root / self.SEG_NAME
+
+    @property
+    def report(self) -> Path:
+        return self.root / self.REPORT_NAME
+
+    def classifiers(self) -> dict[str, Path]:
+        """The exported classifiers present, by benchmark framework name."""
+        return {name: path for name, path in (("onnx_fp32", self.fp32), ("onnx_int8", self.int8)) if path.is_file()}
+
+    def benchmark_file(self, suffix: str) -> Path:
+        """benchmark_results.csv/.json/.png and benchmark_segmentation.csv."""
+        return self.root / f"benchmark_{suffix}"
+
+    def written(self) -> list[Path]:
+        return [p for p in (self.fp32, self.int8, self.root / self.CLASS_INFO_NAME, self.seg) if p.exists()]
+
+
+DEFAULT_EXPORT = ExportDir()

@@ -1,0 +1,72 @@
+"""What machine a timing came from: CPU model, the instruction sets the kernels can use, cores, threads, versions.
+
+INT8 and FP32 speed-ups depend on the instruction set (AVX2 vs AVX-512 vs VNNI vs AMX), so every benchmark records
+this beside its figures and prints it in its header.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+# /proc/cpuinfo flag -> the name people know, in rising order of what INT8/FP32 kernels can use.
+ISA_FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_vnni": "AVX-512 VNNI", "avx_vnni": "AVX-VNNI",
+             "avx512_bf16": "AVX-512 BF16", "amx_tile": "AMX", "amx_int8": "AMX-INT8"}
+
+
+def _cpuinfo() -> tuple[str, set[str]]:
+    model, flags = platform.processor() or platform.machine(), set()
+    path = Path("/proc/cpuinfo")
+    if path.is_file():
+        for line in path.read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "model name" and model in ("", platform.machine(), platform.processor()):
+                model = value.strip()
+            elif key in ("flags", "Features") and not flags:
+                flags = set(value.split())
+    return model, flags
+
+
+def machine_info(threads: int | None = None) -> dict[str, Any]:
+    """A flat dict (CSV-friendly) describing this machine and the libraries that ran the benchmark."""
+    import numpy as np
+    import torch
+
+    model, flags = _cpuinfo()
+    info: dict[str, Any] = {
+        "cpu_model": model,
+        "cpu_isa": " ".join(name for flag, name in ISA_FLAGS.items() if flag in flags) or "unknown",
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_count": os.cpu_count() or 1,
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
+        "threads": threads if threads is not None else torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+    }
+    try:
+        import onnxruntime
+
+        info["onnxruntime"] = onnxruntime.__version__
+    except ImportError:  # a training-only install
+        info["onnxruntime"] = "not installed"
+    try:
+        import timm
+
+        info["timm"] = timm.__version__
+    except ImportError:
+        info["timm"] = "not installed"
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def describe_machine(info: dict[str, Any]) -> str:
+    """One header line: 'AMD EPYC (AVX2 AVX-512 AVX-512 VNNI), torch AVX512 kernels, 2 CPUs, 2 threads, ...'."""
+    gpu = f", GPU {info['gpu']}" if "gpu" in info else ""
+    return (f"{info['cpu_model']} ({info['cpu_isa']}), torch kernels {info['torch_cpu_capability']}, "
+            f"{info['usable_cpus']} CPUs, {info['threads']} threads{gpu}; torch {info['torch']}, onnxruntime "
+            f"{info['onnxruntime']}, timm {info['timm']}, Python {info['python']}")

@@ -1,0 +1,63 @@
+"""ONNX files at run time: the one place that opens an ONNX Runtime session, and the metadata helpers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from utils.device import onnx_providers
+from utils.errors import UserError
+
+
+def create_session(path: str | Path | bytes, device: str = "cpu", threads: int = 0, *, inter_op_threads: int = 0,
+                   what: str = "ONNX model", missing_hint: str = "export it with quantize_onnx_models.py",
+                   warn_no_cuda: bool = True, profile_prefix: str = "") -> Any:
+    """An ``onnxruntime.InferenceSession`` on ``device`` ("cpu" or "cuda", which falls back to the CPU with one
+    warning when this onnxruntime has no CUDA provider); ``threads`` 0 = ONNX Runtime's default (all cores).
+
+    ``path`` may also be a serialized model (bytes). A missing or unloadable file is a one-line error naming ``what``,
+    the file and ``missing_hint``."""
+    import onnxruntime as ort
+
+    source = path if isinstance(path, bytes) else str(path)
+    if not isinstance(path, bytes) and not Path(path).is_file():
+        raise UserError(f"{what} {path} not found; {missing_hint}")
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    if inter_op_threads:
+        options.inter_op_num_threads = inter_op_threads
+    if profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
+    try:
+        return ort.InferenceSession(source, options, providers=onnx_providers(device, warn=warn_no_cuda))
+    except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types
+        name = "(in-memory model)" if isinstance(path, bytes) else path
+        raise UserError(f"cannot load {what} {name}: {str(err).splitlines()[0]}") from err
+
+
+def read_onnx_metadata(path: str | Path) -> dict[str, str]:
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
+def write_onnx_metadata(path: str | Path, metadata: dict[str, str]) -> None:
+    """Replace the file's metadata_props with ``metadata``."""
+    import onnx
+
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    for key, value in metadata.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(path))
+
+
+def check_onnx_model(path: str | Path) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as err:  # onnx raises ValidationError and others
+        raise UserError(f"exported ONNX model failed onnx.checker: {str(err).splitlines()[0]}") from err
