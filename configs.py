@@ -51,6 +51,10 @@ class TrainConfig:
                                     "side and pad (whole photo, aspect kept)", choices=["center", "squash", "letterbox"])
     crop_pct: Optional[float] = _opt(None, "share of the resized image the eval crop keeps (default: the model's "
                                            "pretrained value, e.g. 0.875)")
+    cache_images: bool = _opt(False, "keep each training/validation/test photo's decode (reduced-size for large JPEGs) in "
+                                     "a cache so later epochs and runs skip decoding: for folders of camera-size "
+                                     "photos; whole-photo runs only")
+    cache_dir: Optional[str] = _opt(None, "where --cache_images keeps them (default <data_dir>/.image_cache)")
     mixup: float = _opt(0.0, "mixup alpha (timm Mixup; 0 = off)")
     cutmix: float = _opt(0.0, "cutmix alpha (timm Mixup; 0 = off)")
     input_kind: str = _opt("full_image", "train on whole photos, or on the face's skin region made by the face "

@@ -20,7 +20,8 @@ import numpy as np
 
 
 from dataloaders.inference_data import load_preprocessed
-from dataloaders.transforms import build_eval_transform
+from dataloaders.image_io import reduced_loader
+from dataloaders.transforms import build_eval_transform, decode_min_side
 from torch_trainer import run_folder as rf
 from torch_trainer.checkpoint import load_run_model
 from utils.machine import describe_machine, machine_info
@@ -43,7 +44,8 @@ def main() -> None:
     transform = build_eval_transform(info.preprocessing)
     test = rf.run_split(run, "test")
     labels = np.array([s.label for s in test])
-    images = load_preprocessed([s.path for s in test], transform)
+    loader = reduced_loader(decode_min_side(info.preprocessing))
+    images = load_preprocessed([s.path for s in test], transform, loader)
     train = rf.run_split(run, "train")
     calib = [s.path for s in random.Random(0).sample(train, min(args.calib_images, len(train)))]
     levels = [level["module"] for level in model.feature_info]
@@ -59,7 +61,7 @@ def main() -> None:
         for method in args.methods.split(","):
             for stages in (int(v) for v in args.float_stages.split(",")):
                 target = work / f"int8_{method}_{stages}.onnx"
-                reader = CalibrationReader(calib, lambda paths: load_preprocessed(paths, transform).numpy())
+                reader = CalibrationReader(calib, lambda paths: load_preprocessed(paths, transform, loader).numpy())
                 until = levels[stages - 1] if stages else None
                 quantize_int8(prepped, target, reader, method, until)
                 pred = onnx_probs(target, images, info.n_class).argmax(1)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import os
 import warnings
 from pathlib import Path
@@ -46,12 +48,39 @@ def _open_refusing_bombs(path: str | os.PathLike) -> Image.Image:
         return Image.open(path)
 
 
-def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Decode ``path`` fully; raises on anything that is not a readable image."""
+def load_rgb(path: str | os.PathLike, min_side: int = 0, max_side: int = 0) -> Image.Image:
+    """Decode ``path`` as 8-bit RGB, upright (EXIF orientation applied); raises on anything that is not a readable
+    image.
+
+    ``min_side``: the caller needs at most this many pixels on the shorter side. A JPEG larger than that is decoded
+    at the smallest DCT scale (1/2, 1/4 or 1/8) that still leaves the shorter side at least ``min_side``, never below:
+    a 12-megapixel photo decodes in a tenth of the time, and the resize that follows works from enough pixels. Other
+    formats decode fully. ``max_side``: then shrink (never enlarge) so the longer side is at most this (overlays).
+    """
     with _open_refusing_bombs(path) as img:
+        _draft(img, min_side, max_side)
         img.load()
-        oriented = ImageOps.exif_transpose(img)
-        return _to_rgb(oriented)
+        oriented = _to_rgb(ImageOps.exif_transpose(img))
+    if max_side and max(oriented.size) > max_side:
+        oriented.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    return oriented
+
+
+def _draft(img: Image.Image, min_side: int, max_side: int) -> None:
+    """Ask the JPEG decoder for a reduced size (DCT scaling) that keeps the shorter side >= ``min_side`` or, with
+    only ``max_side``, the longer side >= ``max_side``."""
+    if img.format != "JPEG" or not (min_side or max_side):
+        return
+    width, height = img.size
+    factor = min_side / min(width, height) if min_side else max_side / max(width, height)
+    if factor < 1:
+        # draft() returns the smallest scale whose size is at least the requested one in both dimensions.
+        img.draft(img.mode, (math.ceil(width * factor), math.ceil(height * factor)))
+
+
+def reduced_loader(min_side: int):
+    """``load_rgb`` with a fixed ``min_side``, picklable for DataLoader workers."""
+    return functools.partial(load_rgb, min_side=min_side) if min_side else load_rgb
 
 
 def failure_reason(path: str | os.PathLike, err: BaseException) -> str:

@@ -30,16 +30,20 @@ def collect_inference_images(path: str | Path, flag: str = "--inference_folder")
 
 
 class InferenceImages(Dataset):
-    def __init__(self, paths: list[Path], transform: Callable):
+    """``(transform(picture), index, size)`` per path, or ``(None, index, reason)`` for a file that does not decode;
+    ``min_side`` as in ``image_io.load_rgb`` (0 decodes every pixel)."""
+
+    def __init__(self, paths: list[Path], transform: Callable, min_side: int = 0):
         self.paths = paths
         self.transform = transform
+        self.min_side = min_side
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int):
         try:
-            image = load_rgb(self.paths[index])
+            image = load_rgb(self.paths[index], min_side=self.min_side)
         except Exception as err:  # noqa: BLE001 - any undecodable file is reported, never fatal
             return None, index, failure_reason(self.paths[index], err)
         return self.transform(image), index, image.size
@@ -53,9 +57,10 @@ def collate_inference(batch):
     return images, [item[1] for item in good], [item[2] for item in good], failed
 
 
-def make_inference_loader(paths: list[Path], transform: Callable, batch_size: int, num_workers: int) -> DataLoader:
+def make_inference_loader(paths: list[Path], transform: Callable, batch_size: int, num_workers: int,
+                          min_side: int = 0) -> DataLoader:
     workers = effective_workers(num_workers)
-    return DataLoader(InferenceImages(paths, transform), batch_size=batch_size, shuffle=False, num_workers=workers,
+    return DataLoader(InferenceImages(paths, transform, min_side), batch_size=batch_size, shuffle=False, num_workers=workers,
                       collate_fn=collate_inference, prefetch_factor=2 if workers > 0 else None)
 
 

@@ -13,6 +13,7 @@ import pytest
 import main
 import run_experiments as rx
 from tests.conftest import ROOT, TINY_MODEL
+from torch_trainer.sweep import build_configs, load_template
 from tests.wandb_records import read_history
 from utils.errors import UserError
 
@@ -74,7 +75,7 @@ def test_yaml_template_and_command_line_precedence(lesion_dataset, tmp_path):
                         "epochs: 3}\n")
     args, argv = _sweep_args(template, tmp_path / "sweep", lesion_dataset, tmp_path / "runs", "--batch_size", "4",
                              "--epochs", "5")
-    configs = {key: cfg for key, _, cfg in rx.build_configs(args, argv, rx.load_template(template))}
+    configs = {key: cfg for key, _, cfg in build_configs(args, argv, load_template(template))}
     assert configs["sampler=balanced"].epochs == 5 and configs["sampler=balanced"].batch_size == 4
     assert configs["epochs=3,sampler=random"].epochs == 3  # the run's own value beats the command line
 

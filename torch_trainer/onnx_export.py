@@ -25,7 +25,7 @@ from torch import nn
 
 from dataloaders.inference_data import load_preprocessed
 from dataloaders.skin_region import image_loader_for_run
-from dataloaders.transforms import build_eval_transform
+from dataloaders.transforms import build_eval_transform, decode_min_side
 from torch_trainer import run_folder as rf
 from torch_trainer.checkpoint import load_run_model
 from torch_trainer.onnx_quant import CalibrationData, QuantSettings, ReferenceSet, quantize_verified, warn_mostly_float
@@ -149,7 +149,8 @@ def export_run(run_dir: Path, export: ExportDir, settings: ExportSettings) -> di
         raise UserError(f"--keep_float_stages {stages}: {info.timm_model_name} has {len(levels)} stages "
                         f"({', '.join(level['module'] for level in levels) or 'none known'})")
     transform = build_eval_transform(info.preprocessing)
-    loader = image_loader_for_run(info, rf.dataset_root(run_dir, settings.data_dir))
+    loader = image_loader_for_run(info, rf.dataset_root(run_dir, settings.data_dir),
+                                  decode_min_side(info.preprocessing))
     test_samples = rf.run_split(run_dir, "test", settings.data_dir)
     if settings.verify_images:
         test_samples = test_samples[: settings.verify_images]

@@ -109,6 +109,8 @@ class PhaseContext:
     eval_transform: Callable
     tracker: Any  # utils.experiment_tracking.ExperimentTracker
     dist_info: DistInfo = field(default_factory=DistInfo)
+    # Training crops need more decoded pixels than evaluation (see transforms.decode_min_side); None: image_loader.
+    train_image_loader: Optional[Callable] = None
 
 
 def run_phase(files: PhaseFiles, ctx: PhaseContext, model: torch.nn.Module, train_samples: list[Sample],
@@ -168,7 +170,8 @@ def _train_loader(ctx: PhaseContext, samples: list[Sample], generator: torch.Gen
     else:
         sampler = balanced_sampler(labels, generator) if choice == "balanced" else None
     loader = make_loader(samples, transform, cfg.batch_size, cfg.num_workers, train=True, generator=generator,
-                         pin_memory=ctx.device.type == "cuda", loader=ctx.image_loader, sampler=sampler)
+                         pin_memory=ctx.device.type == "cuda", loader=ctx.train_image_loader or ctx.image_loader,
+                         sampler=sampler)
     return loader, sampler
 
 

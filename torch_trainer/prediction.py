@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from dataloaders.image_io import load_rgb
 from dataloaders.inference_data import collect_inference_images, make_inference_loader
-from dataloaders.transforms import build_eval_transform
+from dataloaders.transforms import build_eval_transform, decode_min_side
 
 from torch_trainer.checkpoint import WEIGHT_CHOICES, load_run_model
 from torch_trainer.gradcam import CAM_METHODS, GradCamExplainer, cam_on_original, render_overlay
@@ -56,6 +56,13 @@ def prediction_flags() -> argparse.ArgumentParser:
                         help=f"ONNX classifier for --backend onnx (default: {DEFAULT_ONNX_MODEL})")
     parser.add_argument("--cam_method", choices=list(CAM_METHODS), default="gradcam",
                         help="pytorch-grad-cam method (default: %(default)s)")
+    add_bool_flag(parser, "--reduced_decode", True,
+                  "decode large JPEGs at the smallest DCT scale (1/2, 1/4, 1/8) that still gives the model's resize "
+                  "enough pixels: camera-size photos decode several times faster; False decodes every pixel "
+                  "(default: %(default)s)")
+    parser.add_argument("--overlay_max_side", type=int, default=1024,
+                        help="Grad-CAM overlays of larger photos are written with the longer side shrunk to this many "
+                             "pixels (same aspect ratio); 0 = the photo's full size (default: %(default)s)")
     add_bool_flag(parser, "--tta", None, "average the logits of the image and its mirror (default: what the run was "
                                          "tested with, class_info.json 'tta')")
     parser.add_argument("--topk", type=int, default=1,
@@ -79,11 +86,14 @@ class PredictionOptions:
     topk: int = 1
     gradcam: bool = False
     cam_method: str = "gradcam"
+    reduced_decode: bool = True  # JPEGs decoded at a reduced DCT scale that still feeds the resize enough pixels
+    overlay_max_side: int = 1024  # longer side of Grad-CAM overlays; 0 = full size
 
     @classmethod
     def from_args(cls, args: Any) -> "PredictionOptions":
         return cls(weights=args.weights, backend=args.backend, onnx_model=args.onnx_model, device=args.device,
-                   tta=args.tta, topk=args.topk, gradcam=args.generate_gradcam, cam_method=args.cam_method)
+                   tta=args.tta, topk=args.topk, gradcam=args.generate_gradcam, cam_method=args.cam_method,
+                   reduced_decode=args.reduced_decode, overlay_max_side=args.overlay_max_side)
 
 
 GRADCAM_SUFFIX = ".gradcam.jpg"  # appended to the input's relative path, so names in sub-folders never collide
@@ -92,11 +102,12 @@ GRADCAM_SUFFIX = ".gradcam.jpg"  # appended to the input's relative path, so nam
 class GradcamWriter:
     """Writes overlays into a staging folder that replaces ``gradcam/`` only once every overlay is written."""
 
-    def __init__(self, output_dir: Path, model, method: str, preprocessing):
+    def __init__(self, output_dir: Path, model, method: str, preprocessing, max_side: int = 1024):
         self.final_dir = output_dir / "gradcam"
         self.staging = output_dir / ".gradcam.partial"
         shutil.rmtree(self.staging, ignore_errors=True)
         self.preprocessing = preprocessing
+        self.max_side = max_side
         self.explainer = GradCamExplainer(model, method, preprocessing.input_size)
         logger.info("Grad-CAM (%s) on layer %s", method, self.explainer.target_name)
 
@@ -107,7 +118,7 @@ class GradcamWriter:
             full = cam_on_original(cam, (original.shape[1], original.shape[0]), self.preprocessing)
             target = safe_output_path(self.staging, relative, GRADCAM_SUFFIX)
             target.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(render_overlay(original, full)).save(target, quality=90)
+            Image.fromarray(render_overlay(original, full, max_side=self.max_side or None)).save(target, quality=90)
 
     def publish(self) -> None:
         self.explainer.close()
@@ -202,7 +213,7 @@ class BatchClassifier:
         self.tta = info.tta if options.tta is None else options.tta
         self.temperature = info.temperature
         self.probs: list[np.ndarray] = []
-        self.cams = (GradcamWriter(output_dir, model, options.cam_method, info.preprocessing)
+        self.cams = (GradcamWriter(output_dir, model, options.cam_method, info.preprocessing, options.overlay_max_side)
                      if options.gradcam else None)
         self.rows: list[dict[str, Any]] = []
 
@@ -280,7 +291,12 @@ def infer_folder(model_path: str | Path, folder: str | Path, output_dir: Path, o
                        "inference_with_segmentation.py", info.input_kind)
     output_dir.mkdir(parents=True, exist_ok=True)
     classifier = BatchClassifier(options, run_dir, info, output_dir)
-    loader = make_inference_loader(paths, build_eval_transform(info.preprocessing), batch_size, num_workers)
+    min_side = decode_min_side(info.preprocessing) if options.reduced_decode else 0
+    loader = make_inference_loader(paths, build_eval_transform(info.preprocessing), batch_size, num_workers,
+                                   min_side)
+    if options.gradcam and options.overlay_max_side:
+        logger.info("Grad-CAM overlays of photos larger than %d px are written with the longer side at %d px "
+                    "(--overlay_max_side 0 for full size)", options.overlay_max_side, options.overlay_max_side)
 
     skipped: list[dict] = []
     relative = [p.relative_to(root) for p in paths]
@@ -292,7 +308,8 @@ def infer_folder(model_path: str | Path, folder: str | Path, output_dir: Path, o
                 skipped.append({"filename": relative[index].as_posix(), "reason": reason})
             if images is None:
                 continue
-            originals = ([np.asarray(load_rgb(paths[i])) for i in indices] if classifier.wants_originals else None)
+            originals = ([np.asarray(load_rgb(paths[i], max_side=options.overlay_max_side)) for i in indices]
+                         if classifier.wants_originals else None)
             classifier.classify(images, [relative[i] for i in indices], originals)
     except BaseException:
         classifier.abandon()

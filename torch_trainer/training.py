@@ -21,11 +21,10 @@ import torch
 from configs import TrainConfig
 from dataloaders.build import effective_workers, make_loader
 from dataloaders.discovery import discover_dataset
-from dataloaders.face_parsing import build_face_parser
-from dataloaders.skin_region import (MaskCache, cache_settings, image_loader_for_run, parse_parts_flag, part_names,
-                                     region_settings, select_parts)
+from dataloaders.image_cache import training_image_loaders
+from dataloaders.skin_region import prepare_skin_masks
 from dataloaders.splits import DataSplits, load_splits, save_splits, split_dataset
-from dataloaders.transforms import build_eval_transform, resolve_preprocessing
+from dataloaders.transforms import build_eval_transform, decode_min_side, resolve_preprocessing
 from torch_trainer import phase
 from torch_trainer import run_folder as rf
 from torch_trainer.checkpoint import load_checkpoint
@@ -124,20 +123,6 @@ def _train_process(cfg: TrainConfig, device: torch.device, dist_info: DistInfo,
     return result
 
 
-def prepare_skin_masks(cfg: TrainConfig, splits: DataSplits, device: torch.device) -> dict[str, Any]:
-    """Compute (or reuse) every image's skin mask; returns the settings class_info.json records."""
-    parser = build_face_parser(cfg.seg_backend, cfg.seg_model, cfg.seg_revision, device.type)
-    part_ids = select_parts(parser.id2label, parse_parts_flag(cfg.parts))
-    settings = region_settings(parser.describe(), part_names(parser.id2label, part_ids))
-    cache = MaskCache(cfg.resolved_data_dir, cache_settings(settings))
-    paths = [s.path for s in splits.train + splits.val + splits.test]
-    counts = cache.fill_missing(paths, parser, part_ids)
-    logger.info("skin masks (%s, parts %s): %d cached, %d computed, %d without a face (whole image used), "
-                "%d unreadable", settings["seg_backend"], ",".join(settings["parts"]), counts["cached"],
-                counts["computed"], counts["no_face"], counts["failed"])
-    return settings
-
-
 def load_data_and_model(cfg: TrainConfig, run_dir: Optional[Path], device: torch.device
                         ) -> tuple[DataSplits, torch.nn.Module, str, Optional[RunInfo], Optional[dict]]:
     """Everything that can fail on a user mistake, done before a new run folder is created.
@@ -190,8 +175,9 @@ def train(cfg: TrainConfig, run_dir: Path, device: torch.device, splits: DataSpl
                                 {**cfg.to_dict(), "class_names": info.class_names,
                                  "timm_model_name": info.timm_model_name, "world_size": dist_info.world_size},
                                 cfg.wandb_project, run_dir.name)
-    ctx = PhaseContext(cfg, run_dir, device, info, image_loader_for_run(info, cfg.resolved_data_dir),
-                       build_eval_transform(pre), tracker, dist_info)
+    eval_loader, train_loader = training_image_loaders(cfg, info)
+    ctx = PhaseContext(cfg, run_dir, device, info, eval_loader, build_eval_transform(pre), tracker, dist_info,
+                       train_loader)
     try:
         selection, refit = _select_and_refit(ctx, splits, model)
         if not dist_info.is_main:
