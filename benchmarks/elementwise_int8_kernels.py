@@ -13,7 +13,6 @@ Example (the README's figures):
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper

@@ -24,7 +24,6 @@ from data.synthetic_faces import make_face_image
 from data.synthetic_lesions import make_lesion_image
 from dataloaders.skin_region import (MASK_CACHE_DIR, MaskCache, SkinRegionLoader, cache_settings, fill_colour,
                                      make_skin_region, select_parts, skin_mask)
-from torch_trainer import run_folder as rf
 from utils.errors import UserError
 from dataloaders.face_parsing import OnnxParser, OpenCVSkinParser, SegformerParser
 

@@ -24,7 +24,7 @@ from dataloaders.discovery import discover_dataset
 from dataloaders.image_cache import training_image_loaders
 from dataloaders.skin_region import prepare_skin_masks
 from dataloaders.splits import DataSplits, load_splits, save_splits, split_dataset
-from dataloaders.transforms import build_eval_transform, decode_min_side, resolve_preprocessing
+from dataloaders.transforms import build_eval_transform, resolve_preprocessing
 from torch_trainer import phase
 from torch_trainer import run_folder as rf
 from torch_trainer.checkpoint import load_checkpoint
