@@ -146,6 +146,7 @@ def format_benchmark(result: BenchmarkResult, settings: BenchmarkSettings) -> st
 
 def _test_images(run_dir: Path, info: RunInfo, data_dir: Optional[str], limit: int):
     """Preprocessed test images and labels, decoded once in the parent and shared with every worker."""
+    from dataloaders.inference_data import load_preprocessed
     from dataloaders.skin_region import image_loader_for_run
     from dataloaders.transforms import build_eval_transform, decode_min_side
 
@@ -154,7 +155,7 @@ def _test_images(run_dir: Path, info: RunInfo, data_dir: Optional[str], limit: i
     if limit:
         samples = samples[:limit]
     loader = image_loader_for_run(info, rf.dataset_root(run_dir, data_dir), decode_min_side(info.preprocessing))
-    images = np.stack([transform(loader(s.path)).numpy() for s in samples]).astype(np.float32)
+    images = load_preprocessed([s.path for s in samples], transform, loader).numpy().astype(np.float32)
     return images, np.array([s.label for s in samples]), [s.path for s in samples]
 
 
