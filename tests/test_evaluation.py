@@ -111,8 +111,18 @@ def test_run_folder_has_the_clinical_report(tiny_run):
     for key in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "ece", "ece_uncalibrated", "temperature"):
         assert key in metrics
     per_class = pd.read_csv(tiny_run / "per_class_metrics.csv")
-    assert list(per_class.columns) == ["class", "precision", "recall", "specificity", "f1", "support", "roc_auc"]
+    assert list(per_class.columns) == ["class", "precision", "recall", "specificity", "f1", "support", "roc_auc",
+                                       "recall_low", "recall_high", "specificity_low", "specificity_high"]
     assert per_class["support"].sum() == metrics["n_images"]
+    assert (per_class["recall_low"] <= per_class["recall"] + 1e-9).all()
+    assert (per_class["recall"] <= per_class["recall_high"] + 1e-9).all()
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "ece"):
+        low, high = metrics["intervals"][key]
+        assert low <= metrics[key] + 1e-9 and metrics[key] <= high + 1e-9, key
+    predictions = pd.read_csv(tiny_run / "test_predictions.csv")
+    assert len(predictions) == metrics["n_images"]
+    probs = predictions.filter(like="prob_").to_numpy()
+    assert (probs.argmax(1) == predictions["label"]).mean() == pytest.approx(metrics["accuracy"])
     for name in ("roc_curves.png", "reliability_diagram.png", "confusion_matrix_test.png"):
         assert (tiny_run / name).stat().st_size > 1000
     log = pd.read_csv(tiny_run / "log.csv")

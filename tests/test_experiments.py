@@ -13,7 +13,7 @@ import pytest
 import main
 import run_experiments as rx
 from tests.conftest import ROOT, TINY_MODEL
-from torch_trainer.sweep import build_configs, load_template
+from torch_trainer.sweep import build_configs, load_template, paired_against_best
 from tests.wandb_records import read_history
 from utils.errors import UserError
 
@@ -39,7 +39,8 @@ def test_sweep_runs_ranks_and_skips_finished_runs(lesion_dataset, tmp_path):
     assert len(frame) == 2 and list(frame["rank"]) == [1, 2]
     assert frame["val_balanced_acc"].is_monotonic_decreasing
     for column in ("run", "loss", "val_balanced_acc", "test_balanced_acc", "test_macro_auc", "test_ece",
-                   "test_ece_uncalibrated", "params_m", "size_mb", "cpu_latency_ms", "run_dir"):
+                   "test_ece_uncalibrated", "params_m", "size_mb", "cpu_latency_ms", "run_dir", "test_balanced_acc_low",
+                   "test_balanced_acc_high", "vs_best_diff", "vs_best_low", "vs_best_high", "vs_best"):
         assert column in frame.columns, column
     summary = pd.read_csv(tmp_path / "sweep" / "experiments_summary.csv")
     assert set(summary["loss"]) == {"ce", "focal"}
@@ -52,6 +53,29 @@ def test_sweep_runs_ranks_and_skips_finished_runs(lesion_dataset, tmp_path):
     again = rx.main(args, argv)  # an interrupted or repeated sweep continues: nothing finished is retrained
     assert sorted((tmp_path / "runs").rglob("model_best.pth")) == run_folders
     assert list(again["run_dir"]) == list(frame["run_dir"])
+
+
+def _fake_run(folder: Path, targets, wrong: range) -> Path:
+    """A run folder holding only test_predictions.csv, wrong on the images numbered in ``wrong``."""
+    folder.mkdir(parents=True)
+    n = len(targets)
+    right = [i not in wrong for i in range(n)]
+    preds = [t if ok else 1 - t for t, ok in zip(targets, right)]
+    pd.DataFrame({"filepath": [f"testset/x/{i:03d}.png" for i in range(n)], "label": targets,
+                  "prob_a": [0.9 if p == 0 else 0.1 for p in preds],
+                  "prob_b": [0.1 if p == 0 else 0.9 for p in preds]}).to_csv(folder / "test_predictions.csv",
+                                                                               index=False)
+    return folder
+
+
+def test_summary_says_which_runs_the_test_set_cannot_tell_apart(tmp_path):
+    targets = [i % 2 for i in range(300)]
+    runs = [_fake_run(tmp_path / name, targets, wrong)  # close: as many errors, on other images; weak: 90 more
+            for name, wrong in (("best", range(270, 300)), ("close", range(0, 33)), ("weak", range(180, 300)))]
+    frame = paired_against_best(pd.DataFrame({"rank": [1, 2, 3], "run_dir": [str(r) for r in runs]}))
+    assert list(frame["vs_best"]) == ["best", "indistinguishable", "worse"]
+    assert frame["vs_best_diff"].iloc[2] == pytest.approx(-0.30, abs=0.01)
+    assert frame["vs_best_low"].iloc[1] < 0 < frame["vs_best_high"].iloc[1]
 
 
 def test_sweep_validates_every_run_before_training(lesion_dataset, tmp_path):

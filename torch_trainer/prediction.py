@@ -32,7 +32,7 @@ from utils.errors import UserError
 from utils.export_dir import DEFAULT_EXPORT
 from utils.onnx_runtime import read_onnx_metadata
 from utils.paths import safe_output_path
-from utils.reports import write_classification_report
+from utils.reports import headline_summary, write_classification_report
 
 logger = logging.getLogger(__name__)
 
@@ -260,10 +260,8 @@ def score_labelled_folder(output_dir: Path, rows: list[dict], probs: list[np.nda
                         f"({', '.join(class_names)})")
     metrics = write_classification_report(output_dir, np.array(targets), np.stack(kept), class_names,
                                           metrics_name="metrics.json", extra={"unlabelled_images": unlabelled})
-    logger.info("labelled folder: accuracy %.4f, balanced accuracy %.4f, macro F1 %.4f, macro AUC %s, ECE %.4f on %d "
-                "images (see %s)", metrics["accuracy"], metrics["balanced_accuracy"], metrics["macro_f1"],
-                f"{metrics['macro_auc']:.4f}" if metrics.get("macro_auc") is not None else "n/a", metrics["ece"],
-                metrics["n_images"], output_dir / "metrics.json")
+    logger.info("labelled folder, %d images: %s (see %s)", metrics["n_images"], headline_summary(metrics),
+                output_dir / "metrics.json")
     return metrics
 
 

@@ -11,8 +11,9 @@ save_results/dataset+<data>/model+<model>/<YYYY-MM-DD_HH-MM-SS>/
     --folds K: folds.csv, fold_<k>/ (log.csv, model_best.pth, model_last.pth), oof_metrics.json,
                oof_predictions.csv (every training image predicted by the fold model that did not train on it)
     split_train.csv / split_val.csv / split_test.csv, skipped_files.csv
-    test_metrics.json, per_class_metrics.csv, roc_curves.png, reliability_diagram.png,
-    confusion_matrix_test.csv, confusion_matrix_test.png
+    test_metrics.json (with 95% bootstrap intervals), per_class_metrics.csv, roc_curves.png,
+    reliability_diagram.png, confusion_matrix_test.csv, confusion_matrix_test.png,
+    test_predictions.csv (each test image's label and calibrated probabilities; paired comparisons resample it)
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ REFIT_LOG_CSV = "refit_log.csv"
 VAL_METRICS = "val_metrics.json"
 OOF_METRICS = "oof_metrics.json"
 OOF_PREDICTIONS = "oof_predictions.csv"
+TEST_PREDICTIONS = "test_predictions.csv"
 STATUS = "run_status.json"
 LOG_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_acc", "val_macro_auc", "lr",
                "epoch_seconds", "train_images_per_s", "data_loading_fraction"]

@@ -10,7 +10,7 @@ import json
 import logging
 import runpy
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 import pandas as pd
@@ -20,6 +20,7 @@ from configs import TrainConfig
 from torch_trainer import run_folder as rf
 from torch_trainer.models import resolve_model_name
 from utils.atomic import atomic_save, atomic_write_json, atomic_write_text
+from utils.bootstrap import paired_difference
 from utils.errors import UserError
 from utils.timing import call_latencies_ms
 
@@ -153,6 +154,7 @@ def summary_row(key: str, varying: dict[str, Any], run_dir: Path, latency_iterat
     return {"run": key, **varying, "val_balanced_acc": round(float(val_balanced_acc), 4),
             "val_macro_auc": round(float(val_macro_auc), 4) if val_macro_auc is not None else None,
             "test_accuracy": round(metrics["accuracy"], 4), "test_balanced_acc": round(metrics["balanced_accuracy"], 4),
+            **_interval_columns("test_balanced_acc", metrics.get("intervals", {}).get("balanced_accuracy")),
             "test_macro_f1": round(metrics["macro_f1"], 4),
             "test_macro_auc": round(metrics["macro_auc"], 4) if metrics.get("macro_auc") is not None else None,
             "test_ece": round(metrics["ece"], 4),
@@ -162,16 +164,54 @@ def summary_row(key: str, varying: dict[str, Any], run_dir: Path, latency_iterat
             "cpu_latency_ms": round(cpu_latency_ms(run_dir, latency_iterations), 2), "run_dir": str(run_dir)}
 
 
+def _interval_columns(name: str, interval: Optional[list[float]]) -> dict[str, Optional[float]]:
+    low, high = interval if interval else (None, None)
+    return {f"{name}_low": None if low is None else round(low, 4), f"{name}_high": None if high is None else round(high, 4)}
+
+
+def _test_predictions(run_dir: Path) -> Optional[pd.DataFrame]:
+    path = run_dir / rf.TEST_PREDICTIONS
+    return pd.read_csv(path).set_index("filepath") if path.is_file() else None
+
+
+def paired_against_best(frame: pd.DataFrame) -> pd.DataFrame:
+    """Each run's test balanced accuracy minus the best run's (rank 1, chosen on validation), with a paired bootstrap
+    interval on the same test images; ``vs_best`` says whether the test set can tell them apart."""
+    best = _test_predictions(Path(frame.iloc[0]["run_dir"]))
+    columns: dict[str, list] = {"vs_best_diff": [], "vs_best_low": [], "vs_best_high": [], "vs_best": []}
+    for rank, run_dir in zip(frame["rank"], frame["run_dir"]):
+        other = _test_predictions(Path(run_dir))
+        shared = best.index.intersection(other.index) if best is not None and other is not None else []
+        if rank == 1 or not len(shared):
+            verdict = "best" if rank == 1 else "no shared test predictions"
+            for name, value in zip(columns, (None, None, None, verdict)):
+                columns[name].append(value)
+            continue
+        a, b = other.loc[shared], best.loc[shared]
+        probs_a, probs_b = a.filter(like="prob_").to_numpy(), b.filter(like="prob_").to_numpy()
+        result = paired_difference(a["label"].to_numpy(), probs_a, probs_b, probs_a.shape[1])
+        low, high = result["interval"]
+        columns["vs_best_diff"].append(round(result["difference"], 4))
+        columns["vs_best_low"].append(round(low, 4))
+        columns["vs_best_high"].append(round(high, 4))
+        columns["vs_best"].append("worse" if high < 0 else "better" if low > 0 else "indistinguishable")
+    return frame.assign(**columns)
+
+
 def write_summary(sweep_dir: Path, rows: list[dict[str, Any]]) -> pd.DataFrame:
     frame = pd.DataFrame(rows).sort_values("val_balanced_acc", ascending=False, kind="stable")
     frame.insert(0, "rank", range(1, len(frame) + 1))
+    frame = paired_against_best(frame)
     atomic_save(sweep_dir / "experiments_summary.csv", lambda tmp: frame.to_csv(tmp, index=False))
     shown = frame.drop(columns=["run_dir"])
     header = "| " + " | ".join(shown.columns) + " |\n|" + "---|" * len(shown.columns) + "\n"
     body = "".join("| " + " | ".join("" if pd.isna(v) else str(v) for v in row) + " |\n"
                    for row in shown.itertuples(index=False))
     atomic_write_text(sweep_dir / "experiments_summary.md",
-                      "# Experiments ranked by validation balanced accuracy\n\n" + header + body)
+                      "# Experiments ranked by validation balanced accuracy\n\n" + header + body +
+                      "\ntest_balanced_acc_low/high: 95% bootstrap interval. vs_best_*: test balanced accuracy minus "
+                      "rank 1's on the same test images, with a paired bootstrap interval; 'indistinguishable' means "
+                      "the interval contains 0, so the test set cannot tell the two runs apart.\n")
     from utils.plots import plt, save_figure
 
     fig, ax = plt.subplots(figsize=(9, 0.5 * len(frame) + 1.5))

@@ -41,7 +41,7 @@ from utils.errors import UserError
 from utils.experiment_tracking import ExperimentTracker
 from utils.logging_setup import add_file_handler, remove_handler
 from utils.metrics import classification_metrics
-from utils.reports import write_classification_report
+from utils.reports import headline_summary, write_classification_report
 from utils.seed import seed_everything, set_deterministic
 
 logger = logging.getLogger(__name__)
@@ -360,6 +360,7 @@ def _finish_training(ctx: PhaseContext, model: torch.nn.Module, splits: DataSpli
                "temperature": temperature, "calibration": calibration.to_dict() if calibration else None,
                "training_seconds": seconds, "variants": variants},
         uncalibrated_probs=test["probs"] if cfg.calibrate else None)
+    _write_test_predictions(run_dir, splits, test, temperature)
     _log_test(metrics, variants, refit is not None, cfg.tta)
     if ctx.tracker.run is not None:
         ctx.tracker.summary({f"test_{k}": v for k, v in metrics.items() if not isinstance(v, dict)})
@@ -369,15 +370,24 @@ def _finish_training(ctx: PhaseContext, model: torch.nn.Module, splits: DataSpli
     return metrics
 
 
+def _write_test_predictions(run_dir: Path, splits: DataSplits, test: dict[str, Any], temperature: float) -> None:
+    """Each test image's label and calibrated probabilities: what paired comparisons between runs resample."""
+    samples = [splits.test[i] for i in test["indices"]]
+    probs = apply_temperature(test["probs"], temperature)
+    frame = pd.DataFrame({"filepath": [s.path.relative_to(splits.root).as_posix() for s in samples],
+                          "label": test["targets"],
+                          **{f"prob_{name}": probs[:, k] for k, name in enumerate(splits.class_names)}})
+    atomic_save(run_dir / rf.TEST_PREDICTIONS, lambda tmp: frame.to_csv(tmp, index=False))
+
+
 def _log_test(metrics: dict[str, Any], variants: dict[str, dict[str, Any]], refit: bool, tta: bool) -> None:
     def auc(values: dict) -> str:
         return f"{values['macro_auc']:.4f}" if values.get("macro_auc") is not None else "n/a"
 
-    logger.info("test (%s%s): accuracy %.4f, balanced accuracy %.4f, macro F1 %.4f, macro AUC %s, ECE %.4f%s "
-                "on %d images", "refit on train + validation" if refit else f"best epoch {metrics['best_epoch']}",
-                ", flip TTA" if tta else "", metrics["accuracy"], metrics["balanced_accuracy"], metrics["macro_f1"],
-                auc(metrics), metrics["ece"], f" (before temperature scaling {metrics['ece_uncalibrated']:.4f})"
-                if "ece_uncalibrated" in metrics else "", metrics["n_images"])
+    logger.info("test (%s%s), %d images: %s%s", "refit on train + validation" if refit else
+                f"best epoch {metrics['best_epoch']}", ", flip TTA" if tta else "", metrics["n_images"],
+                headline_summary(metrics), f"; ECE before temperature scaling {metrics['ece_uncalibrated']:.4f}"
+                if "ece_uncalibrated" in metrics else "")
     for name, values in variants.items():
         logger.info("  variant %-9s balanced accuracy %.4f, accuracy %.4f, macro AUC %s", name,
                     values["balanced_accuracy"], values["accuracy"], auc(values))

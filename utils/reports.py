@@ -1,17 +1,19 @@
 """The evaluation report, the same for the test split of a run and for a labelled folder at inference.
 
 Files: <metrics_name> (JSON), per_class_metrics.csv, roc_curves.png, reliability_diagram.png and the confusion
-matrix (CSV + PNG), all written atomically.
+matrix (CSV + PNG), all written atomically. Every metric carries its 95% bootstrap interval (``intervals`` in the JSON,
+``*_low``/``*_high`` columns in the per-class CSV): a 300-image test set is about +-4 points sure on accuracy.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from utils.atomic import atomic_save, atomic_write_json
+from utils.bootstrap import bootstrap_intervals, format_interval
 from utils.metrics import (calibration_bins, classification_metrics, confusion_frame, expected_calibration_error,
                            one_vs_rest_auc, per_class_frame, roc_curves)
 from utils.plots import plot_confusion_matrix, plot_reliability, plot_roc_curves
@@ -20,10 +22,14 @@ from utils.plots import plot_confusion_matrix, plot_reliability, plot_roc_curves
 def write_classification_report(output_dir: Path, targets: np.ndarray, probs: np.ndarray, class_names: list[str],
                                 *, metrics_name: str = "test_metrics.json", confusion_name: str = "confusion_matrix",
                                 extra: Optional[dict[str, Any]] = None,
-                                uncalibrated_probs: Optional[np.ndarray] = None) -> dict[str, Any]:
-    """Compute every metric from ``probs`` (already temperature-scaled where a temperature exists) and write it."""
+                                uncalibrated_probs: Optional[np.ndarray] = None,
+                                groups: Optional[Sequence[Any]] = None, seed: int = 0) -> dict[str, Any]:
+    """Compute every metric from ``probs`` (already temperature-scaled where a temperature exists), with bootstrap
+    intervals (whole ``groups`` resampled when given, ``seed`` for reproducibility), and write it."""
     preds = probs.argmax(1)
     metrics = {**(extra or {}), **classification_metrics(targets, preds, class_names, probs)}
+    if len(targets):
+        metrics["intervals"] = bootstrap_intervals(targets, probs, class_names, groups=groups, seed=seed)
     reliability = {"calibrated" if uncalibrated_probs is not None else "model": calibration_bins(targets, probs)}
     eces = {next(iter(reliability)): metrics["ece"]}
     if uncalibrated_probs is not None:
@@ -32,6 +38,9 @@ def write_classification_report(output_dir: Path, targets: np.ndarray, probs: np
         eces["uncalibrated"] = metrics["ece_uncalibrated"]
     atomic_write_json(output_dir / metrics_name, metrics)
     per_class = per_class_frame(metrics)
+    for name, bounds in (metrics.get("intervals") or {}).get("per_class", {}).items():
+        for metric, interval in bounds.items():
+            per_class.loc[name, f"{metric}_low"], per_class.loc[name, f"{metric}_high"] = interval or (None, None)
     atomic_save(output_dir / "per_class_metrics.csv", lambda tmp: per_class.to_csv(tmp))
     frame = confusion_frame(targets, preds, class_names)
     atomic_save(output_dir / f"{confusion_name}.csv", lambda tmp: frame.to_csv(tmp))
@@ -41,3 +50,13 @@ def write_classification_report(output_dir: Path, targets: np.ndarray, probs: np
                     class_names, output_dir / "roc_curves.png")
     plot_reliability(reliability, eces, output_dir / "reliability_diagram.png")
     return metrics
+
+
+def headline_summary(metrics: dict[str, Any]) -> str:
+    """One line for logs: each headline metric with its 95% interval, e.g. ``balanced accuracy 0.812 [0.771, 0.850]``."""
+    intervals = metrics.get("intervals") or {}
+    names = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "macro_f1": "macro F1",
+             "macro_auc": "macro AUC", "ece": "ECE"}
+    parts = [f"{label} {format_interval(metrics.get(key), intervals.get(key))}" for key, label in names.items()
+             if key in metrics]
+    return ", ".join(parts) + (" (95% bootstrap intervals)" if intervals else "")
