@@ -51,6 +51,20 @@ class TrainConfig:
                                     "side and pad (whole photo, aspect kept)", choices=["center", "squash", "letterbox"])
     crop_pct: Optional[float] = _opt(None, "share of the resized image the eval crop keeps (default: the model's "
                                            "pretrained value, e.g. 0.875)")
+    audit: bool = _opt(True, "audit the dataset before training: exact and near-duplicate images, label conflicts, "
+                             "train/test leakage, image sizes, size/format shortcuts (data_audit.json, duplicates.csv "
+                             "in the run folder; copies found are kept on one side of the validation split)")
+    on_leak: str = _opt("warn", "what to do when the audit finds copies of a test image in trainset or copies filed "
+                                "under different classes: warn, drop (remove the trainset copies of test images and "
+                                "every copy of a conflicting image, listed in data_audit.json) or error",
+                        choices=["warn", "drop", "error"])
+    near_dup_threshold: int = _opt(40, "perceptual-hash distance (bits of 256) at or below which the audit counts "
+                                       "two images as copies")
+    groups: Optional[str] = _opt(None, "CSV with columns filename,group (patient or lesion id): the validation "
+                                       "split and folds never split a group, groups shared by trainset and testset "
+                                       "are reported, and test intervals resample whole groups")
+    group_pattern: Optional[str] = _opt(None, "regular expression whose first capture group, searched in each file "
+                                              "name, is the image's group (e.g. '^(P\\d+)_'); instead of --groups")
     cache_images: bool = _opt(False, "keep each training/validation/test photo's decode (reduced-size for large JPEGs) in "
                                      "a cache so later epochs and runs skip decoding: for folders of camera-size "
                                      "photos; whole-photo runs only")
@@ -146,6 +160,8 @@ class TrainConfig:
             (not (self.mixup or self.cutmix) or (self.loss == "ce" and self.class_weights == "none"),
              "--mixup/--cutmix train on mixed (soft) labels: use them with --loss ce --class_weights none "
              "(--sampler balanced still balances the classes)"),
+            (0 <= self.near_dup_threshold <= 256, "--near_dup_threshold must be between 0 and 256 bits"),
+            (not (self.groups and self.group_pattern), "give --groups or --group_pattern, not both"),
             (self.folds == 0 or self.folds >= 2, f"--folds {self.folds}: use at least 2 folds, or 0 for one "
                                                  f"validation split"),
             (self.layer_decay is None or 0 < self.layer_decay <= 1, "--layer_decay must be in (0, 1]"),

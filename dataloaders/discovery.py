@@ -54,7 +54,7 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
 
 
-def _discover_split(split_dir: Path) -> dict[str, list[Path]]:
+def discover_split(split_dir: Path) -> dict[str, list[Path]]:
     class_dirs = sorted(d for d in split_dir.iterdir() if d.is_dir() and not is_hidden(d.name))
     if class_dirs:
         by_class = {}
@@ -100,7 +100,7 @@ def discover_dataset(root: str | os.PathLike, n_class: Optional[int] = None, che
         split_dir = root / split
         if not split_dir.is_dir():
             raise UserError(f"missing {split_dir} ({EXPECTED_LAYOUT})")
-        splits[split] = _discover_split(split_dir)
+        splits[split] = discover_split(split_dir)
 
     class_names = list(splits["trainset"])
     if len(class_names) < 2:

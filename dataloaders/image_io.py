@@ -66,6 +66,12 @@ def load_rgb(path: str | os.PathLike, min_side: int = 0, max_side: int = 0) -> I
     return oriented
 
 
+def file_format(path: str | os.PathLike) -> str:
+    """The format Pillow detects from the file's content (JPEG, PNG, ...), whatever its extension says."""
+    with _open_refusing_bombs(path) as img:
+        return img.format or Path(path).suffix.lstrip(".").upper()
+
+
 def _draft(img: Image.Image, min_side: int, max_side: int) -> None:
     """Ask the JPEG decoder for a reduced size (DCT scaling) that keeps the shorter side >= ``min_side`` or, with
     only ``max_side``, the longer side >= ``max_side``."""

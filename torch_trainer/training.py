@@ -20,10 +20,11 @@ import torch
 
 from configs import TrainConfig
 from dataloaders.build import effective_workers, make_loader
-from dataloaders.discovery import discover_dataset
+from dataloaders.audit import write_audit
 from dataloaders.image_cache import training_image_loaders
 from dataloaders.skin_region import prepare_skin_masks
-from dataloaders.splits import DataSplits, load_splits, save_splits, split_dataset
+from dataloaders.prepare import prepare_dataset
+from dataloaders.splits import DataSplits, load_splits, save_splits
 from dataloaders.transforms import build_eval_transform, resolve_preprocessing
 from torch_trainer import phase
 from torch_trainer import run_folder as rf
@@ -136,9 +137,7 @@ def load_data_and_model(cfg: TrainConfig, run_dir: Optional[Path], device: torch
         model, timm_name = build_model(cfg.model_name, len(splits.class_names), False, None, cfg.drop_rate)
         region = prepare_skin_masks(cfg, splits, device) if cfg.input_kind == "skin_region" else None
         return splits, model, timm_name, info, region
-    index = discover_dataset(cfg.resolved_data_dir, n_class=cfg.n_class,
-                             num_threads=max(2, effective_workers(cfg.num_workers)))
-    splits = split_dataset(index, cfg.val_ratio, cfg.random_state, cfg.folds)
+    splits = prepare_dataset(cfg, num_threads=max(2, effective_workers(cfg.num_workers)))
     model, timm_name = build_model(cfg.model_name, len(splits.class_names), cfg.pre_trained, cfg.pretrained_path,
                                    cfg.drop_rate)
     region = prepare_skin_masks(cfg, splits, device) if cfg.input_kind == "skin_region" else None
@@ -154,6 +153,8 @@ def _start_run(cfg: TrainConfig, run_dir: Path, splits: DataSplits, model: torch
                    input_kind="skin_region" if skin_region else "full_image", skin_region=skin_region, tta=cfg.tta)
     if dist_info.is_main:  # under torchrun only rank 0 touches the run folder
         save_splits(run_dir, splits)
+        if splits.audit is not None:
+            write_audit(run_dir, splits.audit)
         write_run_info(run_dir, info)
         atomic_write_json(run_dir / rf.CONFIGS, cfg.to_dict())
     return info
@@ -359,7 +360,8 @@ def _finish_training(ctx: PhaseContext, model: torch.nn.Module, splits: DataSpli
                "refit_epochs": refit["epochs"] if refit else None, "tta": cfg.tta, "loss": test["loss"],
                "temperature": temperature, "calibration": calibration.to_dict() if calibration else None,
                "training_seconds": seconds, "variants": variants},
-        uncalibrated_probs=test["probs"] if cfg.calibrate else None)
+        uncalibrated_probs=test["probs"] if cfg.calibrate else None,
+        groups=splits.group_of([splits.test[i] for i in test["indices"]]))
     _write_test_predictions(run_dir, splits, test, temperature)
     _log_test(metrics, variants, refit is not None, cfg.tta)
     if ctx.tracker.run is not None:

@@ -1,0 +1,75 @@
+"""A new run's data, from folder to split: discovery, the dataset audit and its leak policy, groups, then the
+(grouped) validation split or folds."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+from configs import TrainConfig
+from dataloaders.audit import (DatasetAudit, apply_leak_policy, copy_clusters, items_from_index, log_audit,
+                               run_audit)
+from dataloaders.discovery import DatasetIndex, discover_dataset
+from dataloaders.groups import complete_groups, groups_from_pattern, merge_copies, read_groups_csv
+from dataloaders.splits import DataSplits, split_dataset
+from utils.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+def prepare_dataset(cfg: TrainConfig, num_threads: int) -> DataSplits:
+    index = discover_dataset(cfg.resolved_data_dir, n_class=cfg.n_class, num_threads=num_threads)
+    audit: Optional[DatasetAudit] = None
+    if cfg.audit:
+        audit = run_audit(items_from_index(index), index.root, threshold=cfg.near_dup_threshold,
+                          tiny_side=cfg.img_size, num_threads=num_threads)
+        log_audit(audit)
+        index = apply_leak_policy(index, audit, cfg.on_leak)
+    groups = image_groups(cfg, index, audit)
+    if groups is not None and (cfg.groups or cfg.group_pattern):
+        index = _shared_group_policy(index, groups, cfg.groups or f"--group_pattern {cfg.group_pattern!r}",
+                                     cfg.on_leak)
+    splits = split_dataset(index, cfg.val_ratio, cfg.random_state, cfg.folds, groups)
+    splits.audit = audit
+    return splits
+
+
+def image_groups(cfg: TrainConfig, index: DatasetIndex, audit: Optional[DatasetAudit]) -> Optional[dict[Path, str]]:
+    """Each image's group: the user's (--groups / --group_pattern), joined wherever the audit found copies of one
+    photo, so that copies never sit on both sides of the validation split. None when neither exists."""
+    paths = [s.path for s in index.train + index.test]
+    clusters = copy_clusters(audit) if audit is not None else []
+    if cfg.groups:
+        source = cfg.groups
+        groups = read_groups_csv(Path(cfg.groups), paths, index.root)
+    elif cfg.group_pattern:
+        source = f"--group_pattern {cfg.group_pattern!r}"
+        groups = groups_from_pattern(cfg.group_pattern, paths)
+    elif clusters:
+        source, groups = "", {}
+    else:
+        return None
+    groups = complete_groups(groups, paths, source) if source else {p: f"image:{p.as_posix()}" for p in paths}
+    return merge_copies(groups, clusters)
+
+
+def _shared_group_policy(index: DatasetIndex, groups: dict[Path, str], source: str, policy: str) -> DatasetIndex:
+    """A group (patient, lesion) with images in both trainset and testset: reported; with --on_leak drop its
+    trainset images are removed, with error training stops."""
+    shared = sorted({groups[s.path] for s in index.train} & {groups[s.path] for s in index.test})
+    if not shared:
+        return index
+    found = (f"{len(shared)} group(s) from {source} have images in both trainset and testset "
+             f"(e.g. {', '.join(shared[:3])})")
+    if policy == "error":
+        raise UserError(f"{found}; move each group's images to one side, or pass --on_leak drop to remove their "
+                        f"trainset images (or warn to train anyway)")
+    if policy == "warn":
+        logger.warning("%s: the test set is not independent of training for them; --on_leak drop removes their "
+                       "trainset images", found)
+        return index
+    shared_set = set(shared)
+    kept = [s for s in index.train if groups[s.path] not in shared_set]
+    logger.warning("%s: --on_leak drop removed their %d trainset image(s)", found, len(index.train) - len(kept))
+    return DatasetIndex(index.root, index.class_names, kept, index.test, index.skipped)
