@@ -293,6 +293,10 @@ def log_audit(audit: DatasetAudit) -> None:
     if tiny:
         logger.warning("dataset audit: images smaller than %d px on the shorter side (upscaled for the model): %s",
                        s["tiny_side"], ", ".join(tiny))
+    if d["images_in_clusters"] > 0.2 * max(1, s["readable"]):
+        logger.warning("dataset audit: %d of %d images look like copies of another; if these are different photos "
+                       "taken the same way, lower --near_dup_threshold (see duplicate_pairs.png)",
+                       d["images_in_clusters"], s["readable"])
     shortcut = s.get("shortcut")
     if shortcut and shortcut["warning"]:
         logger.warning("dataset audit: image size and file format alone predict the class (balanced accuracy %.2f, "

@@ -17,6 +17,8 @@ from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
+MAX_COPY_CLUSTER = 10  # copies of one photo in one dataset; the real sets' largest cluster held 3
+
 
 def prepare_dataset(cfg: TrainConfig, num_threads: int) -> DataSplits:
     index = discover_dataset(cfg.resolved_data_dir, n_class=cfg.n_class, num_threads=num_threads)
@@ -39,7 +41,7 @@ def image_groups(cfg: TrainConfig, index: DatasetIndex, audit: Optional[DatasetA
     """Each image's group: the user's (--groups / --group_pattern), joined wherever the audit found copies of one
     photo, so that copies never sit on both sides of the validation split. None when neither exists."""
     paths = [s.path for s in index.train + index.test]
-    clusters = copy_clusters(audit) if audit is not None else []
+    clusters = _plausible_copy_clusters(audit) if audit is not None else []
     if cfg.groups:
         source = cfg.groups
         groups = read_groups_csv(Path(cfg.groups), paths, index.root)
@@ -52,6 +54,18 @@ def image_groups(cfg: TrainConfig, index: DatasetIndex, audit: Optional[DatasetA
         return None
     groups = complete_groups(groups, paths, source) if source else {p: f"image:{p.as_posix()}" for p in paths}
     return merge_copies(groups, clusters)
+
+
+def _plausible_copy_clusters(audit: DatasetAudit) -> list[list[Path]]:
+    """The audit's clusters of copies, except implausibly large ones: many different photos taken the same way (same
+    pose, framing and background) can look alike to a perceptual hash, and joining them would make one giant group."""
+    clusters = copy_clusters(audit)
+    large = [c for c in clusters if len(c) > MAX_COPY_CLUSTER]
+    if large:
+        logger.warning("dataset audit: %d cluster(s) of more than %d look-alike images (largest %d) are not treated as "
+                       "copies of one photo when splitting; check duplicate_pairs.png and lower --near_dup_threshold "
+                       "if they are different photos", len(large), MAX_COPY_CLUSTER, max(map(len, large)))
+    return [c for c in clusters if len(c) <= MAX_COPY_CLUSTER]
 
 
 def _shared_group_policy(index: DatasetIndex, groups: dict[Path, str], source: str, policy: str) -> DatasetIndex:

@@ -6,6 +6,11 @@ lesions) whole groups are drawn, because photos of one patient are not independe
 
 The metric definitions match ``utils.metrics.classification_metrics``: balanced accuracy and macro AUC average over
 the classes present in the (resampled) test set, ECE uses the same equal-width confidence bins.
+
+ECE is the one metric whose plug-in value is biased upward by resampling (a resample repeats images, so its bins are
+noisier and their gaps larger): on dermnet_a's 213 test images 98% of the resamples' ECE lay above the test ECE, and
+the plain percentile interval excluded it. Its interval is therefore the percentile interval moved down by the
+bootstrap's own bias estimate (mean of the resamples minus the test value), floored at 0.
 """
 
 from __future__ import annotations
@@ -120,10 +125,15 @@ def bootstrap_intervals(targets: np.ndarray, probs: np.ndarray, class_names: lis
              for w in _chunks(len(targets), n_resamples, seed, groups)]
     stacked = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
     result: dict[str, Any] = {name: _interval(stacked[name], confidence) for name in HEADLINE if name in stacked}
+    if result.get("ece"):
+        point = resampled_metrics(np.ones((1, len(targets))), targets, probs, preds, len(class_names))["ece"][0]
+        bias = float(np.mean(stacked["ece"]) - point)
+        result["ece"] = [max(0.0, bound - bias) for bound in result["ece"]]
     result["per_class"] = {name: {"recall": _interval(stacked["recall"][:, k], confidence),
                                   "specificity": _interval(stacked["specificity"][:, k], confidence)}
                            for k, name in enumerate(class_names)}
-    result["method"] = {"kind": "percentile bootstrap", "confidence": confidence, "n_resamples": n_resamples,
+    result["method"] = {"kind": "percentile bootstrap (ECE: bias-corrected)", "confidence": confidence,
+                        "n_resamples": n_resamples,
                         "seed": seed, "resampled_unit": "group" if groups is not None else "image",
                         "n_units": int(len(set(map(str, groups)))) if groups is not None else int(len(targets))}
     return result
