@@ -60,6 +60,15 @@ class TrainConfig:
                         choices=["warn", "drop", "error"])
     near_dup_threshold: int = _opt(40, "perceptual-hash distance (bits of 256) at or below which the audit counts "
                                        "two images as copies")
+    labels_csv: Optional[str] = _opt(None, "CSV of labels instead of class folders (e.g. HAM10000 metadata): one row "
+                                           "per image with a file column and a label column, optionally group and "
+                                           "split columns; the images sit under --data_dir")
+    csv_file_column: str = _opt("filename", "--labels_csv column naming the image (path, file name or name without "
+                                            "extension)")
+    csv_label_column: str = _opt("label", "--labels_csv column holding the class name")
+    csv_group_column: Optional[str] = _opt(None, "--labels_csv column holding the patient or lesion id (as --groups)")
+    csv_split_column: Optional[str] = _opt(None, "--labels_csv column saying train or test (default: the trainset/ or "
+                                                 "testset/ folder the image sits in)")
     groups: Optional[str] = _opt(None, "CSV with columns filename,group (patient or lesion id): the validation "
                                        "split and folds never split a group, groups shared by trainset and testset "
                                        "are reported, and test intervals resample whole groups")
@@ -162,6 +171,8 @@ class TrainConfig:
              "(--sampler balanced still balances the classes)"),
             (0 <= self.near_dup_threshold <= 256, "--near_dup_threshold must be between 0 and 256 bits"),
             (not (self.groups and self.group_pattern), "give --groups or --group_pattern, not both"),
+            (not (self.csv_group_column and (self.groups or self.group_pattern)),
+             "give groups once: --csv_group_column, --groups or --group_pattern"),
             (self.folds == 0 or self.folds >= 2, f"--folds {self.folds}: use at least 2 folds, or 0 for one "
                                                  f"validation split"),
             (self.layer_decay is None or 0 < self.layer_decay <= 1, "--layer_decay must be in (0, 1]"),

@@ -83,7 +83,7 @@ def discover_split(split_dir: Path) -> dict[str, list[Path]]:
     return dict(sorted(by_class.items()))
 
 
-def _find_unreadable(paths: list[Path], num_threads: int) -> dict[Path, str]:
+def find_unreadable(paths: list[Path], num_threads: int) -> dict[Path, str]:
     # Decoding releases the GIL, so threads give a real speed-up on the up-front check.
     with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
         reasons = list(pool.map(check_image, paths))
@@ -120,7 +120,7 @@ def discover_dataset(root: str | os.PathLike, n_class: Optional[int] = None, che
     skipped: list[tuple[Path, str]] = []
     if check_images:
         all_paths = [s.path for split in samples.values() for s in split]
-        unreadable = _find_unreadable(all_paths, num_threads)
+        unreadable = find_unreadable(all_paths, num_threads)
         for path, reason in unreadable.items():
             logger.warning("skipping %s: %s", path, reason)
         skipped = sorted(unreadable.items())

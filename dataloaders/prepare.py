@@ -12,6 +12,7 @@ from dataloaders.audit import (DatasetAudit, apply_leak_policy, copy_clusters, i
                                run_audit)
 from dataloaders.discovery import DatasetIndex, discover_dataset
 from dataloaders.groups import complete_groups, groups_from_pattern, merge_copies, read_groups_csv
+from dataloaders.labels_csv import CsvColumns, index_from_labels_csv
 from dataloaders.splits import DataSplits, split_dataset
 from utils.errors import UserError
 
@@ -21,23 +22,35 @@ MAX_COPY_CLUSTER = 10  # copies of one photo in one dataset; the real sets' larg
 
 
 def prepare_dataset(cfg: TrainConfig, num_threads: int) -> DataSplits:
-    index = discover_dataset(cfg.resolved_data_dir, n_class=cfg.n_class, num_threads=num_threads)
+    csv_groups = None
+    if cfg.labels_csv:
+        index, csv_groups = index_from_labels_csv(
+            Path(cfg.labels_csv), Path(cfg.resolved_data_dir),
+            CsvColumns(cfg.csv_file_column, cfg.csv_label_column, cfg.csv_group_column, cfg.csv_split_column),
+            num_threads)
+        if cfg.n_class is not None and cfg.n_class != len(index.class_names):
+            raise UserError(f"--n_class {cfg.n_class} does not match the {len(index.class_names)} classes in "
+                            f"{cfg.labels_csv}: {index.class_names}")
+    else:
+        index = discover_dataset(cfg.resolved_data_dir, n_class=cfg.n_class, num_threads=num_threads)
     audit: Optional[DatasetAudit] = None
     if cfg.audit:
         audit = run_audit(items_from_index(index), index.root, threshold=cfg.near_dup_threshold,
                           tiny_side=cfg.img_size, num_threads=num_threads)
         log_audit(audit)
         index = apply_leak_policy(index, audit, cfg.on_leak)
-    groups = image_groups(cfg, index, audit)
-    if groups is not None and (cfg.groups or cfg.group_pattern):
-        index = _shared_group_policy(index, groups, cfg.groups or f"--group_pattern {cfg.group_pattern!r}",
-                                     cfg.on_leak)
+    groups = image_groups(cfg, index, audit, csv_groups)
+    user_groups = (cfg.groups or (f"--group_pattern {cfg.group_pattern!r}" if cfg.group_pattern else None)
+                   or (cfg.labels_csv if csv_groups else None))
+    if groups is not None and user_groups:
+        index = _shared_group_policy(index, groups, user_groups, cfg.on_leak)
     splits = split_dataset(index, cfg.val_ratio, cfg.random_state, cfg.folds, groups)
     splits.audit = audit
     return splits
 
 
-def image_groups(cfg: TrainConfig, index: DatasetIndex, audit: Optional[DatasetAudit]) -> Optional[dict[Path, str]]:
+def image_groups(cfg: TrainConfig, index: DatasetIndex, audit: Optional[DatasetAudit],
+                 csv_groups: Optional[dict[Path, str]] = None) -> Optional[dict[Path, str]]:
     """Each image's group: the user's (--groups / --group_pattern), joined wherever the audit found copies of one
     photo, so that copies never sit on both sides of the validation split. None when neither exists."""
     paths = [s.path for s in index.train + index.test]
@@ -48,6 +61,8 @@ def image_groups(cfg: TrainConfig, index: DatasetIndex, audit: Optional[DatasetA
     elif cfg.group_pattern:
         source = f"--group_pattern {cfg.group_pattern!r}"
         groups = groups_from_pattern(cfg.group_pattern, paths)
+    elif csv_groups is not None:
+        source, groups = str(cfg.labels_csv), csv_groups
     elif clusters:
         source, groups = "", {}
     else:
