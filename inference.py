@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 from typing import Any, Optional
 
-from torch_trainer.prediction import PredictionOptions, infer_folder, prediction_flags
+from torch_trainer.prediction import PredictionOptions, ReferenceLabels, infer_folder, prediction_flags
 from utils.cli import run_cli
 from utils.logging_setup import setup_logging
 
@@ -28,7 +28,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     setup_logging()
     return infer_folder(args.model_path, args.inference_folder, Path(args.inference_output),
                         PredictionOptions.from_args(args), batch_size=args.batch_size, num_workers=args.num_workers,
-                        labels_from_folders=args.labels_from_folders)
+                        reference=ReferenceLabels.from_args(args))
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 from dataloaders.face_parsing import segmentation_flags
 from dataloaders.skin_region import NO_FACE_POLICIES
-from torch_trainer.prediction import PredictionOptions, prediction_flags
+from torch_trainer.prediction import PredictionOptions, ReferenceLabels, prediction_flags
 from torch_trainer.segmented_prediction import SegmentationOptions, infer_folder_segmented
 from utils.cli import add_bool_flag, run_cli
 from utils.logging_setup import setup_logging
@@ -41,7 +41,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     return infer_folder_segmented(args.model_path, args.inference_folder, Path(args.inference_output),
                                   PredictionOptions.from_args(args), SegmentationOptions.from_args(args),
                                   batch_size=args.batch_size, num_workers=args.num_workers,
-                                  labels_from_folders=args.labels_from_folders)
+                                  reference=ReferenceLabels.from_args(args))
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

@@ -10,36 +10,17 @@ one image.
 
 from __future__ import annotations
 
-import csv
 import logging
 import re
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable
 
+from dataloaders.labels_csv import CsvColumns, read_label_rows
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 GROUP_COLUMNS = ("filename", "group")
-
-
-class _NameIndex:
-    """Looks a CSV's file name up among the dataset's images, by any of the spellings above."""
-
-    def __init__(self, paths: Iterable[Path], root: Path) -> None:
-        keys: dict[str, set[Path]] = {}
-        for path in paths:
-            relative = path.relative_to(root)
-            for key in {relative.as_posix(), Path(*relative.parts[1:]).as_posix(), path.name, path.stem}:
-                keys.setdefault(key, set()).add(path)
-        self.keys = keys
-
-    def find(self, name: str) -> tuple[Optional[Path], str]:
-        found = self.keys.get(name.strip().replace("\\", "/"), set())
-        if len(found) == 1:
-            return next(iter(found)), ""
-        return None, "names several images; give the path under the dataset root" if found else "is not an image " \
-                                                                                                 "of the dataset"
 
 
 def read_groups_csv(csv_path: Path, paths: list[Path], root: Path, *, columns: tuple[str, str] = GROUP_COLUMNS
@@ -48,25 +29,7 @@ def read_groups_csv(csv_path: Path, paths: list[Path], root: Path, *, columns: t
     naming the file and the row."""
     if not csv_path.is_file():
         raise UserError(f"--groups {csv_path}: file not found")
-    name_column, group_column = columns
-    names = _NameIndex(paths, root)
-    groups: dict[Path, str] = {}
-    with open(csv_path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        missing = [c for c in columns if c not in (reader.fieldnames or [])]
-        if missing:
-            raise UserError(f"{csv_path}: no column {', '.join(map(repr, missing))} (columns are "
-                            f"{reader.fieldnames}); the file needs {name_column},{group_column}")
-        for line, row in enumerate(reader, start=2):
-            path, problem = names.find(row[name_column] or "")
-            if path is None:
-                raise UserError(f"{csv_path} line {line}: {name_column} {row[name_column]!r} {problem}")
-            group = (row[group_column] or "").strip()
-            if not group:
-                raise UserError(f"{csv_path} line {line}: {row[name_column]!r} has an empty {group_column}; give "
-                                f"every listed image a group, or leave the image out of the file")
-            groups[path] = group
-    return groups
+    return {path: group for _, path, group, _, _ in read_label_rows(csv_path, paths, root, CsvColumns(*columns))}
 
 
 def groups_from_pattern(pattern: str, paths: list[Path]) -> dict[Path, str]:

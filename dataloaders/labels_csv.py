@@ -11,12 +11,11 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import logging
 
 from dataloaders.discovery import DatasetIndex, Sample, find_unreadable, list_images
-from dataloaders.groups import _NameIndex
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -32,6 +31,25 @@ class CsvColumns:
     split: Optional[str] = None
 
 
+class ImageNames:
+    """Looks a CSV's file name up among the dataset's images, by any of the spellings above."""
+
+    def __init__(self, paths: Iterable[Path], root: Path) -> None:
+        keys: dict[str, set[Path]] = {}
+        for path in paths:
+            relative = path.relative_to(root)
+            for key in {relative.as_posix(), Path(*relative.parts[1:]).as_posix(), path.name, path.stem}:
+                keys.setdefault(key, set()).add(path)
+        self.keys = keys
+
+    def find(self, name: str) -> tuple[Optional[Path], str]:
+        found = self.keys.get(name.strip().replace("\\", "/"), set())
+        if len(found) == 1:
+            return next(iter(found)), ""
+        return None, "names several images; give the path under the dataset root" if found else "is not an image " \
+                                                                                                 "of the dataset"
+
+
 def _split_of(path: Path, root: Path, value: Optional[str], where: str) -> str:
     if value is not None:
         split = SPLIT_VALUES.get(value.strip().lower())
@@ -45,21 +63,13 @@ def _split_of(path: Path, root: Path, value: Optional[str], where: str) -> str:
     return top
 
 
-def _loose_split(path: Path, root: Path) -> str:
-    return "testset" if path.relative_to(root).parts[0] == "testset" else "trainset"
-
-
-def index_from_labels_csv(csv_path: Path, root: Path, columns: CsvColumns = CsvColumns(), num_threads: int = 2,
-                          for_training: bool = True) -> tuple[DatasetIndex, Optional[dict[Path, str]]]:
-    """The labelled images the CSV lists, as a DatasetIndex (classes sorted by name), and their groups when a group
-    column is named. Images under ``root`` that the CSV does not list are left out. ``for_training``: insist on
-    two training classes and a test split (the audit takes any labelled rows)."""
+def read_label_rows(csv_path: Path, paths: list[Path], root: Path, columns: CsvColumns
+                    ) -> Iterator[tuple[str, Path, str, Optional[str], Optional[str]]]:
+    """Each row as (where, image path, label, group, split value), validated: a missing column, an unknown file, an
+    empty label or group, or an image listed twice is a one-line error naming the file and line."""
     if not csv_path.is_file():
         raise UserError(f"--labels_csv {csv_path}: file not found")
-    if not root.is_dir():
-        raise UserError(f"image folder not found: {root} (set --data_dir to the folder holding the CSV's images)")
-    names = _NameIndex(list_images(root), root)
-    rows: list[tuple[Path, str, str, Optional[str]]] = []
+    names = ImageNames(paths, root)
     seen: set[Path] = set()
     with open(csv_path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
@@ -81,12 +91,28 @@ def index_from_labels_csv(csv_path: Path, root: Path, columns: CsvColumns = CsvC
             if columns.group and not group:
                 raise UserError(f"{where}: {row[columns.file]!r} has an empty {columns.group}; give every listed image "
                                 f"a group")
-            split = (_split_of(path, root, row[columns.split] if columns.split else None, where) if for_training
-                     or columns.split else _loose_split(path, root))
             if path in seen:
                 raise UserError(f"{where}: {row[columns.file]!r} is listed twice; one row per image")
             seen.add(path)
-            rows.append((path, label, split, group))
+            yield where, path, label, group, row[columns.split] if columns.split else None
+
+
+def _loose_split(path: Path, root: Path) -> str:
+    return "testset" if path.relative_to(root).parts[0] == "testset" else "trainset"
+
+
+def index_from_labels_csv(csv_path: Path, root: Path, columns: CsvColumns = CsvColumns(), num_threads: int = 2,
+                          for_training: bool = True) -> tuple[DatasetIndex, Optional[dict[Path, str]]]:
+    """The labelled images the CSV lists, as a DatasetIndex (classes sorted by name), and their groups when a group
+    column is named. Images under ``root`` that the CSV does not list are left out. ``for_training``: insist on
+    two training classes and a test split (the audit takes any labelled rows)."""
+    if not root.is_dir():
+        raise UserError(f"image folder not found: {root} (set --data_dir to the folder holding the CSV's images)")
+    rows: list[tuple[Path, str, str, Optional[str]]] = []
+    for where, path, label, group, split_value in read_label_rows(csv_path, list_images(root), root, columns):
+        split = (_split_of(path, root, split_value, where) if for_training or columns.split
+                 else _loose_split(path, root))
+        rows.append((path, label, split, group))
     if not for_training:
         class_names = sorted({label for _, label, _, _ in rows})
         index_of = {name: i for i, name in enumerate(class_names)}

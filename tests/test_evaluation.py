@@ -11,6 +11,7 @@ import inference
 from dataloaders.build import balanced_sampler
 from utils.calibration import apply_temperature, fit_temperature
 from utils.losses import FocalLoss, build_criterion, inverse_frequency_weights
+from utils.errors import UserError
 from utils.metrics import classification_metrics, expected_calibration_error
 
 
@@ -142,3 +143,26 @@ def test_labelled_folder_inference_reproduces_the_test_report(tiny_run, lesion_d
     for key in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "ece"):
         assert scored[key] == pytest.approx(run_metrics[key], abs=1e-4), key
     assert (out / "per_class_metrics.csv").is_file() and (out / "roc_curves.png").is_file()
+
+
+def test_labels_csv_scoring_equals_folder_scoring_and_resamples_groups(tiny_run, lesion_dataset, tmp_path):
+    """The same testset scored against a metadata CSV (bare file names, a patient column, one image unlisted)."""
+    testset = lesion_dataset / "testset"
+    images = sorted(testset.rglob("*.jpg"))
+    listed = images[1:]
+    csv = tmp_path / "labels.csv"
+    csv.write_text("image,dx,patient\n" + "".join(f"{p.stem},{p.parent.name},P{i // 3}\n"
+                                                   for i, p in enumerate(listed)))
+    args = ["--model_path", str(tiny_run), "--inference_folder", str(testset), "--num_workers", "0"]
+    by_folder = inference.main(inference.parse_args(args + ["--inference_output", str(tmp_path / "a"),
+                                                            "--labels_from_folders"]))["metrics"]
+    by_csv = inference.main(inference.parse_args(args + [
+        "--inference_output", str(tmp_path / "b"), "--labels_csv", str(csv), "--csv_file_column", "image",
+        "--csv_label_column", "dx", "--csv_group_column", "patient"]))["metrics"]
+    assert by_csv["n_images"] == by_folder["n_images"] - 1
+    assert by_csv["unlabelled_images"] == [images[0].relative_to(testset).as_posix()]
+    assert by_csv["intervals"]["method"]["resampled_unit"] == "group"
+    assert by_csv["intervals"]["method"]["n_units"] == (len(listed) + 2) // 3
+    with pytest.raises(UserError, match="not both"):
+        inference.main(inference.parse_args(args + ["--inference_output", str(tmp_path / "c"), "--labels_csv",
+                                                    str(csv), "--labels_from_folders"]))

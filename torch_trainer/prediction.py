@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from dataloaders.image_io import load_rgb
 from dataloaders.inference_data import collect_inference_images, make_inference_loader
+from dataloaders.labels_csv import CsvColumns, read_label_rows
 from dataloaders.transforms import build_eval_transform, decode_min_side
 
 from torch_trainer.checkpoint import WEIGHT_CHOICES, load_run_model
@@ -71,7 +72,49 @@ def prediction_flags() -> argparse.ArgumentParser:
                   "the folder is labelled (<class>/ sub-folders named like the training classes): also "
                   "write metrics.json, per_class_metrics.csv, ROC, reliability and confusion matrix "
                   "(default: %(default)s)")
+    parser.add_argument("--labels_csv", default=None,
+                        help="score against the labels in this CSV instead of folder names (same report as "
+                             "--labels_from_folders; images the CSV does not list are left out and named)")
+    parser.add_argument("--csv_file_column", default="filename", help="--labels_csv column naming the image "
+                                                                      "(default: %(default)s)")
+    parser.add_argument("--csv_label_column", default="label", help="--labels_csv column holding the class "
+                                                                    "(default: %(default)s)")
+    parser.add_argument("--csv_group_column", default=None,
+                        help="--labels_csv column holding the patient or lesion id: the intervals resample whole "
+                             "groups")
     return parser
+
+
+@dataclass(frozen=True)
+class ReferenceLabels:
+    """Where a scored folder's true labels come from: its <class>/ sub-folders, or a labels CSV."""
+
+    from_folders: bool = False
+    csv: Optional[Path] = None
+    columns: CsvColumns = CsvColumns()
+
+    @classmethod
+    def from_args(cls, args: Any) -> "ReferenceLabels":
+        if args.labels_from_folders and args.labels_csv:
+            raise UserError("give --labels_from_folders or --labels_csv, not both")
+        return cls(args.labels_from_folders, Path(args.labels_csv) if args.labels_csv else None,
+                   CsvColumns(args.csv_file_column, args.csv_label_column, args.csv_group_column))
+
+    @property
+    def active(self) -> bool:
+        return self.from_folders or self.csv is not None
+
+    @property
+    def source(self) -> str:
+        return str(self.csv) if self.csv is not None else "--labels_from_folders (the <class>/ sub-folder)"
+
+    def lookup(self, root: Path, paths: list[Path]) -> dict[str, tuple[str, Optional[str]]]:
+        """Relative file name -> (label, group) for every image that has a label."""
+        if self.csv is not None:
+            return {path.relative_to(root).as_posix(): (label, group)
+                    for _, path, label, group, _ in read_label_rows(self.csv, paths, root, self.columns)}
+        relative = [p.relative_to(root) for p in paths]
+        return {r.as_posix(): (r.parts[0], None) for r in relative if len(r.parts) > 1}
 
 
 @dataclass(frozen=True)
@@ -240,26 +283,29 @@ class BatchClassifier:
             self.cams.abandon()
 
 
-def score_labelled_folder(output_dir: Path, rows: list[dict], probs: list[np.ndarray],
-                          class_names: list[str]) -> Optional[dict[str, Any]]:
-    """Metrics of predictions whose first path component names a training class; other files are listed."""
+def score_labelled_folder(output_dir: Path, rows: list[dict], probs: list[np.ndarray], class_names: list[str],
+                          labels: dict[str, tuple[str, Optional[str]]], source: str) -> Optional[dict[str, Any]]:
+    """Metrics of the predictions whose image has a label (``labels``: relative file name -> (label, group)) naming a
+    training class; the other files are listed."""
     index = {name: i for i, name in enumerate(class_names)}
-    targets, kept, unlabelled = [], [], []
+    targets, kept, groups, unlabelled = [], [], [], []
     for row, p in zip(rows, probs):
-        folder = Path(row["filename"]).parts[0] if len(Path(row["filename"]).parts) > 1 else None
-        if folder in index:
-            targets.append(index[folder])
+        label, group = labels.get(row["filename"], (None, None))
+        if label in index:
+            targets.append(index[label])
             kept.append(p)
+            groups.append(group if group is not None else f"image:{row['filename']}")
         else:
             unlabelled.append(row["filename"])
     if unlabelled:
-        logger.warning("%d image(s) are not inside a folder named after a class (%s), left out of the metrics: %s",
-                       len(unlabelled), ", ".join(class_names), ", ".join(unlabelled[:5]))
+        logger.warning("%d image(s) have no label from %s naming a class (%s), left out of the metrics: %s",
+                       len(unlabelled), source, ", ".join(class_names), ", ".join(unlabelled[:5]))
     if not targets:
-        raise UserError(f"--labels_from_folders: no image sits in a sub-folder named after a class "
-                        f"({', '.join(class_names)})")
+        raise UserError(f"{source}: no image has a label naming a class ({', '.join(class_names)})")
+    grouped = any(not g.startswith("image:") for g in groups)
     metrics = write_classification_report(output_dir, np.array(targets), np.stack(kept), class_names,
-                                          metrics_name="metrics.json", extra={"unlabelled_images": unlabelled})
+                                          metrics_name="metrics.json", extra={"unlabelled_images": unlabelled},
+                                          groups=groups if grouped else None)
     logger.info("labelled folder, %d images: %s (see %s)", metrics["n_images"], headline_summary(metrics),
                 output_dir / "metrics.json")
     return metrics
@@ -279,11 +325,13 @@ def summarise(found: int, rows: list[dict], skipped: list[dict], class_names: li
 
 
 def infer_folder(model_path: str | Path, folder: str | Path, output_dir: Path, options: PredictionOptions, *,
-                 batch_size: int = 32, num_workers: int = 2, labels_from_folders: bool = False) -> dict[str, Any]:
+                 batch_size: int = 32, num_workers: int = 2,
+                 reference: ReferenceLabels = ReferenceLabels()) -> dict[str, Any]:
     """inference.py: classify every image under ``folder`` (or one image file) with a run folder, write the
     outputs into ``output_dir`` and return the summary (counts, images/s, metrics for a labelled folder)."""
     run_dir, info = open_run(model_path, batch_size, options.topk)
     root, paths = collect_inference_images(folder)
+    labels = reference.lookup(root, paths) if reference.active else None  # a bad labels CSV fails before the work
     if info.input_kind != "full_image":
         logger.warning("this model was trained on %s inputs but inference.py feeds whole images; use "
                        "inference_with_segmentation.py", info.input_kind)
@@ -317,6 +365,7 @@ def infer_folder(model_path: str | Path, folder: str | Path, output_dir: Path, o
     write_outputs(output_dir, classifier.rows, skipped, info.class_names)
     summary = summarise(len(paths), classifier.rows, skipped, info.class_names, seconds, output_dir,
                         options.gradcam)
-    if labels_from_folders:
-        summary["metrics"] = score_labelled_folder(output_dir, classifier.rows, classifier.probs, info.class_names)
+    if labels is not None:
+        summary["metrics"] = score_labelled_folder(output_dir, classifier.rows, classifier.probs, info.class_names,
+                                                   labels, reference.source)
     return summary

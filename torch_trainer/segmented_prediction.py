@@ -22,8 +22,8 @@ from dataloaders.inference_data import InferenceImages, collect_inference_images
 from dataloaders.skin_region import (fill_colour, make_skin_region, parse_parts_flag, part_names, select_parts,
                                      skin_mask)
 from dataloaders.transforms import build_eval_transform
-from torch_trainer.prediction import (BatchClassifier, PredictionOptions, open_run, score_labelled_folder, summarise,
-                                      write_outputs)
+from torch_trainer.prediction import (BatchClassifier, PredictionOptions, ReferenceLabels, open_run,
+                                      score_labelled_folder, summarise, write_outputs)
 from torch_trainer.run_info import RunInfo
 from utils.device import select_device
 from utils.paths import safe_output_path
@@ -71,11 +71,12 @@ class SegmentationOptions:
 
 def infer_folder_segmented(model_path: str | Path, folder: str | Path, output_dir: Path, options: PredictionOptions,
                            segmentation: SegmentationOptions, *, batch_size: int = 32, num_workers: int = 2,
-                           labels_from_folders: bool = False) -> dict[str, Any]:
+                           reference: ReferenceLabels = ReferenceLabels()) -> dict[str, Any]:
     """inference_with_segmentation.py: segment each photo's facial skin, fill the rest as training did, classify,
     write inference.py's outputs plus face_found/skin_ratio and the classifier inputs; returns the summary."""
     run_dir, info = open_run(model_path, batch_size, options.topk)
     root, paths = collect_inference_images(folder)
+    labels = reference.lookup(root, paths) if reference.active else None  # a bad labels CSV fails before the work
     parser = build_face_parser(segmentation.seg_backend, segmentation.seg_model, segmentation.seg_revision,
                                select_device(options.device).type)
     part_ids = select_parts(parser.id2label, parse_parts_flag(segmentation.parts))
@@ -128,8 +129,9 @@ def infer_folder_segmented(model_path: str | Path, folder: str | Path, output_di
     write_outputs(output_dir, classifier.rows, skipped, info.class_names, EXTRA_COLUMNS)
     summary = summarise(len(paths), classifier.rows, skipped, info.class_names, seconds, output_dir,
                         options.gradcam)
-    if labels_from_folders:
-        summary["metrics"] = score_labelled_folder(output_dir, classifier.rows, classifier.probs, info.class_names)
+    if labels is not None:
+        summary["metrics"] = score_labelled_folder(output_dir, classifier.rows, classifier.probs, info.class_names,
+                                                   labels, reference.source)
     summary["no_face"] = sum(1 for r in classifier.rows if not r["face_found"]) + sum(
         1 for s in skipped if s.get("face_found") is False)
     logger.info("no face found in %d image(s) (policy %s)", summary["no_face"], segmentation.no_face_policy)
