@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional, get_type_hints
 
 from utils.cli import DEVICE_CHOICES, NUM_WORKERS_HELP, str2bool  # noqa: F401 - str2bool is re-exported
+from utils.decisions import parse_abstain, parse_operating_points
 from utils.errors import UserError
 
 
@@ -123,6 +124,11 @@ class TrainConfig:
                            "make that inference.py's default for this run")
     calibrate: bool = _opt(True, "fit temperature scaling on held-out validation predictions after training; the "
                                  "temperature stays 1.0 unless it lowers cross-validated NLL (True/False)")
+    operating_point: Optional[str] = _opt(None, "screening thresholds chosen on held-out predictions and reported "
+                                                "on test, e.g. 'malignant:sensitivity=0.95' (or specificity=; "
+                                                "comma-separated for several classes); inference adds flag_<class>")
+    abstain: Optional[str] = _opt(None, "answer 'uncertain' below a confidence chosen on held-out predictions: "
+                                        "accuracy=0.95 (that accurate where it answers) or coverage=0.8 (answer 80%%)")
     patience: int = _opt(10, "early stopping: epochs without improvement of --monitor (0 disables)")
     monitor: str = _opt("val_balanced_acc", "validation metric that picks model_best.pth and drives early stopping",
                         choices=["val_balanced_acc", "val_loss"])
@@ -151,6 +157,8 @@ class TrainConfig:
                 setattr(self, f.name, value)
             if choices and value not in choices:
                 raise UserError(f"--{f.name} {value!r} is not one of {', '.join(choices)}")
+        parse_operating_points(self.operating_point)  # syntax and ranges; class names are checked against the data
+        parse_abstain(self.abstain)
         checks = [
             (self.epochs >= 1, "--epochs must be at least 1"),
             (self.batch_size >= 1, "--batch_size must be at least 1"),

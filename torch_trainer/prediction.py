@@ -29,6 +29,8 @@ from torch_trainer.run_info import RunInfo, read_run_info
 from utils.atomic import atomic_path, atomic_write_json
 from utils.cli import add_bool_flag, device_flags, model_path_flags, num_workers_flags
 from utils.device import select_device
+from utils.decisions import (choose_decisions, decision_columns, flags_and_decision, parse_abstain,
+                             parse_operating_points, read_held_out_predictions)
 from utils.errors import UserError
 from utils.export_dir import DEFAULT_EXPORT
 from utils.onnx_runtime import read_onnx_metadata
@@ -68,6 +70,12 @@ def prediction_flags() -> argparse.ArgumentParser:
                                          "tested with, class_info.json 'tta')")
     parser.add_argument("--topk", type=int, default=1,
                         help="also list the k most likely classes per image in the JSON (default: %(default)s)")
+    parser.add_argument("--operating_point", default=None,
+                        help="flag classes at thresholds chosen now on the run's held-out predictions instead of the "
+                             "run's own, e.g. 'malignant:sensitivity=0.9' (adds flag_<class> columns)")
+    parser.add_argument("--abstain", default=None,
+                        help="answer 'uncertain' below a confidence chosen now on the run's held-out predictions "
+                             "instead of the run's own: accuracy=0.95 or coverage=0.8 (fills the decision column)")
     add_bool_flag(parser, "--labels_from_folders", False,
                   "the folder is labelled (<class>/ sub-folders named like the training classes): also "
                   "write metrics.json, per_class_metrics.csv, ROC, reliability and confusion matrix "
@@ -131,12 +139,15 @@ class PredictionOptions:
     cam_method: str = "gradcam"
     reduced_decode: bool = True  # JPEGs decoded at a reduced DCT scale that still feeds the resize enough pixels
     overlay_max_side: int = 1024  # longer side of Grad-CAM overlays; 0 = full size
+    operating_point: Optional[str] = None  # None: the run's own operating points
+    abstain: Optional[str] = None  # None: the run's own abstention threshold
 
     @classmethod
     def from_args(cls, args: Any) -> "PredictionOptions":
         return cls(weights=args.weights, backend=args.backend, onnx_model=args.onnx_model, device=args.device,
                    tta=args.tta, topk=args.topk, gradcam=args.generate_gradcam, cam_method=args.cam_method,
-                   reduced_decode=args.reduced_decode, overlay_max_side=args.overlay_max_side)
+                   reduced_decode=args.reduced_decode, overlay_max_side=args.overlay_max_side,
+                   operating_point=args.operating_point, abstain=args.abstain)
 
 
 GRADCAM_SUFFIX = ".gradcam.jpg"  # appended to the input's relative path, so names in sub-folders never collide
@@ -212,6 +223,8 @@ def prediction_row(relative: str, probs: np.ndarray, class_names: list[str], top
 
 
 def _csv_value(value: Any) -> Any:
+    if isinstance(value, bool):
+        return "true" if value else "false"
     return f"{value:.6f}" if isinstance(value, float) else value
 
 
@@ -236,13 +249,24 @@ def write_outputs(output_dir: Path, rows: list[dict], skipped: list[dict], class
     atomic_write_json(output_dir / "predictions.json", [{**row, "skipped": False} for row in rows] + skipped_entries)
 
 
-def open_run(model_path: str | Path, batch_size: int, topk: int) -> tuple[Path, RunInfo]:
+def open_run(model_path: str | Path, batch_size: int, topk: int,
+             options: Optional[PredictionOptions] = None) -> tuple[Path, RunInfo]:
+    """The run folder and its contract; ``options``' --operating_point/--abstain replace the run's thresholds, chosen
+    on the run's held-out predictions."""
     if batch_size < 1 or topk < 1:
         raise UserError("--batch_size and --topk must be at least 1")
     run_dir = Path(model_path)
     if not run_dir.is_dir():
         raise UserError(f"--model_path {run_dir} not found; pass a run folder written by main.py")
-    return run_dir, read_run_info(run_dir)
+    info = read_run_info(run_dir)
+    if options is not None and (options.operating_point or options.abstain):
+        parse_operating_points(options.operating_point, info.class_names)
+        parse_abstain(options.abstain)
+        targets, probs = read_held_out_predictions(run_dir, info.class_names)
+        points, abstain = choose_decisions(options.operating_point, options.abstain, info.class_names, targets, probs)
+        info = info.updated(operating_points=points if options.operating_point else info.operating_points,
+                            abstain=abstain if options.abstain else info.abstain)
+    return run_dir, info
 
 
 class BatchClassifier:
@@ -259,6 +283,8 @@ class BatchClassifier:
         self.cams = (GradcamWriter(output_dir, model, options.cam_method, info.preprocessing, options.overlay_max_side)
                      if options.gradcam else None)
         self.rows: list[dict[str, Any]] = []
+        self.operating_points, self.abstain = info.operating_points, info.abstain
+        self.decision_columns = decision_columns(info.class_names, info.operating_points, info.abstain)
 
     @property
     def wants_originals(self) -> bool:
@@ -270,7 +296,8 @@ class BatchClassifier:
         self.probs.extend(probs)
         for i, (relative, p) in enumerate(zip(relatives, probs)):
             self.rows.append({**prediction_row(relative.as_posix(), p, self.class_names, self.topk),
-                              **(extras[i] if extras else {})})
+                              **(extras[i] if extras else {}),
+                              **flags_and_decision(p, self.class_names, self.operating_points, self.abstain)})
         if self.cams is not None:
             self.cams.write(images.to(self.device), [int(p.argmax()) for p in probs], originals, relatives)
 
@@ -329,7 +356,7 @@ def infer_folder(model_path: str | Path, folder: str | Path, output_dir: Path, o
                  reference: ReferenceLabels = ReferenceLabels()) -> dict[str, Any]:
     """inference.py: classify every image under ``folder`` (or one image file) with a run folder, write the
     outputs into ``output_dir`` and return the summary (counts, images/s, metrics for a labelled folder)."""
-    run_dir, info = open_run(model_path, batch_size, options.topk)
+    run_dir, info = open_run(model_path, batch_size, options.topk, options)
     root, paths = collect_inference_images(folder)
     labels = reference.lookup(root, paths) if reference.active else None  # a bad labels CSV fails before the work
     if info.input_kind != "full_image":
@@ -362,7 +389,7 @@ def infer_folder(model_path: str | Path, folder: str | Path, output_dir: Path, o
         raise
     seconds = time.perf_counter() - start
     classifier.finish()
-    write_outputs(output_dir, classifier.rows, skipped, info.class_names)
+    write_outputs(output_dir, classifier.rows, skipped, info.class_names, classifier.decision_columns)
     summary = summarise(len(paths), classifier.rows, skipped, info.class_names, seconds, output_dir,
                         options.gradcam)
     if labels is not None:

@@ -38,6 +38,9 @@ class RunInfo:
     temperature: float = 1.0  # divide logits by this before softmax (1.0 = not calibrated)
     calibration: Optional[dict[str, Any]] = None  # how the temperature was decided
     refit: Optional[dict[str, Any]] = None  # epochs and images of the refit on train + validation
+    # Thresholds chosen on held-out predictions (utils.decisions): flag_<class> columns and the uncertain decision.
+    operating_points: list[dict[str, Any]] = field(default_factory=list)
+    abstain: Optional[dict[str, Any]] = None
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -58,9 +61,11 @@ class RunInfo:
             "timm_model_name": self.timm_model_name, "model_kwargs": dict(self.model_kwargs),
             "preprocessing": self.preprocessing.to_dict(), "input_kind": self.input_kind, "tta": self.tta,
             "weights": self.weights, "temperature": self.temperature}
-        for optional in ("skin_region", "calibration", "refit"):
+        for optional in ("skin_region", "calibration", "refit", "abstain"):
             if getattr(self, optional) is not None:
                 values[optional] = getattr(self, optional)
+        if self.operating_points:
+            values["operating_points"] = list(self.operating_points)
         return values
 
     @classmethod
@@ -81,7 +86,8 @@ class RunInfo:
                        input_kind=values.get("input_kind", "full_image"), skin_region=values.get("skin_region"),
                        tta=bool(values.get("tta", False)), weights=values.get("weights", rf.BEST_CKPT),
                        temperature=float(values.get("temperature", 1.0)), calibration=values.get("calibration"),
-                       refit=values.get("refit"), schema_version=version)
+                       refit=values.get("refit"), operating_points=list(values.get("operating_points") or []),
+                       abstain=values.get("abstain"), schema_version=version)
         except (KeyError, TypeError, ValueError) as err:
             raise UserError(f"{source} is damaged ({type(err).__name__}: {err}); retrain or restore the file") from err
 
@@ -98,7 +104,11 @@ class RunInfo:
                 "temperature": str(self.temperature),
                 # "true": the run was tested on the mean logits of the image and its horizontal mirror
                 # (inference.py's default for it); run the model on both and average before the temperature.
-                "tta": str(self.tta).lower(), "schema_version": str(self.schema_version)}
+                "tta": str(self.tta).lower(), "schema_version": str(self.schema_version),
+                # Clinical thresholds on the calibrated probabilities (see class_info.json): flag a class when its
+                # probability >= "threshold"; answer "uncertain" when the top probability < abstain "threshold".
+                "operating_points": json.dumps(self.operating_points, ensure_ascii=False),
+                "abstain": json.dumps(self.abstain, ensure_ascii=False)}
 
 
 def read_run_info(folder: str | Path) -> RunInfo:

@@ -74,7 +74,7 @@ def infer_folder_segmented(model_path: str | Path, folder: str | Path, output_di
                            reference: ReferenceLabels = ReferenceLabels()) -> dict[str, Any]:
     """inference_with_segmentation.py: segment each photo's facial skin, fill the rest as training did, classify,
     write inference.py's outputs plus face_found/skin_ratio and the classifier inputs; returns the summary."""
-    run_dir, info = open_run(model_path, batch_size, options.topk)
+    run_dir, info = open_run(model_path, batch_size, options.topk, options)
     root, paths = collect_inference_images(folder)
     labels = reference.lookup(root, paths) if reference.active else None  # a bad labels CSV fails before the work
     parser = build_face_parser(segmentation.seg_backend, segmentation.seg_model, segmentation.seg_revision,
@@ -126,7 +126,7 @@ def infer_folder_segmented(model_path: str | Path, folder: str | Path, output_di
         raise
     seconds = time.perf_counter() - start
     classifier.finish()
-    write_outputs(output_dir, classifier.rows, skipped, info.class_names, EXTRA_COLUMNS)
+    write_outputs(output_dir, classifier.rows, skipped, info.class_names, EXTRA_COLUMNS + classifier.decision_columns)
     summary = summarise(len(paths), classifier.rows, skipped, info.class_names, seconds, output_dir,
                         options.gradcam)
     if labels is not None:

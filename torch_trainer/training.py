@@ -36,6 +36,8 @@ from torch_trainer.run_info import RunInfo, read_run_info, write_run_info
 from torch_trainer.trainer import Precision, evaluate
 from utils.atomic import atomic_save, atomic_write_json
 from utils.calibration import CalibrationResult, apply_temperature, guarded_temperature, logits_from_probs
+from utils.decisions import (choose_decisions, decisions_on_test, log_decisions, parse_operating_points,
+                             write_held_out_predictions)
 from utils.device import select_device
 from utils.distributed import DistInfo, barrier, broadcast, init_distributed, launched_by_torchrun, shutdown
 from utils.errors import UserError
@@ -138,6 +140,7 @@ def load_data_and_model(cfg: TrainConfig, run_dir: Optional[Path], device: torch
         region = prepare_skin_masks(cfg, splits, device) if cfg.input_kind == "skin_region" else None
         return splits, model, timm_name, info, region
     splits = prepare_dataset(cfg, num_threads=max(2, effective_workers(cfg.num_workers)))
+    parse_operating_points(cfg.operating_point, splits.class_names)  # a class that does not exist stops here
     model, timm_name = build_model(cfg.model_name, len(splits.class_names), cfg.pre_trained, cfg.pretrained_path,
                                    cfg.drop_rate)
     region = prepare_skin_masks(cfg, splits, device) if cfg.input_kind == "skin_region" else None
@@ -345,25 +348,36 @@ def _finish_training(ctx: PhaseContext, model: torch.nn.Module, splits: DataSpli
     held_out, best_epoch, best = _held_out_predictions(ctx, model, splits, score, refit)
     calibration = _calibrate(cfg, held_out)
     temperature = calibration.temperature if calibration is not None else 1.0
+    held_out_probs = apply_temperature(held_out["probs"], temperature)
+    write_held_out_predictions(run_dir, held_out["targets"], held_out_probs, splits.class_names)
+    points, abstain = choose_decisions(cfg.operating_point, cfg.abstain, splits.class_names, held_out["targets"],
+                                       held_out_probs)
     delivered = load_checkpoint(run_dir / rf.REFIT_CKPT) if refit is not None else best
     test, variants = _test_with_variants(ctx, model, splits, score, delivered, temperature)
     weights_name = rf.REFIT_CKPT if refit is not None else rf.BEST_CKPT
     info = ctx.info.updated(weights=weights_name, temperature=temperature, tta=cfg.tta,
                             calibration=calibration.to_dict() if calibration else None,
-                            refit={"epochs": refit["epochs"], "images": refit["images"]} if refit else None)
+                            refit={"epochs": refit["epochs"], "images": refit["images"]} if refit else None,
+                            operating_points=points, abstain=abstain)
     write_run_info(run_dir, info)
     seconds = {"select": round(selection["seconds"], 1), "refit": round(refit["seconds"], 1) if refit else 0.0}
+    test_groups = splits.group_of([splits.test[i] for i in test["indices"]])
+    test_probs = apply_temperature(test["probs"], temperature)
+    decisions = (decisions_on_test(test["targets"], test_probs, splits.class_names, points, abstain, test_groups)
+                 if points or abstain else None)
     metrics = write_classification_report(
-        run_dir, test["targets"], apply_temperature(test["probs"], temperature), splits.class_names,
+        run_dir, test["targets"], test_probs, splits.class_names,
         confusion_name="confusion_matrix_test",
         extra={"weights": weights_name, "best_epoch": best_epoch, "folds": cfg.folds or None, "monitor": cfg.monitor,
                "refit_epochs": refit["epochs"] if refit else None, "tta": cfg.tta, "loss": test["loss"],
                "temperature": temperature, "calibration": calibration.to_dict() if calibration else None,
-               "training_seconds": seconds, "variants": variants},
-        uncalibrated_probs=test["probs"] if cfg.calibrate else None,
-        groups=splits.group_of([splits.test[i] for i in test["indices"]]))
+               "training_seconds": seconds, "variants": variants,
+               **({"decisions": decisions} if decisions else {})},
+        uncalibrated_probs=test["probs"] if cfg.calibrate else None, groups=test_groups)
     _write_test_predictions(run_dir, splits, test, temperature)
     _log_test(metrics, variants, refit is not None, cfg.tta)
+    if decisions:
+        log_decisions(decisions)
     if ctx.tracker.run is not None:
         ctx.tracker.summary({f"test_{k}": v for k, v in metrics.items() if not isinstance(v, dict)})
         ctx.tracker.log_images("confusion_matrix", [run_dir / "confusion_matrix_test.png"])

@@ -164,3 +164,27 @@ def format_interval(value: Optional[float], interval: Optional[list[float]], dig
     if not interval:
         return f"{value:.{digits}f}"
     return f"{value:.{digits}f} [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"
+
+
+def binary_intervals(positive: np.ndarray, flagged: np.ndarray, *, groups: Optional[Sequence[Any]] = None,
+                     n_resamples: int = N_RESAMPLES, seed: int = 0,
+                     confidence: float = CONFIDENCE) -> dict[str, Optional[list[float]]]:
+    """Intervals of the sensitivity and specificity of a yes/no flag (an operating point)."""
+    targets, preds = np.asarray(positive, dtype=np.int64), np.asarray(flagged, dtype=np.int64)
+    recall = np.concatenate([resampled_metrics(w, targets, None, preds, 2)["recall"]
+                             for w in _chunks(len(targets), n_resamples, seed, groups)])
+    return {"sensitivity": _interval(recall[:, 1], confidence), "specificity": _interval(recall[:, 0], confidence)}
+
+
+def selective_accuracy_interval(correct: np.ndarray, answered: np.ndarray, *, groups: Optional[Sequence[Any]] = None,
+                                n_resamples: int = N_RESAMPLES, seed: int = 0,
+                                confidence: float = CONFIDENCE) -> dict[str, Optional[list[float]]]:
+    """Intervals of the coverage and the accuracy among the answered images of an abstention threshold."""
+    coverage, accuracy = [], []
+    for w in _chunks(len(correct), n_resamples, seed, groups):
+        answered_weight = w @ answered.astype(np.float64)
+        coverage.append(answered_weight / w.sum(1))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            accuracy.append((w @ (answered & correct).astype(np.float64)) / answered_weight)
+    return {"coverage": _interval(np.concatenate(coverage), confidence),
+            "selective_accuracy": _interval(np.concatenate(accuracy), confidence)}

@@ -85,3 +85,16 @@ def plot_image_pairs(pairs: list[tuple[Path, Path, str]], path: Path, thumb_side
         row[0].text(0, -0.25, caption, transform=row[0].transAxes, fontsize=7, va="top")
     fig.tight_layout()
     save_figure(fig, path)
+
+
+def plot_risk_coverage(coverage, risk, aurc: float, path: Path, threshold_point=None) -> None:
+    """Selective risk (error rate among answered images) against coverage when the least confident images are left
+    unanswered; ``threshold_point`` = (coverage, risk) of the chosen abstention threshold."""
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.plot(coverage, risk, "-", label=f"model (AURC {aurc:.3f})")
+    if threshold_point is not None:
+        ax.plot(*threshold_point, "o", color="C3", label="abstention threshold")
+    ax.set(xlabel="coverage (share of images answered)", ylabel="selective risk (error rate)", xlim=(0, 1),
+           ylim=(0, max(0.05, float(max(risk)) * 1.1)), title="Risk-coverage")
+    ax.legend(fontsize=8)
+    save_figure(fig, path)

@@ -14,9 +14,10 @@ import numpy as np
 
 from utils.atomic import atomic_save, atomic_write_json
 from utils.bootstrap import bootstrap_intervals, format_interval
+from utils.decisions import risk_coverage
 from utils.metrics import (calibration_bins, classification_metrics, confusion_frame, expected_calibration_error,
                            one_vs_rest_auc, per_class_frame, roc_curves)
-from utils.plots import plot_confusion_matrix, plot_reliability, plot_roc_curves
+from utils.plots import plot_confusion_matrix, plot_reliability, plot_risk_coverage, plot_roc_curves
 
 
 def write_classification_report(output_dir: Path, targets: np.ndarray, probs: np.ndarray, class_names: list[str],
@@ -30,6 +31,7 @@ def write_classification_report(output_dir: Path, targets: np.ndarray, probs: np
     metrics = {**(extra or {}), **classification_metrics(targets, preds, class_names, probs)}
     if len(targets):
         metrics["intervals"] = bootstrap_intervals(targets, probs, class_names, groups=groups, seed=seed)
+        metrics["aurc"] = risk_coverage(targets, probs)[2]  # area under the risk-coverage curve (lower is better)
     reliability = {"calibrated" if uncalibrated_probs is not None else "model": calibration_bins(targets, probs)}
     eces = {next(iter(reliability)): metrics["ece"]}
     if uncalibrated_probs is not None:
@@ -49,6 +51,13 @@ def write_classification_report(output_dir: Path, targets: np.ndarray, probs: np
     plot_roc_curves(roc_curves(targets, probs, len(class_names)), one_vs_rest_auc(targets, probs, len(class_names)),
                     class_names, output_dir / "roc_curves.png")
     plot_reliability(reliability, eces, output_dir / "reliability_diagram.png")
+    if len(targets):
+        coverage, risk, _ = risk_coverage(targets, probs)
+        abstention = (metrics.get("decisions") or {}).get("abstention") or {}
+        chosen = abstention.get("test")
+        plot_risk_coverage(coverage, risk, metrics["aurc"], output_dir / "risk_coverage.png",
+                           (chosen["coverage"], 1 - chosen["selective_accuracy"])
+                           if chosen and chosen["selective_accuracy"] is not None else None)
     return metrics
 
 
