@@ -129,6 +129,9 @@ class TrainConfig:
                                                 "comma-separated for several classes); inference adds flag_<class>")
     abstain: Optional[str] = _opt(None, "answer 'uncertain' below a confidence chosen on held-out predictions: "
                                         "accuracy=0.95 (that accurate where it answers) or coverage=0.8 (answer 80%%)")
+    metadata: Optional[str] = _opt(None, "CSV with a filename column and columns such as fitzpatrick, sex, "
+                                         "age_group, site, device: the test report adds per-subgroup metrics with "
+                                         "intervals (subgroup_metrics.csv)")
     patience: int = _opt(10, "early stopping: epochs without improvement of --monitor (0 disables)")
     monitor: str = _opt("val_balanced_acc", "validation metric that picks model_best.pth and drives early stopping",
                         choices=["val_balanced_acc", "val_loss"])

@@ -38,7 +38,10 @@ class ImageNames:
         keys: dict[str, set[Path]] = {}
         for path in paths:
             relative = path.relative_to(root)
-            for key in {relative.as_posix(), Path(*relative.parts[1:]).as_posix(), path.name, path.stem}:
+            # under the root, under the split folder, with the root's own name in front (a CSV written for the
+            # dataset root used on its testset/), the file name, the name without extension
+            for key in {relative.as_posix(), Path(*relative.parts[1:]).as_posix(),
+                        (Path(root.name) / relative).as_posix(), path.name, path.stem}:
                 keys.setdefault(key, set()).add(path)
         self.keys = keys
 

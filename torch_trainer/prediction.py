@@ -36,6 +36,7 @@ from utils.export_dir import DEFAULT_EXPORT
 from utils.onnx_runtime import read_onnx_metadata
 from utils.paths import safe_output_path
 from utils.reports import headline_summary, write_classification_report
+from utils.subgroups import columns_for, read_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +88,9 @@ def prediction_flags() -> argparse.ArgumentParser:
                                                                       "(default: %(default)s)")
     parser.add_argument("--csv_label_column", default="label", help="--labels_csv column holding the class "
                                                                     "(default: %(default)s)")
+    parser.add_argument("--metadata", default=None,
+                        help="with --labels_from_folders/--labels_csv: CSV with a filename column and columns such as "
+                             "fitzpatrick, sex, site, device; adds per-subgroup metrics (subgroup_metrics.csv)")
     parser.add_argument("--csv_group_column", default=None,
                         help="--labels_csv column holding the patient or lesion id: the intervals resample whole "
                              "groups")
@@ -100,13 +104,18 @@ class ReferenceLabels:
     from_folders: bool = False
     csv: Optional[Path] = None
     columns: CsvColumns = CsvColumns()
+    metadata: Optional[Path] = None  # subgroup columns (utils.subgroups)
 
     @classmethod
     def from_args(cls, args: Any) -> "ReferenceLabels":
         if args.labels_from_folders and args.labels_csv:
             raise UserError("give --labels_from_folders or --labels_csv, not both")
+        if args.metadata and not (args.labels_from_folders or args.labels_csv):
+            raise UserError("--metadata splits the metrics of a labelled folder: add --labels_from_folders or "
+                            "--labels_csv")
         return cls(args.labels_from_folders, Path(args.labels_csv) if args.labels_csv else None,
-                   CsvColumns(args.csv_file_column, args.csv_label_column, args.csv_group_column))
+                   CsvColumns(args.csv_file_column, args.csv_label_column, args.csv_group_column),
+                   Path(args.metadata) if args.metadata else None)
 
     @property
     def active(self) -> bool:
@@ -115,6 +124,12 @@ class ReferenceLabels:
     @property
     def source(self) -> str:
         return str(self.csv) if self.csv is not None else "--labels_from_folders (the <class>/ sub-folder)"
+
+    def subgroup_values(self, root: Path, paths: list[Path]) -> Optional[dict[str, dict[str, str]]]:
+        """Relative file name -> metadata values, with --metadata."""
+        if self.metadata is None:
+            return None
+        return {p.relative_to(root).as_posix(): v for p, v in read_metadata(self.metadata, paths, root).items()}
 
     def lookup(self, root: Path, paths: list[Path]) -> dict[str, tuple[str, Optional[str]]]:
         """Relative file name -> (label, group) for every image that has a label."""
@@ -311,16 +326,18 @@ class BatchClassifier:
 
 
 def score_labelled_folder(output_dir: Path, rows: list[dict], probs: list[np.ndarray], class_names: list[str],
-                          labels: dict[str, tuple[str, Optional[str]]], source: str) -> Optional[dict[str, Any]]:
+                          labels: dict[str, tuple[str, Optional[str]]], source: str,
+                          metadata: Optional[dict[str, dict[str, str]]] = None) -> Optional[dict[str, Any]]:
     """Metrics of the predictions whose image has a label (``labels``: relative file name -> (label, group)) naming a
     training class; the other files are listed."""
     index = {name: i for i, name in enumerate(class_names)}
-    targets, kept, groups, unlabelled = [], [], [], []
+    targets, kept, groups, unlabelled, names = [], [], [], [], []
     for row, p in zip(rows, probs):
         label, group = labels.get(row["filename"], (None, None))
         if label in index:
             targets.append(index[label])
             kept.append(p)
+            names.append(row["filename"])
             groups.append(group if group is not None else f"image:{row['filename']}")
         else:
             unlabelled.append(row["filename"])
@@ -332,7 +349,8 @@ def score_labelled_folder(output_dir: Path, rows: list[dict], probs: list[np.nda
     grouped = any(not g.startswith("image:") for g in groups)
     metrics = write_classification_report(output_dir, np.array(targets), np.stack(kept), class_names,
                                           metrics_name="metrics.json", extra={"unlabelled_images": unlabelled},
-                                          groups=groups if grouped else None)
+                                          groups=groups if grouped else None,
+                                          subgroups=columns_for(names, metadata) if metadata is not None else None)
     logger.info("labelled folder, %d images: %s (see %s)", metrics["n_images"], headline_summary(metrics),
                 output_dir / "metrics.json")
     return metrics
@@ -359,6 +377,7 @@ def infer_folder(model_path: str | Path, folder: str | Path, output_dir: Path, o
     run_dir, info = open_run(model_path, batch_size, options.topk, options)
     root, paths = collect_inference_images(folder)
     labels = reference.lookup(root, paths) if reference.active else None  # a bad labels CSV fails before the work
+    metadata = reference.subgroup_values(root, paths)
     if info.input_kind != "full_image":
         logger.warning("this model was trained on %s inputs but inference.py feeds whole images; use "
                        "inference_with_segmentation.py", info.input_kind)
@@ -394,5 +413,5 @@ def infer_folder(model_path: str | Path, folder: str | Path, output_dir: Path, o
                         options.gradcam)
     if labels is not None:
         summary["metrics"] = score_labelled_folder(output_dir, classifier.rows, classifier.probs, info.class_names,
-                                                   labels, reference.source)
+                                                   labels, reference.source, metadata)
     return summary

@@ -77,6 +77,7 @@ def infer_folder_segmented(model_path: str | Path, folder: str | Path, output_di
     run_dir, info = open_run(model_path, batch_size, options.topk, options)
     root, paths = collect_inference_images(folder)
     labels = reference.lookup(root, paths) if reference.active else None  # a bad labels CSV fails before the work
+    metadata = reference.subgroup_values(root, paths)
     parser = build_face_parser(segmentation.seg_backend, segmentation.seg_model, segmentation.seg_revision,
                                select_device(options.device).type)
     part_ids = select_parts(parser.id2label, parse_parts_flag(segmentation.parts))
@@ -131,7 +132,7 @@ def infer_folder_segmented(model_path: str | Path, folder: str | Path, output_di
                         options.gradcam)
     if labels is not None:
         summary["metrics"] = score_labelled_folder(output_dir, classifier.rows, classifier.probs, info.class_names,
-                                                   labels, reference.source)
+                                                   labels, reference.source, metadata)
     summary["no_face"] = sum(1 for r in classifier.rows if not r["face_found"]) + sum(
         1 for s in skipped if s.get("face_found") is False)
     logger.info("no face found in %d image(s) (policy %s)", summary["no_face"], segmentation.no_face_policy)

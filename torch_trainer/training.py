@@ -46,6 +46,7 @@ from utils.logging_setup import add_file_handler, remove_handler
 from utils.metrics import classification_metrics
 from utils.reports import headline_summary, write_classification_report
 from utils.seed import seed_everything, set_deterministic
+from utils.subgroups import columns_for, read_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +142,8 @@ def load_data_and_model(cfg: TrainConfig, run_dir: Optional[Path], device: torch
         return splits, model, timm_name, info, region
     splits = prepare_dataset(cfg, num_threads=max(2, effective_workers(cfg.num_workers)))
     parse_operating_points(cfg.operating_point, splits.class_names)  # a class that does not exist stops here
+    if cfg.metadata:  # a metadata CSV without filename, or naming unknown files, stops here too
+        read_metadata(Path(cfg.metadata), [s.path for s in splits.train + splits.val + splits.test], splits.root)
     model, timm_name = build_model(cfg.model_name, len(splits.class_names), cfg.pre_trained, cfg.pretrained_path,
                                    cfg.drop_rate)
     region = prepare_skin_masks(cfg, splits, device) if cfg.input_kind == "skin_region" else None
@@ -361,7 +364,11 @@ def _finish_training(ctx: PhaseContext, model: torch.nn.Module, splits: DataSpli
                             operating_points=points, abstain=abstain)
     write_run_info(run_dir, info)
     seconds = {"select": round(selection["seconds"], 1), "refit": round(refit["seconds"], 1) if refit else 0.0}
-    test_groups = splits.group_of([splits.test[i] for i in test["indices"]])
+    tested = [splits.test[i] for i in test["indices"]]
+    test_groups = splits.group_of(tested)
+    every_image = [s.path for s in splits.train + splits.val + splits.test]
+    subgroups = (columns_for([s.path for s in tested], read_metadata(Path(cfg.metadata), every_image, splits.root))
+                 if cfg.metadata else None)
     test_probs = apply_temperature(test["probs"], temperature)
     decisions = (decisions_on_test(test["targets"], test_probs, splits.class_names, points, abstain, test_groups)
                  if points or abstain else None)
@@ -373,7 +380,7 @@ def _finish_training(ctx: PhaseContext, model: torch.nn.Module, splits: DataSpli
                "temperature": temperature, "calibration": calibration.to_dict() if calibration else None,
                "training_seconds": seconds, "variants": variants,
                **({"decisions": decisions} if decisions else {})},
-        uncalibrated_probs=test["probs"] if cfg.calibrate else None, groups=test_groups)
+        uncalibrated_probs=test["probs"] if cfg.calibrate else None, groups=test_groups, subgroups=subgroups)
     _write_test_predictions(run_dir, splits, test, temperature)
     _log_test(metrics, variants, refit is not None, cfg.tta)
     if decisions:

@@ -18,20 +18,28 @@ from utils.decisions import risk_coverage
 from utils.metrics import (calibration_bins, classification_metrics, confusion_frame, expected_calibration_error,
                            one_vs_rest_auc, per_class_frame, roc_curves)
 from utils.plots import plot_confusion_matrix, plot_reliability, plot_risk_coverage, plot_roc_curves
+from utils.subgroups import log_subgroups, subgroup_frame, subgroup_metrics
 
 
 def write_classification_report(output_dir: Path, targets: np.ndarray, probs: np.ndarray, class_names: list[str],
                                 *, metrics_name: str = "test_metrics.json", confusion_name: str = "confusion_matrix",
                                 extra: Optional[dict[str, Any]] = None,
                                 uncalibrated_probs: Optional[np.ndarray] = None,
-                                groups: Optional[Sequence[Any]] = None, seed: int = 0) -> dict[str, Any]:
+                                groups: Optional[Sequence[Any]] = None, seed: int = 0,
+                                subgroups: Optional[dict[str, list[str]]] = None) -> dict[str, Any]:
     """Compute every metric from ``probs`` (already temperature-scaled where a temperature exists), with bootstrap
-    intervals (whole ``groups`` resampled when given, ``seed`` for reproducibility), and write it."""
+    intervals (whole ``groups`` resampled when given, ``seed`` for reproducibility), and write it. ``subgroups``:
+    per metadata column, each image's value; adds subgroup_metrics.csv and the ``subgroups`` entry."""
     preds = probs.argmax(1)
     metrics = {**(extra or {}), **classification_metrics(targets, preds, class_names, probs)}
     if len(targets):
         metrics["intervals"] = bootstrap_intervals(targets, probs, class_names, groups=groups, seed=seed)
         metrics["aurc"] = risk_coverage(targets, probs)[2]  # area under the risk-coverage curve (lower is better)
+    if subgroups and len(targets):
+        metrics["subgroups"] = subgroup_metrics(targets, probs, class_names, subgroups, metrics, groups)
+        frame = subgroup_frame(metrics["subgroups"])
+        atomic_save(output_dir / "subgroup_metrics.csv", lambda tmp: frame.to_csv(tmp, index=False))
+        log_subgroups(metrics["subgroups"], metrics["balanced_accuracy"])
     reliability = {"calibrated" if uncalibrated_probs is not None else "model": calibration_bins(targets, probs)}
     eces = {next(iter(reliability)): metrics["ece"]}
     if uncalibrated_probs is not None:
