@@ -13,8 +13,10 @@ from dataloaders.audit import (DatasetAudit, apply_leak_policy, copy_clusters, i
 from dataloaders.discovery import DatasetIndex, discover_dataset
 from dataloaders.groups import complete_groups, groups_from_pattern, merge_copies, read_groups_csv
 from dataloaders.labels_csv import CsvColumns, index_from_labels_csv
-from dataloaders.splits import DataSplits, split_dataset
+from dataloaders.splits import DataSplits, check_fold_count, split_dataset
+from utils.decisions import parse_operating_points
 from utils.errors import UserError
+from utils.subgroups import read_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +35,7 @@ def prepare_dataset(cfg: TrainConfig, num_threads: int) -> DataSplits:
                             f"{cfg.labels_csv}: {index.class_names}")
     else:
         index = discover_dataset(cfg.resolved_data_dir, n_class=cfg.n_class, num_threads=num_threads)
+    _check_against_data(cfg, index)
     audit: Optional[DatasetAudit] = None
     if cfg.audit:
         audit = run_audit(items_from_index(index), index.root, threshold=cfg.near_dup_threshold,
@@ -47,6 +50,15 @@ def prepare_dataset(cfg: TrainConfig, num_threads: int) -> DataSplits:
     splits = split_dataset(index, cfg.val_ratio, cfg.random_state, cfg.folds, groups)
     splits.audit = audit
     return splits
+
+
+def _check_against_data(cfg: TrainConfig, index: DatasetIndex) -> None:
+    """Flags that name classes or files of the data, checked before the audit and training (one-line errors)."""
+    if cfg.folds:
+        check_fold_count([s.label for s in index.train], cfg.folds, index.class_names)
+    parse_operating_points(cfg.operating_point, index.class_names)
+    if cfg.metadata:
+        read_metadata(Path(cfg.metadata), [s.path for s in index.train + index.test], index.root)
 
 
 def image_groups(cfg: TrainConfig, index: DatasetIndex, audit: Optional[DatasetAudit],

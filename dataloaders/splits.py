@@ -92,6 +92,15 @@ def _grouped_holdout(samples: list[Sample], labels: list[int], val_ratio: float,
     return train, val
 
 
+def check_fold_count(labels: list[int], k: int, class_names: list[str]) -> None:
+    """--folds K needs K training images in every class (a one-line error, before any slow work)."""
+    smallest = min(range(len(class_names)), key=labels.count)
+    if labels.count(smallest) < k:
+        raise UserError(f"--folds {k} is more than class {class_names[smallest]!r} has training images "
+                        f"({labels.count(smallest)}); use --folds {max(labels.count(smallest), 2)} or fewer, or 0 "
+                        f"for one validation split")
+
+
 def assign_folds(samples: list[Sample], k: int, seed: int, class_names: list[str],
                  groups: Optional[dict[Path, str]] = None) -> list[int]:
     """Stratified K-fold assignment (scikit-learn, seeded): every image in exactly one fold, a group's images in
@@ -99,11 +108,7 @@ def assign_folds(samples: list[Sample], k: int, seed: int, class_names: list[str
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     labels = [s.label for s in samples]
-    smallest = min(range(len(class_names)), key=labels.count)
-    if labels.count(smallest) < k:
-        raise UserError(f"--folds {k} is more than class {class_names[smallest]!r} has training images "
-                        f"({labels.count(smallest)}); use --folds {max(labels.count(smallest), 2)} or fewer, or 0 "
-                        f"for one validation split")
+    check_fold_count(labels, k, class_names)
     folds = [0] * len(samples)
     group_ids = [groups[s.path] for s in samples] if groups is not None else None
     if group_ids is not None and len(set(group_ids)) < k:

@@ -134,8 +134,10 @@ def render_overlay(original_rgb: np.ndarray, cam_full: np.ndarray, alpha: float 
     return overlay
 
 
-def save_gradcam_examples(model: torch.nn.Module, samples, info: "RunInfo", image_loader, folder: Path) -> list[Path]:
-    """Grad-CAM overlays of a few test images (for W&B); a model without a usable layer just gets none."""
+def save_gradcam_examples(model: torch.nn.Module, samples, info: "RunInfo", image_loader, folder: Path,
+                          max_side: Optional[int] = 1024) -> list[Path]:
+    """Grad-CAM overlays of a few test images (for W&B and report.html), longer side at most ``max_side``; a model
+    without a usable layer just gets none."""
     from PIL import Image
 
     from dataloaders.transforms import build_eval_transform
@@ -158,7 +160,7 @@ def save_gradcam_examples(model: torch.nn.Module, samples, info: "RunInfo", imag
             cam = explainer.explain(batch, [predicted])[0]
             original = np.asarray(picture)
             overlay = render_overlay(original, cam_on_original(cam, (original.shape[1], original.shape[0]),
-                                                               info.preprocessing))
+                                                               info.preprocessing), max_side=max_side)
             target = folder / (f"{sample.path.stem}_true-{info.class_names[sample.label]}_pred-"
                                f"{info.class_names[predicted]}.jpg")
             atomic_save(target, lambda tmp: Image.fromarray(overlay).save(tmp, format="JPEG", quality=90))

@@ -35,6 +35,7 @@ from utils.errors import UserError
 from utils.export_dir import DEFAULT_EXPORT
 from utils.onnx_runtime import read_onnx_metadata
 from utils.paths import safe_output_path
+from utils.html_report import GalleryItem, pick_gallery, write_html_report
 from utils.reports import headline_summary, write_classification_report
 from utils.subgroups import columns_for, read_metadata
 
@@ -327,7 +328,8 @@ class BatchClassifier:
 
 def score_labelled_folder(output_dir: Path, rows: list[dict], probs: list[np.ndarray], class_names: list[str],
                           labels: dict[str, tuple[str, Optional[str]]], source: str,
-                          metadata: Optional[dict[str, dict[str, str]]] = None) -> Optional[dict[str, Any]]:
+                          metadata: Optional[dict[str, dict[str, str]]] = None,
+                          root: Optional[Path] = None) -> Optional[dict[str, Any]]:
     """Metrics of the predictions whose image has a label (``labels``: relative file name -> (label, group)) naming a
     training class; the other files are listed."""
     index = {name: i for i, name in enumerate(class_names)}
@@ -353,7 +355,27 @@ def score_labelled_folder(output_dir: Path, rows: list[dict], probs: list[np.nda
                                           subgroups=columns_for(names, metadata) if metadata is not None else None)
     logger.info("labelled folder, %d images: %s (see %s)", metrics["n_images"], headline_summary(metrics),
                 output_dir / "metrics.json")
+    if root is not None:
+        _write_folder_report(output_dir, root, names, np.array(targets), np.stack(kept), class_names, metrics, source)
     return metrics
+
+
+def _write_folder_report(output_dir: Path, root: Path, names: list[str], targets: np.ndarray, probs: np.ndarray,
+                         class_names: list[str], metrics: dict[str, Any], source: str) -> None:
+    """report.html beside the predictions: the gallery shows the Grad-CAM overlays when --generate_gradcam wrote
+    them, else the photos."""
+    errors, unsure = pick_gallery(targets, probs)
+
+    def item(i: int) -> GalleryItem:
+        overlay = safe_output_path(output_dir / "gradcam", Path(names[i]), GRADCAM_SUFFIX)
+        return GalleryItem(overlay if overlay.is_file() else root / names[i], names[i], class_names[targets[i]],
+                           class_names[int(probs[i].argmax())], float(probs[i].max()))
+
+    write_html_report(output_dir, metrics, class_names, title=f"Labelled folder {root.name}",
+                      subtitle=f"{len(names)} labelled images, labels from {source}",
+                      gallery_errors=[item(i) for i in errors], gallery_unsure=[item(i) for i in unsure],
+                      gallery_note="Overlays: Grad-CAM of the predicted class (inference.py --generate_gradcam); "
+                                   "photos as they are otherwise.")
 
 
 def summarise(found: int, rows: list[dict], skipped: list[dict], class_names: list[str], seconds: float,
@@ -413,5 +435,5 @@ def infer_folder(model_path: str | Path, folder: str | Path, output_dir: Path, o
                         options.gradcam)
     if labels is not None:
         summary["metrics"] = score_labelled_folder(output_dir, classifier.rows, classifier.probs, info.class_names,
-                                                   labels, reference.source, metadata)
+                                                   labels, reference.source, metadata, root)
     return summary

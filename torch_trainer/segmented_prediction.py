@@ -132,7 +132,7 @@ def infer_folder_segmented(model_path: str | Path, folder: str | Path, output_di
                         options.gradcam)
     if labels is not None:
         summary["metrics"] = score_labelled_folder(output_dir, classifier.rows, classifier.probs, info.class_names,
-                                                   labels, reference.source, metadata)
+                                                   labels, reference.source, metadata, root)
     summary["no_face"] = sum(1 for r in classifier.rows if not r["face_found"]) + sum(
         1 for s in skipped if s.get("face_found") is False)
     logger.info("no face found in %d image(s) (policy %s)", summary["no_face"], segmentation.no_face_policy)

@@ -36,12 +36,12 @@ from torch_trainer.run_info import RunInfo, read_run_info, write_run_info
 from torch_trainer.trainer import Precision, evaluate
 from utils.atomic import atomic_save, atomic_write_json
 from utils.calibration import CalibrationResult, apply_temperature, guarded_temperature, logits_from_probs
-from utils.decisions import (choose_decisions, decisions_on_test, log_decisions, parse_operating_points,
-                             write_held_out_predictions)
+from utils.decisions import choose_decisions, decisions_on_test, log_decisions, write_held_out_predictions
 from utils.device import select_device
 from utils.distributed import DistInfo, barrier, broadcast, init_distributed, launched_by_torchrun, shutdown
 from utils.errors import UserError
 from utils.experiment_tracking import ExperimentTracker
+from utils.html_report import THUMB_SIDE, GalleryItem, pick_gallery, write_html_report
 from utils.logging_setup import add_file_handler, remove_handler
 from utils.metrics import classification_metrics
 from utils.reports import headline_summary, write_classification_report
@@ -141,9 +141,6 @@ def load_data_and_model(cfg: TrainConfig, run_dir: Optional[Path], device: torch
         region = prepare_skin_masks(cfg, splits, device) if cfg.input_kind == "skin_region" else None
         return splits, model, timm_name, info, region
     splits = prepare_dataset(cfg, num_threads=max(2, effective_workers(cfg.num_workers)))
-    parse_operating_points(cfg.operating_point, splits.class_names)  # a class that does not exist stops here
-    if cfg.metadata:  # a metadata CSV without filename, or naming unknown files, stops here too
-        read_metadata(Path(cfg.metadata), [s.path for s in splits.train + splits.val + splits.test], splits.root)
     model, timm_name = build_model(cfg.model_name, len(splits.class_names), cfg.pre_trained, cfg.pretrained_path,
                                    cfg.drop_rate)
     region = prepare_skin_masks(cfg, splits, device) if cfg.input_kind == "skin_region" else None
@@ -382,6 +379,7 @@ def _finish_training(ctx: PhaseContext, model: torch.nn.Module, splits: DataSpli
                **({"decisions": decisions} if decisions else {})},
         uncalibrated_probs=test["probs"] if cfg.calibrate else None, groups=test_groups, subgroups=subgroups)
     _write_test_predictions(run_dir, splits, test, temperature)
+    _write_run_report(ctx, model, splits, tested, test["targets"], test_probs, metrics)
     _log_test(metrics, variants, refit is not None, cfg.tta)
     if decisions:
         log_decisions(decisions)
@@ -391,6 +389,29 @@ def _finish_training(ctx: PhaseContext, model: torch.nn.Module, splits: DataSpli
         ctx.tracker.log_images("gradcam", save_gradcam_examples(model, splits.test[:GRADCAM_EXAMPLES], info,
                                                                 ctx.image_loader, run_dir / "gradcam_examples"))
     return metrics
+
+
+def _write_run_report(ctx: PhaseContext, model: torch.nn.Module, splits: DataSplits, tested: list, targets: np.ndarray,
+                      probs: np.ndarray, metrics: dict[str, Any]) -> None:
+    """report.html, with Grad-CAM overlays of the most confident errors and the least confident correct answers."""
+    errors, unsure = pick_gallery(targets, probs)
+
+    def gallery(indices: list[int], folder: str) -> list[GalleryItem]:
+        samples = [tested[i] for i in indices]
+        overlays = save_gradcam_examples(model, samples, ctx.info, ctx.image_loader, ctx.run_dir / folder,
+                                         max_side=THUMB_SIDE) or [s.path for s in samples]
+        return [GalleryItem(image, s.path.name, splits.class_names[s.label],
+                            splits.class_names[int(probs[i].argmax())], float(probs[i].max()))
+                for image, s, i in zip(overlays, samples, indices)]
+
+    cfg = ctx.cfg
+    write_html_report(ctx.run_dir, metrics, splits.class_names, counts=splits.counts(),
+                      title=f"{cfg.model_name} on {Path(cfg.resolved_data_dir).name}",
+                      subtitle=f"Run {ctx.run_dir.name}: test split, delivered model ({metrics['weights']}), "
+                               f"temperature {metrics.get('temperature', 1.0):.3f}",
+                      gallery_errors=gallery(errors, "report_gallery/errors"),
+                      gallery_unsure=gallery(unsure, "report_gallery/least_confident_correct"),
+                      gallery_note="Overlays: Grad-CAM of the predicted class on the photo.")
 
 
 def _write_test_predictions(run_dir: Path, splits: DataSplits, test: dict[str, Any], temperature: float) -> None:
