@@ -32,14 +32,14 @@ demo-data: $(DEMO_DATA)/trainset
 demo: $(INSTALLED) $(DEMO_DATA)/trainset
 	HF_HUB_OFFLINE=1 $(PY) main.py --data_name demo --model_name $(DEMO_MODEL) --pre_trained True \
 		--epochs 4 --img_size 128 --batch_size 32 --lr_ae 0.0005 --optimizer adamw --device cpu \
-		--save_dir $(DEMO_SAVE)
+		--operating_point malignant:sensitivity=0.95 --abstain accuracy=0.95 --save_dir $(DEMO_SAVE)
 	@run=$$(ls -td $(DEMO_SAVE)/dataset+demo/model+$(DEMO_MODEL)/*/ | head -n 1); \
 	$(PY) inference.py --model_path $$run --inference_folder $(DEMO_DATA)/testset \
-		--inference_output inference_results/demo --generate_gradcam --device cpu && \
+		--inference_output inference_results/demo --generate_gradcam --labels_from_folders --device cpu && \
 	$(PY) quantize_onnx_models.py --model_path $$run --output_dir onnx_models --skip_segmentation && \
 	$(PY) benchmark.py --model_path $$run --onnx_model_dir onnx_models --iterations 20 --warmup 3 \
 		--batch_sizes 1,8 && \
-	echo "run folder: $$run" && \
+	echo "run folder: $$run (open $${run}report.html)" && \
 	echo "ONNX models: onnx_models/clf_model.onnx (FP32), onnx_models/clf_model_int8.onnx (INT8)" && \
 	echo "predictions: inference_results/demo/predictions.csv, Grad-CAM overlays: inference_results/demo/gradcam/"
 
