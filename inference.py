@@ -14,7 +14,8 @@ import argparse
 from pathlib import Path
 from typing import Any, Optional
 
-from torch_trainer.prediction import PredictionOptions, ReferenceLabels, infer_folder, prediction_flags
+from torch_trainer.labelled_scoring import ReferenceLabels
+from torch_trainer.prediction import PredictionOptions, infer_folder, prediction_flags
 from utils.cli import run_cli
 from utils.logging_setup import setup_logging
 

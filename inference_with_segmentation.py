@@ -17,7 +17,8 @@ from typing import Any, Optional
 
 from dataloaders.face_parsing import segmentation_flags
 from dataloaders.skin_region import NO_FACE_POLICIES
-from torch_trainer.prediction import PredictionOptions, ReferenceLabels, prediction_flags
+from torch_trainer.labelled_scoring import ReferenceLabels
+from torch_trainer.prediction import PredictionOptions, prediction_flags
 from torch_trainer.segmented_prediction import SegmentationOptions, infer_folder_segmented
 from utils.cli import add_bool_flag, run_cli
 from utils.logging_setup import setup_logging

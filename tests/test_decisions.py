@@ -30,10 +30,28 @@ def test_sensitivity_and_specificity_targets_are_reached_on_the_held_out_predict
         flagged = probs[:, 1] >= point["threshold"]
         sensitivity = flagged[targets == 1].mean()
         assert point["status"] == "ok" and target <= sensitivity == pytest.approx(point["validation_sensitivity"])
-        assert sensitivity < target + 2 / (targets == 1).sum()  # the highest threshold that reaches it
+        # no other threshold that reaches the target has a better specificity
+        best = max((probs[targets == 0, 1] < t).mean() for t in probs[targets == 1, 1]
+                   if (probs[targets == 1, 1] >= t).mean() >= target)
+        assert (probs[targets == 0, 1] < point["threshold"]).mean() == pytest.approx(best)
         spec = choose_operating_point(OperatingPointSpec("malignant", "specificity", target), CLASSES, targets, probs)
         specificity = (probs[targets == 0, 1] < spec["threshold"]).mean()
-        assert target <= specificity < target + 2 / (targets == 0).sum()
+        assert target <= specificity
+        best = max((probs[targets == 1, 1] >= t).mean() for t in np.nextafter(probs[targets == 0, 1], 1)
+                   if (probs[targets == 0, 1] < t).mean() >= target)
+        assert (probs[targets == 1, 1] >= spec["threshold"]).mean() == pytest.approx(best)
+
+
+def test_a_separable_validation_set_gets_a_threshold_in_the_middle_of_the_gap():
+    """Positives at 0.9999 and negatives at 0.001: the threshold sits between, not at the positives' edge, so a test
+    positive at 0.99 is still flagged."""
+    targets = np.array([1] * 30 + [0] * 30)
+    malignant = np.r_[np.full(30, 0.9999), np.full(30, 0.001)]
+    probs = np.stack([1 - malignant, malignant], axis=1)
+    point = choose_operating_point(OperatingPointSpec("malignant", "sensitivity", 0.95), CLASSES, targets, probs)
+    assert 0.001 < point["threshold"] < 0.99 and point["validation_specificity"] == 1.0
+    spec = choose_operating_point(OperatingPointSpec("malignant", "specificity", 0.95), CLASSES, targets, probs)
+    assert 0.01 < spec["threshold"] < 0.9999 and spec["validation_sensitivity"] == 1.0
 
 
 def test_a_target_too_fine_for_the_positives_is_recorded_unreachable():

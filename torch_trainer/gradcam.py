@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+GRADCAM_SUFFIX = ".gradcam.jpg"  # appended to the input's relative path, so names in sub-folders never collide
+
 # The methods of pytorch-grad-cam that work on a CNN's last feature map.
 CAM_METHODS = {
     "gradcam": GradCAM,

@@ -19,25 +19,21 @@ from tqdm import tqdm
 
 from dataloaders.image_io import load_rgb
 from dataloaders.inference_data import collect_inference_images, make_inference_loader
-from dataloaders.labels_csv import CsvColumns, read_label_rows
 from dataloaders.transforms import build_eval_transform, decode_min_side
-
 from torch_trainer.checkpoint import WEIGHT_CHOICES, load_run_model
-from torch_trainer.gradcam import CAM_METHODS, GradCamExplainer, cam_on_original, render_overlay
+from torch_trainer.gradcam import CAM_METHODS, GRADCAM_SUFFIX, GradCamExplainer, cam_on_original, render_overlay
+from torch_trainer.labelled_scoring import ReferenceLabels, score_labelled_folder
 from torch_trainer.predictors import OnnxPredictor, TorchPredictor, predict_proba
 from torch_trainer.run_info import RunInfo, read_run_info
 from utils.atomic import atomic_path, atomic_write_json
 from utils.cli import add_bool_flag, device_flags, model_path_flags, num_workers_flags
-from utils.device import select_device
 from utils.decisions import (choose_decisions, decision_columns, flags_and_decision, parse_abstain,
                              parse_operating_points, read_held_out_predictions)
+from utils.device import select_device
 from utils.errors import UserError
 from utils.export_dir import DEFAULT_EXPORT
 from utils.onnx_runtime import read_onnx_metadata
 from utils.paths import safe_output_path
-from utils.html_report import GalleryItem, pick_gallery, write_html_report
-from utils.reports import headline_summary, write_classification_report
-from utils.subgroups import columns_for, read_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -99,49 +95,6 @@ def prediction_flags() -> argparse.ArgumentParser:
 
 
 @dataclass(frozen=True)
-class ReferenceLabels:
-    """Where a scored folder's true labels come from: its <class>/ sub-folders, or a labels CSV."""
-
-    from_folders: bool = False
-    csv: Optional[Path] = None
-    columns: CsvColumns = CsvColumns()
-    metadata: Optional[Path] = None  # subgroup columns (utils.subgroups)
-
-    @classmethod
-    def from_args(cls, args: Any) -> "ReferenceLabels":
-        if args.labels_from_folders and args.labels_csv:
-            raise UserError("give --labels_from_folders or --labels_csv, not both")
-        if args.metadata and not (args.labels_from_folders or args.labels_csv):
-            raise UserError("--metadata splits the metrics of a labelled folder: add --labels_from_folders or "
-                            "--labels_csv")
-        return cls(args.labels_from_folders, Path(args.labels_csv) if args.labels_csv else None,
-                   CsvColumns(args.csv_file_column, args.csv_label_column, args.csv_group_column),
-                   Path(args.metadata) if args.metadata else None)
-
-    @property
-    def active(self) -> bool:
-        return self.from_folders or self.csv is not None
-
-    @property
-    def source(self) -> str:
-        return str(self.csv) if self.csv is not None else "--labels_from_folders (the <class>/ sub-folder)"
-
-    def subgroup_values(self, root: Path, paths: list[Path]) -> Optional[dict[str, dict[str, str]]]:
-        """Relative file name -> metadata values, with --metadata."""
-        if self.metadata is None:
-            return None
-        return {p.relative_to(root).as_posix(): v for p, v in read_metadata(self.metadata, paths, root).items()}
-
-    def lookup(self, root: Path, paths: list[Path]) -> dict[str, tuple[str, Optional[str]]]:
-        """Relative file name -> (label, group) for every image that has a label."""
-        if self.csv is not None:
-            return {path.relative_to(root).as_posix(): (label, group)
-                    for _, path, label, group, _ in read_label_rows(self.csv, paths, root, self.columns)}
-        relative = [p.relative_to(root) for p in paths]
-        return {r.as_posix(): (r.parts[0], None) for r in relative if len(r.parts) > 1}
-
-
-@dataclass(frozen=True)
 class PredictionOptions:
     """How to classify: the flags inference.py and inference_with_segmentation.py share."""
 
@@ -165,8 +118,6 @@ class PredictionOptions:
                    reduced_decode=args.reduced_decode, overlay_max_side=args.overlay_max_side,
                    operating_point=args.operating_point, abstain=args.abstain)
 
-
-GRADCAM_SUFFIX = ".gradcam.jpg"  # appended to the input's relative path, so names in sub-folders never collide
 
 
 class GradcamWriter:
@@ -324,58 +275,6 @@ class BatchClassifier:
     def abandon(self) -> None:
         if self.cams is not None:
             self.cams.abandon()
-
-
-def score_labelled_folder(output_dir: Path, rows: list[dict], probs: list[np.ndarray], class_names: list[str],
-                          labels: dict[str, tuple[str, Optional[str]]], source: str,
-                          metadata: Optional[dict[str, dict[str, str]]] = None,
-                          root: Optional[Path] = None) -> Optional[dict[str, Any]]:
-    """Metrics of the predictions whose image has a label (``labels``: relative file name -> (label, group)) naming a
-    training class; the other files are listed."""
-    index = {name: i for i, name in enumerate(class_names)}
-    targets, kept, groups, unlabelled, names = [], [], [], [], []
-    for row, p in zip(rows, probs):
-        label, group = labels.get(row["filename"], (None, None))
-        if label in index:
-            targets.append(index[label])
-            kept.append(p)
-            names.append(row["filename"])
-            groups.append(group if group is not None else f"image:{row['filename']}")
-        else:
-            unlabelled.append(row["filename"])
-    if unlabelled:
-        logger.warning("%d image(s) have no label from %s naming a class (%s), left out of the metrics: %s",
-                       len(unlabelled), source, ", ".join(class_names), ", ".join(unlabelled[:5]))
-    if not targets:
-        raise UserError(f"{source}: no image has a label naming a class ({', '.join(class_names)})")
-    grouped = any(not g.startswith("image:") for g in groups)
-    metrics = write_classification_report(output_dir, np.array(targets), np.stack(kept), class_names,
-                                          metrics_name="metrics.json", extra={"unlabelled_images": unlabelled},
-                                          groups=groups if grouped else None,
-                                          subgroups=columns_for(names, metadata) if metadata is not None else None)
-    logger.info("labelled folder, %d images: %s (see %s)", metrics["n_images"], headline_summary(metrics),
-                output_dir / "metrics.json")
-    if root is not None:
-        _write_folder_report(output_dir, root, names, np.array(targets), np.stack(kept), class_names, metrics, source)
-    return metrics
-
-
-def _write_folder_report(output_dir: Path, root: Path, names: list[str], targets: np.ndarray, probs: np.ndarray,
-                         class_names: list[str], metrics: dict[str, Any], source: str) -> None:
-    """report.html beside the predictions: the gallery shows the Grad-CAM overlays when --generate_gradcam wrote
-    them, else the photos."""
-    errors, unsure = pick_gallery(targets, probs)
-
-    def item(i: int) -> GalleryItem:
-        overlay = safe_output_path(output_dir / "gradcam", Path(names[i]), GRADCAM_SUFFIX)
-        return GalleryItem(overlay if overlay.is_file() else root / names[i], names[i], class_names[targets[i]],
-                           class_names[int(probs[i].argmax())], float(probs[i].max()))
-
-    write_html_report(output_dir, metrics, class_names, title=f"Labelled folder {root.name}",
-                      subtitle=f"{len(names)} labelled images, labels from {source}",
-                      gallery_errors=[item(i) for i in errors], gallery_unsure=[item(i) for i in unsure],
-                      gallery_note="Overlays: Grad-CAM of the predicted class (inference.py --generate_gradcam); "
-                                   "photos as they are otherwise.")
 
 
 def summarise(found: int, rows: list[dict], skipped: list[dict], class_names: list[str], seconds: float,

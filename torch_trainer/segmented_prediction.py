@@ -22,8 +22,8 @@ from dataloaders.inference_data import InferenceImages, collect_inference_images
 from dataloaders.skin_region import (fill_colour, make_skin_region, parse_parts_flag, part_names, select_parts,
                                      skin_mask)
 from dataloaders.transforms import build_eval_transform
-from torch_trainer.prediction import (BatchClassifier, PredictionOptions, ReferenceLabels, open_run,
-                                      score_labelled_folder, summarise, write_outputs)
+from torch_trainer.labelled_scoring import ReferenceLabels, score_labelled_folder
+from torch_trainer.prediction import BatchClassifier, PredictionOptions, open_run, summarise, write_outputs
 from torch_trainer.run_info import RunInfo
 from utils.device import select_device
 from utils.paths import safe_output_path

@@ -33,6 +33,7 @@ from torch_trainer.gradcam import save_gradcam_examples
 from torch_trainer.models import build_model, count_parameters
 from torch_trainer.phase import PhaseContext, run_phase
 from torch_trainer.run_info import RunInfo, read_run_info, write_run_info
+from torch_trainer.run_report import log_test, write_run_report, write_test_predictions
 from torch_trainer.trainer import Precision, evaluate
 from utils.atomic import atomic_save, atomic_write_json
 from utils.calibration import CalibrationResult, apply_temperature, guarded_temperature, logits_from_probs
@@ -41,10 +42,9 @@ from utils.device import select_device
 from utils.distributed import DistInfo, barrier, broadcast, init_distributed, launched_by_torchrun, shutdown
 from utils.errors import UserError
 from utils.experiment_tracking import ExperimentTracker
-from utils.html_report import THUMB_SIDE, GalleryItem, pick_gallery, write_html_report
 from utils.logging_setup import add_file_handler, remove_handler
 from utils.metrics import classification_metrics
-from utils.reports import headline_summary, write_classification_report
+from utils.reports import write_classification_report
 from utils.seed import seed_everything, set_deterministic
 from utils.subgroups import columns_for, read_metadata
 
@@ -378,9 +378,9 @@ def _finish_training(ctx: PhaseContext, model: torch.nn.Module, splits: DataSpli
                "training_seconds": seconds, "variants": variants,
                **({"decisions": decisions} if decisions else {})},
         uncalibrated_probs=test["probs"] if cfg.calibrate else None, groups=test_groups, subgroups=subgroups)
-    _write_test_predictions(run_dir, splits, test, temperature)
-    _write_run_report(ctx, model, splits, tested, test["targets"], test_probs, metrics)
-    _log_test(metrics, variants, refit is not None, cfg.tta)
+    write_test_predictions(run_dir, splits, test, temperature)
+    write_run_report(ctx, model, splits, tested, test["targets"], test_probs, metrics)
+    log_test(metrics, variants, refit is not None, cfg.tta)
     if decisions:
         log_decisions(decisions)
     if ctx.tracker.run is not None:
@@ -389,49 +389,3 @@ def _finish_training(ctx: PhaseContext, model: torch.nn.Module, splits: DataSpli
         ctx.tracker.log_images("gradcam", save_gradcam_examples(model, splits.test[:GRADCAM_EXAMPLES], info,
                                                                 ctx.image_loader, run_dir / "gradcam_examples"))
     return metrics
-
-
-def _write_run_report(ctx: PhaseContext, model: torch.nn.Module, splits: DataSplits, tested: list, targets: np.ndarray,
-                      probs: np.ndarray, metrics: dict[str, Any]) -> None:
-    """report.html, with Grad-CAM overlays of the most confident errors and the least confident correct answers."""
-    errors, unsure = pick_gallery(targets, probs)
-
-    def gallery(indices: list[int], folder: str) -> list[GalleryItem]:
-        samples = [tested[i] for i in indices]
-        overlays = save_gradcam_examples(model, samples, ctx.info, ctx.image_loader, ctx.run_dir / folder,
-                                         max_side=THUMB_SIDE) or [s.path for s in samples]
-        return [GalleryItem(image, s.path.name, splits.class_names[s.label],
-                            splits.class_names[int(probs[i].argmax())], float(probs[i].max()))
-                for image, s, i in zip(overlays, samples, indices)]
-
-    cfg = ctx.cfg
-    write_html_report(ctx.run_dir, metrics, splits.class_names, counts=splits.counts(),
-                      title=f"{cfg.model_name} on {Path(cfg.resolved_data_dir).name}",
-                      subtitle=f"Run {ctx.run_dir.name}: test split, delivered model ({metrics['weights']}), "
-                               f"temperature {metrics.get('temperature', 1.0):.3f}",
-                      gallery_errors=gallery(errors, "report_gallery/errors"),
-                      gallery_unsure=gallery(unsure, "report_gallery/least_confident_correct"),
-                      gallery_note="Overlays: Grad-CAM of the predicted class on the photo.")
-
-
-def _write_test_predictions(run_dir: Path, splits: DataSplits, test: dict[str, Any], temperature: float) -> None:
-    """Each test image's label and calibrated probabilities: what paired comparisons between runs resample."""
-    samples = [splits.test[i] for i in test["indices"]]
-    probs = apply_temperature(test["probs"], temperature)
-    frame = pd.DataFrame({"filepath": [s.path.relative_to(splits.root).as_posix() for s in samples],
-                          "label": test["targets"],
-                          **{f"prob_{name}": probs[:, k] for k, name in enumerate(splits.class_names)}})
-    atomic_save(run_dir / rf.TEST_PREDICTIONS, lambda tmp: frame.to_csv(tmp, index=False))
-
-
-def _log_test(metrics: dict[str, Any], variants: dict[str, dict[str, Any]], refit: bool, tta: bool) -> None:
-    def auc(values: dict) -> str:
-        return f"{values['macro_auc']:.4f}" if values.get("macro_auc") is not None else "n/a"
-
-    logger.info("test (%s%s), %d images: %s%s", "refit on train + validation" if refit else
-                f"best epoch {metrics['best_epoch']}", ", flip TTA" if tta else "", metrics["n_images"],
-                headline_summary(metrics), f"; ECE before temperature scaling {metrics['ece_uncalibrated']:.4f}"
-                if "ece_uncalibrated" in metrics else "")
-    for name, values in variants.items():
-        logger.info("  variant %-9s balanced accuracy %.4f, accuracy %.4f, macro AUC %s", name,
-                    values["balanced_accuracy"], values["accuracy"], auc(values))

@@ -98,15 +98,32 @@ def choose_operating_point(spec: OperatingPointSpec, class_names: list[str], tar
                              f"{_needed(spec.target)} to be measured")
         return record
     needed = math.ceil(spec.target * len(relevant) - 1e-9)
+    others = scores[~positive] if spec.metric == "sensitivity" else scores[positive]
     if spec.metric == "sensitivity":
-        threshold = float(np.sort(relevant)[::-1][needed - 1])  # the needed-th highest positive score still flags
+        edge = float(np.sort(relevant)[::-1][needed - 1])  # the needed-th highest positive score must still flag
+        # Every threshold down to the highest negative score below it flags the same negatives (and perhaps more
+        # positives); take the middle of that gap, not its edge: a well-separated, overconfident model puts its
+        # positives at 0.9999, and a threshold at the edge would miss test positives at 0.999.
+        below = others[others < edge]
+        threshold = _logit_midpoint(float(below.max()), edge) if len(below) else edge
     else:
-        # flag only scores above the needed-th lowest negative score: that many negatives stay unflagged
-        threshold = float(np.nextafter(np.sort(relevant)[needed - 1], np.inf)) if needed else 0.0
+        edge = float(np.sort(relevant)[needed - 1])  # that many negatives must stay at or below it, unflagged
+        above = others[others > edge]
+        threshold = (_logit_midpoint(edge, float(above.min())) if len(above)
+                     else float(np.nextafter(edge, np.inf)))
     flagged = scores >= threshold
     record.update(status="ok", threshold=threshold, **{f"validation_{m}": v for m, v in
                                                       binary_rates(positive, flagged).items()})
     return record
+
+
+def _logit_midpoint(low: float, high: float) -> float:
+    """The probability halfway between ``low`` and ``high`` in log-odds, where saturated probabilities spread out;
+    strictly inside (low, high]."""
+    eps = 1e-12
+    to_logit = lambda p: math.log(max(p, eps) / max(1 - p, eps))  # noqa: E731
+    middle = 1 / (1 + math.exp(-(to_logit(low) + to_logit(high)) / 2))
+    return middle if low < middle <= high else high
 
 
 def binary_rates(positive: np.ndarray, flagged: np.ndarray) -> dict[str, Optional[float]]:

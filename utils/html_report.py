@@ -75,7 +75,9 @@ def _audit_context(folder: Path) -> Optional[dict[str, Any]]:
                         f"{shortcut['balanced_accuracy']:.2f}, chance {shortcut['chance']:.2f}).")
     if audit["duplicates"]["train_test_clusters"] and not audit.get("removed"):
         warnings.append("Copies of test images are in the training set: test figures may be inflated.")
-    return {**audit["duplicates"], "removed": len(audit.get("removed", [])), "warnings": warnings}
+    pairs = folder / "duplicate_pairs.png"
+    return {**audit["duplicates"], "removed": len(audit.get("removed", [])), "warnings": warnings,
+            "pairs_uri": data_uri(pairs, max_side=900) if pairs.is_file() else None}
 
 
 def _decisions_context(metrics: dict[str, Any]) -> tuple[list[dict], Optional[dict]]:
