@@ -57,7 +57,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", default="docs/report.png")
     parser.add_argument("--browser", default=None, help="Chromium binary (default: first of chromium, chrome on PATH)")
     parser.add_argument("--width", type=int, default=1150)
-    parser.add_argument("--height", type=int, default=4200)
+    parser.add_argument("--height", type=int, default=3950)
     parser.add_argument("--scaled_width", type=int, default=720)
     return parser
 

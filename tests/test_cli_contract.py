@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import audit_dataset
 import benchmark
 import face_segmentation
 import inference
@@ -18,7 +19,7 @@ import run_experiments
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {"main": main, "inference": inference, "inference_with_segmentation": inference_with_segmentation,
            "face_segmentation": face_segmentation, "quantize_onnx_models": quantize_onnx_models,
-           "benchmark": benchmark, "run_experiments": run_experiments}
+           "benchmark": benchmark, "run_experiments": run_experiments, "audit_dataset": audit_dataset}
 RUN_FOLDER_SCRIPTS = ("inference", "inference_with_segmentation", "quantize_onnx_models", "benchmark")
 
 
