@@ -162,7 +162,7 @@ def test_run_stores_reports_and_applies_its_thresholds_in_torch_and_onnx(decisio
         rows = _rows(out / "predictions.csv")
         assert list(rows[0])[-2:] == ["flag_malignant", "decision"]
         for row in rows:
-            assert row["flag_malignant"] == ("true" if float(row["prob_malignant"]) >= point["threshold"] else "false")
+            assert row["flag_malignant"] == str(float(row["prob_malignant"]) >= point["threshold"])
             confident = float(row["confidence"]) >= abstain["threshold"]
             assert row["decision"] == (row["predicted_label"] if confident else UNCERTAIN)
         assert any(r["decision"] == UNCERTAIN for r in rows)
@@ -175,7 +175,7 @@ def test_run_stores_reports_and_applies_its_thresholds_in_torch_and_onnx(decisio
     threshold = choose_operating_point(OperatingPointSpec("malignant", "specificity", 0.9), info.class_names,
                                        targets, probs)["threshold"]
     for row in _rows(out / "predictions.csv"):
-        assert row["flag_malignant"] == ("true" if float(row["prob_malignant"]) >= threshold else "false")
+        assert row["flag_malignant"] == str(float(row["prob_malignant"]) >= threshold)
         assert "decision" in row  # the run's abstention stays
 
 

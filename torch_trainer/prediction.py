@@ -190,9 +190,7 @@ def prediction_row(relative: str, probs: np.ndarray, class_names: list[str], top
 
 
 def _csv_value(value: Any) -> Any:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return f"{value:.6f}" if isinstance(value, float) else value
+    return f"{value:.6f}" if isinstance(value, float) else value  # booleans stay True/False, as face_found always was
 
 
 def write_outputs(output_dir: Path, rows: list[dict], skipped: list[dict], class_names: list[str],
