@@ -225,13 +225,10 @@ def copy_clusters(audit: DatasetAudit) -> list[list[Path]]:
 def leak_removals(audit: DatasetAudit, items: list[AuditItem]) -> dict[Path, str]:
     """What ``--on_leak drop`` removes: every copy in a label-conflict cluster, the trainset copies in a cluster that
     also has testset images."""
-    by_shown = {_shown(it.path, audit.root): it for it in items}
-    clusters: dict[int, set[str]] = {}
-    for row in audit.pairs.itertuples(index=False):
-        clusters.setdefault(row.cluster, set()).update((row.path_a, row.path_b))
+    by_path = {it.path: it for it in items}
     removals: dict[Path, str] = {}
-    for cluster, shown in sorted(clusters.items()):
-        group = [by_shown[s] for s in sorted(shown)]
+    for cluster, paths in enumerate(copy_clusters(audit), start=1):  # copy_clusters lists clusters 1, 2, ... in order
+        group = [by_path[path] for path in paths]
         if len({it.class_name for it in group}) > 1:
             classes = ", ".join(sorted({it.class_name for it in group}))
             removals.update({it.path: f"label conflict (cluster {cluster}: {classes})" for it in group})
