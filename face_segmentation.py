@@ -6,7 +6,8 @@ Example:
 For each image (same relative path as the input, plus a suffix) it writes <name>.labels.png (one value per pixel, see
 labels.json), <name>.overlay.jpg, <name>.mask.png (skin 255) and <name>.skin.png (the skin region on black), and
 logs the share of pixels per part. segmentation_summary.csv lists every image with face_found, skin_ratio and the
-per-part shares; unreadable files are listed in skipped.csv.
+per-part shares; unreadable files are listed in skipped.csv. JPEGs with a shorter side of 1,024 px or more
+are parsed at a reduced JPEG decode, like training does; their outputs keep the photo's aspect ratio at that size.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any, Optional
 from dataloaders.face_parsing import build_face_parser, segmentation_flags
 from dataloaders.inference_data import collect_inference_images
 from dataloaders.segmentation_outputs import segment_folder
-from utils.cli import device_flags, run_cli
+from utils.cli import add_bool_flag, device_flags, run_cli
 from utils.device import select_device
 from utils.logging_setup import setup_logging
 
@@ -29,6 +30,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                                      description="Segment the facial skin in an image or a folder of images.")
     parser.add_argument("--input", required=True, help="an image or a folder of images (searched recursively)")
     parser.add_argument("--output", default="face_segmentation_results", help="output folder (default: %(default)s)")
+    add_bool_flag(parser, "--reduced_decode", True,
+                  "parse large JPEGs at a reduced decode (shorter side >= 512 px, as training and "
+                  "inference_with_segmentation.py do); outputs keep the photo's aspect ratio and output_scale in "
+                  "segmentation_summary.csv gives their size relative to the photo. False: every pixel "
+                  "(default: %(default)s)")
     return parser
 
 
@@ -36,7 +42,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     setup_logging()
     root, paths = collect_inference_images(args.input, "--input")
     parser = build_face_parser(args.seg_backend, args.seg_model, args.seg_revision, select_device(args.device).type)
-    return segment_folder(root, paths, Path(args.output), parser, args.parts)
+    return segment_folder(root, paths, Path(args.output), parser, args.parts, args.reduced_decode)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

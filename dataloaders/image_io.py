@@ -66,6 +66,19 @@ def load_rgb(path: str | os.PathLike, min_side: int = 0, max_side: int = 0) -> I
     return oriented
 
 
+# EXIF orientations that turn the stored image by 90 degrees (ImageOps.exif_transpose swaps width and height)
+_QUARTER_TURNS = frozenset({5, 6, 7, 8})
+
+
+def decoded_size(path: str | os.PathLike, min_side: int = 0) -> tuple[int, int]:
+    """The upright (width, height) that ``load_rgb(path, min_side)`` returns, from the file's header alone."""
+    with _open_refusing_bombs(path) as img:
+        _draft(img, min_side, 0)
+        width, height = img.size
+        turned = img.getexif().get(0x0112) in _QUARTER_TURNS
+    return (height, width) if turned else (width, height)
+
+
 def file_format(path: str | os.PathLike) -> str:
     """The format Pillow detects from the file's content (JPEG, PNG, ...), whatever its extension says."""
     with _open_refusing_bombs(path) as img:

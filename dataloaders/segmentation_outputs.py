@@ -13,8 +13,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from dataloaders.face_parsing import FaceParser, colour_overlay
-from dataloaders.image_io import failure_reason, load_rgb
-from dataloaders.skin_region import make_skin_region, parse_parts_flag, part_names, select_parts, skin_mask
+from dataloaders.image_io import decoded_size, failure_reason
+from dataloaders.skin_region import (load_for_parsing, make_skin_region, parse_parts_flag, part_names, select_parts,
+                                     skin_mask)
 from utils.atomic import atomic_path, atomic_save, atomic_write_json
 from utils.paths import safe_output_path
 
@@ -40,11 +41,13 @@ def segment_one(parser: FaceParser, part_ids: list[int], image: np.ndarray):
     return label_map, region
 
 
-def segment_folder(root: Path, paths: list[Path], output: Path, parser: FaceParser, parts: Optional[str] = None
-                   ) -> dict[str, Any]:
+def segment_folder(root: Path, paths: list[Path], output: Path, parser: FaceParser, parts: Optional[str] = None,
+                   reduced_decode: bool = True) -> dict[str, Any]:
     """face_segmentation.py: label map, overlay, skin mask and skin region of every image in ``paths`` (named by
     their path under ``root``), plus segmentation_summary.csv, skipped.csv and labels.json in ``output``; returns
-    the summary."""
+    the summary. Large JPEGs are parsed (and their outputs written) at the reduced decode training and
+    inference_with_segmentation.py use, with the photo's aspect ratio; ``output_scale`` in the summary is the
+    outputs' width over the photo's."""
     part_ids = select_parts(parser.id2label, parse_parts_flag(parts))
     output.mkdir(parents=True, exist_ok=True)
     atomic_write_json(output / "labels.json", {"id2label": {str(k): v for k, v in parser.id2label.items()},
@@ -57,7 +60,8 @@ def segment_folder(root: Path, paths: list[Path], output: Path, parser: FacePars
     for path in tqdm(paths, desc="segmentation", disable=None):
         relative = path.relative_to(root)
         try:
-            image = np.asarray(load_rgb(path))
+            image = np.asarray(load_for_parsing(path, reduced_decode))
+            photo_width = decoded_size(path)[0]
         except Exception as err:  # noqa: BLE001 - any undecodable file is reported, never fatal
             skipped.append({"filename": relative.as_posix(), "reason": failure_reason(path, err)})
             logger.warning("skipping %s: %s", path, skipped[-1]["reason"])
@@ -72,10 +76,10 @@ def segment_folder(root: Path, paths: list[Path], output: Path, parser: FacePars
         present = ", ".join(f"{name} {share:.1%}" for name, share in shares.items() if share > 0)
         logger.info("%s: %s; %s", relative.as_posix(), "face" if region.face_found else "NO FACE FOUND", present)
         rows.append({"filename": relative.as_posix(), "face_found": region.face_found,
-                     "skin_ratio": round(region.skin_ratio, 6),
+                     "skin_ratio": round(region.skin_ratio, 6), "output_scale": round(image.shape[1] / photo_width, 6),
                      **{f"share_{name}": round(share, 6) for name, share in shares.items()}})
 
-    columns = ["filename", "face_found", "skin_ratio"] + [f"share_{n}" for _, n in sorted(parser.id2label.items())]
+    columns = ["filename", "face_found", "skin_ratio", "output_scale"] + [f"share_{n}" for _, n in sorted(parser.id2label.items())]
     with atomic_path(output / "segmentation_summary.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()

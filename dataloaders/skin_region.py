@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from dataloaders.image_io import load_rgb, reduced_loader
+from dataloaders.image_io import decoded_size, load_rgb, reduced_loader
 from utils.atomic import atomic_save
 from utils.errors import UserError
 
@@ -35,6 +36,10 @@ MIN_SKIN_RATIO = 0.01  # below 1% of the pixels there is no face worth classifyi
 CROP_MARGIN = 0.05  # share of the skin box added on each side, so lesions at the skin's edge keep some context
 MASK_CACHE_DIR = ".skin_masks"
 NO_FACE_POLICIES = ("skip", "full_image")
+# The face parser sees large JPEGs decoded at the smallest DCT scale that keeps this many pixels on the shorter side
+# (SegFormer parses at 512x512; the Haar detector's smallest face is 15% of the shorter side), in training and
+# inference alike, so both get the same mask; a 12-megapixel photo is parsed at 1008x756 rather than 4032x3024.
+PARSE_MIN_SIDE = 512
 
 
 def _normalise(name: str) -> str:
@@ -78,26 +83,67 @@ class SkinRegion:
     skin_ratio: float
 
 
-def skin_region_image(image: np.ndarray, mask: np.ndarray, fill: tuple[int, int, int],
-                      margin: float = CROP_MARGIN) -> np.ndarray:
-    """Crop ``image`` to the mask's bounding box (plus ``margin``) and paint non-skin pixels with ``fill``."""
+def region_box(mask: np.ndarray, margin: float = CROP_MARGIN) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of the mask's bounding box plus ``margin`` of its size on each side."""
     rows, cols = np.nonzero(mask)
     height, width = mask.shape
     pad_y = int(round((rows.max() - rows.min() + 1) * margin))
     pad_x = int(round((cols.max() - cols.min() + 1) * margin))
-    top, bottom = max(0, rows.min() - pad_y), min(height, rows.max() + 1 + pad_y)
-    left, right = max(0, cols.min() - pad_x), min(width, cols.max() + 1 + pad_x)
+    return (max(0, rows.min() - pad_y), min(height, rows.max() + 1 + pad_y),
+            max(0, cols.min() - pad_x), min(width, cols.max() + 1 + pad_x))
+
+
+def skin_region_image(image: np.ndarray, mask: np.ndarray, fill: tuple[int, int, int],
+                      margin: float = CROP_MARGIN) -> np.ndarray:
+    """Crop ``image`` to the mask's bounding box (plus ``margin``) and paint non-skin pixels with ``fill``."""
+    top, bottom, left, right = region_box(mask, margin)
     region = image[top:bottom, left:right].copy()
     region[~mask[top:bottom, left:right]] = fill
     return region
 
 
+def is_face(mask: np.ndarray, detector_says_face: Optional[bool] = None) -> bool:
+    return bool(mask.size) and float(mask.mean()) >= MIN_SKIN_RATIO and detector_says_face is not False
+
+
 def make_skin_region(image: np.ndarray, mask: np.ndarray, fill: tuple[int, int, int],
                      detector_says_face: Optional[bool] = None) -> SkinRegion:
-    ratio = float(mask.mean()) if mask.size else 0.0
-    face_found = ratio >= MIN_SKIN_RATIO and detector_says_face is not False
+    face_found = is_face(mask, detector_says_face)
     region = skin_region_image(image, mask, fill) if face_found else image
-    return SkinRegion(region, mask, face_found, ratio)
+    return SkinRegion(region, mask, face_found, float(mask.mean()) if mask.size else 0.0)
+
+
+def load_for_parsing(path: str | Path, reduced: bool = True) -> Image.Image:
+    """The photo as the face parser sees it (see PARSE_MIN_SIDE); ``reduced=False`` decodes every pixel."""
+    return load_rgb(path, min_side=PARSE_MIN_SIDE if reduced else 0)
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``mask`` at (width, height) ``size``: a mask found on one decode of a photo, applied to another."""
+    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)) > 127
+
+
+def classifier_input(path: str | Path, mask: Optional[np.ndarray], fill: tuple[int, int, int], min_side: int = 0,
+                     decoded: Optional[Image.Image] = None) -> Image.Image:
+    """What a skin-region model sees of the photo at ``path``: its skin region (``mask`` found on any decode of the
+    photo; None means no face, and the whole photo is used).
+
+    ``min_side``: the pixels the classifier's resize needs on the shorter side of its input (see
+    ``transforms.decode_min_side``; 0 decodes every pixel). A large JPEG is decoded at the smallest DCT scale that
+    leaves the skin box that many pixels, so a face that fills the frame decodes at 1/4 or 1/8 and a small face at a
+    finer scale. ``decoded``: a decode already at hand (the parser's), used when it is fine enough.
+    """
+    need = min_side
+    if mask is not None and min_side:
+        top, bottom, left, right = region_box(mask)
+        need = math.ceil(min_side * min(mask.shape) / max(1, min(bottom - top, right - left)))
+    if decoded is None or min(decoded.size) < min(decoded_size(path, need)):
+        decoded = load_rgb(path, min_side=need)
+    if mask is None:
+        return decoded
+    if mask.shape != (decoded.height, decoded.width):
+        mask = resize_mask(mask, decoded.size)
+    return Image.fromarray(skin_region_image(np.asarray(decoded), mask, fill))
 
 
 def fill_colour(preprocessing: "Preprocessing") -> tuple[int, int, int]:
@@ -113,7 +159,8 @@ def settings_key(settings: dict[str, Any]) -> str:
 
 
 class MaskCache:
-    """Binary skin masks (PNG, 0/255, the image's size) under ``<data_root>/.skin_masks/<key>/<relative>.png``."""
+    """Binary skin masks (PNG, 0/255, at the size the parser saw the image, see PARSE_MIN_SIDE) under
+    ``<data_root>/.skin_masks/<key>/<relative>.png``."""
 
     def __init__(self, data_root: str | Path, settings: dict[str, Any]):
         self.data_root = Path(data_root)
@@ -145,7 +192,7 @@ class MaskCache:
             logger.info("computing skin masks for %d image(s) into %s", len(missing), self.folder)
         for path in tqdm(missing, desc="skin masks", disable=None):
             try:
-                image = np.asarray(load_rgb(path))
+                image = np.asarray(load_for_parsing(path))
             except Exception:  # noqa: BLE001 - unreadable files were already reported by discovery
                 counts["failed"] += 1
                 continue
@@ -160,18 +207,25 @@ class MaskCache:
 
 
 class SkinRegionLoader:
-    """Dataset image loader for skin-region runs: the decoded image cut to its cached skin mask (picklable)."""
+    """Dataset image loader for skin-region runs: the photo cut to its cached skin mask, decoded at the scale that
+    leaves the skin box ``min_side`` pixels (``classifier_input``; 0: every pixel). Picklable."""
 
-    def __init__(self, cache: MaskCache, fill: tuple[int, int, int]):
+    def __init__(self, cache: MaskCache, fill: tuple[int, int, int], min_side: int = 0):
         self.cache = cache
         self.fill = fill
+        self.min_side = min_side
 
     def __call__(self, path: Path) -> Image.Image:
-        image = load_rgb(path)
         mask = self.cache.read(path)
-        if mask is None or mask.shape != (image.height, image.width) or mask.mean() < MIN_SKIN_RATIO:
-            return image  # no face found (or a mask from an edited file): the whole photo, as at inference
-        return Image.fromarray(skin_region_image(np.asarray(image), mask, self.fill))
+        if mask is not None and (mask.mean() < MIN_SKIN_RATIO or not self._fits(path, mask)):
+            mask = None  # no face found (or a mask from an edited file): the whole photo, as at inference
+        return classifier_input(path, mask, self.fill, self.min_side)
+
+    @staticmethod
+    def _fits(path: Path, mask: np.ndarray) -> bool:
+        # Masks are stored at the parser's decode; masks cached before reduced decoding are at the photo's full size.
+        size = (mask.shape[1], mask.shape[0])
+        return size in (decoded_size(path, PARSE_MIN_SIDE), decoded_size(path))
 
 
 def cache_settings(settings: dict[str, Any]) -> dict[str, Any]:
@@ -187,15 +241,15 @@ def region_settings(parser_description: dict[str, Any], parts: list[str]) -> dic
 
 def image_loader_for_run(info: "RunInfo", data_root: str | Path, min_side: int = 0):
     """``load_rgb`` for whole-image runs (JPEGs decoded at a reduced size that keeps ``min_side`` pixels on the
-    shorter side, see ``image_io.load_rgb``); the cached-mask loader for skin-region runs (masks must exist; their
-    photos decode fully, since the masks are stored at the photo's full size)."""
+    shorter side, see ``image_io.load_rgb``); the cached-mask loader for skin-region runs (masks must exist; the
+    skin box keeps ``min_side`` pixels)."""
     if info.input_kind != "skin_region":
         return reduced_loader(min_side)
     cache = MaskCache(data_root, cache_settings(info.skin_region))
     if not cache.folder.is_dir():
         raise UserError(f"skin masks for this run are not in {cache.folder}; run main.py --resume or retrain so "
                         f"they are computed")
-    return SkinRegionLoader(cache, fill_colour(info.preprocessing))
+    return SkinRegionLoader(cache, fill_colour(info.preprocessing), min_side)
 
 
 def prepare_skin_masks(cfg: "TrainConfig", splits: "DataSplits", device: Any) -> dict[str, Any]:

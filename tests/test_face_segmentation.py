@@ -22,8 +22,8 @@ from tests.conftest import train_args
 from data.synthetic_faces import generate_dataset as generate_faces
 from data.synthetic_faces import make_face_image
 from data.synthetic_lesions import make_lesion_image
-from dataloaders.skin_region import (MASK_CACHE_DIR, MaskCache, SkinRegionLoader, cache_settings, fill_colour,
-                                     make_skin_region, select_parts, skin_mask)
+from dataloaders.skin_region import (MASK_CACHE_DIR, MaskCache, SkinRegionLoader, cache_settings, classifier_input,
+                                     fill_colour, load_for_parsing, make_skin_region, select_parts, skin_mask)
 from utils.errors import UserError
 from dataloaders.face_parsing import OnnxParser, OpenCVSkinParser, SegformerParser
 
@@ -203,8 +203,9 @@ def test_face_segmentation_script_outputs(tmp_path):
         rows = {r["filename"]: r for r in csv.DictReader(fh)}
     assert rows["sub/face one.png"]["face_found"] == "True" and float(rows["sub/face one.png"]["share_skin"]) > 0.2
     assert rows["lesion.jpg"]["face_found"] == "False"
-    assert list(rows["lesion.jpg"]) == ["filename", "face_found", "skin_ratio", "share_background", "share_skin",
-                                        "share_face_other"]
+    assert list(rows["lesion.jpg"]) == ["filename", "face_found", "skin_ratio", "output_scale", "share_background",
+                                        "share_skin", "share_face_other"]
+    assert rows["lesion.jpg"]["output_scale"] == "1.0"  # small photos are parsed at their full size
     labels = np.asarray(Image.open(out / "sub" / "face one.png.labels.png"))
     assert labels.shape == (128, 128) and set(np.unique(labels)) <= {0, 1, 2}
 
@@ -340,7 +341,7 @@ def test_scripts_run_on_the_tiny_segformer_and_its_onnx_export(tiny_segformer, s
     assert labels["id2label"]["2"] == "nose" and labels["skin_parts"] == ["skin", "nose", "neck"]
     with open(out / "segmentation_summary.csv", newline="") as fh:
         header = next(csv.reader(fh))
-    assert header[3:] == [f"share_{n}" for n in SEGFORMER_LABELS]
+    assert header[4:] == [f"share_{n}" for n in SEGFORMER_LABELS]
 
     export_segmentation(str(tiny_segformer), None, tmp_path / "onnx", 17)
     for backend, model in (("segformer", tiny_segformer), ("onnx", tmp_path / "onnx" / "seg_model.onnx")):
@@ -350,3 +351,91 @@ def test_scripts_run_on_the_tiny_segformer_and_its_onnx_export(tiny_segformer, s
         assert result["predicted"] + result["skipped"] == 5
         with open(tmp_path / backend / "predictions.csv", newline="") as fh:
             assert next(csv.reader(fh))[-2:] == ["face_found", "skin_ratio"]
+
+
+def _large_face_photo(path: Path, seed: int = 3, size=(3000, 2000), face_side: int = 1500) -> Path:
+    """A synthetic face scaled up and centred on a camera-size JPEG canvas."""
+    drawn = make_face_image(np.random.default_rng(seed), 128, acne=True)[0]
+    face = Image.fromarray(drawn)
+    canvas = Image.new("RGB", size, tuple(int(v) for v in drawn[0, 0]))  # the drawing's own background
+    canvas.paste(face.resize((face_side, face_side), Image.Resampling.BICUBIC),
+                 ((size[0] - face_side) // 2, (size[1] - face_side) // 2))
+    canvas.save(path, quality=92)
+    return path
+
+
+def test_large_photo_segmentation_outputs_keep_its_aspect_ratio(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    _large_face_photo(folder / "big.jpg")
+    out = tmp_path / "out"
+    face_segmentation.main(face_segmentation.get_args_parser().parse_args(
+        ["--input", str(folder), "--output", str(out), "--seg_backend", "opencv"]))
+    with open(out / "segmentation_summary.csv", newline="") as fh:
+        row = next(csv.DictReader(fh))
+    assert row["face_found"] == "True"
+    # 3000x2000 parsed at the 1/2 DCT scale (the 1/4 scale would leave 500 < 512 px on the shorter side)
+    assert float(row["output_scale"]) == pytest.approx(0.5)
+    for suffix in (".labels.png", ".overlay.jpg", ".mask.png"):
+        width, height = Image.open(out / f"big.jpg{suffix}").size
+        assert (width, height) == (1500, 1000), suffix
+    mask = np.asarray(Image.open(out / "big.jpg.mask.png")) > 127
+    rows, cols = np.nonzero(mask)
+    # the skin lies inside the pasted face (750 px at this scale, centred), so the mask maps back onto the photo
+    assert 375 - 5 <= cols.min() and cols.max() <= 1125 + 5 and 125 - 5 <= rows.min() and rows.max() <= 875 + 5
+
+
+def test_skin_region_decodes_finer_when_the_skin_box_is_small(tmp_path):
+    photo = _large_face_photo(tmp_path / "big.jpg")
+    parse_view = load_for_parsing(photo)
+    assert parse_view.size == (1500, 1000)
+    fill = (128, 128, 128)
+    whole = np.ones((1000, 1500), bool)
+    # a box covering the photo: the parser's decode already has enough pixels and is used as it is
+    assert classifier_input(photo, whole, fill, 440, parse_view).size == (1500, 1000)
+    # a 100x100 box at the parser's scale holds 200x200 px of the photo: 180 px needs the full decode
+    small = np.zeros((1000, 1500), bool)
+    small[450:550, 700:800] = True
+    region = classifier_input(photo, small, fill, 180, parse_view)
+    assert min(region.size) >= 180 and region.size == (220, 220)  # 200 px + 5 % margin a side
+    # and at 90 px the 1/2 scale is enough
+    assert classifier_input(photo, small, fill, 90, parse_view).size == (110, 110)
+    # no face: the whole photo, decoded as the classifier needs
+    assert classifier_input(photo, None, fill, 440, None).size == (750, 500)
+    assert classifier_input(photo, None, fill, 0, None).size == (3000, 2000)
+
+
+def test_large_photo_skin_region_gives_the_same_answer_reduced_or_full(skin_region_run, face_dataset, tmp_path):
+    folder = tmp_path / "big"
+    folder.mkdir()
+    for seed in (3, 4):
+        _large_face_photo(folder / f"face{seed}.jpg", seed=seed)
+    runs = {}
+    for reduced in ("True", "False"):
+        out = tmp_path / f"out_{reduced}"
+        _segmented_inference(skin_region_run, folder, out, "--reduced_decode", reduced)
+        with open(out / "predictions.csv", newline="") as fh:
+            runs[reduced] = {r["filename"]: r for r in csv.DictReader(fh)}
+        runs[reduced]["shapes"] = [Image.open(p).size for p in sorted((out / "segmented").glob("*.skin.png"))]
+    # the skin crop is the same part of the photo, at the scale the classifier needs (never below its 2x resize)
+    for (w_reduced, h_reduced), (w_full, h_full) in zip(runs["True"]["shapes"], runs["False"]["shapes"], strict=True):
+        assert w_reduced / h_reduced == pytest.approx(w_full / h_full, rel=0.03)
+        assert w_reduced < w_full and min(w_reduced, h_reduced) >= 2 * 48
+    for name in ("face3.jpg", "face4.jpg"):
+        reduced, full = runs["True"][name], runs["False"][name]
+        assert reduced["face_found"] == full["face_found"] == "True"
+        assert reduced["predicted_label"] == full["predicted_label"]
+        assert abs(float(reduced["confidence"]) - float(full["confidence"])) < 0.05
+    # the training loader cuts a cached mask out of a reduced decode the same way
+    info = read_run_info(skin_region_run)
+    cache = MaskCache(face_dataset, cache_settings(info.skin_region))
+    photo = _large_face_photo(face_dataset / "testset" / "acne" / "zz_big.jpg")
+    try:
+        cache.fill_missing([photo], OpenCVSkinParser(), [1])
+        mask = cache.read(photo)
+        assert mask.shape == (1000, 1500)  # stored at the parser's decode
+        picture = SkinRegionLoader(cache, fill_colour(info.preprocessing), 100)(photo)
+        assert min(picture.size) >= 100 and max(picture.size) < 1500  # the skin box, not the whole photo
+    finally:
+        photo.unlink()
+        cache.path_for(photo).unlink(missing_ok=True)

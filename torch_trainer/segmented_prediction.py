@@ -19,9 +19,9 @@ from tqdm import tqdm
 from dataloaders.build import effective_workers
 from dataloaders.face_parsing import FaceParser, build_face_parser
 from dataloaders.inference_data import InferenceImages, collect_inference_images
-from dataloaders.skin_region import (fill_colour, make_skin_region, parse_parts_flag, part_names, select_parts,
-                                     skin_mask)
-from dataloaders.transforms import build_eval_transform
+from dataloaders.skin_region import (PARSE_MIN_SIDE, classifier_input, fill_colour, is_face, parse_parts_flag,
+                                     part_names, select_parts, skin_mask)
+from dataloaders.transforms import build_eval_transform, decode_min_side
 from torch_trainer.labelled_scoring import ReferenceLabels, score_labelled_folder
 from torch_trainer.prediction import BatchClassifier, PredictionOptions, open_run, summarise, write_outputs
 from torch_trainer.run_info import RunInfo
@@ -90,9 +90,11 @@ def infer_folder_segmented(model_path: str | Path, folder: str | Path, output_di
     transform = build_eval_transform(info.preprocessing)
     fill = fill_colour(info.preprocessing)
     workers = effective_workers(num_workers)
-    # Workers only decode; the parser runs here, once, rather than once per worker process.
-    loader = DataLoader(InferenceImages(paths, np.asarray), batch_size=batch_size, num_workers=workers,
-                        collate_fn=_collate_list)
+    # Workers only decode (large JPEGs at the parser's reduced scale, as training's masks were made); the parser
+    # runs here, once, rather than once per worker process.
+    loader = DataLoader(InferenceImages(paths, np.asarray, PARSE_MIN_SIDE if options.reduced_decode else 0),
+                        batch_size=batch_size, num_workers=workers, collate_fn=_collate_list)
+    min_side = decode_min_side(info.preprocessing) if options.reduced_decode else 0
 
     skipped: list[dict[str, Any]] = []
     start = time.perf_counter()
@@ -106,20 +108,23 @@ def infer_folder_segmented(model_path: str | Path, folder: str | Path, output_di
                     skipped.append({"filename": relative.as_posix(), "reason": detail})
                     continue
                 label_map = parser.parse(image)
-                region = make_skin_region(image, skin_mask(label_map, part_ids), fill, parser.face_detected(label_map))
-                if not region.face_found and segmentation.no_face_policy == "skip":
+                mask = skin_mask(label_map, part_ids)
+                face_found, skin_ratio = is_face(mask, parser.face_detected(label_map)), round(float(mask.mean()), 6)
+                if not face_found and segmentation.no_face_policy == "skip":
                     skipped.append({"filename": relative.as_posix(), "reason": "no face found (--no_face_policy skip)",
-                                    "face_found": False, "skin_ratio": round(region.skin_ratio, 6)})
+                                    "face_found": False, "skin_ratio": skin_ratio})
                     continue
-                picture = Image.fromarray(region.image)
+                # A small face in a large photo is decoded again at a finer scale (see classifier_input).
+                picture = classifier_input(paths[index], mask if face_found else None, fill, min_side,
+                                           Image.fromarray(image))
                 if segmentation.save_segmented:
                     target = safe_output_path(segmented_dir, relative, ".skin.png")
                     target.parent.mkdir(parents=True, exist_ok=True)
                     picture.save(target)
                 tensors.append(transform(picture))
                 relatives.append(relative)
-                originals.append(region.image)
-                extras.append({"face_found": region.face_found, "skin_ratio": round(region.skin_ratio, 6)})
+                originals.append(np.asarray(picture))
+                extras.append({"face_found": face_found, "skin_ratio": skin_ratio})
             if tensors:
                 classifier.classify(torch.stack(tensors), relatives, originals, extras)
     except BaseException:
