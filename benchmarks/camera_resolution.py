@@ -5,7 +5,10 @@ inference.py's engine on (a) the original photos, (b) the copies decoded in full
 every image cost before) and (c) the copies with reduced decoding (the default), for each backend. It reports
 images/s, the speed-up of (c) over (b), what is left of the gap to (a), how close (c) is to the floor that JPEG
 decoding itself sets (decoding every copy at 1/8 scale and nothing else: the decoder still reads every byte), and
-whether (c) gives (b)'s answers: top-1 agreement and the largest probability difference.
+whether (c) gives (b)'s answers: top-1 agreement and the per-image largest probability difference (maximum, median,
+share within 0.02). Then it times main.py's training DataLoader over the copies (alone, and with a training step of
+the run's architecture per batch) decoding every pixel, decoding at the reduced scale, and through --cache_images,
+with each pass's peak memory.
 
 Example (docs/measurements_speed.md):
     python -m benchmarks.camera_resolution --model_path <dermnet_a run folder> \
@@ -16,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +31,9 @@ from PIL import Image
 
 from dataloaders.discovery import list_images
 from dataloaders.image_io import load_rgb
+from utils.cli import add_bool_flag
 from torch_trainer.prediction import PredictionOptions, infer_folder
-from utils.machine import describe_machine, machine_info
+from utils.machine import RssSampler, describe_machine, machine_info
 
 
 def make_camera_copies(folder: Path, target: Path, size: tuple[int, int], limit: int) -> list[Path]:
@@ -53,10 +59,13 @@ def decode_floor(paths: list[Path]) -> float:
     return len(paths) / (time.perf_counter() - start)
 
 
-def training_loader_speed(copies: list[Path], model_path: str, cache_root: Path, num_workers: int,
-                          batch_size: int) -> dict[str, float]:
-    """Images/s of main.py's training DataLoader (decode + random-resized crop + augmentation, no model) over the
-    camera-size copies: decoding every epoch, and through --cache_images (first epoch fills it, later epochs read)."""
+def _training_epochs(copies: list[Path], model_path: str, decode: str, cache_root: Path, num_workers: int,
+                     batch_size: int, with_model: bool, epochs: int) -> list[tuple[float, float]]:
+    """(images/s, peak memory MiB) of each of ``epochs`` epochs of main.py's training DataLoader with one ``decode``
+    (full, reduced or cache), in the calling process; ``with_model`` adds a training step per batch."""
+    import timm
+    import torch
+
     from dataloaders.build import make_loader
     from dataloaders.discovery import Sample
     from dataloaders.image_cache import CachedLoader
@@ -64,23 +73,63 @@ def training_loader_speed(copies: list[Path], model_path: str, cache_root: Path,
     from dataloaders.transforms import build_train_transform, decode_min_side
     from torch_trainer.run_info import read_run_info
 
-    pre = read_run_info(model_path).preprocessing
+    # A spawned process inherits "spawn" as its start method; DataLoader workers must fork, as in main.py, or each
+    # epoch pays the workers' interpreter start-up.
+    multiprocessing.set_start_method("fork", force=True)
+    info = read_run_info(model_path)
+    pre = info.preprocessing
     side = decode_min_side(pre, train_min_crop_scale=0.25)
     transform = build_train_transform(pre, min_crop_scale=0.25, vflip=0.0, color_jitter=0.2, randaugment=False)
     samples = [Sample(path, 0) for path in copies]
+    loader_fn = {"full": reduced_loader(0), "reduced": reduced_loader(side)}.get(decode) or CachedLoader(cache_root,
+                                                                                                          side)
+    model = timm.create_model(info.model_name, num_classes=len(info.class_names)) if with_model else None
+    if model is not None:  # as main.py trains on CPU and CUDA (utils.device.prefers_channels_last)
+        model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4) if model is not None else None
+    results = []
+    for _ in range(epochs):
+        with RssSampler() as memory:
+            start, seen = time.perf_counter(), 0
+            for images, targets, _ in make_loader(samples, transform, batch_size, num_workers, train=True,
+                                                  loader=loader_fn):
+                seen += len(images)
+                if model is not None:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                    loss = torch.nn.functional.cross_entropy(model(images), targets)
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+            seconds = time.perf_counter() - start
+        results.append((round(seen / seconds, 2), round(memory.peak_mb, 1)))
+    return results
 
-    def epoch(loader_fn) -> float:
-        start = time.perf_counter()
-        for _ in make_loader(samples, transform, batch_size, num_workers, train=True, loader=loader_fn):
-            pass
-        return len(samples) / (time.perf_counter() - start)
 
+def training_epoch_speed(copies: list[Path], model_path: str, cache_root: Path, num_workers: int, batch_size: int,
+                         with_model: bool) -> dict[str, float]:
+    """Images/s and peak resident memory (the process and its DataLoader workers) of
+    main.py's training DataLoader over the camera-size copies (decode + random-resized crop + augmentation), with
+    ``with_model`` also a training step of the run's architecture per batch: decoding every pixel (before reduced
+    decoding), decoding at the reduced scale, and through --cache_images (the first epoch fills the cache, the
+    second reads it). Each decode runs two epochs in a fresh process, so one's memory never counts against
+    another's; the second epoch is the steady state compared (and the cache's first epoch is reported too)."""
     shutil.rmtree(cache_root, ignore_errors=True)
-    cache = CachedLoader(cache_root, side)
-    return {"train_loader_no_cache_images_per_s": round(epoch(reduced_loader(side)), 2),
-            "train_loader_cache_first_epoch_images_per_s": round(epoch(cache), 2),
-            "train_loader_cache_later_epoch_images_per_s": round(epoch(cache), 2),
-            "cache_mb": round(sum(f.stat().st_size for f in cache_root.rglob("*.npy")) / 2**20, 1)}
+    prefix = "train_epoch" if with_model else "train_loader"
+    results: dict[str, float] = {}
+    context = multiprocessing.get_context("spawn")
+    for decode, names in (("full", [None, "full_decode"]), ("reduced", [None, "reduced_decode"]),
+                          ("cache", ["cache_first_epoch", "cache_later_epoch"])):
+        with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+            epochs = pool.submit(_training_epochs, copies, model_path, decode, cache_root, num_workers, batch_size,
+                                 with_model, len(names)).result()
+        for name, (speed, peak) in zip(names, epochs):
+            if name is None:
+                continue
+            results[f"{prefix}_{name}_images_per_s"] = speed
+            results[f"{prefix}_{name}_peak_mb"] = peak
+            print(f"{prefix} {name:18s} {speed:7.2f} images/s, peak memory {peak:.0f} MiB", flush=True)
+    results["cache_mb"] = round(sum(f.stat().st_size for f in cache_root.rglob("*.npy")) / 2**20, 1)
+    return results
 
 
 def read_predictions(output: Path) -> pd.DataFrame:
@@ -97,7 +146,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, default=0, help="use the first N photos (default: all)")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--num_workers", type=int, default=2)
-    parser.add_argument("--backends", nargs="+", default=["onnx", "torch"], choices=["onnx", "torch"])
+    parser.add_argument("--backends", nargs="*", default=["onnx", "torch"], choices=["onnx", "torch"],
+                        help="inference backends to time; none (the flag alone) times training only")
+    add_bool_flag(parser, "--tta", None, "inference with/without the mirrored view (default: what the run was "
+                                         "tested with)")
+    add_bool_flag(parser, "--train_with_model", True,
+                  "time training epochs with a training step of the run's architecture per batch, not only the "
+                  "DataLoader (default: %(default)s)")
     return parser
 
 
@@ -125,7 +180,7 @@ def main(args: argparse.Namespace) -> pd.DataFrame:
                                        work / "camera", False), ("camera size, reduced decode", work / "camera", True)):
             output = work / f"out_{backend}_{name.replace(' ', '_').replace(',', '')}"
             options = PredictionOptions(backend=backend, onnx_model=args.onnx_model, device="cpu",
-                                        reduced_decode=reduced)
+                                        reduced_decode=reduced, tta=args.tta)
             summary = infer_folder(args.model_path, source, output, options, batch_size=args.batch_size,
                                    num_workers=args.num_workers)
             runs[name] = (summary["images_per_s"], output)
@@ -133,8 +188,9 @@ def main(args: argparse.Namespace) -> pd.DataFrame:
         full = read_predictions(runs["camera size, full decode"][1])
         reduced = read_predictions(runs["camera size, reduced decode"][1])
         prob_columns = [c for c in full.columns if c.startswith("prob_")]
+        prob_diff = np.abs(full[prob_columns].to_numpy() - reduced[prob_columns].to_numpy()).max(axis=1)
         rows.append({
-            "backend": backend, "images": len(full),
+            "backend": backend, "tta": args.tta, "images": len(full),
             "original_images_per_s": round(runs["original photos"][0], 2),
             "camera_full_decode_images_per_s": round(runs["camera size, full decode"][0], 2),
             "camera_reduced_decode_images_per_s": round(runs["camera size, reduced decode"][0], 2),
@@ -144,16 +200,19 @@ def main(args: argparse.Namespace) -> pd.DataFrame:
             "decode_floor_images_per_s": round(floor, 2),
             "top1_agreement_reduced_vs_full": round(float((full["predicted_label"]
                                                            == reduced["predicted_label"]).mean()), 4),
-            "max_prob_diff_reduced_vs_full": round(float(np.abs(full[prob_columns].to_numpy()
-                                                                - reduced[prob_columns].to_numpy()).max()), 4),
+            "max_prob_diff_reduced_vs_full": round(float(prob_diff.max()), 4),
+            "median_prob_diff_reduced_vs_full": round(float(np.median(prob_diff)), 4),
+            "share_prob_diff_within_0.02": round(float((prob_diff <= 0.02).mean()), 4),
             **{k: machine[k] for k in ("cpu_model", "cpu_isa", "threads", "torch", "onnxruntime")}})
-    loader_speed = training_loader_speed(copies, args.model_path, work / "image_cache", args.num_workers,
-                                         args.batch_size)
-    print("training DataLoader over the camera-size copies (decode + augmentation, no model): "
-          + ", ".join(f"{k} {v}" for k, v in loader_speed.items()), flush=True)
-    rows = [{**row, **loader_speed} for row in rows]
+    training = training_epoch_speed(copies, args.model_path, work / "image_cache", args.num_workers,
+                                    args.batch_size, with_model=False)
+    if args.train_with_model:
+        training.update(training_epoch_speed(copies, args.model_path, work / "image_cache", args.num_workers,
+                                             args.batch_size, with_model=True))
+    rows = [{**row, **training} for row in rows] or [training]
     table = pd.DataFrame(rows)
-    print(table.drop(columns=["cpu_model", "cpu_isa", "threads", "torch", "onnxruntime"]).to_string(index=False))
+    print(table.drop(columns=["cpu_model", "cpu_isa", "threads", "torch", "onnxruntime"], errors="ignore")
+          .T.to_string(header=False))
     table.to_csv(work / "camera_resolution.csv", index=False)
     (work / "camera_resolution.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
     return table

@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,25 +24,9 @@ from dataloaders.transforms import resolve_preprocessing
 from torch_trainer import run_folder as rf
 from torch_trainer.checkpoint import save_checkpoint
 from torch_trainer.models import build_model
-from utils.machine import describe_machine, machine_info
+from utils.machine import RssSampler, describe_machine, machine_info
 from torch_trainer.prediction import PredictionOptions, infer_folder
 from torch_trainer.run_info import RunInfo, write_run_info
-
-
-def tree_rss_mb(pid: int) -> float:
-    """Resident memory of ``pid`` and all its descendants, in MiB (Linux /proc)."""
-    total, stack = 0, [pid]
-    while stack:
-        current = stack.pop()
-        try:
-            with open(f"/proc/{current}/status") as fh:
-                total += next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
-            for task in os.listdir(f"/proc/{current}/task"):
-                with open(f"/proc/{current}/task/{task}/children") as fh:
-                    stack.extend(int(c) for c in fh.read().split())
-        except (FileNotFoundError, ProcessLookupError, StopIteration):
-            continue
-    return total / 1024
 
 
 def make_folder(folder: Path, n_images: int, size: int) -> None:
@@ -92,23 +73,12 @@ def main(args: argparse.Namespace) -> dict:
             make_folder(folder, args.n_images, args.photo_size)
         run_dir = Path(args.model_path) if args.model_path else make_run_folder(tmp / "run", args.model_name,
                                                                                  args.img_size)
-        samples: list[tuple[float, float]] = []
-        done = threading.Event()
-
-        def sample() -> None:
-            start = time.perf_counter()
-            while not done.is_set():
-                samples.append((time.perf_counter() - start, tree_rss_mb(os.getpid())))
-                time.sleep(0.25)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
         options = PredictionOptions(backend=args.backend, onnx_model=args.onnx_model, device="cpu",
                                     gradcam=args.generate_gradcam)
-        summary = infer_folder(run_dir, folder, tmp / "out", options, batch_size=args.batch_size,
-                               num_workers=args.num_workers)
-        done.set()
-        sampler.join()
+        with RssSampler() as sampler:
+            summary = infer_folder(run_dir, folder, tmp / "out", options, batch_size=args.batch_size,
+                                   num_workers=args.num_workers)
+        samples = sampler.samples
     rss = np.array([mb for _, mb in samples])
     tenths = [round(float(np.max(chunk)), 1) for chunk in np.array_split(rss, 10) if len(chunk)]
     result = {"images": summary["predicted"], "images_per_s": round(summary["images_per_s"], 2),

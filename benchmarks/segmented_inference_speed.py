@@ -10,6 +10,8 @@ The classifier is a random-weight run folder (efficientnet_b0 at 224 by default)
 
 Example (the README table):
     python -m benchmarks.segmented_inference_speed --images 40 --backends opencv onnx-tiny onnx-b5
+Camera-size photos, full against reduced JPEG decoding (docs/measurements_speed.md):
+    python -m benchmarks.segmented_inference_speed --images 20 --backends opencv onnx-tiny --camera_size 4032x3024
 """
 
 from __future__ import annotations
@@ -53,6 +55,24 @@ def save_random_segformer(folder: Path, shape: dict) -> tuple[Path, int]:
     return folder, sum(p.numel() for p in model.parameters())
 
 
+def camera_size_copies(folder: Path, target: Path, size: tuple[int, int]) -> Path:
+    """Each drawn face (PNG) scaled to 3/4 of the shorter side and centred on a camera-size JPEG of its own
+    background colour: what a phone photo of a face looks like to the decoder."""
+    from PIL import Image
+
+    for source in sorted(folder.rglob("*.png")):
+        with Image.open(source) as drawn:
+            face = drawn.convert("RGB")
+        side = 3 * min(size) // 4
+        canvas = Image.new("RGB", size, face.getpixel((0, 0)))
+        canvas.paste(face.resize((side, side), Image.Resampling.BICUBIC), ((size[0] - side) // 2,
+                                                                          (size[1] - side) // 2))
+        copy = (target / source.relative_to(folder)).with_suffix(".jpg")
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        canvas.save(copy, quality=92)
+    return target
+
+
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("segment + classify throughput", add_help=add_help)
     parser.add_argument("--images", type=int, default=40, help="face photos to classify (default: %(default)s)")
@@ -61,8 +81,24 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--img_size", type=int, default=224, help="classifier input (default: %(default)s)")
     parser.add_argument("--backends", nargs="+", default=["opencv", "onnx-tiny", "onnx-b5"],
                         choices=["opencv", "onnx-tiny", "onnx-b5"])
+    parser.add_argument("--camera_size", default=None,
+                        help="WIDTHxHEIGHT: classify camera-size JPEG copies of the photos instead, each decoded in "
+                             "full and reduced (--reduced_decode False / True)")
     parser.add_argument("--output", default=None, help="optional CSV for the table")
     return parser
+
+
+def _timed_row(run_dir: Path, photos: Path, output: Path, onnx_dir: ExportDir, segmentation: SegmentationOptions,
+               reduced: bool, backend: str, params, args: argparse.Namespace) -> dict:
+    summary = infer_folder_segmented(run_dir, photos, output,
+                                     PredictionOptions(backend="onnx", onnx_model=str(onnx_dir.fp32),
+                                                       reduced_decode=reduced),
+                                     segmentation, num_workers=0)
+    return {"backend": backend, "parser_parameters_m": round(params / 1e6, 2) if params else None,
+            "photos": summary["predicted"], "photo_size": args.camera_size or args.photo_size,
+            "decode": "reduced" if reduced else "full", "classifier": f"{args.model_name}@{args.img_size} onnx",
+            "images_per_s": round(summary["images_per_s"], 2),
+            "faces_found": summary["predicted"] - summary["no_face"]}
 
 
 def main(args: argparse.Namespace) -> pd.DataFrame:
@@ -74,6 +110,11 @@ def main(args: argparse.Namespace) -> pd.DataFrame:
         run_dir = make_run_folder(work / "run", args.model_name, data, args.img_size)
         onnx_dir = ExportDir(work / "onnx")
         export_run(run_dir, onnx_dir, ExportSettings(quantize="none"))
+        photos = data / "testset"
+        decodes = [True]
+        if args.camera_size:
+            photos = camera_size_copies(photos, work / "camera", tuple(int(v) for v in args.camera_size.split("x")))
+            decodes = [False, True]
         for backend in args.backends:
             segmentation = SegmentationOptions(seg_backend="opencv", save_segmented=False)
             params = None
@@ -83,15 +124,10 @@ def main(args: argparse.Namespace) -> pd.DataFrame:
                 export_segmentation(str(folder), None, seg_dir, 17)
                 segmentation = SegmentationOptions(seg_backend="onnx", seg_model=str(ExportDir(seg_dir).seg),
                                                    save_segmented=False)
-            summary = infer_folder_segmented(run_dir, data / "testset", work / f"out-{backend}",
-                                             PredictionOptions(backend="onnx", onnx_model=str(onnx_dir.fp32)),
-                                             segmentation, num_workers=0)
-            rows.append({"backend": backend, "parser_parameters_m": round(params / 1e6, 2) if params else None,
-                         "photos": summary["predicted"], "photo_size": args.photo_size,
-                         "classifier": f"{args.model_name}@{args.img_size} onnx",
-                         "images_per_s": round(summary["images_per_s"], 2),
-                         "faces_found": summary["predicted"] - summary["no_face"]})
-            print(rows[-1], flush=True)
+            for reduced in decodes:
+                rows.append(_timed_row(run_dir, photos, work / f"out-{backend}-{reduced}", onnx_dir, segmentation,
+                                       reduced, backend, params, args))
+                print(rows[-1], flush=True)
     machine = machine_info()
     table = pd.DataFrame(rows)
     print(f"machine: {describe_machine(machine)}")

@@ -182,16 +182,15 @@ def _worker(framework: str, model_file: Optional[str], run_dir: str, images: np.
     torch.set_num_threads(threads)
     if framework == "pytorch":
         from torch_trainer.checkpoint import load_run_model
+        from torch_trainer.predictors import TorchPredictor
 
         model, _ = load_run_model(run_dir)
-        model.to(device)
         size_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+        predictor = TorchPredictor(model, torch.device(device))  # exactly what inference.py --backend torch runs
         runs_on = device
 
         def run(batch: np.ndarray) -> np.ndarray:
-            with torch.inference_mode():
-                out = model(torch.from_numpy(batch).to(device))
-                return out.float().cpu().numpy()
+            return predictor.logits(torch.from_numpy(batch))
     else:
         # benchmark_run() has already said it once if the CUDA provider is missing.
         session = create_session(model_file, device, threads, inter_op_threads=1, warn_no_cuda=False)

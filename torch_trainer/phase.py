@@ -25,6 +25,7 @@ from torch_trainer.checkpoint import load_checkpoint, save_checkpoint
 from torch_trainer.optim import build_optimizer, build_scheduler
 from torch_trainer.run_info import RunInfo
 from torch_trainer.trainer import EarlyStopping, FitHooks, FitState, Precision, Trainee, fit
+from utils.device import prefers_channels_last
 from utils.distributed import DistInfo, gather_evaluation, reduce_train_stats
 from utils.losses import build_criterion
 from utils.metrics import macro_auc
@@ -118,7 +119,7 @@ def run_phase(files: PhaseFiles, ctx: PhaseContext, model: torch.nn.Module, trai
     """Train ``model`` in place for epochs ``0 .. stop_after-1`` of a ``cfg.epochs`` schedule (early stopping may end
     the selection phase sooner); returns the phase's outcome (epochs run, best epoch, seconds, images)."""
     cfg, dist_info = ctx.cfg, ctx.dist_info
-    channels_last = ctx.device.type == "cuda"
+    channels_last = prefers_channels_last(ctx.device)
     model.to(ctx.device)
     if channels_last:
         model.to(memory_format=torch.channels_last)

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from utils.device import prefers_channels_last
 from utils.errors import UserError
 from utils.onnx_runtime import create_session
 
@@ -20,12 +21,18 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 class TorchPredictor:
     def __init__(self, model: torch.nn.Module, device: torch.device):
+        self.channels_last = prefers_channels_last(device)
         self.model = model.to(device).eval()
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
         self.device = device
 
     @torch.inference_mode()
     def logits(self, images: torch.Tensor) -> np.ndarray:
-        return self.model(images.to(self.device)).float().cpu().numpy()
+        images = images.to(self.device)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.model(images).float().cpu().numpy()
 
 
 class OnnxPredictor:

@@ -38,7 +38,7 @@ from torch_trainer.trainer import Precision, evaluate
 from utils.atomic import atomic_save, atomic_write_json
 from utils.calibration import CalibrationResult, apply_temperature, guarded_temperature, logits_from_probs
 from utils.decisions import choose_decisions, decisions_on_test, log_decisions, write_held_out_predictions
-from utils.device import select_device
+from utils.device import prefers_channels_last, select_device
 from utils.distributed import DistInfo, barrier, broadcast, init_distributed, launched_by_torchrun, shutdown
 from utils.errors import UserError
 from utils.experiment_tracking import ExperimentTracker
@@ -256,7 +256,7 @@ class _Scorer:
         loader = make_loader(samples, self.ctx.eval_transform, cfg.batch_size, cfg.num_workers, train=False,
                              pin_memory=device.type == "cuda", loader=self.ctx.image_loader)
         return evaluate(model, loader, torch.nn.CrossEntropyLoss(), Precision.for_device(device, cfg.amp),
-                        channels_last=device.type == "cuda", desc=desc, tta=tta)
+                        channels_last=prefers_channels_last(device), desc=desc, tta=tta)
 
 
 def _out_of_fold(ctx: PhaseContext, model: torch.nn.Module, splits: DataSplits, score: _Scorer) -> dict[str, Any]:
