@@ -36,8 +36,9 @@ from torch_trainer.prediction import PredictionOptions, infer_folder
 from utils.machine import RssSampler, describe_machine, machine_info
 
 
-def make_camera_copies(folder: Path, target: Path, size: tuple[int, int], limit: int) -> list[Path]:
-    """Upscaled JPEG copies under ``target`` with the same relative paths (made once, reused by later runs)."""
+def make_camera_copies(folder: Path, target: Path, size: tuple[int, int], limit: int) -> list[tuple[Path, Path]]:
+    """(source, copy) pairs: upscaled JPEG copies under ``target`` with the same relative paths (made once, reused by
+    later runs)."""
     copies = []
     for source in list_images(folder)[: limit or None]:
         copy = (target / source.relative_to(folder)).with_suffix(".jpg")
@@ -47,7 +48,7 @@ def make_camera_copies(folder: Path, target: Path, size: tuple[int, int], limit:
             # Keep the photo's orientation: a portrait photo becomes a portrait 12 MP photo.
             shape = size if picture.width >= picture.height else size[::-1]
             picture.resize(shape, Image.Resampling.BICUBIC).save(copy, quality=92)
-        copies.append(copy)
+        copies.append((source, copy))
     return copies
 
 
@@ -162,14 +163,13 @@ def main(args: argparse.Namespace) -> pd.DataFrame:
     work = Path(args.work_dir)
     width, height = (int(v) for v in args.size.lower().split("x"))
     folder = Path(args.folder)
-    copies = make_camera_copies(folder, work / "camera", (width, height), args.limit)
+    pairs = make_camera_copies(folder, work / "camera", (width, height), args.limit)
+    copies = [copy for _, copy in pairs]
     originals = work / "originals"
     if not originals.exists():  # the same photos, at their own size, as a folder of their own
-        for copy in copies:
-            relative = copy.relative_to(work / "camera")
-            source = next(p for p in list_images(folder / relative.parent) if p.stem == relative.stem)
-            (originals / relative.parent).mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, originals / relative.parent / source.name)
+        for source, _ in pairs:
+            (originals / source.relative_to(folder)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, originals / source.relative_to(folder))
     rows = []
     floor = decode_floor(copies)
     for backend in args.backends:
