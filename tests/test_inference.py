@@ -227,3 +227,20 @@ def test_cli_error_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "inference.py", "--model_path", str(tmp_path / "nope")], cwd=ROOT,
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
+
+
+def test_torch_predictor_runs_channels_last_with_the_same_answers(tiny_run):
+    """The torch backend switches the model to NHWC on CPU for speed; its logits must be the NCHW model's."""
+    import copy
+
+    from torch_trainer.predictors import TorchPredictor
+
+    model, _ = load_run_model(tiny_run)
+    reference = copy.deepcopy(model).eval()
+    predictor = TorchPredictor(model, torch.device("cpu"))
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    conv = next(m for m in predictor.model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        expected = reference(images).numpy()
+    np.testing.assert_allclose(predictor.logits(images), expected, atol=1e-4, rtol=1e-4)
