@@ -79,7 +79,8 @@ def segment_folder(root: Path, paths: list[Path], output: Path, parser: FacePars
                      "skin_ratio": round(region.skin_ratio, 6), "output_scale": round(image.shape[1] / photo_width, 6),
                      **{f"share_{name}": round(share, 6) for name, share in shares.items()}})
 
-    columns = ["filename", "face_found", "skin_ratio", "output_scale"] + [f"share_{n}" for _, n in sorted(parser.id2label.items())]
+    columns = (["filename", "face_found", "skin_ratio", "output_scale"]
+               + [f"share_{n}" for _, n in sorted(parser.id2label.items())])
     with atomic_path(output / "segmentation_summary.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()

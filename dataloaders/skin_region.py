@@ -225,7 +225,7 @@ class SkinRegionLoader:
     def _fits(path: Path, mask: np.ndarray) -> bool:
         # Masks are stored at the parser's decode; masks cached before reduced decoding are at the photo's full size.
         size = (mask.shape[1], mask.shape[0])
-        return size in (decoded_size(path, PARSE_MIN_SIDE), decoded_size(path))
+        return size == decoded_size(path, PARSE_MIN_SIDE) or size == decoded_size(path)
 
 
 def cache_settings(settings: dict[str, Any]) -> dict[str, Any]:
