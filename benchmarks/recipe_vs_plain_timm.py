@@ -41,6 +41,8 @@ from utils.metrics import classification_metrics
 
 METRICS = ["accuracy", "balanced_accuracy", "macro_auc", "ece", "ece_uncalibrated", "train_images_per_s",
            "select_seconds", "refit_seconds", "wall_seconds"]
+# main.py's test_metrics.json "variants": the delivered model with one recipe step taken away, on the same test images
+VARIANTS = ["no_refit", "no_tta", "no_ema"]
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -133,7 +135,10 @@ def train_main(data_dir: Path, model_name: str, img_size: int, epochs: int, seed
             "ece_uncalibrated": test.get("ece_uncalibrated", test["ece"]),
             "train_images_per_s": float(log["train_images_per_s"].mean()),
             "select_seconds": timings.get("select", float("nan")), "refit_seconds": timings.get("refit", 0.0),
-            "wall_seconds": wall, "run_dir": str(run_dir)}
+            "wall_seconds": wall, "run_dir": str(run_dir),
+            **{f"{name}_balanced_accuracy": test.get("variants", {}).get(name, {}).get("balanced_accuracy",
+                                                                                       float("nan"))
+               for name in VARIANTS}}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -176,7 +181,26 @@ def summarise(results: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     for method, values in averages.items():
         lines.append(f"\n{method}: balanced accuracy minus plain, averaged over {len(values)} dataset(s): "
                      f"{100 * float(np.mean(values)):+.2f} points (Δ in points; ± is the sd over seeds)")
-    return summary, "\n".join(lines) + "\n"
+    return summary, "\n".join(lines + ablation_lines(results)) + "\n"
+
+
+def ablation_lines(results: pd.DataFrame) -> list[str]:
+    """What each recipe step bought: the delivered model's balanced accuracy minus that of the same run with the step
+    taken away (main.py's test variants), mean ± sd over seeds; positive means the step helped."""
+    columns = [f"{name}_balanced_accuracy" for name in VARIANTS]
+    if not set(columns) <= set(results.columns):
+        return []
+    lines = ["", "| dataset | method | seeds | balanced acc | " + " | ".join(f"Δ vs {name}" for name in VARIANTS)
+             + " |", "|---|---|---|---|" + "---|" * len(VARIANTS)]
+    for (dataset, method), group in results[results["method"] != "plain"].groupby(["dataset", "method"], sort=True):
+        delivered = pd.to_numeric(group["balanced_accuracy"])
+        cells = []
+        for column in columns:
+            delta = (delivered - pd.to_numeric(group[column], errors="coerce")).dropna()
+            cells.append(f"{100 * delta.mean():+.2f} ± {100 * (delta.std(ddof=1) if len(delta) > 1 else 0):.2f} "
+                         f"({int((delta > 0).sum())}/{len(delta)} helped)" if len(delta) else "–")
+        lines.append(f"| {dataset} | {method} | {len(group)} | {delivered.mean():.3f} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main(args: argparse.Namespace) -> None:

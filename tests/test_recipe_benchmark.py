@@ -1,0 +1,45 @@
+"""The recipe judge's tables: main minus plain is paired by seed, and the ablation table says what each step bought."""
+
+import pandas as pd
+import pytest
+
+from benchmarks import recipe_vs_plain_timm as judge
+
+
+def _row(dataset: str, method: str, seed: int, balanced: float, **variants: float) -> dict:
+    row = {"dataset": dataset, "method": method, "seed": seed, "accuracy": balanced, "balanced_accuracy": balanced,
+           "macro_auc": 0.9, "ece": 0.05, "ece_uncalibrated": 0.05, "train_images_per_s": 10.0,
+           "select_seconds": 1.0, "refit_seconds": 1.0, "wall_seconds": 2.0}
+    for name in judge.VARIANTS:
+        row[f"{name}_balanced_accuracy"] = variants.get(name, float("nan"))
+    return row
+
+
+def test_differences_are_paired_by_seed_and_ablation_counts_wins():
+    results = pd.DataFrame([
+        _row("set_a", "plain", 0, 0.70), _row("set_a", "plain", 1, 0.60),
+        _row("set_a", "main", 0, 0.74, no_refit=0.72, no_tta=0.74, no_ema=0.75),
+        _row("set_a", "main", 1, 0.66, no_refit=0.63, no_tta=0.65, no_ema=0.67),
+        _row("set_a", "main", 2, 0.90, no_refit=0.80, no_tta=0.90, no_ema=0.91),  # no plain seed 2: not paired
+    ])
+    summary, markdown = judge.summarise(results)
+
+    main = summary.set_index("method").loc["main"]
+    assert main["seeds"] == 3
+    assert main["balanced_accuracy_mean"] == pytest.approx((0.74 + 0.66 + 0.90) / 3)
+    # main − plain on seeds 0 and 1 only: +4 and +6 points
+    assert "| set_a | main (2 seeds) | +5.00 ± 1.41 | +5.00 ± 1.41 |" in markdown
+    assert "averaged over 1 dataset(s): +5.00 points" in markdown
+    ablation = next(line for line in markdown.splitlines() if "helped" in line)
+    cells = [cell.strip() for cell in ablation.strip("|").split("|")]
+    assert cells[4] == "+5.00 ± 4.36 (3/3 helped)"  # refit: +2, +3, +10 points
+    assert cells[5].startswith("+0.33") and cells[5].endswith("(1/3 helped)")  # TTA: 0, +1, 0
+    assert cells[6] == "-1.00 ± 0.00 (0/3 helped)"  # EMA cost a point every time
+
+
+def test_ablation_table_is_left_out_for_results_written_before_variants_were_recorded():
+    results = pd.DataFrame([_row("set_a", "plain", 0, 0.7), _row("set_a", "main", 0, 0.8)])
+    results = results.drop(columns=[f"{name}_balanced_accuracy" for name in judge.VARIANTS])
+    _, markdown = judge.summarise(results)
+    assert "Δ vs no_ema" not in markdown
+    assert "| set_a | main (1 seeds) |" in markdown
