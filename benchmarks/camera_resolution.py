@@ -168,8 +168,9 @@ def main(args: argparse.Namespace) -> pd.DataFrame:
     originals = work / "originals"
     if not originals.exists():  # the same photos, at their own size, as a folder of their own
         for source, _ in pairs:
-            (originals / source.relative_to(folder)).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, originals / source.relative_to(folder))
+            original = originals / source.relative_to(folder)
+            original.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, original)
     rows = []
     floor = decode_floor(copies)
     for backend in args.backends:

@@ -129,19 +129,24 @@ def train_main(data_dir: Path, model_name: str, img_size: int, epochs: int, seed
     run_dir = max((p.parent for p in save_dir.rglob("run_status.json")), key=lambda p: p.stat().st_mtime)
     test = json.loads((run_dir / "test_metrics.json").read_text())
     log = pd.read_csv(run_dir / "log.csv")
-    timings = test.get("training_seconds", {})
+    timings, variants = test.get("training_seconds", {}), test.get("variants", {})
     return {"accuracy": test["accuracy"], "balanced_accuracy": test["balanced_accuracy"],
             "macro_auc": test.get("macro_auc"), "ece": test["ece"],
             "ece_uncalibrated": test.get("ece_uncalibrated", test["ece"]),
             "train_images_per_s": float(log["train_images_per_s"].mean()),
             "select_seconds": timings.get("select", float("nan")), "refit_seconds": timings.get("refit", 0.0),
             "wall_seconds": wall, "run_dir": str(run_dir),
-            **{f"{name}_balanced_accuracy": test.get("variants", {}).get(name, {}).get("balanced_accuracy",
-                                                                                       float("nan"))
+            **{f"{name}_balanced_accuracy": variants.get(name, {}).get("balanced_accuracy", float("nan"))
                for name in VARIANTS}}
 
 
 # --------------------------------------------------------------------------------------------------------------------
+def points(differences: pd.Series) -> str:
+    """Per-seed differences (fractions) as 'mean ± sd' in points; the sd of a single seed is shown as 0."""
+    sd = differences.std(ddof=1) if len(differences) > 1 else 0.0
+    return f"{100 * differences.mean():+.2f} ± {100 * sd:.2f}"
+
+
 def summarise(results: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     rows, lines = [], []
     header = ("| dataset | method | seeds | accuracy | balanced acc | macro AUC | ECE (before → after T) | train img/s "
@@ -174,10 +179,9 @@ def summarise(results: pd.DataFrame) -> tuple[pd.DataFrame, str]:
                      ("accuracy", "balanced_accuracy", "macro_auc", "ece")}
             ratio = (other.loc[seeds, "train_images_per_s"] / plain.loc[seeds, "train_images_per_s"]).mean()
             averages.setdefault(method, []).append(delta["balanced_accuracy"].mean())
-            cell = lambda s: f"{100 * s.mean():+.2f} ± {100 * (s.std(ddof=1) if len(s) > 1 else 0):.2f}"  # noqa
-            lines.append(f"| {dataset} | {method} ({len(seeds)} seeds) | {cell(delta['accuracy'])} | "
-                         f"{cell(delta['balanced_accuracy'])} | {cell(delta['macro_auc'])} | {cell(delta['ece'])} | "
-                         f"{ratio:.2f} |")
+            lines.append(f"| {dataset} | {method} ({len(seeds)} seeds) | {points(delta['accuracy'])} | "
+                         f"{points(delta['balanced_accuracy'])} | {points(delta['macro_auc'])} | "
+                         f"{points(delta['ece'])} | {ratio:.2f} |")
     for method, values in averages.items():
         lines.append(f"\n{method}: balanced accuracy minus plain, averaged over {len(values)} dataset(s): "
                      f"{100 * float(np.mean(values)):+.2f} points (Δ in points; ± is the sd over seeds)")
@@ -197,8 +201,7 @@ def ablation_lines(results: pd.DataFrame) -> list[str]:
         cells = []
         for column in columns:
             delta = (delivered - pd.to_numeric(group[column], errors="coerce")).dropna()
-            cells.append(f"{100 * delta.mean():+.2f} ± {100 * (delta.std(ddof=1) if len(delta) > 1 else 0):.2f} "
-                         f"({int((delta > 0).sum())}/{len(delta)} helped)" if len(delta) else "–")
+            cells.append(f"{points(delta)} ({int((delta > 0).sum())}/{len(delta)} helped)" if len(delta) else "–")
         lines.append(f"| {dataset} | {method} | {len(group)} | {delivered.mean():.3f} | " + " | ".join(cells) + " |")
     return lines
 
