@@ -132,7 +132,16 @@ class TrainConfig:
     metadata: Optional[str] = _opt(None, "CSV with a filename column and columns such as fitzpatrick, sex, "
                                          "age_group, site, device: the test report adds per-subgroup metrics with "
                                          "intervals (subgroup_metrics.csv)")
-    patience: int = _opt(10, "early stopping: epochs without improvement of --monitor (0 disables)")
+    epoch_selection: str = _opt("one_se", "which validated epoch to keep (and refit for): one_se = the latest epoch "
+                                          "whose --monitor is within one standard error of the best (a difference "
+                                          "smaller than the validation noise is a tie, and the later epoch is the "
+                                          "better-trained one), best = the highest score", choices=["one_se", "best"])
+    refit_schedule: str = _opt("compressed", "learning-rate schedule of the refit: compressed = warm-up and decay "
+                                             "over the refit's own epochs (ends at the low rate), replay = the "
+                                             "selection phase's --epochs schedule stopped at the selected epoch",
+                               choices=["compressed", "replay"])
+    patience: int = _opt(10, "early stopping: epochs without a newly selected epoch (see --epoch_selection) "
+                             "(0 disables)")
     monitor: str = _opt("val_balanced_acc", "validation metric that picks model_best.pth and drives early stopping",
                         choices=["val_balanced_acc", "val_loss"])
 

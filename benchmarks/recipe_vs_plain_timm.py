@@ -136,6 +136,9 @@ def train_main(data_dir: Path, model_name: str, img_size: int, epochs: int, seed
             "train_images_per_s": float(log["train_images_per_s"].mean()),
             "select_seconds": timings.get("select", float("nan")), "refit_seconds": timings.get("refit", 0.0),
             "wall_seconds": wall, "run_dir": str(run_dir),
+            # the epoch kept (and refit for) and the one with the highest validation score: where they differ,
+            # --epoch_selection one_se chose a later epoch within the validation noise
+            "selected_epoch": test.get("best_epoch"), "highest_score_epoch": test.get("highest_score_epoch"),
             **{f"{name}_balanced_accuracy": variants.get(name, {}).get("balanced_accuracy", float("nan"))
                for name in VARIANTS}}
 

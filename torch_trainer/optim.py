@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
@@ -18,15 +20,18 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
     return create_optimizer_v2(model, opt=cfg.optimizer, lr=cfg.lr_ae, weight_decay=cfg.weight_decay, **extra)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, updates_per_epoch: int):
-    """A per-step schedule (warm-up then cosine or step decay), or None for a constant learning rate."""
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, updates_per_epoch: int,
+                    num_epochs: Optional[int] = None):
+    """A per-step schedule (warm-up then cosine or step decay) spanning ``num_epochs`` (default ``cfg.epochs``), or
+    None for a constant learning rate."""
     if cfg.scheduler == "none":
         return None
-    warmup = min(cfg.warmup_epochs, max(cfg.epochs - 1, 0))
+    num_epochs = num_epochs or cfg.epochs
+    warmup = min(cfg.warmup_epochs, max(num_epochs - 1, 0))
     scheduler, _ = create_scheduler_v2(
         optimizer,
         sched=cfg.scheduler,
-        num_epochs=cfg.epochs,
+        num_epochs=num_epochs,
         decay_epochs=cfg.step_size,
         decay_rate=cfg.step_gamma,
         min_lr=cfg.lr_ae * 0.01,

@@ -1,8 +1,9 @@
-"""One training phase of a run: the selection phase (train split, best epoch picked on validation) or the refit
-(train + validation, no held-out data, as many epochs as the selection phase found best).
+"""One training phase of a run: the selection phase (train split, the epoch to keep picked on validation) or the
+refit (train + validation, no held-out data, as many epochs as the selection phase chose).
 
-Both phases share everything else: loaders, loss, optimizer, schedule (always spanning ``cfg.epochs``, so a refit that
-stops after the best epoch replays the selected model's learning-rate trajectory), EMA, mixup, checkpoints and resume.
+Both phases share everything else: loaders, loss, optimizer, schedule kind, EMA, mixup, checkpoints and resume. The
+schedule spans ``cfg.epochs`` in the selection phase; the refit's spans its own epochs (``--refit_schedule
+compressed``) or replays the selection phase's (``replay``).
 """
 
 from __future__ import annotations
@@ -115,9 +116,11 @@ class PhaseContext:
 
 
 def run_phase(files: PhaseFiles, ctx: PhaseContext, model: torch.nn.Module, train_samples: list[Sample],
-              val_samples: Optional[list[Sample]], *, stop_after: int, resume: bool = False) -> dict[str, Any]:
-    """Train ``model`` in place for epochs ``0 .. stop_after-1`` of a ``cfg.epochs`` schedule (early stopping may end
-    the selection phase sooner); returns the phase's outcome (epochs run, best epoch, seconds, images)."""
+              val_samples: Optional[list[Sample]], *, stop_after: int, schedule_epochs: Optional[int] = None,
+              resume: bool = False) -> dict[str, Any]:
+    """Train ``model`` in place for epochs ``0 .. stop_after-1`` of a ``schedule_epochs`` (default ``cfg.epochs``)
+    schedule (early stopping may end the selection phase sooner); returns the phase's outcome (epochs run, the
+    selected and the highest-scoring epoch, seconds, images)."""
     cfg, dist_info = ctx.cfg, ctx.dist_info
     channels_last = prefers_channels_last(ctx.device)
     model.to(ctx.device)
@@ -133,8 +136,8 @@ def run_phase(files: PhaseFiles, ctx: PhaseContext, model: torch.nn.Module, trai
     trainee = Trainee(net, _train_criterion(cfg, train_samples, ctx.info.n_class), build_optimizer(model, cfg), None,
                       Precision.for_device(ctx.device, cfg.amp), channels_last, build_ema(cfg, model),
                       build_mixup(cfg, ctx.info.n_class))
-    trainee.scheduler = build_scheduler(trainee.optimizer, cfg, len(train_loader))
-    stopper = EarlyStopping(cfg.monitor, cfg.patience if val_loader is not None else 0)
+    trainee.scheduler = build_scheduler(trainee.optimizer, cfg, len(train_loader), schedule_epochs)
+    stopper = EarlyStopping(cfg.monitor, cfg.patience if val_loader is not None else 0, cfg.epoch_selection)
     state = _resume(files, ctx, model, trainee, stopper, stop_after) if resume else FitState()
 
     def on_epoch_start(epoch: int) -> None:
@@ -146,17 +149,17 @@ def run_phase(files: PhaseFiles, ctx: PhaseContext, model: torch.nn.Module, trai
         if dist_info.is_main:
             rf.write_status(ctx.run_dir, "running", phase=files.name, epoch=epoch + 1, epochs=stop_after)
 
-    def on_epoch_end(epoch: int, train_stats: dict, val: Optional[dict], is_best: bool) -> None:
+    def on_epoch_end(epoch: int, train_stats: dict, val: Optional[dict], selected: bool) -> None:
         if dist_info.is_main:
-            _record_epoch(_PhaseState(files, ctx, model, trainee, stopper, state), epoch, train_stats, val, is_best)
+            _record_epoch(_PhaseState(files, ctx, model, trainee, stopper, state), epoch, train_stats, val, selected)
 
     start = time.perf_counter()
     fit(trainee, train_loader, val_loader, stopper, epochs=stop_after, state=state,
         hooks=FitHooks(on_epoch_start, on_epoch_end, lambda stats: reduce_train_stats(stats, dist_info),
                        lambda result: gather_evaluation(result, dist_info)),
         desc="" if files.name == "select" else f"{files.name}: ")
-    return {"epochs_run": state.epochs_done, "best_epoch": stopper.best_epoch, "seconds": time.perf_counter() - start,
-            "images": len(train_samples)}
+    return {"epochs_run": state.epochs_done, "selected_epoch": stopper.selected_epoch,
+            "best_epoch": stopper.best_epoch, "seconds": time.perf_counter() - start, "images": len(train_samples)}
 
 
 def _train_loader(ctx: PhaseContext, samples: list[Sample], generator: torch.Generator):
@@ -228,7 +231,7 @@ class _PhaseState:
 
 
 def _record_epoch(phase_state: _PhaseState, epoch: int, train_stats: dict, val: Optional[dict],
-                  is_best: bool) -> None:
+                  selected: bool) -> None:
     """The epoch's log row, tracker entry and checkpoints (rank 0 only)."""
     files, ctx, model, trainee = phase_state.files, phase_state.ctx, phase_state.model, phase_state.trainee
     stopper, state = phase_state.stopper, phase_state.state
@@ -263,6 +266,6 @@ def _record_epoch(phase_state: _PhaseState, epoch: int, train_stats: dict, val: 
     }
     if trainee.ema is not None:
         ckpt_state["model_train"] = model.state_dict()  # the raw weights, to resume training from
-    if is_best and files.best:
+    if selected and files.best:
         save_checkpoint(ctx.run_dir / files.best, ckpt_state)
     save_checkpoint(last_path, ckpt_state)

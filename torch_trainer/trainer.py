@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils.metrics import balanced_accuracy
+from utils.metrics import balanced_accuracy, balanced_accuracy_standard_error, mean_standard_error
 
 logger = logging.getLogger(__name__)
 
@@ -149,28 +149,57 @@ def evaluate(model: torch.nn.Module, loader, criterion: Callable, precision: Pre
 
 
 class EarlyStopping:
-    """Tracks the best validation result; higher balanced accuracy wins, validation loss breaks ties."""
+    """Picks the epoch to keep from validation, and stops training when it has not moved for ``patience`` epochs.
 
-    def __init__(self, monitor: str, patience: int):
+    ``rule="best"`` keeps the epoch with the highest validation score (higher balanced accuracy wins, validation loss
+    breaks ties). ``rule="one_se"`` keeps the *latest* epoch whose score is within one standard error of that best
+    (the one-standard-error rule of Breiman et al.): on a few hundred validation images two epochs a point apart are
+    a tie, and the later epoch of a decaying schedule is the better-trained model to refit to. It is exact when
+    applied epoch by epoch: the best only moves to a new epoch, which is then also the latest within noise.
+    """
+
+    RULES = ("one_se", "best")
+
+    def __init__(self, monitor: str, patience: int, rule: str = "best"):
+        if rule not in self.RULES:
+            raise ValueError(f"unknown epoch selection rule {rule!r}")
         self.monitor = monitor
         self.patience = patience
+        self.rule = rule
         self.best_key: Optional[tuple] = None
-        self.best_epoch = -1
-        self.bad_epochs = 0
+        self.best_epoch = -1       # highest validation score
+        self.best_se = 0.0         # its standard error
+        self.selected_epoch = -1   # the epoch kept (model_best.pth); == best_epoch under rule "best"
+        self.bad_epochs = 0        # epochs since the selected one
 
     def key(self, val: dict) -> tuple:
         if self.monitor == "val_loss":
             return (-val["loss"],)
         return (val["balanced_acc"], -val["loss"])
 
+    def standard_error(self, val: dict) -> float:
+        """Of the monitored score, from the per-image validation results."""
+        targets, probs = val.get("targets"), val.get("probs")
+        if targets is None or probs is None or len(targets) == 0:
+            return 0.0
+        if self.monitor == "val_loss":
+            nll = -np.log(np.clip(probs[np.arange(len(targets)), targets], 1e-12, None))
+            return mean_standard_error(nll)
+        return balanced_accuracy_standard_error(targets, probs.argmax(1))
+
     def update(self, val: dict, epoch: int) -> bool:
-        """Record an epoch; return True if it is the best so far."""
+        """Record an epoch; return True if it is the selected epoch so far (its weights become model_best.pth)."""
         key = self.key(val)
         if self.best_key is None or key > self.best_key:
-            self.best_key, self.best_epoch, self.bad_epochs = key, epoch, 0
-            return True
-        self.bad_epochs += 1
-        return False
+            self.best_key, self.best_epoch, self.best_se = key, epoch, self.standard_error(val)
+            selected = True
+        else:
+            selected = self.rule == "one_se" and key[0] >= self.best_key[0] - self.best_se
+        if selected:
+            self.selected_epoch, self.bad_epochs = epoch, 0
+        else:
+            self.bad_epochs += 1
+        return selected
 
     @property
     def should_stop(self) -> bool:
@@ -178,11 +207,15 @@ class EarlyStopping:
 
     def state_dict(self) -> dict:
         return {"best_key": list(self.best_key) if self.best_key else None, "best_epoch": self.best_epoch,
-                "bad_epochs": self.bad_epochs}
+                "best_se": self.best_se, "selected_epoch": self.selected_epoch, "bad_epochs": self.bad_epochs,
+                "rule": self.rule}
 
     def load_state_dict(self, state: dict) -> None:
         self.best_key = tuple(state["best_key"]) if state["best_key"] is not None else None
         self.best_epoch, self.bad_epochs = state["best_epoch"], state["bad_epochs"]
+        # checkpoints from before the rule existed selected the best epoch
+        self.best_se = state.get("best_se", 0.0)
+        self.selected_epoch = state.get("selected_epoch", self.best_epoch)
 
 
 @dataclass
@@ -250,13 +283,18 @@ def fit(trainee: Trainee, train_loader, val_loader, stopper: EarlyStopping, *, e
         scored = t.ema.module if t.ema is not None else t.model
         val = hooks.gather_val(evaluate(scored, val_loader, t.eval_criterion, t.precision,
                                         channels_last=t.channels_last, desc=f"epoch {epoch + 1} val"))
-        is_best = stopper.update(val, epoch)
+        selected = stopper.update(val, epoch)
+        mark = ""
+        if stopper.best_epoch == epoch:
+            mark = "  *best*"
+        elif selected:
+            mark = "  *selected: within 1 SE of the best*"
         logger.info("%sepoch %d/%d  train loss %.4f acc %.3f | val loss %.4f acc %.3f bal.acc %.3f | %.1f img/s, "
                     "data %.0f%%%s", desc, epoch + 1, epochs, train["loss"], train["acc"], val["loss"], val["acc"],
                     val["balanced_acc"], train["images_per_s"], 100 * train["data_fraction"],
-                    "  *best*" if is_best else "")
-        hooks.on_epoch_end(epoch, train, val, is_best)
+                    mark)
+        hooks.on_epoch_end(epoch, train, val, selected)
         if stopper.should_stop:
-            logger.info("early stopping: %s did not improve for %d epochs (best epoch %d)", stopper.monitor,
-                        stopper.patience, stopper.best_epoch + 1)
+            logger.info("early stopping: %s did not improve for %d epochs (selected epoch %d)", stopper.monitor,
+                        stopper.patience, stopper.selected_epoch + 1)
             break

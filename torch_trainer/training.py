@@ -201,7 +201,7 @@ def _select_and_refit(ctx: PhaseContext, splits: DataSplits, model: torch.nn.Mod
     cfg, resuming = ctx.cfg, ctx.cfg.resume is not None
     if splits.folds is not None:
         selection = _cross_validate(ctx, splits, resuming)
-        refit_epochs = int(np.ceil(np.median(selection["best_epochs"])))
+        refit_epochs = int(np.ceil(np.median(selection["selected_epochs"])))
     else:
         selection = run_phase(phase.SELECT, ctx, model, splits.train, splits.val, stop_after=cfg.epochs,
                               resume=resuming)
@@ -211,10 +211,13 @@ def _select_and_refit(ctx: PhaseContext, splits: DataSplits, model: torch.nn.Mod
     if not refit_epochs:
         return selection, None
     everything = splits.train + splits.val
-    logger.info("refit: training on every labelled training image (%d) for the %d epoch(s) validation chose",
-                len(everything), refit_epochs)
+    # A compressed schedule warms up and decays within the refit's epochs, so a refit for fewer epochs than
+    # --epochs still ends at the low learning rate instead of stopping mid-schedule.
+    schedule_epochs = refit_epochs if cfg.refit_schedule == "compressed" else cfg.epochs
+    logger.info("refit: training on every labelled training image (%d) for the %d epoch(s) validation chose "
+                "(learning-rate schedule over %d epochs)", len(everything), refit_epochs, schedule_epochs)
     refit = run_phase(phase.REFIT, ctx, _fresh_model(cfg, len(splits.class_names)), everything, None,
-                      stop_after=refit_epochs, resume=resuming)
+                      stop_after=refit_epochs, schedule_epochs=schedule_epochs, resume=resuming)
     refit["epochs"] = refit_epochs
     barrier(ctx.dist_info)
     return selection, refit
@@ -239,10 +242,11 @@ def _cross_validate(ctx: PhaseContext, splits: DataSplits, resuming: bool) -> di
         outcomes.append(run_phase(phase.fold_files(fold), ctx, fold_model, train_samples, held_out,
                                   stop_after=cfg.epochs, resume=resuming))
         barrier(ctx.dist_info)
-    best_epochs = [o["best_epoch"] + 1 for o in outcomes]
-    logger.info("cross-validation: best epochs per fold %s", best_epochs)
+    selected_epochs = [o["selected_epoch"] + 1 for o in outcomes]
+    logger.info("cross-validation: selected epochs per fold %s (highest validation score: %s)", selected_epochs,
+                [o["best_epoch"] + 1 for o in outcomes])
     return {"epochs_run": sum(o["epochs_run"] for o in outcomes), "seconds": sum(o["seconds"] for o in outcomes),
-            "best_epochs": best_epochs}
+            "selected_epochs": selected_epochs}
 
 
 @dataclass
@@ -296,7 +300,8 @@ def _held_out_predictions(ctx: PhaseContext, model: torch.nn.Module, splits: Dat
     model.load_state_dict(best["model"])
     val = score(model, splits.val, ctx.cfg.tta, "validation")
     atomic_write_json(ctx.run_dir / rf.VAL_METRICS, {
-        "weights": rf.BEST_CKPT, "best_epoch": best["epoch"] + 1, "tta": ctx.cfg.tta,
+        "weights": rf.BEST_CKPT, "best_epoch": best["epoch"] + 1, "epoch_selection": ctx.cfg.epoch_selection,
+        "highest_score_epoch": best["early_stopping"]["best_epoch"] + 1, "tta": ctx.cfg.tta,
         "note": "the selected model on the held-out validation split, before temperature scaling",
         **classification_metrics(val["targets"], val["probs"].argmax(1), splits.class_names, val["probs"])})
     return val, best["epoch"] + 1, best
@@ -373,7 +378,10 @@ def _finish_training(ctx: PhaseContext, model: torch.nn.Module, splits: DataSpli
         run_dir, test["targets"], test_probs, splits.class_names,
         confusion_name="confusion_matrix_test",
         extra={"weights": weights_name, "best_epoch": best_epoch, "folds": cfg.folds or None, "monitor": cfg.monitor,
-               "refit_epochs": refit["epochs"] if refit else None, "tta": cfg.tta, "loss": test["loss"],
+               "epoch_selection": cfg.epoch_selection,
+               "highest_score_epoch": best["early_stopping"]["best_epoch"] + 1 if best is not None else None,
+               "refit_epochs": refit["epochs"] if refit else None,
+               "refit_schedule": cfg.refit_schedule if refit else None, "tta": cfg.tta, "loss": test["loss"],
                "temperature": temperature, "calibration": calibration.to_dict() if calibration else None,
                "training_seconds": seconds, "variants": variants,
                **({"decisions": decisions} if decisions else {})},

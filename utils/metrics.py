@@ -19,6 +19,27 @@ def balanced_accuracy(y_true, y_pred) -> float:
         return float(balanced_accuracy_score(y_true, y_pred))
 
 
+def balanced_accuracy_standard_error(y_true, y_pred) -> float:
+    """Binomial standard error of balanced accuracy: sqrt(sum_k r_k (1 - r_k) / n_k) / K over the K classes present,
+    with r_k the recall of class k on its n_k images (the classes are independent samples)."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    classes = np.unique(y_true)
+    if len(classes) == 0:
+        return 0.0
+    variance = 0.0
+    for k in classes:
+        hits = y_pred[y_true == k] == k
+        recall = hits.mean()
+        variance += recall * (1.0 - recall) / len(hits)
+    return float(np.sqrt(variance) / len(classes))
+
+
+def mean_standard_error(values) -> float:
+    """Standard error of a mean (e.g. of per-image losses)."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
+
+
 def classification_metrics(y_true, y_pred, class_names: list[str], probs: np.ndarray | None = None) -> dict:
     """Accuracy, balanced accuracy, macro F1 and per-class precision/recall/specificity/F1/support; with ``probs``
     also one-vs-rest ROC AUC (macro and per class) and the expected calibration error."""
