@@ -39,7 +39,7 @@ def refit_run(lesion_dataset, tmp_path_factory):
     real_run_phase = phase.run_phase
 
     def spy(files, ctx, model, train_samples, val_samples, **kwargs):
-        seen[files.name] = (list(train_samples), val_samples)
+        seen[files.name] = (list(train_samples), val_samples, kwargs)
         return real_run_phase(files, ctx, model, train_samples, val_samples, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
@@ -63,6 +63,14 @@ def test_refit_trains_on_train_plus_validation_and_is_the_delivered_model(refit_
     assert len(pd.read_csv(run_dir / rf.REFIT_LOG_CSV)) == metrics["best_epoch"]
     assert set(metrics["variants"]) == {"no_refit", "no_tta", "no_ema"}
     assert json.loads((run_dir / rf.VAL_METRICS).read_text())["n_images"] == len(val_files)
+
+    # the defaults: the latest epoch within noise of the best is kept, and the refit's learning-rate schedule spans
+    # its own epochs, so it ends at the low rate however early the selected epoch was
+    assert (metrics["epoch_selection"], metrics["refit_schedule"]) == ("one_se", "compressed")
+    assert 1 <= metrics["highest_score_epoch"] <= metrics["best_epoch"]
+    assert seen["refit"][2]["schedule_epochs"] == seen["refit"][2]["stop_after"] == metrics["best_epoch"]
+    refit_rates = pd.read_csv(run_dir / rf.REFIT_LOG_CSV)["lr"]
+    assert refit_rates.iloc[-1] < 0.2 * refit_rates.max() or len(refit_rates) == 1
 
     model, _ = load_run_model(run_dir)
     delivered = torch.load(run_dir / rf.REFIT_CKPT, weights_only=True)["model"]

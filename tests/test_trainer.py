@@ -1,8 +1,12 @@
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from configs import TrainConfig
+from torch_trainer.optim import build_scheduler
 from utils.device import select_device
+from utils.metrics import balanced_accuracy_standard_error
 from torch_trainer.trainer import EarlyStopping, Precision, evaluate, train_one_epoch
 from utils.errors import UserError
 
@@ -60,6 +64,81 @@ def test_early_stopping_on_loss_and_disabled_patience():
     for epoch, loss in enumerate([0.5, 0.6, 0.7, 0.8]):
         stopper.update({"balanced_acc": 1.0, "loss": loss}, epoch)
     assert stopper.best_epoch == 0 and not stopper.should_stop
+
+
+def _validation(correct_per_class: list[int], n_per_class: int, loss: float = 0.5) -> dict:
+    """A validation result on ``n_per_class`` images of each class with ``correct_per_class[k]`` of class k right."""
+    targets, preds = [], []
+    for k, correct in enumerate(correct_per_class):
+        targets += [k] * n_per_class
+        preds += [k] * correct + [(k + 1) % len(correct_per_class)] * (n_per_class - correct)
+    probs = np.eye(len(correct_per_class), dtype=np.float32)[preds] * 0.8 + 0.1
+    recall = np.array(correct_per_class) / n_per_class
+    return {"balanced_acc": float(recall.mean()), "loss": loss, "targets": np.array(targets), "probs": probs}
+
+
+def test_balanced_accuracy_standard_error_is_the_binomial_one():
+    val = _validation([40, 30], 50)  # recalls 0.8 and 0.6
+    expected = np.sqrt(0.8 * 0.2 / 50 + 0.6 * 0.4 / 50) / 2
+    assert balanced_accuracy_standard_error(val["targets"], val["probs"].argmax(1)) == pytest.approx(expected)
+    assert balanced_accuracy_standard_error([0, 0, 1, 1], [0, 0, 1, 1]) == 0.0
+
+
+def test_one_se_rule_keeps_the_latest_epoch_within_noise_of_the_best():
+    # 50 images a class: the standard error of balanced accuracy near 0.8 is about 4 points
+    history = [_validation([35, 35], 50), _validation([42, 41], 50), _validation([36, 37], 50),
+               _validation([40, 41], 50), _validation([41, 40], 50)]
+    scores = [v["balanced_acc"] for v in history]  # 0.70, 0.83, 0.73, 0.81, 0.81
+    one_se, best = EarlyStopping("val_balanced_acc", patience=0, rule="one_se"), EarlyStopping(
+        "val_balanced_acc", patience=0, rule="best")
+    kept = [epoch for epoch, val in enumerate(history) if one_se.update(val, epoch)]
+    for epoch, val in enumerate(history):
+        best.update(val, epoch)
+    assert best.best_epoch == best.selected_epoch == 1
+    # epoch 3 (0.73) is more than one SE below the best and is not kept; epochs 4 and 5 (0.81) are within it
+    se = one_se.best_se
+    assert scores[1] - scores[2] > se > scores[1] - scores[4]
+    assert kept == [0, 1, 3, 4] and one_se.selected_epoch == 4 and one_se.best_epoch == 1
+    restored = EarlyStopping("val_balanced_acc", patience=0, rule="one_se")
+    restored.load_state_dict(one_se.state_dict())
+    assert (restored.selected_epoch, restored.best_epoch, restored.best_se) == (4, 1, se)
+
+
+def test_one_se_rule_patience_counts_epochs_since_the_selected_one():
+    stopper = EarlyStopping("val_balanced_acc", patience=2, rule="one_se")
+    stopper.update(_validation([45, 45], 50), 0)   # 0.90
+    stopper.update(_validation([30, 30], 50), 1)   # 0.60: out of noise
+    assert not stopper.should_stop
+    stopper.update(_validation([30, 31], 50), 2)
+    assert stopper.should_stop and stopper.selected_epoch == 0
+
+
+def test_checkpoints_from_before_the_rule_select_their_best_epoch():
+    stopper = EarlyStopping("val_balanced_acc", patience=3, rule="one_se")
+    stopper.load_state_dict({"best_key": [0.8, -0.4], "best_epoch": 2, "bad_epochs": 1})
+    assert (stopper.selected_epoch, stopper.best_se) == (2, 0.0)
+
+
+def _learning_rates(cfg: TrainConfig, stop_after: int, schedule_epochs=None) -> list[float]:
+    model = _model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr_ae)
+    scheduler = build_scheduler(optimizer, cfg, updates_per_epoch=10, num_epochs=schedule_epochs)
+    rates = []
+    for update in range(stop_after * 10):
+        scheduler.step_update(update)
+        rates.append(optimizer.param_groups[0]["lr"])
+    return rates
+
+
+def test_compressed_refit_schedule_ends_at_the_low_rate_replay_stops_midway():
+    cfg = TrainConfig(epochs=6, lr_ae=1e-3, warmup_epochs=1)
+    replay = _learning_rates(cfg, stop_after=2)
+    compressed = _learning_rates(cfg, stop_after=2, schedule_epochs=2)
+    full = _learning_rates(cfg, stop_after=6)
+    assert replay == full[:20]                  # the 6-epoch schedule, stopped after epoch 2
+    assert replay[-1] > 0.7 * cfg.lr_ae         # ... still near the peak rate
+    assert compressed[-1] < 0.05 * cfg.lr_ae    # warm-up and cosine within the 2 epochs: ends low
+    assert max(compressed) == pytest.approx(max(full), rel=0.05)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU, like CI")
