@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from utils.calibration import logits_from_probs
 from utils.metrics import balanced_accuracy, balanced_accuracy_standard_error, mean_standard_error
 
 logger = logging.getLogger(__name__)
@@ -183,7 +184,7 @@ class EarlyStopping:
         if targets is None or probs is None or len(targets) == 0:
             return 0.0
         if self.monitor == "val_loss":
-            nll = -np.log(np.clip(probs[np.arange(len(targets)), targets], 1e-12, None))
+            nll = -logits_from_probs(probs[np.arange(len(targets)), targets])
             return mean_standard_error(nll)
         return balanced_accuracy_standard_error(targets, probs.argmax(1))
 
