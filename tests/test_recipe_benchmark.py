@@ -43,3 +43,24 @@ def test_ablation_table_is_left_out_for_results_written_before_variants_were_rec
     _, markdown = judge.summarise(results)
     assert "Δ vs no_ema" not in markdown
     assert "| set_a | main (1 seeds) |" in markdown
+
+
+def test_eval_crop_policies_are_scored_like_main_py_scores_its_testset(tiny_run):
+    """The policy comparison is only the policy's if the run's own policy gives exactly main.py's test result."""
+    import argparse
+
+    from benchmarks import eval_crop_policy
+
+    runs = eval_crop_policy.runs_from(argparse.Namespace(results=None, run_dirs=[str(tiny_run)]))
+    scores = eval_crop_policy.score_runs(runs, batch_size=8)
+
+    assert list(scores["policy"]) == ["center@run", "center@1.0", "squash@1.0", "letterbox@1.0"]
+    assert scores["crop_pct"].iloc[1:].eq(1.0).all()
+    eval_crop_policy.check_reproduced(scores)  # raises SystemExit when the run's own policy misses test_metrics.json
+    own = scores.iloc[0]
+    assert own["balanced_accuracy"] == pytest.approx(own["recorded_balanced_accuracy"], abs=1e-9)
+    assert "| center@1.0 | 1 |" in eval_crop_policy.summary_markdown(scores)
+
+    scores.loc[0, "recorded_balanced_accuracy"] += 0.01
+    with pytest.raises(SystemExit, match="did not reproduce"):
+        eval_crop_policy.check_reproduced(scores)
