@@ -56,6 +56,10 @@ def policy_name(mode: str, crop_pct: float | None) -> str:
 def testset(data_dir: Path, class_names: list[str]) -> tuple[list[Path], np.ndarray]:
     by_class = discover_split(data_dir / "testset")
     index = {name: i for i, name in enumerate(class_names)}
+    unknown = sorted(set(by_class) - set(index))
+    if unknown:
+        raise SystemExit(f"{data_dir / 'testset'} has class folders the run does not know ({', '.join(unknown)}); "
+                         f"score a testset with the run's classes {class_names}")
     paths = [p for name in sorted(by_class) for p in by_class[name]]
     targets = np.array([index[name] for name in sorted(by_class) for _ in by_class[name]])
     return paths, targets
@@ -142,6 +146,8 @@ def runs_from(args: argparse.Namespace) -> pd.DataFrame:
         raise SystemExit("give --results or --run_dirs")
     for record in records:
         run_dir = Path(record["run_dir"])
+        if not (run_dir / "test_metrics.json").is_file():
+            raise SystemExit(f"{run_dir} has no test_metrics.json; pass run folders of finished main.py runs")
         config = json.loads((run_dir / "configs.json").read_text())
         test = json.loads((run_dir / "test_metrics.json").read_text())
         record.update(data_dir=config["data_dir"], recorded=test["balanced_accuracy"],
