@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,11 +29,10 @@ from dataloaders.discovery import discover_split
 from dataloaders.image_io import load_rgb
 from dataloaders.transforms import EVAL_CROP_MODES, Preprocessing, build_eval_transform, decode_min_side
 from torch_trainer.checkpoint import load_run_model
-from utils.calibration import apply_temperature
+from torch_trainer.predictors import TorchPredictor, predict_proba
+from torch_trainer.run_info import RunInfo
 from utils.machine import describe_machine, machine_info
 from utils.metrics import balanced_accuracy, expected_calibration_error, macro_auc
-
-logger = logging.getLogger(__name__)
 
 # (--eval_crop, crop_pct): the default (centre crop at the model's crop_pct) and the whole-photo alternatives.
 POLICIES = [("center", None), ("center", 1.0), ("squash", 1.0), ("letterbox", 1.0)]
@@ -65,26 +63,25 @@ def testset(data_dir: Path, class_names: list[str]) -> tuple[list[Path], np.ndar
     return paths, targets
 
 
-@torch.inference_mode()
-def probabilities(model: torch.nn.Module, images: torch.Tensor, tta: bool, temperature: float,
-                  batch_size: int) -> np.ndarray:
-    chunks = []
-    for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size]
-        logits = model(batch).float()
-        if tta:
-            logits = (logits + model(torch.flip(batch, dims=[3])).float()) / 2
-        chunks.append(logits.softmax(1).numpy())
-    return apply_temperature(np.concatenate(chunks), temperature)
+def probabilities(predictor: TorchPredictor, images: torch.Tensor, info: RunInfo, batch_size: int) -> np.ndarray:
+    """As main.py's test: the run's TTA and temperature (``predict_proba``), ``batch_size`` images at a time."""
+    return np.concatenate([predict_proba(predictor, images[i:i + batch_size], info.tta, info.temperature)
+                           for i in range(0, len(images), batch_size)])
 
 
 def score_runs(runs: pd.DataFrame, batch_size: int) -> pd.DataFrame:
-    """One row per (run, policy). Photos are decoded once per dataset, each policy's tensors built once per dataset."""
-    rows = []
+    """One row per (run, policy). Each model is loaded and each photo decoded once per dataset, and each policy's
+    tensors are built once per dataset."""
+    rows, cpu = [], torch.device("cpu")
     for data_dir, group in runs.groupby("data_dir", sort=True):
-        first = load_run_model(group["run_dir"].iloc[0])[1]
-        paths, targets = testset(Path(data_dir), first.class_names)
-        base: Preprocessing = first.preprocessing
+        loaded = [(run, *load_run_model(run.run_dir)) for run in group.itertuples()]
+        base: Preprocessing = loaded[0][2].preprocessing
+        for run, _, info in loaded:
+            if info.preprocessing != base:
+                raise SystemExit(f"{run.run_dir} was trained with other preprocessing than {loaded[0][0].run_dir}; "
+                                 "score it separately")
+        predictors = [(run, TorchPredictor(model, cpu), info) for run, model, info in loaded]
+        paths, targets = testset(Path(data_dir), loaded[0][2].class_names)
         # decode at the largest size any policy needs (crop_pct 1.0 needs less than the run's 0.875)
         min_side = max(decode_min_side(replace(base, crop_pct=pct or base.crop_pct)) for _, pct in POLICIES)
         photos = [load_rgb(p, min_side=min_side) for p in tqdm(paths, desc=f"decode {Path(data_dir).name}")]
@@ -92,12 +89,8 @@ def score_runs(runs: pd.DataFrame, batch_size: int) -> pd.DataFrame:
             pre = replace(base, crop_mode=EVAL_CROP_MODES[mode], crop_pct=pct or base.crop_pct)
             transform = build_eval_transform(pre)
             images = torch.stack([transform(photo) for photo in photos])
-            for run in group.itertuples():
-                model, info = load_run_model(run.run_dir)
-                if info.preprocessing != base:
-                    raise SystemExit(f"{run.run_dir} was trained with other preprocessing than "
-                                     f"{group['run_dir'].iloc[0]}; score it separately")
-                probs = probabilities(model, images, info.tta, info.temperature, batch_size)
+            for run, predictor, info in predictors:
+                probs = probabilities(predictor, images, info, batch_size)
                 preds = probs.argmax(1)
                 rows.append({"dataset": Path(data_dir).name, "seed": run.seed, "run_dir": run.run_dir,
                              "policy": policy_name(mode, pct), "crop_mode": mode, "crop_pct": pre.crop_pct,
@@ -156,8 +149,6 @@ def runs_from(args: argparse.Namespace) -> pd.DataFrame:
 
 
 def main(args: argparse.Namespace) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    torch.manual_seed(0)
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     scores = score_runs(runs_from(args), args.batch_size)
