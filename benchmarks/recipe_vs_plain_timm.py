@@ -8,8 +8,17 @@ For every dataset and seed it trains
 both from the same pretrained weights, evaluates both on the dataset's testset, and writes
   results.csv   one row per (dataset, method, seed): accuracy, balanced accuracy, macro AUC, ECE (before/after
                 temperature scaling for main), training images/s, wall seconds (main: selection and refit phases);
-  summary.csv / summary.md   mean ± sd over seeds per dataset and method, and main minus plain.
+  summary.csv / summary.md   mean ± sd over seeds per dataset and method, and main minus plain; for a tagged
+                ablation (--tag), the tagged run minus the default main run of the same dataset and seed.
 Finished (dataset, method, seed) rows are kept, so an interrupted comparison continues where it stopped.
+
+An ablation is a tagged main run with extra flags; it is paired with the default main run of the same seed, read from
+this --output_dir or from --baseline_results (another comparison's results.csv). An ablation run with --refit False
+is compared with the default run's no_refit variant (the same run's validation-chosen model before refit), so the
+pair differs only in the option, not in refit:
+    python -m benchmarks.recipe_vs_plain_timm --data_dir ../shared/data/dermnet_a --methods main --seeds 0 1 2 \
+        --tag mixup --main_args "--refit False --mixup 0.2 --cutmix 1.0" --output_dir /tmp/ablate \
+        --baseline_results docs/recipe_runs/results.csv
 
 Example (the README's comparison):
     python -m benchmarks.recipe_vs_plain_timm --data_dir ../shared/data/dermnet_a ../shared/data/isic_binary \
@@ -55,6 +64,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--methods", nargs="+", default=["plain", "main"], choices=["plain", "main"])
     parser.add_argument("--main_args", default="", help="extra main.py flags (ablations), e.g. \"--model_ema False\"")
     parser.add_argument("--tag", default="", help="name suffix of the main method in the tables (ablations)")
+    parser.add_argument("--baseline_results", default=None,
+                        help="results.csv of an earlier comparison whose default main rows the tagged ablations "
+                             "are paired with (same dataset and seed); default: this --output_dir's own main rows")
     parser.add_argument("--batch_size", type=int, default=32, help="plain loop only; main.py uses its default")
     parser.add_argument("--plain_lr", type=float, default=1e-3)
     parser.add_argument("--output_dir", default="recipe_comparison")
@@ -150,7 +162,7 @@ def points(differences: pd.Series) -> str:
     return f"{100 * differences.mean():+.2f} ± {100 * sd:.2f}"
 
 
-def summarise(results: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+def summarise(results: pd.DataFrame, baseline: pd.DataFrame | None = None) -> tuple[pd.DataFrame, str]:
     rows, lines = [], []
     header = ("| dataset | method | seeds | accuracy | balanced acc | macro AUC | ECE (before → after T) | train img/s "
               "| wall s (select + refit) |")
@@ -188,7 +200,7 @@ def summarise(results: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     for method, values in averages.items():
         lines.append(f"\n{method}: balanced accuracy minus plain, averaged over {len(values)} dataset(s): "
                      f"{100 * float(np.mean(values)):+.2f} points (Δ in points; ± is the sd over seeds)")
-    return summary, "\n".join(lines + ablation_lines(results)) + "\n"
+    return summary, "\n".join(lines + ablation_lines(results) + tagged_vs_default_lines(results, baseline)) + "\n"
 
 
 def ablation_lines(results: pd.DataFrame) -> list[str]:
@@ -209,11 +221,59 @@ def ablation_lines(results: pd.DataFrame) -> list[str]:
     return lines
 
 
+def refit_turned_off(main_args: object) -> bool:
+    tokens = shlex.split(main_args) if isinstance(main_args, str) else []
+    return any(token == "--refit" and value.lower() in ("false", "0", "no")
+               for token, value in zip(tokens, tokens[1:]))
+
+
+def tagged_vs_default_lines(results: pd.DataFrame, baseline: pd.DataFrame | None = None) -> list[str]:
+    """Each tagged ablation (method "main[tag]") minus the default main run of the same dataset and seed, in points.
+
+    The default rows come from ``results`` and ``baseline``. A tagged run trained with --refit False is compared with
+    the default run's no_refit variant when the default run refit (that variant is its model before refit), so
+    the pair differs only in the ablated option."""
+    frames = [frame[frame["method"] == "main"] for frame in (results, baseline)
+              if frame is not None and "method" in frame.columns]
+    default = pd.concat(frames) if frames else pd.DataFrame()
+    tagged = results[results["method"].astype(str).str.startswith("main[")] if "method" in results.columns else results
+    if not len(default) or not len(tagged):
+        return []
+    default = default.drop_duplicates(["dataset", "seed"], keep="first").set_index(["dataset", "seed"])
+    lines = ["", "| dataset | ablation − default main (same seed) | seeds | Δ balanced acc | raised | per seed |",
+             "|---|---|---|---|---|---|"]
+    per_method: dict[str, list[float]] = {}
+    for (dataset, method), group in tagged.groupby(["dataset", "method"], sort=True):
+        deltas = []
+        for row in group.sort_values("seed").itertuples():
+            if (dataset, row.seed) not in default.index:
+                continue
+            base = default.loc[(dataset, row.seed)]
+            reference = base["balanced_accuracy"]
+            if refit_turned_off(row.main_args) and not pd.isna(base.get("no_refit_balanced_accuracy", float("nan"))):
+                reference = base["no_refit_balanced_accuracy"]
+            deltas.append((row.seed, float(row.balanced_accuracy) - float(reference)))
+        if not deltas:
+            continue
+        values = pd.Series([d for _, d in deltas])
+        per_method.setdefault(method, []).append(values.mean())
+        lines.append(f"| {dataset} | {method} | {len(values)} | {points(values)} | {int((values > 0).sum())}/"
+                     f"{len(values)} | " + ", ".join(f"s{seed} {100 * d:+.2f}" for seed, d in deltas) + " |")
+    for method, means in per_method.items():
+        lines.append(f"\n{method} minus default main: raised balanced accuracy on {sum(m > 0 for m in means)} of "
+                     f"{len(means)} dataset(s), mean {100 * float(np.mean(means)):+.2f} points")
+    return lines
+
+
 def main(args: argparse.Namespace) -> None:
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     results_path = output / "results.csv"
     results = pd.read_csv(results_path) if results_path.is_file() else pd.DataFrame()
+    if args.baseline_results and not Path(args.baseline_results).is_file():
+        raise SystemExit(f"--baseline_results {args.baseline_results}: no such file; give the results.csv of a "
+                         "comparison that ran the default main method (or leave the flag out)")
+    baseline = pd.read_csv(args.baseline_results) if args.baseline_results else None
     main_name = "main" + (f"[{args.tag}]" if args.tag else "")
     machine = machine_info()
     print(f"machine: {describe_machine(machine)}", flush=True)
@@ -240,7 +300,7 @@ def main(args: argparse.Namespace) -> None:
                 results = pd.concat([results, pd.DataFrame([row])], ignore_index=True)
                 results.to_csv(results_path.with_suffix(".tmp"), index=False)
                 os.replace(results_path.with_suffix(".tmp"), results_path)
-    summary, markdown = summarise(results)
+    summary, markdown = summarise(results, baseline)
     summary.to_csv(output / "summary.csv", index=False)
     (output / "summary.md").write_text(markdown, encoding="utf-8")
     print(markdown)

@@ -45,6 +45,28 @@ def test_ablation_table_is_left_out_for_results_written_before_variants_were_rec
     assert "| set_a | main (1 seeds) |" in markdown
 
 
+def test_tagged_ablation_is_paired_with_the_same_seeds_default_run_before_refit_when_it_turns_refit_off():
+    # the default main runs come from an earlier comparison (--baseline_results); they refit, so their
+    # no_refit variant is the model an ablation trained with --refit False must be compared with
+    baseline = pd.DataFrame([_row("set_a", "main", 0, 0.80, no_refit=0.75),
+                             _row("set_a", "main", 1, 0.70, no_refit=0.72), _row("set_a", "plain", 0, 0.10)])
+    ablation = pd.DataFrame([
+        {**_row("set_a", "main[mixup]", 0, 0.77), "main_args": "--refit False --mixup 0.2"},  # +2 vs no_refit 0.75
+        {**_row("set_a", "main[mixup]", 1, 0.69), "main_args": "--refit False --mixup 0.2"},  # -3 vs no_refit 0.72
+        {**_row("set_a", "main[mixup]", 2, 0.99), "main_args": "--refit False --mixup 0.2"},  # no default seed 2
+        {**_row("set_a", "main[ld]", 0, 0.81), "main_args": "--layer_decay 0.75"},  # refit kept: +1 vs 0.80
+    ])
+    _, markdown = judge.summarise(ablation, baseline)
+
+    rows = {cells[1]: cells for cells in ([c.strip() for c in line.strip("|").split("|")]
+                                          for line in markdown.splitlines() if "| set_a | main[" in line
+                                          and "s0 " in line)}
+    assert rows["main[mixup]"][2:] == ["2", "-0.50 ± 3.54", "1/2", "s0 +2.00, s1 -3.00"]
+    assert rows["main[ld]"][2:] == ["1", "+1.00 ± 0.00", "1/1", "s0 +1.00"]
+    assert "main[mixup] minus default main: raised balanced accuracy on 0 of 1 dataset(s), mean -0.50" in markdown
+    assert "main[ld] minus default main: raised balanced accuracy on 1 of 1 dataset(s)" in markdown
+
+
 def test_eval_crop_policies_are_scored_like_main_py_scores_its_testset(tiny_run):
     """The policy comparison is only the policy's if the run's own policy gives exactly main.py's test result."""
     import argparse
