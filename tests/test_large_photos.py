@@ -5,6 +5,7 @@ import csv
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -144,3 +145,28 @@ def test_training_with_the_image_cache_matches_training_without(lesion_dataset, 
     assert len(list(cache.rglob("*.npy"))) > 0
     pd.testing.assert_frame_equal(pd.read_csv(cached / rf.LOG_CSV)[rf.METRIC_COLUMNS],
                                   pd.read_csv(plain / rf.LOG_CSV)[rf.METRIC_COLUMNS])
+
+
+@pytest.mark.slow
+def test_decode_agreement_scores_camera_copies_as_inference_py_does(tiny_run, lesion_dataset, tmp_path):
+    from benchmarks import decode_agreement
+
+    work = tmp_path / "agreement"
+    table = decode_agreement.main(decode_agreement.get_args_parser().parse_args(
+        ["--run_dirs", str(tiny_run), "--folder", str(lesion_dataset / "testset"), "--work_dir", str(work),
+         "--size", "1200x900", "--limit", "3"]))
+    assert list(table["decode"]) == ["reduced", "shifted", "original"] and set(table["images"]) == {3}
+    # the reduced decode really is reduced: 1200 x 900 at the 1/4 scale keeps twice the resize target (148)
+    assert (work / "decode_agreement.md").read_text().startswith("reduced decode of the first copy: 300x225")
+    per_image = pd.read_csv(work / "decode_agreement_per_image.csv")
+    for decode, flags in (("full", ["--reduced_decode", "False"]), ("reduced", [])):
+        output = tmp_path / decode
+        inference.main(inference.parse_args(["--model_path", str(tiny_run), "--inference_folder", str(work / "camera"),
+                                              "--inference_output", str(output), "--num_workers", "0", *flags]))
+        expected = pd.read_csv(output / "predictions.csv")
+        scored = per_image[per_image["decode"] == decode]
+        probs = [c for c in expected.columns if c.startswith("prob_")]
+        assert len(expected) == len(scored) == 3
+        for filename, row in expected.set_index("filename").iterrows():
+            mine = scored[scored["filename"].map(lambda f: Path(f).name) == Path(filename).name].iloc[0]
+            np.testing.assert_allclose(mine[probs].to_numpy(float), row[probs].to_numpy(float), atol=1e-4)
