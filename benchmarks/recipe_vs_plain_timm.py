@@ -222,7 +222,8 @@ def ablation_lines(results: pd.DataFrame) -> list[str]:
 
 
 def refit_turned_off(main_args: object) -> bool:
-    tokens = shlex.split(main_args) if isinstance(main_args, str) else []
+    tokens = [part for token in (shlex.split(main_args) if isinstance(main_args, str) else [])
+              for part in token.split("=", 1)]  # "--refit=False" as well as "--refit False"
     return any(token == "--refit" and value.lower() in ("false", "0", "no")
                for token, value in zip(tokens, tokens[1:]))
 
