@@ -28,10 +28,11 @@ import torch
 from tqdm import tqdm
 
 from benchmarks.camera_resolution import make_camera_copies
+from benchmarks.eval_crop_policy import probabilities
 from dataloaders.image_io import load_rgb
 from dataloaders.transforms import build_eval_transform, decode_min_side
 from torch_trainer.checkpoint import load_run_model
-from torch_trainer.predictors import TorchPredictor, predict_proba
+from torch_trainer.predictors import TorchPredictor
 from utils.machine import describe_machine, machine_info
 
 DECODES = ["full", "reduced", "shifted", "original"]
@@ -113,10 +114,7 @@ def main(args: argparse.Namespace) -> pd.DataFrame:
     names = [str(pair[1].relative_to(work / "camera")) for pair in pairs]
     for run_dir, model, info in models:
         predictor = TorchPredictor(model, torch.device("cpu"))
-        probs = {name: np.concatenate([predict_proba(predictor, images[i:i + args.batch_size], info.tta,
-                                                     info.temperature)
-                                       for i in range(0, len(images), args.batch_size)])
-                 for name, images in inputs.items()}
+        probs = {name: probabilities(predictor, images, info, args.batch_size) for name, images in inputs.items()}
         rows += [{"model": run_dir.name, **row} for row in compare(probs)]
         for name in DECODES:
             pooled[name].append(probs[name])
