@@ -53,13 +53,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def decoded_inputs(pairs: list[tuple[Path, Path]], transform, min_side: int) -> tuple[dict[str, torch.Tensor], str]:
     """The model inputs of every photo under each decode, and the size the reduced decode of the first copy had."""
     inputs: dict[str, list[torch.Tensor]] = {name: [] for name in DECODES}
+    reduced_size = ""
     for source, copy in tqdm(pairs, desc="decode"):
-        full = load_rgb(copy)
+        full, reduced = load_rgb(copy), load_rgb(copy, min_side=min_side)
+        reduced_size = reduced_size or "x".join(map(str, reduced.size))
         inputs["full"].append(transform(full))
-        inputs["reduced"].append(transform(load_rgb(copy, min_side=min_side)))
+        inputs["reduced"].append(transform(reduced))
         inputs["shifted"].append(transform(full.crop((1, 1, full.width, full.height))))
         inputs["original"].append(transform(load_rgb(source)))
-    reduced_size = "x".join(map(str, load_rgb(pairs[0][1], min_side=min_side).size))
     return {name: torch.stack(tensors) for name, tensors in inputs.items()}, reduced_size
 
 
