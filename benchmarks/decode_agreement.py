@@ -28,11 +28,10 @@ import torch
 from tqdm import tqdm
 
 from benchmarks.camera_resolution import make_camera_copies
-from benchmarks.eval_crop_policy import probabilities
 from dataloaders.image_io import load_rgb
 from dataloaders.transforms import build_eval_transform, decode_min_side
 from torch_trainer.checkpoint import load_run_model
-from torch_trainer.predictors import TorchPredictor
+from torch_trainer.predictors import TorchPredictor, predict_proba
 from utils.machine import describe_machine, machine_info
 
 DECODES = ["full", "reduced", "shifted", "original"]
@@ -115,7 +114,8 @@ def main(args: argparse.Namespace) -> pd.DataFrame:
     names = [str(pair[1].relative_to(work / "camera")) for pair in pairs]
     for run_dir, model, info in models:
         predictor = TorchPredictor(model, torch.device("cpu"))
-        probs = {name: probabilities(predictor, images, info, args.batch_size) for name, images in inputs.items()}
+        probs = {name: predict_proba(predictor, images, info.tta, info.temperature, args.batch_size)
+                 for name, images in inputs.items()}
         rows += [{"model": run_dir.name, **row} for row in compare(probs)]
         for name in DECODES:
             pooled[name].append(probs[name])

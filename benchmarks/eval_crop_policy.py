@@ -30,7 +30,6 @@ from dataloaders.image_io import load_rgb
 from dataloaders.transforms import EVAL_CROP_MODES, Preprocessing, build_eval_transform, decode_min_side
 from torch_trainer.checkpoint import load_run_model
 from torch_trainer.predictors import TorchPredictor, predict_proba
-from torch_trainer.run_info import RunInfo
 from utils.machine import describe_machine, machine_info
 from utils.metrics import balanced_accuracy, expected_calibration_error, macro_auc
 
@@ -63,12 +62,6 @@ def testset(data_dir: Path, class_names: list[str]) -> tuple[list[Path], np.ndar
     return paths, targets
 
 
-def probabilities(predictor: TorchPredictor, images: torch.Tensor, info: RunInfo, batch_size: int) -> np.ndarray:
-    """As main.py's test: the run's TTA and temperature (``predict_proba``), ``batch_size`` images at a time."""
-    return np.concatenate([predict_proba(predictor, images[i:i + batch_size], info.tta, info.temperature)
-                           for i in range(0, len(images), batch_size)])
-
-
 def score_runs(runs: pd.DataFrame, batch_size: int) -> pd.DataFrame:
     """One row per (run, policy). Each model is loaded and each photo decoded once per dataset, and each policy's
     tensors are built once per dataset."""
@@ -90,7 +83,7 @@ def score_runs(runs: pd.DataFrame, batch_size: int) -> pd.DataFrame:
             transform = build_eval_transform(pre)
             images = torch.stack([transform(photo) for photo in photos])
             for run, predictor, info in predictors:
-                probs = probabilities(predictor, images, info, batch_size)
+                probs = predict_proba(predictor, images, info.tta, info.temperature, batch_size)
                 preds = probs.argmax(1)
                 rows.append({"dataset": Path(data_dir).name, "seed": run.seed, "run_dir": run.run_dir,
                              "policy": policy_name(mode, pct), "crop_mode": mode, "crop_pct": pre.crop_pct,

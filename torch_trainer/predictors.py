@@ -54,10 +54,14 @@ class OnnxPredictor:
         return np.log(np.clip(out, 1e-12, None)) if self.outputs_probabilities else out
 
 
-def predict_proba(predictor: Any, images: torch.Tensor, tta: bool = False, temperature: float = 1.0) -> np.ndarray:
+def predict_proba(predictor: Any, images: torch.Tensor, tta: bool = False, temperature: float = 1.0,
+                  batch_size: int = 0) -> np.ndarray:
     """Softmax probabilities of ``logits / temperature`` (the run's fitted temperature scaling); with ``tta`` the
     logits are the mean of the image's and its horizontal mirror's, as main.py computed them when it fitted the
-    temperature and reported the test metrics."""
+    temperature and reported the test metrics. ``batch_size``: score that many images at a time (0: all at once)."""
+    if batch_size and len(images) > batch_size:
+        return np.concatenate([predict_proba(predictor, images[i:i + batch_size], tta, temperature)
+                               for i in range(0, len(images), batch_size)])
     logits = predictor.logits(images)
     if tta:
         logits = (logits + predictor.logits(torch.flip(images, dims=[3]))) / 2
