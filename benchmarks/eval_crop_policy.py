@@ -117,7 +117,8 @@ def summary_markdown(scores: pd.DataFrame) -> str:
             delta = 100 * (rows["balanced_accuracy"] - reference.loc[rows.index])
             per_seed = " / ".join(f"{d:+.2f}" for d in delta)
             lines.append(f"| {dataset} | {policy} | {len(rows)} | {rows['balanced_accuracy'].mean():.4f} | "
-                         f"{delta.mean():+.2f} ({per_seed}) | {rows['macro_auc'].mean():.4f} | {rows['ece'].mean():.3f} |")
+                         f"{delta.mean():+.2f} ({per_seed}) | {rows['macro_auc'].mean():.4f} | "
+                         f"{rows['ece'].mean():.3f} |")
     return "\n".join(lines) + "\n"
 
 
