@@ -70,6 +70,4 @@ def predict_proba(predictor: Any, images: torch.Tensor, tta: bool = False, tempe
 
 def onnx_probs(path: str | Path, images: torch.Tensor, n_class: int, batch_size: int = 32) -> np.ndarray:
     """Softmax probabilities of an ONNX classifier on the CPU (export verification), ``batch_size`` at a time."""
-    predictor = OnnxPredictor(path, n_class, torch.device("cpu"))
-    return np.concatenate([softmax(predictor.logits(images[i:i + batch_size]))
-                           for i in range(0, len(images), batch_size)])
+    return predict_proba(OnnxPredictor(path, n_class, torch.device("cpu")), images, batch_size=batch_size)
