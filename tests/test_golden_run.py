@@ -1,0 +1,21 @@
+"""The golden run (tests/golden_run.py) writes the same files with the same CSV columns and JSON keys as the snapshot
+committed before the code was rearranged into packages: a renamed output file, column or metric key fails here."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.golden_run import make_golden_run, snapshot
+
+pytestmark = pytest.mark.slow
+
+FIXTURE = Path(__file__).parent / "fixtures" / "golden_structure.json"
+
+
+def test_every_command_writes_the_files_columns_and_keys_it_wrote_before(tmp_path):
+    expected = json.loads(FIXTURE.read_text(encoding="utf-8"))
+    written = {name: entry["structure"] for name, entry in snapshot(make_golden_run(tmp_path / "golden")).items()}
+    assert sorted(written) == sorted(expected)
+    changed = [name for name in expected if written[name] != expected[name]]
+    assert not changed, f"columns or keys changed in {changed}"
