@@ -20,10 +20,10 @@ import logging
 import os
 from pathlib import Path
 
-from torch_trainer.benchmarking import BenchmarkSettings, benchmark_run, format_benchmark, write_benchmark
+from deploy.benchmarking import BenchmarkSettings, benchmark_run, format_benchmark, write_benchmark
+from runs.export_dir import DEFAULT_EXPORT_DIR, ExportDir
 from utils.cli import device_flags, model_path_flags, run_cli
 from utils.errors import UserError
-from utils.export_dir import DEFAULT_EXPORT_DIR, ExportDir
 from utils.logging_setup import setup_logging
 
 logger = logging.getLogger(__name__)

@@ -13,10 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, get_type_hints
 
+from evaluation.decisions import parse_abstain, parse_operating_points
 from utils.cli import DEVICE_CHOICES, NUM_WORKERS_HELP, str2bool  # noqa: F401 - str2bool is re-exported
-from utils.decisions import parse_abstain, parse_operating_points
 from utils.errors import UserError
-
 
 
 def _opt(default: Any, help: str, choices: Optional[list] = None, **extra: Any) -> Any:

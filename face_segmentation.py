@@ -16,9 +16,9 @@ import argparse
 from pathlib import Path
 from typing import Any, Optional
 
-from dataloaders.face_parsing import build_face_parser, segmentation_flags
 from dataloaders.inference_data import collect_inference_images
-from dataloaders.segmentation_outputs import segment_folder
+from segmentation.face_parsing import build_face_parser, segmentation_flags
+from segmentation.outputs import segment_folder
 from utils.cli import add_bool_flag, device_flags, run_cli
 from utils.device import select_device
 from utils.logging_setup import setup_logging

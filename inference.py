@@ -14,8 +14,8 @@ import argparse
 from pathlib import Path
 from typing import Any, Optional
 
-from torch_trainer.labelled_scoring import ReferenceLabels
-from torch_trainer.prediction import PredictionOptions, infer_folder, prediction_flags
+from prediction.engine import PredictionOptions, infer_folder, prediction_flags
+from prediction.labelled_scoring import ReferenceLabels
 from utils.cli import run_cli
 from utils.logging_setup import setup_logging
 

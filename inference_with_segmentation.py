@@ -15,11 +15,11 @@ import argparse
 from pathlib import Path
 from typing import Any, Optional
 
-from dataloaders.face_parsing import segmentation_flags
-from dataloaders.skin_region import NO_FACE_POLICIES
-from torch_trainer.labelled_scoring import ReferenceLabels
-from torch_trainer.prediction import PredictionOptions, prediction_flags
-from torch_trainer.segmented_prediction import SegmentationOptions, infer_folder_segmented
+from prediction.engine import PredictionOptions, prediction_flags
+from prediction.labelled_scoring import ReferenceLabels
+from prediction.segmented import SegmentationOptions, infer_folder_segmented
+from segmentation.face_parsing import segmentation_flags
+from segmentation.skin_region import NO_FACE_POLICIES
 from utils.cli import add_bool_flag, run_cli
 from utils.logging_setup import setup_logging
 

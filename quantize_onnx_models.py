@@ -19,14 +19,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from dataloaders.face_parsing import DEFAULT_SEGFORMER, SegformerParser
-from torch_trainer.checkpoint import WEIGHT_CHOICES
-from torch_trainer.onnx_export import ExportSettings, export_run, export_segmentation
-from torch_trainer.onnx_quant import CALIBRATION_METHODS, QuantSettings
+from deploy.onnx_export import ExportSettings, export_run, export_segmentation
+from deploy.onnx_quant import CALIBRATION_METHODS, QuantSettings
+from runs.checkpoint import WEIGHT_CHOICES
+from runs.export_dir import DEFAULT_EXPORT_DIR, ExportDir
+from segmentation.face_parsing import DEFAULT_SEGFORMER, SegformerParser
 from utils.atomic import atomic_write_json
 from utils.cli import add_bool_flag, model_path_flags, run_cli
 from utils.errors import UserError
-from utils.export_dir import DEFAULT_EXPORT_DIR, ExportDir
 from utils.logging_setup import setup_logging
 
 logger = logging.getLogger(__name__)

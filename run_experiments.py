@@ -22,7 +22,7 @@ from typing import Optional
 import pandas as pd
 
 import main as train_main
-from torch_trainer.sweep import build_configs, load_template, read_state, run_sweep, summarise_sweep, to_argv
+from experiments.sweep import build_configs, load_template, read_state, run_sweep, summarise_sweep, to_argv
 from utils.cli import run_cli
 from utils.logging_setup import setup_logging
 

@@ -23,7 +23,7 @@ from PIL import Image, ImageEnhance
 from dataloaders.discovery import list_images
 from dataloaders.fingerprints import NEAR_DUPLICATE_BITS, hash_views, view_distance
 from dataloaders.image_io import load_rgb
-from utils.machine import describe_machine, machine_info
+from deploy.machine import describe_machine, machine_info
 
 
 def copies(img: Image.Image) -> dict[str, Image.Image]:

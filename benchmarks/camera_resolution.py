@@ -31,9 +31,9 @@ from PIL import Image
 
 from dataloaders.discovery import list_images
 from dataloaders.image_io import load_rgb
+from deploy.machine import RssSampler, describe_machine, machine_info
+from prediction.engine import PredictionOptions, infer_folder
 from utils.cli import add_bool_flag
-from torch_trainer.prediction import PredictionOptions, infer_folder
-from utils.machine import RssSampler, describe_machine, machine_info
 
 
 def make_camera_copies(folder: Path, target: Path, size: tuple[int, int], limit: int) -> list[tuple[Path, Path]]:
@@ -72,7 +72,7 @@ def _training_epochs(copies: list[Path], model_path: str, decode: str, cache_roo
     from dataloaders.image_cache import CachedLoader
     from dataloaders.image_io import reduced_loader
     from dataloaders.transforms import build_train_transform, decode_min_side
-    from torch_trainer.run_info import read_run_info
+    from runs.run_info import read_run_info
 
     # A spawned process inherits "spawn" as its start method; DataLoader workers must fork, as in main.py, or each
     # epoch pays the workers' interpreter start-up.

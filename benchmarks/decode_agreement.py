@@ -30,9 +30,9 @@ from tqdm import tqdm
 from benchmarks.camera_resolution import make_camera_copies
 from dataloaders.image_io import load_rgb
 from dataloaders.transforms import build_eval_transform, decode_min_side
-from torch_trainer.checkpoint import load_run_model
-from torch_trainer.predictors import TorchPredictor, predict_proba
-from utils.machine import describe_machine, machine_info
+from deploy.machine import describe_machine, machine_info
+from prediction.predictors import TorchPredictor, predict_proba
+from runs.checkpoint import load_run_model
 
 DECODES = ["full", "reduced", "shifted", "original"]
 

@@ -17,8 +17,7 @@ import argparse
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-
-from utils.machine import describe_machine, machine_info
+from deploy.machine import describe_machine, machine_info
 from utils.onnx_runtime import create_session
 from utils.timing import call_latencies_ms
 

@@ -28,10 +28,10 @@ from tqdm import tqdm
 from dataloaders.discovery import discover_split
 from dataloaders.image_io import load_rgb
 from dataloaders.transforms import EVAL_CROP_MODES, Preprocessing, build_eval_transform, decode_min_side
-from torch_trainer.checkpoint import load_run_model
-from torch_trainer.predictors import TorchPredictor, predict_proba
-from utils.machine import describe_machine, machine_info
-from utils.metrics import balanced_accuracy, expected_calibration_error, macro_auc
+from deploy.machine import describe_machine, machine_info
+from evaluation.metrics import balanced_accuracy, expected_calibration_error, macro_auc
+from prediction.predictors import TorchPredictor, predict_proba
+from runs.checkpoint import load_run_model
 
 # (--eval_crop, crop_pct): the default (centre crop at the model's crop_pct) and the whole-photo alternatives.
 POLICIES = [("center", None), ("center", 1.0), ("squash", 1.0), ("letterbox", 1.0)]

@@ -1,6 +1,6 @@
 """Memory and speed of inference.py on a large folder: RSS must stay flat however many images there are.
 
-Generates --n_images synthetic photos (unless --folder is given), runs inference.py's engine (torch_trainer.prediction.infer_folder) in-process while a thread
+Generates --n_images synthetic photos (unless --folder is given), runs inference.py's engine (prediction.engine.infer_folder) in-process while a thread
 samples the resident memory of this process and its DataLoader workers, and prints images/s and RSS (the maximum
 over each tenth of the run). Without --model_path it builds a throwaway run folder (random weights; speed and
 memory do not depend on the weight values) for --model_name at --img_size.
@@ -18,15 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-
 from data.synthetic_lesions import CLASSES, make_lesion_image
 from dataloaders.transforms import resolve_preprocessing
-from torch_trainer import run_folder as rf
-from torch_trainer.checkpoint import save_checkpoint
+from deploy.machine import RssSampler, describe_machine, machine_info
+from prediction.engine import PredictionOptions, infer_folder
+from runs import run_folder as rf
+from runs.checkpoint import save_checkpoint
+from runs.run_info import RunInfo, write_run_info
 from torch_trainer.models import build_model
-from utils.machine import RssSampler, describe_machine, machine_info
-from torch_trainer.prediction import PredictionOptions, infer_folder
-from torch_trainer.run_info import RunInfo, write_run_info
 
 
 def make_folder(folder: Path, n_images: int, size: int) -> None:

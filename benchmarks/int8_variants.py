@@ -18,17 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
-
-from dataloaders.inference_data import load_preprocessed
 from dataloaders.image_io import reduced_loader
+from dataloaders.inference_data import load_preprocessed
 from dataloaders.transforms import build_eval_transform, decode_min_side
-from torch_trainer import run_folder as rf
-from torch_trainer.checkpoint import load_run_model
-from utils.machine import describe_machine, machine_info
-from torch_trainer.onnx_export import export_fp32
-from torch_trainer.predictors import onnx_probs
-from torch_trainer.onnx_quant import (CALIBRATION_METHODS, CalibrationReader, prepare_for_quantization,
-                              quantize_int8)
+from deploy.machine import describe_machine, machine_info
+from deploy.onnx_export import export_fp32
+from deploy.onnx_quant import CALIBRATION_METHODS, CalibrationReader, prepare_for_quantization, quantize_int8
+from prediction.predictors import onnx_probs
+from runs import run_folder as rf
+from runs.checkpoint import load_run_model
 
 
 def main() -> None:

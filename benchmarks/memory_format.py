@@ -17,7 +17,7 @@ import time
 import timm
 import torch
 
-from utils.machine import describe_machine, machine_info
+from deploy.machine import describe_machine, machine_info
 
 
 def images_per_s(step, batch_size: int, repeats: int) -> float:

@@ -19,21 +19,20 @@ from pathlib import Path
 
 import pandas as pd
 
-
 from configs import TrainConfig
 from dataloaders.discovery import discover_dataset
 from dataloaders.splits import save_splits, split_dataset
 from dataloaders.transforms import resolve_preprocessing
-from torch_trainer import run_folder as rf
-from torch_trainer.benchmarking import BenchmarkSettings, benchmark_run
-from torch_trainer.onnx_export import ExportSettings, export_run
-from torch_trainer.onnx_quant import QuantSettings
-from torch_trainer.run_info import RunInfo, write_run_info
-from torch_trainer.checkpoint import save_checkpoint
+from deploy.benchmarking import BenchmarkSettings, benchmark_run
+from deploy.machine import describe_machine
+from deploy.onnx_export import ExportSettings, export_run
+from deploy.onnx_quant import QuantSettings
+from runs import run_folder as rf
+from runs.checkpoint import save_checkpoint
+from runs.export_dir import ExportDir
+from runs.run_info import RunInfo, write_run_info
 from torch_trainer.models import SUPPORTED_MODELS, build_model
 from utils.atomic import atomic_write_json
-from utils.export_dir import ExportDir
-from utils.machine import describe_machine
 
 
 def make_run_folder(run_dir: Path, model_name: str, data_dir: Path, img_size: int) -> Path:

@@ -21,9 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-
+from deploy.machine import describe_machine, machine_info
 from utils.onnx_runtime import create_session
-from utils.machine import describe_machine, machine_info
 from utils.timing import call_latencies_ms
 
 

@@ -44,9 +44,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from deploy.machine import describe_machine, machine_info
+from evaluation.metrics import classification_metrics
 from torch_trainer.models import build_model
-from utils.machine import describe_machine, machine_info
-from utils.metrics import classification_metrics
 
 METRICS = ["accuracy", "balanced_accuracy", "macro_auc", "ece", "ece_uncalibrated", "train_images_per_s",
            "select_seconds", "refit_seconds", "wall_seconds"]

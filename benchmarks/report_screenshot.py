@@ -17,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from utils.html_report import REPORT_HTML
+from evaluation.html_report import REPORT_HTML
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
 

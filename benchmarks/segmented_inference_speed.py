@@ -23,14 +23,13 @@ from pathlib import Path
 
 import pandas as pd
 
-
 from benchmarks.model_zoo_speed import make_run_folder
 from data.synthetic_faces import generate_dataset
-from torch_trainer.onnx_export import ExportSettings, export_run, export_segmentation
-from torch_trainer.prediction import PredictionOptions
-from torch_trainer.segmented_prediction import SegmentationOptions, infer_folder_segmented
-from utils.export_dir import ExportDir
-from utils.machine import describe_machine, machine_info
+from deploy.machine import describe_machine, machine_info
+from deploy.onnx_export import ExportSettings, export_run, export_segmentation
+from prediction.engine import PredictionOptions
+from prediction.segmented import SegmentationOptions, infer_folder_segmented
+from runs.export_dir import ExportDir
 
 FACE_LABELS = ["background", "skin", "nose", "eye_g", "l_eye", "r_eye", "l_brow", "r_brow", "l_ear", "r_ear",
                "mouth", "u_lip", "l_lip", "hair", "hat", "ear_r", "neck_l", "neck", "cloth"]

@@ -21,13 +21,12 @@ from pathlib import Path
 
 import torch
 
-
 from configs import TrainConfig
 from dataloaders.build import make_loader
 from dataloaders.discovery import discover_dataset
 from dataloaders.transforms import build_train_transform, resolve_preprocessing
+from deploy.machine import describe_machine, machine_info
 from torch_trainer.models import build_model
-from utils.machine import describe_machine, machine_info
 from torch_trainer.optim import build_optimizer
 
 

@@ -22,7 +22,14 @@ import numpy as np
 import pandas as pd
 
 from dataloaders.discovery import DatasetIndex, discover_split
-from dataloaders.fingerprints import CROP_VIEWS, NEAR_DUPLICATE_BITS, Fingerprint, exact_pairs, fingerprint_all, near_pairs
+from dataloaders.fingerprints import (
+    CROP_VIEWS,
+    NEAR_DUPLICATE_BITS,
+    Fingerprint,
+    exact_pairs,
+    fingerprint_all,
+    near_pairs,
+)
 from utils.atomic import atomic_save, atomic_write_json
 from utils.errors import UserError
 
@@ -152,7 +159,7 @@ def shortcut_check(labels: list[str], prints: list[Fingerprint], seed: int = 0) 
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.tree import DecisionTreeClassifier
 
-    from utils.metrics import balanced_accuracy
+    from evaluation.metrics import balanced_accuracy
 
     counts = Counter(labels)
     if len(counts) < 2 or min(counts.values()) < 2:
@@ -269,14 +276,29 @@ def write_audit(output_dir: Path, audit: DatasetAudit) -> None:
     atomic_write_json(output_dir / AUDIT_JSON, report)
     atomic_save(output_dir / DUPLICATES_CSV, lambda tmp: audit.pairs.to_csv(tmp, index=False))
     if len(audit.pairs):
-        from utils.plots import plot_image_pairs
-
         order = {"label_conflict": 0, "train_test_leak": 1, "duplicate": 2}
         shown = audit.pairs.sort_values(["relation", "distance"], key=lambda c: c.map(order) if c.name == "relation"
                                         else c, kind="stable").drop_duplicates("cluster").head(PAIRS_SHOWN)
         plot_image_pairs([(_absolute(r.path_a, audit.root), _absolute(r.path_b, audit.root),
                            f"{r.relation}, {r.kind} (distance {r.distance}): {r.class_a} / {r.class_b}")
                           for r in shown.itertuples(index=False)], output_dir / PAIRS_PNG)
+
+
+def plot_image_pairs(pairs: list[tuple[Path, Path, str]], path: Path, thumb_side: int = 160) -> None:
+    """Side-by-side thumbnails of image pairs, one row per pair, each titled with its caption (the audit's
+    duplicate pairs, so a person can check by eye that they are the same photo)."""
+    from dataloaders.image_io import load_rgb
+    from evaluation.plots import plt, save_figure
+
+    fig, axes = plt.subplots(len(pairs), 2, figsize=(5, 2.4 * len(pairs)), squeeze=False)
+    for row, (first, second, caption) in zip(axes, pairs):
+        for ax, image_path in zip(row, (first, second)):
+            ax.imshow(load_rgb(image_path, min_side=thumb_side, max_side=thumb_side * 2))
+            ax.set_title(image_path.name, fontsize=6)
+            ax.axis("off")
+        row[0].text(0, -0.25, caption, transform=row[0].transAxes, fontsize=7, va="top")
+    fig.tight_layout()
+    save_figure(fig, path)
 
 
 def log_audit(audit: DatasetAudit) -> None:

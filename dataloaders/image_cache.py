@@ -15,19 +15,12 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 from PIL import Image
 
 from dataloaders.image_io import load_rgb
-from dataloaders.skin_region import image_loader_for_run
-from dataloaders.transforms import decode_min_side
 from utils.atomic import atomic_save
-
-if TYPE_CHECKING:
-    from configs import TrainConfig
-    from torch_trainer.run_info import RunInfo
 
 logger = logging.getLogger(__name__)
 
@@ -68,17 +61,3 @@ class CachedLoader:
         pixels = np.asarray(picture)
         atomic_save(entry, lambda tmp: np.save(tmp, pixels, allow_pickle=False))
         return picture
-
-
-def training_image_loaders(cfg: "TrainConfig", info: "RunInfo") -> tuple[Callable, Callable]:
-    """How evaluation and training read a photo: decoded at the size each transform needs (reduced for large
-    JPEGs), through the decoded-image cache with --cache_images."""
-    root, pre = cfg.resolved_data_dir, info.preprocessing
-    sides = decode_min_side(pre), decode_min_side(pre, cfg.min_crop_scale)
-    if cfg.cache_images and info.input_kind == "full_image":
-        cache_root = Path(cfg.cache_dir) if cfg.cache_dir else root / IMAGE_CACHE_DIR
-        logger.info("decoded-image cache: %s", cache_root)
-        return CachedLoader(cache_root, sides[0]), CachedLoader(cache_root, sides[1])
-    if cfg.cache_images:
-        logger.warning("--cache_images applies to whole-photo runs; skin-region runs read their photos as before")
-    return image_loader_for_run(info, root, sides[0]), image_loader_for_run(info, root, sides[1])

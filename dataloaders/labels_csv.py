@@ -9,11 +9,10 @@ name, or name without extension (as ``dataloaders.groups`` does). The split come
 from __future__ import annotations
 
 import csv
+import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
-
-import logging
+from typing import Iterable, Iterator, Optional
 
 from dataloaders.discovery import DatasetIndex, Sample, find_unreadable, list_images
 from utils.errors import UserError

@@ -8,15 +8,14 @@ from pathlib import Path
 from typing import Optional
 
 from configs import TrainConfig
-from dataloaders.audit import (DatasetAudit, apply_leak_policy, copy_clusters, items_from_index, log_audit,
-                               run_audit)
+from dataloaders.audit import DatasetAudit, apply_leak_policy, copy_clusters, items_from_index, log_audit, run_audit
 from dataloaders.discovery import DatasetIndex, discover_dataset
 from dataloaders.groups import complete_groups, groups_from_pattern, merge_copies, read_groups_csv
 from dataloaders.labels_csv import CsvColumns, index_from_labels_csv
+from dataloaders.metadata import read_metadata
 from dataloaders.splits import DataSplits, check_fold_count, split_dataset
-from utils.decisions import parse_operating_points
+from evaluation.decisions import parse_operating_points
 from utils.errors import UserError
-from utils.subgroups import read_metadata
 
 logger = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import benchmark
-from torch_trainer.benchmarking import keep_fastest_rounds
 import quantize_onnx_models as qom
+from deploy.benchmarking import keep_fastest_rounds
 from utils.errors import UserError
 
 pytestmark = pytest.mark.slow

@@ -4,8 +4,8 @@ reproducible with the seed, and grouped resampling draws whole groups."""
 import numpy as np
 import pytest
 
-from utils.bootstrap import bootstrap_intervals, paired_difference, resample_weights, resampled_metrics
-from utils.metrics import classification_metrics
+from evaluation.bootstrap import bootstrap_intervals, paired_difference, resample_weights, resampled_metrics
+from evaluation.metrics import classification_metrics
 
 CLASSES = ["a", "b", "c"]
 

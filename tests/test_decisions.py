@@ -8,9 +8,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from utils.decisions import (UNCERTAIN, AbstainSpec, OperatingPointSpec, choose_abstention, choose_operating_point,
-                             decision_columns, decisions_on_test, flags_and_decision, parse_abstain,
-                             parse_operating_points, risk_coverage)
+from evaluation.decisions import (
+    UNCERTAIN,
+    AbstainSpec,
+    OperatingPointSpec,
+    choose_abstention,
+    choose_operating_point,
+    decision_columns,
+    decisions_on_test,
+    flags_and_decision,
+    parse_abstain,
+    parse_operating_points,
+    risk_coverage,
+)
 from utils.errors import UserError
 
 CLASSES = ["benign", "malignant"]
@@ -133,9 +143,9 @@ def _rows(path):
 @pytest.mark.slow
 def test_run_stores_reports_and_applies_its_thresholds_in_torch_and_onnx(decision_run, lesion_dataset, tmp_path):
     import inference
-    from torch_trainer.checkpoint import load_run_model
-    from torch_trainer.onnx_export import export_fp32
-    from torch_trainer.run_info import read_run_info
+    from deploy.onnx_export import export_fp32
+    from runs.checkpoint import load_run_model
+    from runs.run_info import read_run_info
     from utils.onnx_runtime import read_onnx_metadata, write_onnx_metadata
 
     info = read_run_info(decision_run)
@@ -170,7 +180,7 @@ def test_run_stores_reports_and_applies_its_thresholds_in_torch_and_onnx(decisio
     out = tmp_path / "override"
     inference.main(inference.parse_args(base + ["--inference_output", str(out), "--operating_point",
                                                 "malignant:specificity=0.9"]))
-    from utils.decisions import read_held_out_predictions
+    from evaluation.decisions import read_held_out_predictions
     targets, probs = read_held_out_predictions(decision_run, info.class_names)
     threshold = choose_operating_point(OperatingPointSpec("malignant", "specificity", 0.9), info.class_names,
                                        targets, probs)["threshold"]

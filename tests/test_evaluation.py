@@ -9,10 +9,10 @@ import torch
 
 import inference
 from dataloaders.build import balanced_sampler
-from utils.calibration import apply_temperature, fit_temperature
-from utils.losses import FocalLoss, build_criterion, inverse_frequency_weights
+from evaluation.calibration import apply_temperature, fit_temperature
+from evaluation.metrics import classification_metrics, expected_calibration_error
+from torch_trainer.losses import FocalLoss, build_criterion, inverse_frequency_weights
 from utils.errors import UserError
-from utils.metrics import classification_metrics, expected_calibration_error
 
 
 def test_per_class_specificity_auc_and_ece_by_hand():

@@ -12,8 +12,8 @@ import pytest
 
 import main
 import run_experiments as rx
+from experiments.sweep import build_configs, load_template, paired_against_best
 from tests.conftest import ROOT, TINY_MODEL
-from torch_trainer.sweep import build_configs, load_template, paired_against_best
 from tests.wandb_records import read_history
 from utils.errors import UserError
 

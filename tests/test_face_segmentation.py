@@ -16,16 +16,26 @@ import inference
 import inference_with_segmentation as iws
 import main
 import quantize_onnx_models as qom
-from torch_trainer.onnx_export import export_segmentation
-from torch_trainer.run_info import read_run_info
-from tests.conftest import train_args
 from data.synthetic_faces import generate_dataset as generate_faces
 from data.synthetic_faces import make_face_image
 from data.synthetic_lesions import make_lesion_image
-from dataloaders.skin_region import (MASK_CACHE_DIR, MaskCache, SkinRegionLoader, cache_settings, classifier_input,
-                                     fill_colour, load_for_parsing, make_skin_region, select_parts, skin_mask)
+from deploy.onnx_export import export_segmentation
+from runs.run_info import read_run_info
+from segmentation.face_parsing import OnnxParser, OpenCVSkinParser, SegformerParser
+from segmentation.skin_region import (
+    MASK_CACHE_DIR,
+    MaskCache,
+    SkinRegionLoader,
+    cache_settings,
+    classifier_input,
+    fill_colour,
+    load_for_parsing,
+    make_skin_region,
+    select_parts,
+    skin_mask,
+)
+from tests.conftest import train_args
 from utils.errors import UserError
-from dataloaders.face_parsing import OnnxParser, OpenCVSkinParser, SegformerParser
 
 # jonathandinu/face-parsing's order; BiSeNet's CelebAMask-HQ order differs (nose is 10 there), which is why label
 # names, never indices, decide what counts as skin.

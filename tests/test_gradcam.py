@@ -11,9 +11,9 @@ import main
 from data.synthetic_lesions import generate_dataset, mask_path_for
 from dataloaders.image_io import load_rgb
 from dataloaders.transforms import Preprocessing, build_eval_transform, eval_crop_box
-from torch_trainer.checkpoint import load_run_model
+from prediction.gradcam import GradCamExplainer, cam_on_original, find_target_layer
+from runs.checkpoint import load_run_model
 from torch_trainer.models import SUPPORTED_MODELS, build_model
-from torch_trainer.gradcam import GradCamExplainer, cam_on_original, find_target_layer
 
 
 @pytest.mark.parametrize("name", sorted(SUPPORTED_MODELS))

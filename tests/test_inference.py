@@ -15,11 +15,11 @@ from PIL import Image
 import inference
 from dataloaders.image_io import load_rgb
 from dataloaders.transforms import build_eval_transform
+from deploy.onnx_export import export_fp32
+from runs.checkpoint import load_run_model
 from tests.conftest import ROOT
-from torch_trainer.checkpoint import load_run_model
-from torch_trainer.onnx_export import export_fp32
-from utils.onnx_runtime import write_onnx_metadata
 from utils.errors import UserError
+from utils.onnx_runtime import write_onnx_metadata
 
 pytestmark = pytest.mark.slow  # every test here needs the trained tiny run
 
@@ -233,7 +233,7 @@ def test_torch_predictor_runs_channels_last_with_the_same_answers(tiny_run):
     """The torch backend switches the model to NHWC on CPU for speed; its logits must be the NCHW model's."""
     import copy
 
-    from torch_trainer.predictors import TorchPredictor
+    from prediction.predictors import TorchPredictor
 
     model, _ = load_run_model(tiny_run)
     reference = copy.deepcopy(model).eval()

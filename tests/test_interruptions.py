@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 
 import main
+from runs import run_folder as rf
 from tests.conftest import ROOT, train_args
-from torch_trainer import run_folder as rf
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
 

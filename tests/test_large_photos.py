@@ -88,7 +88,6 @@ def _first_batch(samples, loader_fn, pre):
 
     from dataloaders.build import make_loader
     from dataloaders.transforms import build_train_transform
-
     from utils.seed import seed_everything
 
     generator = torch.Generator().manual_seed(0)
@@ -132,8 +131,8 @@ def test_training_with_the_image_cache_matches_training_without(lesion_dataset, 
     import pandas as pd
 
     import main
+    from runs import run_folder as rf
     from tests.conftest import train_args
-    from torch_trainer import run_folder as rf
 
     def run(name, *extra):
         argv = train_args(lesion_dataset, tmp_path / name, "--epochs", "1", "--deterministic", "True", *extra)

@@ -9,9 +9,9 @@ import pytest
 
 import inference
 import quantize_onnx_models as qom
-from torch_trainer import onnx_export, onnx_quant
-from utils.onnx_runtime import read_onnx_metadata
+from deploy import onnx_export, onnx_quant
 from utils.errors import UserError
+from utils.onnx_runtime import read_onnx_metadata
 
 pytestmark = pytest.mark.slow
 

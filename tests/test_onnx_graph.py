@@ -1,4 +1,4 @@
-"""torch_trainer/onnx_export.py and torch_trainer/onnx_quant.py: graph rewrites that keep answers, and the float/INT8 split."""
+"""deploy/onnx_export.py and deploy/onnx_quant.py: graph rewrites that keep answers, and the float/INT8 split."""
 
 import numpy as np
 import onnx
@@ -9,8 +9,8 @@ from timm.layers import create_conv2d
 from timm.layers.conv2d_same import Conv2dSame
 from torch import nn
 
-from torch_trainer.onnx_export import export_fp32
-from torch_trainer.onnx_quant import auto_float_stages, gated_activation_count, module_node_prefix, nodes_up_to
+from deploy.onnx_export import export_fp32
+from deploy.onnx_quant import auto_float_stages, gated_activation_count, module_node_prefix, nodes_up_to
 
 
 class SameConvSE(nn.Module):

@@ -11,12 +11,12 @@ import torch
 import main
 from configs import TrainConfig
 from dataloaders.transforms import build_eval_transform, resolve_preprocessing
+from evaluation.calibration import guarded_temperature
+from prediction.predictors import softmax
+from runs import run_folder as rf
+from runs.checkpoint import load_run_model
 from tests.conftest import TINY_MODEL, interrupt_after_checkpoint, train_args
 from torch_trainer import phase, training
-from torch_trainer import run_folder as rf
-from torch_trainer.checkpoint import load_run_model
-from torch_trainer.predictors import softmax
-from utils.calibration import guarded_temperature
 from utils.errors import UserError
 
 

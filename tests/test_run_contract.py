@@ -1,4 +1,4 @@
-"""The run-folder contract (torch_trainer.run_info): typed, versioned, and still reading folders written before the
+"""The run-folder contract (runs.run_info): typed, versioned, and still reading folders written before the
 schema had a version."""
 
 import json
@@ -10,9 +10,9 @@ import timm
 import torch
 
 from dataloaders.transforms import Preprocessing
-from torch_trainer import run_folder as rf
-from torch_trainer.checkpoint import load_run_model, save_checkpoint
-from torch_trainer.run_info import SCHEMA_VERSION, RunInfo, read_run_info, write_run_info
+from runs import run_folder as rf
+from runs.checkpoint import load_run_model, save_checkpoint
+from runs.run_info import SCHEMA_VERSION, RunInfo, read_run_info, write_run_info
 from utils.errors import UserError
 
 # class_info.json exactly as main.py wrote it before schema_version existed (a refit run on isic_binary).

@@ -8,10 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from utils.bootstrap import bootstrap_intervals
+from dataloaders.metadata import read_metadata
+from evaluation.bootstrap import bootstrap_intervals
+from evaluation.metrics import classification_metrics
+from evaluation.subgroups import MIN_SUBGROUP, columns_for, log_subgroups, subgroup_metrics
 from utils.errors import UserError
-from utils.metrics import classification_metrics
-from utils.subgroups import MIN_SUBGROUP, columns_for, log_subgroups, read_metadata, subgroup_metrics
 
 CLASSES = ["a", "b", "c"]
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import main
+from runs import run_folder as rf
 from tests.conftest import ROOT, interrupt_after_checkpoint, train_args
-from torch_trainer import run_folder as rf
 
 pytestmark = pytest.mark.slow
 

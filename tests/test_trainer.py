@@ -4,10 +4,10 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from configs import TrainConfig
+from evaluation.metrics import balanced_accuracy_standard_error
 from torch_trainer.optim import build_scheduler
-from utils.device import select_device
-from utils.metrics import balanced_accuracy_standard_error
 from torch_trainer.trainer import EarlyStopping, Precision, evaluate, train_one_epoch
+from utils.device import select_device
 from utils.errors import UserError
 
 

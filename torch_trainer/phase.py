@@ -21,15 +21,15 @@ from configs import TrainConfig
 from dataloaders.build import balanced_sampler, make_loader
 from dataloaders.discovery import Sample
 from dataloaders.transforms import build_train_transform
-from torch_trainer import run_folder as rf
-from torch_trainer.checkpoint import load_checkpoint, save_checkpoint
+from evaluation.metrics import macro_auc
+from runs import run_folder as rf
+from runs.checkpoint import load_checkpoint, save_checkpoint
+from runs.run_info import RunInfo
+from torch_trainer.distributed import DistInfo, gather_evaluation, reduce_train_stats
+from torch_trainer.losses import build_criterion
 from torch_trainer.optim import build_optimizer, build_scheduler
-from torch_trainer.run_info import RunInfo
 from torch_trainer.trainer import EarlyStopping, FitHooks, FitState, Precision, Trainee, fit
 from utils.device import prefers_channels_last
-from utils.distributed import DistInfo, gather_evaluation, reduce_train_stats
-from utils.losses import build_criterion
-from utils.metrics import macro_auc
 from utils.seed import seed_everything
 
 logger = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ class PhaseContext:
     info: RunInfo
     image_loader: Callable
     eval_transform: Callable
-    tracker: Any  # utils.experiment_tracking.ExperimentTracker
+    tracker: Any  # torch_trainer.experiment_tracking.ExperimentTracker
     dist_info: DistInfo = field(default_factory=DistInfo)
     # Training crops need more decoded pixels than evaluation (see transforms.decode_min_side); None: image_loader.
     train_image_loader: Optional[Callable] = None

@@ -12,13 +12,13 @@ import pandas as pd
 import torch
 
 from dataloaders.splits import DataSplits
-from torch_trainer import run_folder as rf
-from torch_trainer.gradcam import save_gradcam_examples
+from evaluation.calibration import apply_temperature
+from evaluation.html_report import THUMB_SIDE, GalleryItem, pick_gallery, write_html_report
+from evaluation.reports import headline_summary
+from prediction.gradcam import save_gradcam_examples
+from runs import run_folder as rf
 from torch_trainer.phase import PhaseContext
 from utils.atomic import atomic_save
-from utils.calibration import apply_temperature
-from utils.html_report import THUMB_SIDE, GalleryItem, pick_gallery, write_html_report
-from utils.reports import headline_summary
 
 logger = logging.getLogger(__name__)
 

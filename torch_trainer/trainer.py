@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils.calibration import logits_from_probs
-from utils.metrics import balanced_accuracy, balanced_accuracy_standard_error, mean_standard_error
+from evaluation.calibration import logits_from_probs
+from evaluation.metrics import balanced_accuracy, balanced_accuracy_standard_error, mean_standard_error
 
 logger = logging.getLogger(__name__)
 

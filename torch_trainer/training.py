@@ -19,34 +19,35 @@ import pandas as pd
 import torch
 
 from configs import TrainConfig
-from dataloaders.build import effective_workers, make_loader
 from dataloaders.audit import write_audit
-from dataloaders.image_cache import training_image_loaders
-from dataloaders.skin_region import prepare_skin_masks
+from dataloaders.build import effective_workers, make_loader
+from dataloaders.metadata import read_metadata
 from dataloaders.prepare import prepare_dataset
 from dataloaders.splits import DataSplits, load_splits, save_splits
 from dataloaders.transforms import build_eval_transform, resolve_preprocessing
+from evaluation.calibration import CalibrationResult, apply_temperature, guarded_temperature, logits_from_probs
+from evaluation.decisions import choose_decisions, decisions_on_test, log_decisions, write_held_out_predictions
+from evaluation.metrics import classification_metrics
+from evaluation.reports import write_classification_report
+from evaluation.subgroups import columns_for
+from prediction.gradcam import save_gradcam_examples
+from runs import run_folder as rf
+from runs.checkpoint import load_checkpoint
+from runs.run_info import RunInfo, read_run_info, write_run_info
+from segmentation.skin_region import prepare_skin_masks
 from torch_trainer import phase
-from torch_trainer import run_folder as rf
-from torch_trainer.checkpoint import load_checkpoint
-from torch_trainer.gradcam import save_gradcam_examples
+from torch_trainer.distributed import DistInfo, barrier, broadcast, init_distributed, launched_by_torchrun, shutdown
+from torch_trainer.experiment_tracking import ExperimentTracker
+from torch_trainer.inputs import training_image_loaders
 from torch_trainer.models import build_model, count_parameters
 from torch_trainer.phase import PhaseContext, run_phase
-from torch_trainer.run_info import RunInfo, read_run_info, write_run_info
 from torch_trainer.run_report import log_test, write_run_report, write_test_predictions
 from torch_trainer.trainer import Precision, evaluate
 from utils.atomic import atomic_save, atomic_write_json
-from utils.calibration import CalibrationResult, apply_temperature, guarded_temperature, logits_from_probs
-from utils.decisions import choose_decisions, decisions_on_test, log_decisions, write_held_out_predictions
 from utils.device import prefers_channels_last, select_device
-from utils.distributed import DistInfo, barrier, broadcast, init_distributed, launched_by_torchrun, shutdown
 from utils.errors import UserError
-from utils.experiment_tracking import ExperimentTracker
 from utils.logging_setup import add_file_handler, remove_handler
-from utils.metrics import classification_metrics
-from utils.reports import write_classification_report
 from utils.seed import seed_everything, set_deterministic
-from utils.subgroups import columns_for, read_metadata
 
 logger = logging.getLogger(__name__)
 

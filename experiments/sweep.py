@@ -17,10 +17,10 @@ import pandas as pd
 import torch
 
 from configs import TrainConfig
-from torch_trainer import run_folder as rf
+from evaluation.bootstrap import paired_difference
+from runs import run_folder as rf
 from torch_trainer.models import resolve_model_name
 from utils.atomic import atomic_save, atomic_write_json, atomic_write_text
-from utils.bootstrap import paired_difference
 from utils.errors import UserError
 from utils.timing import call_latencies_ms
 
@@ -131,7 +131,7 @@ def to_argv(cfg: TrainConfig) -> list[str]:
 
 
 def cpu_latency_ms(run_dir: Path, iterations: int) -> float:
-    from torch_trainer.checkpoint import load_run_model
+    from runs.checkpoint import load_run_model
 
     model, info = load_run_model(run_dir)
     x = torch.randn(1, *info.preprocessing.input_size)
@@ -212,7 +212,7 @@ def write_summary(sweep_dir: Path, rows: list[dict[str, Any]]) -> pd.DataFrame:
                       "\ntest_balanced_acc_low/high: 95% bootstrap interval. vs_best_*: test balanced accuracy minus "
                       "rank 1's on the same test images, with a paired bootstrap interval; 'indistinguishable' means "
                       "the interval contains 0, so the test set cannot tell the two runs apart.\n")
-    from utils.plots import plt, save_figure
+    from evaluation.plots import plt, save_figure
 
     fig, ax = plt.subplots(figsize=(9, 0.5 * len(frame) + 1.5))
     positions = np.arange(len(frame))

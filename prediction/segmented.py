@@ -17,14 +17,22 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dataloaders.build import effective_workers
-from dataloaders.face_parsing import FaceParser, build_face_parser
 from dataloaders.inference_data import InferenceImages, collect_inference_images
-from dataloaders.skin_region import (PARSE_MIN_SIDE, classifier_input, fill_colour, is_face, parse_parts_flag,
-                                     part_names, select_parts, skin_mask)
 from dataloaders.transforms import build_eval_transform, decode_min_side
-from torch_trainer.labelled_scoring import ReferenceLabels, score_labelled_folder
-from torch_trainer.prediction import BatchClassifier, PredictionOptions, open_run, summarise, write_outputs
-from torch_trainer.run_info import RunInfo
+from prediction.engine import BatchClassifier, PredictionOptions, open_run, summarise, write_outputs
+from prediction.labelled_scoring import ReferenceLabels, score_labelled_folder
+from runs.run_info import RunInfo
+from segmentation.face_parsing import FaceParser, build_face_parser
+from segmentation.skin_region import (
+    PARSE_MIN_SIDE,
+    classifier_input,
+    fill_colour,
+    is_face,
+    parse_parts_flag,
+    part_names,
+    select_parts,
+    skin_mask,
+)
 from utils.device import select_device
 from utils.paths import safe_output_path
 

@@ -2,7 +2,7 @@
 
 save_results/dataset+<data>/model+<model>/<YYYY-MM-DD_HH-MM-SS>/
     class_info.json      classes + model name + preprocessing: all that inference/export need to rebuild
-                         (read and written only through torch_trainer.run_info.RunInfo)
+                         (read and written only through runs.run_info.RunInfo)
     configs.json         the resolved training config
     model_last.pth / model_best.pth   checkpoints (model, optimizer, scheduler, epoch, metric, config)
     model_refit.pth, refit_log.csv    the refit on train + validation (--refit), the delivered model when present
@@ -27,9 +27,9 @@ import pandas as pd
 
 from dataloaders.discovery import Sample
 from dataloaders.splits import read_split_csv
+from evaluation.plots import plot_learning_curves
 from utils.atomic import atomic_save, atomic_write_json
 from utils.errors import UserError
-from utils.plots import plot_learning_curves
 
 CLASS_INFO = "class_info.json"
 CONFIGS = "configs.json"

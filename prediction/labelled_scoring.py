@@ -11,12 +11,13 @@ from typing import Any, Optional
 import numpy as np
 
 from dataloaders.labels_csv import CsvColumns, read_label_rows
-from torch_trainer.gradcam import GRADCAM_SUFFIX
+from dataloaders.metadata import read_metadata
+from evaluation.html_report import GalleryItem, pick_gallery, write_html_report
+from evaluation.reports import headline_summary, write_classification_report
+from evaluation.subgroups import columns_for
+from prediction.gradcam import GRADCAM_SUFFIX
 from utils.errors import UserError
-from utils.html_report import GalleryItem, pick_gallery, write_html_report
 from utils.paths import safe_output_path
-from utils.reports import headline_summary, write_classification_report
-from utils.subgroups import columns_for, read_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ class ReferenceLabels:
     from_folders: bool = False
     csv: Optional[Path] = None
     columns: CsvColumns = CsvColumns()
-    metadata: Optional[Path] = None  # subgroup columns (utils.subgroups)
+    metadata: Optional[Path] = None  # subgroup columns (evaluation.subgroups)
 
     @classmethod
     def from_args(cls, args: Any) -> "ReferenceLabels":

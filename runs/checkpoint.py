@@ -11,7 +11,7 @@ from utils.atomic import atomic_save
 from utils.errors import UserError
 
 if TYPE_CHECKING:
-    from torch_trainer.run_info import RunInfo
+    from runs.run_info import RunInfo
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -38,8 +38,8 @@ def load_run_model(run_dir: str | Path, weights: str = "final") -> tuple[torch.n
     (the best validation epoch) or model_last.pth. Returns ``(model in eval mode on CPU, run info)``."""
     import timm
 
-    from torch_trainer import run_folder as rf
-    from torch_trainer.run_info import read_run_info
+    from runs import run_folder as rf
+    from runs.run_info import read_run_info
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

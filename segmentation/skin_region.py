@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # types only: the run contract sits above this package
     from configs import TrainConfig
     from dataloaders.splits import DataSplits
     from dataloaders.transforms import Preprocessing
-    from torch_trainer.run_info import RunInfo
+    from runs.run_info import RunInfo
 
 logger = logging.getLogger(__name__)
 
@@ -254,7 +254,7 @@ def image_loader_for_run(info: "RunInfo", data_root: str | Path, min_side: int =
 
 def prepare_skin_masks(cfg: "TrainConfig", splits: "DataSplits", device: Any) -> dict[str, Any]:
     """Compute (or reuse) every image's skin mask; returns the settings class_info.json records."""
-    from dataloaders.face_parsing import build_face_parser
+    from segmentation.face_parsing import build_face_parser
 
     parser = build_face_parser(cfg.seg_backend, cfg.seg_model, cfg.seg_revision, device.type)
     part_ids = select_parts(parser.id2label, parse_parts_flag(cfg.parts))

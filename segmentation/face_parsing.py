@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from abc import ABC, abstractmethod
 import logging
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,8 +22,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from runs.export_dir import DEFAULT_EXPORT, ExportDir
 from utils.errors import UserError
-from utils.export_dir import DEFAULT_EXPORT, ExportDir
 from utils.onnx_runtime import create_session
 
 logger = logging.getLogger(__name__)

@@ -12,13 +12,20 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from evaluation.bootstrap import bootstrap_intervals, format_interval
+from evaluation.decisions import risk_coverage
+from evaluation.metrics import (
+    calibration_bins,
+    classification_metrics,
+    confusion_frame,
+    expected_calibration_error,
+    one_vs_rest_auc,
+    per_class_frame,
+    roc_curves,
+)
+from evaluation.plots import plot_confusion_matrix, plot_reliability, plot_risk_coverage, plot_roc_curves
+from evaluation.subgroups import log_subgroups, subgroup_frame, subgroup_metrics
 from utils.atomic import atomic_save, atomic_write_json
-from utils.bootstrap import bootstrap_intervals, format_interval
-from utils.decisions import risk_coverage
-from utils.metrics import (calibration_bins, classification_metrics, confusion_frame, expected_calibration_error,
-                           one_vs_rest_auc, per_class_frame, roc_curves)
-from utils.plots import plot_confusion_matrix, plot_reliability, plot_risk_coverage, plot_roc_curves
-from utils.subgroups import log_subgroups, subgroup_frame, subgroup_metrics
 
 
 def write_classification_report(output_dir: Path, targets: np.ndarray, probs: np.ndarray, class_names: list[str],

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from dataloaders.transforms import Preprocessing
-from torch_trainer import run_folder as rf
+from runs import run_folder as rf
 from utils.atomic import atomic_write_json
 from utils.errors import UserError
 
@@ -38,7 +38,7 @@ class RunInfo:
     temperature: float = 1.0  # divide logits by this before softmax (1.0 = not calibrated)
     calibration: Optional[dict[str, Any]] = None  # how the temperature was decided
     refit: Optional[dict[str, Any]] = None  # epochs and images of the refit on train + validation
-    # Thresholds chosen on held-out predictions (utils.decisions): flag_<class> columns and the uncertain decision.
+    # Thresholds chosen on held-out predictions (evaluation.decisions): flag_<class> columns and the uncertain decision.
     operating_points: list[dict[str, Any]] = field(default_factory=list)
     abstain: Optional[dict[str, Any]] = None
     schema_version: int = SCHEMA_VERSION

@@ -71,22 +71,6 @@ def plot_reliability(bins_by_label: dict[str, pd.DataFrame], eces: dict[str, flo
     save_figure(fig, path)
 
 
-def plot_image_pairs(pairs: list[tuple[Path, Path, str]], path: Path, thumb_side: int = 160) -> None:
-    """Side-by-side thumbnails of image pairs, one row per pair, each titled with its caption (the audit's
-    duplicate pairs, so a person can check by eye that they are the same photo)."""
-    from dataloaders.image_io import load_rgb
-
-    fig, axes = plt.subplots(len(pairs), 2, figsize=(5, 2.4 * len(pairs)), squeeze=False)
-    for row, (first, second, caption) in zip(axes, pairs):
-        for ax, image_path in zip(row, (first, second)):
-            ax.imshow(load_rgb(image_path, min_side=thumb_side, max_side=thumb_side * 2))
-            ax.set_title(image_path.name, fontsize=6)
-            ax.axis("off")
-        row[0].text(0, -0.25, caption, transform=row[0].transAxes, fontsize=7, va="top")
-    fig.tight_layout()
-    save_figure(fig, path)
-
-
 def plot_risk_coverage(coverage, risk, aurc: float, path: Path, threshold_point=None) -> None:
     """Selective risk (error rate among answered images) against coverage when the least confident images are left
     unanswered; ``threshold_point`` = (coverage, risk) of the chosen abstention threshold."""

@@ -9,46 +9,17 @@ than ``WARN_GAP`` below the whole set's, with intervals that do not overlap, is 
 
 from __future__ import annotations
 
-import csv
 import logging
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import pandas as pd
-
-from dataloaders.labels_csv import ImageNames
-from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 MIN_SUBGROUP = 20
 WARN_GAP = 0.05
 MISSING = "(missing)"
-METADATA_KEY = "filename"
-
-
-def read_metadata(csv_path: Path, paths: list[Path], root: Path) -> dict[Path, dict[str, str]]:
-    """Each listed image's metadata values; a missing ``filename`` column, no other column, or an unknown file name
-    is a one-line error naming the file (and the line)."""
-    if not csv_path.is_file():
-        raise UserError(f"--metadata {csv_path}: file not found")
-    names = ImageNames(paths, root)
-    values: dict[Path, dict[str, str]] = {}
-    with open(csv_path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        fields = reader.fieldnames or []
-        if METADATA_KEY not in fields:
-            raise UserError(f"{csv_path}: no column {METADATA_KEY!r} (columns are {fields}); the file needs "
-                            f"{METADATA_KEY} plus the columns to split by, e.g. fitzpatrick,sex,site")
-        if len(fields) < 2:
-            raise UserError(f"{csv_path}: only a {METADATA_KEY!r} column; add the columns to split by")
-        for line, row in enumerate(reader, start=2):
-            path, problem = names.find(row[METADATA_KEY] or "")
-            if path is None:
-                raise UserError(f"{csv_path} line {line}: {METADATA_KEY} {row[METADATA_KEY]!r} {problem}")
-            values[path] = {k: (v or "").strip() for k, v in row.items() if k != METADATA_KEY}
-    return values
 
 
 def columns_for(images: Sequence[Any], metadata: dict[Any, dict[str, str]]) -> dict[str, list[str]]:
@@ -61,8 +32,8 @@ def subgroup_metrics(targets: np.ndarray, probs: np.ndarray, class_names: list[s
                      columns: dict[str, list[str]], overall: dict[str, Any],
                      groups: Optional[Sequence[Any]] = None) -> list[dict[str, Any]]:
     """One row per (column, value): the metrics of that subgroup alone, with intervals, and the warning verdict."""
-    from utils.bootstrap import bootstrap_intervals
-    from utils.metrics import classification_metrics
+    from evaluation.bootstrap import bootstrap_intervals
+    from evaluation.metrics import classification_metrics
 
     rows = []
     whole = overall["balanced_accuracy"]

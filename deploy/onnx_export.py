@@ -24,16 +24,16 @@ import torch
 from torch import nn
 
 from dataloaders.inference_data import load_preprocessed
-from dataloaders.skin_region import image_loader_for_run
 from dataloaders.transforms import build_eval_transform, decode_min_side
-from torch_trainer import run_folder as rf
-from torch_trainer.checkpoint import load_run_model
-from torch_trainer.onnx_quant import CalibrationData, QuantSettings, ReferenceSet, quantize_verified, warn_mostly_float
-from torch_trainer.predictors import onnx_probs
-from torch_trainer.run_info import write_run_info
+from deploy.onnx_quant import CalibrationData, QuantSettings, ReferenceSet, quantize_verified, warn_mostly_float
+from prediction.predictors import onnx_probs
+from runs import run_folder as rf
+from runs.checkpoint import load_run_model
+from runs.export_dir import ExportDir
+from runs.run_info import write_run_info
+from segmentation.skin_region import image_loader_for_run
 from utils.atomic import atomic_path
 from utils.errors import UserError
-from utils.export_dir import ExportDir
 from utils.onnx_runtime import check_onnx_model, create_session, write_onnx_metadata
 
 logger = logging.getLogger(__name__)
@@ -234,7 +234,7 @@ def _verification_size(size: list[int]) -> tuple[int, int]:
 def export_segmentation(model_ref: str, revision: Optional[str], output_dir: Path, opset: int, parser=None
                         ) -> dict[str, Any]:
     """Export the SegFormer face parser to seg_model.onnx (dynamic batch, height and width), verified first."""
-    from dataloaders.face_parsing import SegformerParser, parser_preprocessing
+    from segmentation.face_parsing import SegformerParser, parser_preprocessing
 
     parser = parser or SegformerParser(model_ref, revision)
     pre = parser_preprocessing(parser.processor)

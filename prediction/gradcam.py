@@ -14,15 +14,24 @@ from typing import TYPE_CHECKING, Optional
 import cv2
 import numpy as np
 import torch
-from pytorch_grad_cam import (AblationCAM, EigenCAM, EigenGradCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM,
-                              ScoreCAM, XGradCAM)
+from pytorch_grad_cam import (
+    AblationCAM,
+    EigenCAM,
+    EigenGradCAM,
+    GradCAM,
+    GradCAMPlusPlus,
+    HiResCAM,
+    LayerCAM,
+    ScoreCAM,
+    XGradCAM,
+)
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from dataloaders.transforms import eval_crop_box
 from utils.errors import UserError
 
 if TYPE_CHECKING:
-    from torch_trainer.run_info import RunInfo
+    from runs.run_info import RunInfo
 
 logger = logging.getLogger(__name__)
 

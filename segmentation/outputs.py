@@ -12,10 +12,16 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from dataloaders.face_parsing import FaceParser, colour_overlay
 from dataloaders.image_io import decoded_size, failure_reason
-from dataloaders.skin_region import (load_for_parsing, make_skin_region, parse_parts_flag, part_names, select_parts,
-                                     skin_mask)
+from segmentation.face_parsing import FaceParser, colour_overlay
+from segmentation.skin_region import (
+    load_for_parsing,
+    make_skin_region,
+    parse_parts_flag,
+    part_names,
+    select_parts,
+    skin_mask,
+)
 from utils.atomic import atomic_path, atomic_save, atomic_write_json
 from utils.paths import safe_output_path
 

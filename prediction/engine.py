@@ -20,18 +20,24 @@ from tqdm import tqdm
 from dataloaders.image_io import load_rgb
 from dataloaders.inference_data import collect_inference_images, make_inference_loader
 from dataloaders.transforms import build_eval_transform, decode_min_side
-from torch_trainer.checkpoint import WEIGHT_CHOICES, load_run_model
-from torch_trainer.gradcam import CAM_METHODS, GRADCAM_SUFFIX, GradCamExplainer, cam_on_original, render_overlay
-from torch_trainer.labelled_scoring import ReferenceLabels, score_labelled_folder
-from torch_trainer.predictors import OnnxPredictor, TorchPredictor, predict_proba
-from torch_trainer.run_info import RunInfo, read_run_info
+from evaluation.decisions import (
+    choose_decisions,
+    decision_columns,
+    flags_and_decision,
+    parse_abstain,
+    parse_operating_points,
+    read_held_out_predictions,
+)
+from prediction.gradcam import CAM_METHODS, GRADCAM_SUFFIX, GradCamExplainer, cam_on_original, render_overlay
+from prediction.labelled_scoring import ReferenceLabels, score_labelled_folder
+from prediction.predictors import OnnxPredictor, TorchPredictor, predict_proba
+from runs.checkpoint import WEIGHT_CHOICES, load_run_model
+from runs.export_dir import DEFAULT_EXPORT
+from runs.run_info import RunInfo, read_run_info
 from utils.atomic import atomic_path, atomic_write_json
 from utils.cli import add_bool_flag, device_flags, model_path_flags, num_workers_flags
-from utils.decisions import (choose_decisions, decision_columns, flags_and_decision, parse_abstain,
-                             parse_operating_points, read_held_out_predictions)
 from utils.device import select_device
 from utils.errors import UserError
-from utils.export_dir import DEFAULT_EXPORT
 from utils.onnx_runtime import read_onnx_metadata
 from utils.paths import safe_output_path
 

@@ -16,8 +16,8 @@ from typing import Any, Optional
 import numpy as np
 from PIL import Image
 
+from evaluation.bootstrap import format_interval
 from utils.atomic import atomic_write_text
-from utils.bootstrap import format_interval
 
 REPORT_HTML = "report.html"
 GALLERY_SIZE = 6

@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from utils.export_dir import ExportDir
+from runs.export_dir import ExportDir
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ class CalibrationData:
 
 def top1_agreement(path: Path, images: torch.Tensor, reference_top1: np.ndarray, n_class: int) -> float:
     """Share of ``images`` on which the ONNX model at ``path`` gives the ``reference_top1`` class."""
-    from torch_trainer.predictors import onnx_probs
+    from prediction.predictors import onnx_probs
 
     return float((onnx_probs(path, images, n_class).argmax(1) == reference_top1).mean())
 
@@ -183,7 +183,7 @@ def quantize_verified(fp32_path: Path, int8_target: Path, feature_levels: list[d
     """Quantize the verified FP32 file to ``int8_target`` (atomically), keeping leading stages in FP32 until the
     INT8 model gives FP32's top-1 on ``settings.min_agreement`` of the validation images; then measure its test
     agreement, accuracy, size and batch-1 speed against FP32."""
-    from torch_trainer.predictors import onnx_probs
+    from prediction.predictors import onnx_probs
     from utils.atomic import atomic_path
     from utils.onnx_runtime import check_onnx_model, write_onnx_metadata
 

@@ -92,7 +92,7 @@ def gather_evaluation(result: dict[str, Any], info: DistInfo) -> dict[str, Any]:
     """All ranks' predictions merged by dataset index (DistributedSampler pads with repeats: kept once)."""
     if not info.enabled:
         return result
-    from utils.metrics import balanced_accuracy
+    from evaluation.metrics import balanced_accuracy
 
     parts = [None] * info.world_size
     dist.all_gather_object(parts, {k: result[k] for k in ("targets", "probs", "indices")})

@@ -203,7 +203,7 @@ def decisions_on_test(targets: np.ndarray, probs: np.ndarray, class_names: list[
     """What the chosen thresholds achieve on test: per operating point sensitivity and specificity with 95%
     intervals, PPV and NPV at the test prevalence; for abstention the coverage and selective accuracy with
     intervals, and the AURC of the whole risk-coverage curve."""
-    from utils.bootstrap import binary_intervals, selective_accuracy_interval
+    from evaluation.bootstrap import binary_intervals, selective_accuracy_interval
 
     report: dict[str, Any] = {"operating_points": [], "abstention": None}
     for point in operating_points:
@@ -250,7 +250,7 @@ def _describe(record: dict[str, Any]) -> str:
 
 
 def log_decisions(report: dict[str, Any]) -> None:
-    from utils.bootstrap import format_interval
+    from evaluation.bootstrap import format_interval
 
     for point in report["operating_points"]:
         test = point.get("test")

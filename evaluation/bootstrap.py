@@ -4,7 +4,7 @@ A resample is a vector of multiplicities (how often each image is drawn), so eve
 resamples at once from weighted counts instead of re-running scikit-learn a thousand times. With groups (patients,
 lesions) whole groups are drawn, because photos of one patient are not independent evidence.
 
-The metric definitions match ``utils.metrics.classification_metrics``: balanced accuracy and macro AUC average over
+The metric definitions match ``evaluation.metrics.classification_metrics``: balanced accuracy and macro AUC average over
 the classes present in the (resampled) test set, ECE uses the same equal-width confidence bins.
 
 ECE is the one metric whose plug-in value is biased upward by resampling (a resample repeats images, so its bins are
@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from utils.metrics import ECE_BINS
+from evaluation.metrics import ECE_BINS
 
 N_RESAMPLES = 1000
 CONFIDENCE = 0.95
@@ -67,7 +67,6 @@ def _weighted_ece(weights: np.ndarray, targets: np.ndarray, probs: np.ndarray) -
     which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, ECE_BINS - 1)
     member = np.zeros((len(targets), ECE_BINS))
     member[np.arange(len(targets)), which] = 1.0
-    count = weights @ member
     gap = weights @ (member * (confidence - correct)[:, None])  # per bin: sum(conf) - sum(correct)
     return np.abs(gap).sum(1) / weights.sum(1)
 

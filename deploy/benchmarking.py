@@ -13,12 +13,12 @@ from typing import Any, Optional
 
 import numpy as np
 
-from torch_trainer import run_folder as rf
-from torch_trainer.run_info import RunInfo, read_run_info
+from deploy.machine import describe_machine, machine_info
+from runs import run_folder as rf
+from runs.export_dir import ExportDir
+from runs.run_info import RunInfo, read_run_info
 from utils.device import onnx_cuda_available, select_device
 from utils.errors import UserError
-from utils.export_dir import ExportDir
-from utils.machine import describe_machine, machine_info
 from utils.onnx_runtime import create_session, read_onnx_metadata
 from utils.timing import call_latencies_ms, latency_summary
 
@@ -147,8 +147,8 @@ def format_benchmark(result: BenchmarkResult, settings: BenchmarkSettings) -> st
 def _test_images(run_dir: Path, info: RunInfo, data_dir: Optional[str], limit: int):
     """Preprocessed test images and labels, decoded once in the parent and shared with every worker."""
     from dataloaders.inference_data import load_preprocessed
-    from dataloaders.skin_region import image_loader_for_run
     from dataloaders.transforms import build_eval_transform, decode_min_side
+    from segmentation.skin_region import image_loader_for_run
 
     transform = build_eval_transform(info.preprocessing)
     samples = rf.run_split(run_dir, "test", data_dir)
@@ -163,7 +163,7 @@ def _segmentation_worker(model_file: str, image_paths: list[Path], iterations: i
                          device: str) -> dict[str, Any]:
     """Batch-1 latency of the exported face parser on real test photos, resize + argmax included."""
     from dataloaders.image_io import load_rgb
-    from dataloaders.face_parsing import OnnxParser
+    from segmentation.face_parsing import OnnxParser
 
     parser = OnnxParser(model_file, device, threads=threads)
     pictures = [np.asarray(load_rgb(p)) for p in image_paths[:8]]
@@ -181,8 +181,8 @@ def _worker(framework: str, model_file: Optional[str], run_dir: str, images: np.
 
     torch.set_num_threads(threads)
     if framework == "pytorch":
-        from torch_trainer.checkpoint import load_run_model
-        from torch_trainer.predictors import TorchPredictor
+        from prediction.predictors import TorchPredictor
+        from runs.checkpoint import load_run_model
 
         model, _ = load_run_model(run_dir)
         size_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
@@ -248,7 +248,7 @@ def summarise(results: list[dict], labels: np.ndarray, model_name: str, threads:
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    from utils.plots import plt, save_figure
+    from evaluation.plots import plt, save_figure
 
     batch_sizes = sorted({r["batch_size"] for r in rows})
     frameworks = list(dict.fromkeys(r["framework"] for r in rows))

@@ -16,7 +16,7 @@ class ExportDir:
     FP32_NAME = "clf_model.onnx"
     INT8_NAME = "clf_model_int8.onnx"
     SEG_NAME = "seg_model.onnx"
-    CLASS_INFO_NAME = "class_info.json"  # a copy of the run's contract, as torch_trainer.run_info writes it
+    CLASS_INFO_NAME = "class_info.json"  # a copy of the run's contract, as runs.run_info writes it
     REPORT_NAME = "export_report.json"
 
     def __post_init__(self) -> None:
