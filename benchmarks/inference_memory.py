@@ -22,8 +22,8 @@ from data.synthetic_lesions import CLASSES, make_lesion_image
 from dataloaders.transforms import resolve_preprocessing
 from deploy.machine import RssSampler, describe_machine, machine_info
 from prediction.engine import PredictionOptions, infer_folder
-from runs import run_folder as rf
 from runs.checkpoint import save_checkpoint
+from runs.run_folder import RunDir
 from runs.run_info import RunInfo, write_run_info
 from torch_trainer.models import build_model
 
@@ -44,7 +44,7 @@ def make_run_folder(run_dir: Path, model_name: str, img_size: int) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     write_run_info(run_dir, RunInfo(list(CLASSES), model_name, timm_name, resolve_preprocessing(model, img_size),
                                     {"drop_rate": 0.0}))
-    save_checkpoint(run_dir / rf.BEST_CKPT, {"model": model.state_dict()})
+    save_checkpoint(run_dir / RunDir.BEST_CKPT, {"model": model.state_dict()})
     return run_dir
 
 

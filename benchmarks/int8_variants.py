@@ -25,8 +25,8 @@ from deploy.machine import describe_machine, machine_info
 from deploy.onnx_export import export_fp32
 from deploy.onnx_quant import CALIBRATION_METHODS, CalibrationReader, prepare_for_quantization, quantize_int8
 from prediction.predictors import onnx_probs
-from runs import run_folder as rf
 from runs.checkpoint import load_run_model
+from runs.run_folder import RunDir
 
 
 def main() -> None:
@@ -40,11 +40,11 @@ def main() -> None:
     run = Path(args.model_path)
     model, info = load_run_model(run)
     transform = build_eval_transform(info.preprocessing)
-    test = rf.run_split(run, "test")
+    test = RunDir(run).split("test")
     labels = np.array([s.label for s in test])
     loader = reduced_loader(decode_min_side(info.preprocessing))
     images = load_preprocessed([s.path for s in test], transform, loader)
-    train = rf.run_split(run, "train")
+    train = RunDir(run).split("train")
     calib = [s.path for s in random.Random(0).sample(train, min(args.calib_images, len(train)))]
     levels = [level["module"] for level in model.feature_info]
     with tempfile.TemporaryDirectory() as work:

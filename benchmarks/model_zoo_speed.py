@@ -21,15 +21,15 @@ import pandas as pd
 
 from configs import TrainConfig
 from dataloaders.discovery import discover_dataset
-from dataloaders.splits import save_splits, split_dataset
+from dataloaders.splits import split_dataset
 from dataloaders.transforms import resolve_preprocessing
 from deploy.benchmarking import BenchmarkSettings, benchmark_run
 from deploy.machine import describe_machine
 from deploy.onnx_export import ExportSettings, export_run
 from deploy.onnx_quant import QuantSettings
-from runs import run_folder as rf
 from runs.checkpoint import save_checkpoint
 from runs.export_dir import ExportDir
+from runs.run_folder import RunDir
 from runs.run_info import RunInfo, write_run_info
 from torch_trainer.models import SUPPORTED_MODELS, build_model
 from utils.atomic import atomic_write_json
@@ -39,12 +39,12 @@ def make_run_folder(run_dir: Path, model_name: str, data_dir: Path, img_size: in
     splits = split_dataset(discover_dataset(data_dir, check_images=False), 0.2, 0)
     model, timm_name = build_model(model_name, len(splits.class_names), False)
     run_dir.mkdir(parents=True)
-    save_splits(run_dir, splits)
-    atomic_write_json(run_dir / rf.CONFIGS, TrainConfig(model_name=model_name, data_dir=str(data_dir),
+    RunDir(run_dir).write_splits(splits)
+    atomic_write_json(run_dir / RunDir.CONFIGS, TrainConfig(model_name=model_name, data_dir=str(data_dir),
                                                         img_size=img_size).to_dict())
     write_run_info(run_dir, RunInfo(splits.class_names, model_name, timm_name, resolve_preprocessing(model, img_size),
                                     {"drop_rate": 0.0}))
-    save_checkpoint(run_dir / rf.BEST_CKPT, {"model": model.state_dict()})
+    save_checkpoint(run_dir / RunDir.BEST_CKPT, {"model": model.state_dict()})
     return run_dir
 
 

@@ -19,7 +19,6 @@ from utils.errors import UserError
 SPLIT_NAMES = ("train", "val", "test")
 logger = logging.getLogger(__name__)
 
-FOLDS_CSV = "folds.csv"  # --folds K: each training image's fold (1..K)
 
 
 @dataclass
@@ -132,7 +131,7 @@ def split_dataset(index: DatasetIndex, val_ratio: float, seed: int, folds: int =
     return DataSplits(index.root, index.class_names, train, val, index.test, index.skipped, groups=groups)
 
 
-def _write_split_csv(path: Path, samples: list[Sample], root: Path, class_names: list[str],
+def write_split_csv(path: Path, samples: list[Sample], root: Path, class_names: list[str],
                      groups: Optional[dict[Path, str]]) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
@@ -155,30 +154,26 @@ def read_split_csv(path: Path, root: Path, groups: Optional[dict[Path, str]] = N
     return samples
 
 
-def save_splits(run_dir: Path, splits: DataSplits) -> None:
-    for split in SPLIT_NAMES:
-        _write_split_csv(run_dir / f"split_{split}.csv", getattr(splits, split), splits.root, splits.class_names,
-                         splits.groups)
-    with atomic_path(run_dir / "skipped_files.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
+def write_skipped_csv(path: Path, skipped: list[tuple[Path, str]]) -> None:
+    """The unreadable files left out of the split, with the reason."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["filepath", "reason"])
-        writer.writerows([p.as_posix(), reason] for p, reason in splits.skipped)
-    if splits.folds is not None:
-        with atomic_path(run_dir / FOLDS_CSV) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["filepath", "label", "class_name", "fold"])
-            for s, fold in zip(splits.train, splits.folds):
-                writer.writerow([s.path.relative_to(splits.root).as_posix(), s.label, splits.class_names[s.label],
-                                 fold + 1])
+        writer.writerows([p.as_posix(), reason] for p, reason in skipped)
 
 
-def load_splits(run_dir: Path, root: Path, class_names: list[str]) -> DataSplits:
-    groups: dict[Path, str] = {}
-    lists = {split: read_split_csv(run_dir / f"split_{split}.csv", root, groups) for split in SPLIT_NAMES}
-    folds = None
-    if (run_dir / FOLDS_CSV).is_file():
-        with open(run_dir / FOLDS_CSV, newline="", encoding="utf-8") as handle:
-            by_path = {row["filepath"]: int(row["fold"]) - 1 for row in csv.DictReader(handle)}
-        folds = [by_path[s.path.relative_to(root).as_posix()] for s in lists["train"]]
-    return DataSplits(root, class_names, lists["train"], lists["val"], lists["test"], skipped=[], folds=folds,
-                      groups=groups or None)
+def write_folds_csv(path: Path, splits: DataSplits) -> None:
+    """--folds K: each training image's fold (1..K)."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["filepath", "label", "class_name", "fold"])
+        for s, fold in zip(splits.train, splits.folds):
+            writer.writerow([s.path.relative_to(splits.root).as_posix(), s.label, splits.class_names[s.label],
+                             fold + 1])
+
+
+def read_folds_csv(path: Path, root: Path, train: list[Sample]) -> list[int]:
+    """Each of ``train``'s images' fold (0-based), as write_folds_csv recorded it."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        by_path = {row["filepath"]: int(row["fold"]) - 1 for row in csv.DictReader(handle)}
+    return [by_path[s.path.relative_to(root).as_posix()] for s in train]

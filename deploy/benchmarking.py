@@ -14,8 +14,8 @@ from typing import Any, Optional
 import numpy as np
 
 from deploy.machine import describe_machine, machine_info
-from runs import run_folder as rf
 from runs.export_dir import ExportDir
+from runs.run_folder import RunDir
 from runs.run_info import RunInfo, read_run_info
 from utils.device import onnx_cuda_available, select_device
 from utils.errors import UserError
@@ -151,10 +151,10 @@ def _test_images(run_dir: Path, info: RunInfo, data_dir: Optional[str], limit: i
     from segmentation.skin_region import image_loader_for_run
 
     transform = build_eval_transform(info.preprocessing)
-    samples = rf.run_split(run_dir, "test", data_dir)
+    samples = RunDir(run_dir).split("test", data_dir)
     if limit:
         samples = samples[:limit]
-    loader = image_loader_for_run(info, rf.dataset_root(run_dir, data_dir), decode_min_side(info.preprocessing))
+    loader = image_loader_for_run(info, RunDir(run_dir).dataset_root(data_dir), decode_min_side(info.preprocessing))
     images = load_preprocessed([s.path for s in samples], transform, loader).numpy().astype(np.float32)
     return images, np.array([s.label for s in samples]), [s.path for s in samples]
 

@@ -27,9 +27,9 @@ from dataloaders.inference_data import load_preprocessed
 from dataloaders.transforms import build_eval_transform, decode_min_side
 from deploy.onnx_quant import CalibrationData, QuantSettings, ReferenceSet, quantize_verified, warn_mostly_float
 from prediction.predictors import onnx_probs
-from runs import run_folder as rf
 from runs.checkpoint import load_run_model
 from runs.export_dir import ExportDir
+from runs.run_folder import RunDir
 from runs.run_info import write_run_info
 from segmentation.skin_region import image_loader_for_run
 from utils.atomic import atomic_path
@@ -149,9 +149,10 @@ def export_run(run_dir: Path, export: ExportDir, settings: ExportSettings) -> di
         raise UserError(f"--keep_float_stages {stages}: {info.timm_model_name} has {len(levels)} stages "
                         f"({', '.join(level['module'] for level in levels) or 'none known'})")
     transform = build_eval_transform(info.preprocessing)
-    loader = image_loader_for_run(info, rf.dataset_root(run_dir, settings.data_dir),
+    run = RunDir(run_dir)
+    loader = image_loader_for_run(info, run.dataset_root(settings.data_dir),
                                   decode_min_side(info.preprocessing))
-    test_samples = rf.run_split(run_dir, "test", settings.data_dir)
+    test_samples = run.split("test", settings.data_dir)
     if settings.verify_images:
         test_samples = test_samples[: settings.verify_images]
     images = load_preprocessed([s.path for s in test_samples], transform, loader)
@@ -168,9 +169,9 @@ def export_run(run_dir: Path, export: ExportDir, settings: ExportSettings) -> di
         check_onnx_model(fp32_tmp)
         report.update(_verify_fp32(fp32_tmp, test))
         if settings.quantize == "int8":
-            has_val = (run_dir / "split_val.csv").is_file()
-            val = rf.run_split(run_dir, "val", settings.data_dir) if has_val else []
-            data = CalibrationData([s.path for s in rf.run_split(run_dir, "train", settings.data_dir)],
+            has_val = run.split_csv("val").is_file()
+            val = run.split("val", settings.data_dir) if has_val else []
+            data = CalibrationData([s.path for s in run.split("train", settings.data_dir)],
                                    load_preprocessed([s.path for s in val], transform, loader) if val
                                    else torch.empty(0), lambda paths: load_preprocessed(paths, transform, loader))
             report.update(quantize_verified(fp32_tmp, export.int8, levels, metadata, settings.quant, test, data))

@@ -273,23 +273,19 @@ def log_decisions(report: dict[str, Any]) -> None:
                     report["aurc"])
 
 
-HELD_OUT_PREDICTIONS = "heldout_predictions.csv"
-
-
-def write_held_out_predictions(run_dir, targets: np.ndarray, probs: np.ndarray, class_names: list[str]) -> None:
+def write_held_out_predictions(path: Path, targets: np.ndarray, probs: np.ndarray, class_names: list[str]) -> None:
     """The calibrated held-out predictions the thresholds were chosen on, so inference can choose new ones."""
     import pandas as pd
 
     from utils.atomic import atomic_save
 
     frame = pd.DataFrame({"label": targets, **{f"prob_{name}": probs[:, k] for k, name in enumerate(class_names)}})
-    atomic_save(Path(run_dir) / HELD_OUT_PREDICTIONS, lambda tmp: frame.to_csv(tmp, index=False))
+    atomic_save(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
-def read_held_out_predictions(run_dir, class_names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def read_held_out_predictions(path: Path, class_names: list[str]) -> tuple[np.ndarray, np.ndarray]:
     import pandas as pd
 
-    path = Path(run_dir) / HELD_OUT_PREDICTIONS
     if not path.is_file():
         raise UserError(f"{path} is missing (the run predates operating points); retrain the run to choose "
                         f"thresholds at inference, or use the run's own")

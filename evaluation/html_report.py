@@ -22,9 +22,6 @@ from utils.atomic import atomic_write_text
 REPORT_HTML = "report.html"
 GALLERY_SIZE = 6
 THUMB_SIDE = 320
-FIGURES = (("learning_curves.png", "Learning curves"), ("confusion_matrix_test.png", "Confusion matrix"),
-           ("confusion_matrix.png", "Confusion matrix"), ("roc_curves.png", "ROC curves (one-vs-rest)"),
-           ("reliability_diagram.png", "Reliability diagram"), ("risk_coverage.png", "Risk-coverage curve"))
 HEADLINE = (("accuracy", "Accuracy"), ("balanced_accuracy", "Balanced accuracy"), ("macro_f1", "Macro F1"),
             ("macro_auc", "Macro ROC AUC"), ("ece", "Expected calibration error"))
 
@@ -63,10 +60,10 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return "n/a" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.{digits}f}"
 
 
-def _audit_context(folder: Path) -> Optional[dict[str, Any]]:
-    path = folder / "data_audit.json"
-    if not path.is_file():
+def _audit_context(files: Optional[tuple[Path, Path]]) -> Optional[dict[str, Any]]:
+    if files is None or not files[0].is_file():
         return None
+    path, pairs = files
     audit = json.loads(path.read_text(encoding="utf-8"))
     warnings = []
     shortcut = audit.get("shortcut") or {}
@@ -75,7 +72,6 @@ def _audit_context(folder: Path) -> Optional[dict[str, Any]]:
                         f"{shortcut['balanced_accuracy']:.2f}, chance {shortcut['chance']:.2f}).")
     if audit["duplicates"]["train_test_clusters"] and not audit.get("removed"):
         warnings.append("Copies of test images are in the training set: test figures may be inflated.")
-    pairs = folder / "duplicate_pairs.png"
     return {**audit["duplicates"], "removed": len(audit.get("removed", [])), "warnings": warnings,
             "pairs_uri": data_uri(pairs, max_side=900) if pairs.is_file() else None}
 
@@ -120,9 +116,12 @@ def _subgroup_context(metrics: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def write_html_report(folder: Path, metrics: dict[str, Any], class_names: list[str], *, title: str, subtitle: str,
-                      gallery_errors: list[GalleryItem], gallery_unsure: list[GalleryItem], gallery_note: str,
-                      counts: Optional[dict[str, dict[str, int]]] = None) -> Path:
-    """Render report.html into ``folder`` from ``metrics`` (the report's JSON) and the figures beside it."""
+                      figures: list[tuple[Path, str]], gallery_errors: list[GalleryItem],
+                      gallery_unsure: list[GalleryItem], gallery_note: str,
+                      counts: Optional[dict[str, dict[str, int]]] = None,
+                      audit: Optional[tuple[Path, Path]] = None) -> Path:
+    """Render report.html into ``folder`` from ``metrics`` (the report's JSON), the ``figures`` (path, caption) that
+    exist and, for a run, the data audit (``audit``: its JSON and its pairs picture)."""
     from jinja2 import Environment, FileSystemLoader, select_autoescape
 
     intervals = metrics.get("intervals") or {}
@@ -132,7 +131,7 @@ def write_html_report(folder: Path, metrics: dict[str, Any], class_names: list[s
         "counts": None if counts is None else {
             "splits": list(counts), "rows": [{"name": name, "cells": [counts[s].get(name, 0) for s in counts]}
                                              for name in class_names]},
-        "audit": _audit_context(folder),
+        "audit": _audit_context(audit),
         "metrics_note": f"{metrics.get('n_images', 0)} images; 95% bootstrap intervals "
                         f"({(intervals.get('method') or {}).get('n_resamples', 'n/a')} resamples of "
                         f"{(intervals.get('method') or {}).get('resampled_unit', 'image')}s).",
@@ -144,8 +143,8 @@ def write_html_report(folder: Path, metrics: dict[str, Any], class_names: list[s
                                                       per_class_intervals.get(name, {}).get("specificity")),
                        "precision": _fmt(v.get("precision")), "auc": _fmt(v.get("roc_auc"))}
                       for name, v in metrics.get("per_class", {}).items()],
-        "figures": [{"uri": data_uri(folder / name, max_side=None), "caption": caption}
-                    for name, caption in FIGURES if (folder / name).is_file()],
+        "figures": [{"uri": data_uri(path, max_side=None), "caption": caption}
+                    for path, caption in figures if path.is_file()],
         "aurc": _fmt(metrics.get("aurc"), 4),
         "subgroups": _subgroup_context(metrics),
         "errors": [_card(g) for g in gallery_errors], "unsure": [_card(g) for g in gallery_unsure],

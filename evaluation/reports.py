@@ -27,9 +27,23 @@ from evaluation.plots import plot_confusion_matrix, plot_reliability, plot_risk_
 from evaluation.subgroups import log_subgroups, subgroup_frame, subgroup_metrics
 from utils.atomic import atomic_save, atomic_write_json
 
+# The files of a classification report, beside a run's test split and beside a labelled-folder inference.
+PER_CLASS_CSV = "per_class_metrics.csv"
+SUBGROUP_CSV = "subgroup_metrics.csv"
+ROC_PNG = "roc_curves.png"
+RELIABILITY_PNG = "reliability_diagram.png"
+RISK_COVERAGE_PNG = "risk_coverage.png"
+CONFUSION = "confusion_matrix"  # .csv and .png
+
+
+def report_figures(folder: Path, confusion_name: str = CONFUSION) -> list[tuple[Path, str]]:
+    """The figures write_classification_report draws into ``folder``, with captions, in report order."""
+    return [(folder / f"{confusion_name}.png", "Confusion matrix"), (folder / ROC_PNG, "ROC curves (one-vs-rest)"),
+            (folder / RELIABILITY_PNG, "Reliability diagram"), (folder / RISK_COVERAGE_PNG, "Risk-coverage curve")]
+
 
 def write_classification_report(output_dir: Path, targets: np.ndarray, probs: np.ndarray, class_names: list[str],
-                                *, metrics_name: str = "test_metrics.json", confusion_name: str = "confusion_matrix",
+                                *, metrics_name: str, confusion_name: str = CONFUSION,
                                 extra: Optional[dict[str, Any]] = None,
                                 uncalibrated_probs: Optional[np.ndarray] = None,
                                 groups: Optional[Sequence[Any]] = None, seed: int = 0,
@@ -45,7 +59,7 @@ def write_classification_report(output_dir: Path, targets: np.ndarray, probs: np
     if subgroups and len(targets):
         metrics["subgroups"] = subgroup_metrics(targets, probs, class_names, subgroups, metrics, groups)
         frame = subgroup_frame(metrics["subgroups"])
-        atomic_save(output_dir / "subgroup_metrics.csv", lambda tmp: frame.to_csv(tmp, index=False))
+        atomic_save(output_dir / SUBGROUP_CSV, lambda tmp: frame.to_csv(tmp, index=False))
         log_subgroups(metrics["subgroups"], metrics["balanced_accuracy"])
     reliability = {"calibrated" if uncalibrated_probs is not None else "model": calibration_bins(targets, probs)}
     eces = {next(iter(reliability)): metrics["ece"]}
@@ -58,19 +72,19 @@ def write_classification_report(output_dir: Path, targets: np.ndarray, probs: np
     for name, bounds in (metrics.get("intervals") or {}).get("per_class", {}).items():
         for metric, interval in bounds.items():
             per_class.loc[name, f"{metric}_low"], per_class.loc[name, f"{metric}_high"] = interval or (None, None)
-    atomic_save(output_dir / "per_class_metrics.csv", lambda tmp: per_class.to_csv(tmp))
+    atomic_save(output_dir / PER_CLASS_CSV, lambda tmp: per_class.to_csv(tmp))
     frame = confusion_frame(targets, preds, class_names)
     atomic_save(output_dir / f"{confusion_name}.csv", lambda tmp: frame.to_csv(tmp))
     plot_confusion_matrix(frame.to_numpy(), class_names, output_dir / f"{confusion_name}.png",
                           title=f"Confusion matrix (balanced acc. {metrics['balanced_accuracy']:.3f})")
     plot_roc_curves(roc_curves(targets, probs, len(class_names)), one_vs_rest_auc(targets, probs, len(class_names)),
-                    class_names, output_dir / "roc_curves.png")
-    plot_reliability(reliability, eces, output_dir / "reliability_diagram.png")
+                    class_names, output_dir / ROC_PNG)
+    plot_reliability(reliability, eces, output_dir / RELIABILITY_PNG)
     if len(targets):
         coverage, risk, _ = risk_coverage(targets, probs)
         abstention = (metrics.get("decisions") or {}).get("abstention") or {}
         chosen = abstention.get("test")
-        plot_risk_coverage(coverage, risk, metrics["aurc"], output_dir / "risk_coverage.png",
+        plot_risk_coverage(coverage, risk, metrics["aurc"], output_dir / RISK_COVERAGE_PNG,
                            (chosen["coverage"], 1 - chosen["selective_accuracy"])
                            if chosen and chosen["selective_accuracy"] is not None else None)
     return metrics

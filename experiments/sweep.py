@@ -18,7 +18,7 @@ import torch
 
 from configs import TrainConfig
 from evaluation.bootstrap import paired_difference
-from runs import run_folder as rf
+from runs.run_folder import RunDir
 from torch_trainer.models import resolve_model_name
 from utils.atomic import atomic_save, atomic_write_json, atomic_write_text
 from utils.errors import UserError
@@ -140,16 +140,18 @@ def cpu_latency_ms(run_dir: Path, iterations: int) -> float:
 
 
 def summary_row(key: str, varying: dict[str, Any], run_dir: Path, latency_iterations: int) -> dict[str, Any]:
-    metrics = json.loads((run_dir / "test_metrics.json").read_text(encoding="utf-8"))
-    if (run_dir / rf.OOF_METRICS).is_file():  # --folds: the out-of-fold predictions are the validation figures
-        oof = json.loads((run_dir / rf.OOF_METRICS).read_text(encoding="utf-8"))
+    run = RunDir(run_dir)
+    metrics = json.loads(run.test_metrics.read_text(encoding="utf-8"))
+    if run.oof_metrics.is_file():  # --folds: the out-of-fold predictions are the validation figures
+        oof = json.loads(run.oof_metrics.read_text(encoding="utf-8"))
         val_balanced_acc, val_macro_auc = oof["balanced_accuracy"], oof.get("macro_auc")
     else:
-        log = pd.read_csv(run_dir / rf.LOG_CSV)
+        log = pd.read_csv(run.log_csv)
         best = log[log["epoch"] == metrics["best_epoch"]].iloc[0]
         val_balanced_acc = best["val_balanced_acc"]
         val_macro_auc = best["val_macro_auc"] if pd.notna(best.get("val_macro_auc")) else None
-    state = torch.load(run_dir / metrics.get("weights", rf.BEST_CKPT), map_location="cpu", weights_only=True)["model"]
+    state = torch.load(run.checkpoint("final", metrics.get("weights", RunDir.BEST_CKPT)), map_location="cpu",
+                       weights_only=True)["model"]
     n_params = sum(t.numel() for name, t in state.items() if t.is_floating_point())
     return {"run": key, **varying, "val_balanced_acc": round(float(val_balanced_acc), 4),
             "val_macro_auc": round(float(val_macro_auc), 4) if val_macro_auc is not None else None,
@@ -170,7 +172,7 @@ def _interval_columns(name: str, interval: Optional[list[float]]) -> dict[str, O
 
 
 def _test_predictions(run_dir: Path) -> Optional[pd.DataFrame]:
-    path = run_dir / rf.TEST_PREDICTIONS
+    path = RunDir(run_dir).test_predictions
     return pd.read_csv(path).set_index("filepath") if path.is_file() else None
 
 
@@ -239,7 +241,7 @@ def run_sweep(runs: list[tuple[str, dict[str, Any], TrainConfig]], sweep_dir: Pa
             continue
         run_argv = to_argv(cfg)
         previous = Path(entry["run_dir"]) if entry.get("run_dir") else None
-        if previous is not None and (previous / rf.LAST_CKPT).is_file():
+        if previous is not None and RunDir(previous).last_ckpt.is_file():
             run_argv = ["--resume", str(previous), "--epochs", str(cfg.epochs)]
             logger.info("[%d/%d] %s: resuming %s", number, len(runs), key, previous)
         else:

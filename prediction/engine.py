@@ -33,6 +33,7 @@ from prediction.labelled_scoring import ReferenceLabels, score_labelled_folder
 from prediction.predictors import OnnxPredictor, TorchPredictor, predict_proba
 from runs.checkpoint import WEIGHT_CHOICES, load_run_model
 from runs.export_dir import DEFAULT_EXPORT
+from runs.run_folder import RunDir
 from runs.run_info import RunInfo, read_run_info
 from utils.atomic import atomic_path, atomic_write_json
 from utils.cli import add_bool_flag, device_flags, model_path_flags, num_workers_flags
@@ -233,7 +234,7 @@ def open_run(model_path: str | Path, batch_size: int, topk: int,
     if options is not None and (options.operating_point or options.abstain):
         parse_operating_points(options.operating_point, info.class_names)
         parse_abstain(options.abstain)
-        targets, probs = read_held_out_predictions(run_dir, info.class_names)
+        targets, probs = read_held_out_predictions(RunDir(run_dir).held_out_predictions, info.class_names)
         points, abstain = choose_decisions(options.operating_point, options.abstain, info.class_names, targets, probs)
         info = info.updated(operating_points=points if options.operating_point else info.operating_points,
                             abstain=abstain if options.abstain else info.abstain)

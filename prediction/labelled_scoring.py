@@ -13,13 +13,15 @@ import numpy as np
 from dataloaders.labels_csv import CsvColumns, read_label_rows
 from dataloaders.metadata import read_metadata
 from evaluation.html_report import GalleryItem, pick_gallery, write_html_report
-from evaluation.reports import headline_summary, write_classification_report
+from evaluation.reports import headline_summary, report_figures, write_classification_report
 from evaluation.subgroups import columns_for
 from prediction.gradcam import GRADCAM_SUFFIX
 from utils.errors import UserError
 from utils.paths import safe_output_path
 
 logger = logging.getLogger(__name__)
+
+LABELLED_METRICS_JSON = "metrics.json"  # beside predictions.csv: the labelled folder's classification report
 
 @dataclass(frozen=True)
 class ReferenceLabels:
@@ -89,11 +91,11 @@ def score_labelled_folder(output_dir: Path, rows: list[dict], probs: list[np.nda
         raise UserError(f"{source}: no image has a label naming a class ({', '.join(class_names)})")
     grouped = any(not g.startswith("image:") for g in groups)
     metrics = write_classification_report(output_dir, np.array(targets), np.stack(kept), class_names,
-                                          metrics_name="metrics.json", extra={"unlabelled_images": unlabelled},
+                                          metrics_name=LABELLED_METRICS_JSON, extra={"unlabelled_images": unlabelled},
                                           groups=groups if grouped else None,
                                           subgroups=columns_for(names, metadata) if metadata is not None else None)
     logger.info("labelled folder, %d images: %s (see %s)", metrics["n_images"], headline_summary(metrics),
-                output_dir / "metrics.json")
+                output_dir / LABELLED_METRICS_JSON)
     if root is not None:
         _write_folder_report(output_dir, root, names, np.array(targets), np.stack(kept), class_names, metrics, source)
     return metrics
@@ -111,6 +113,7 @@ def _write_folder_report(output_dir: Path, root: Path, names: list[str], targets
                            class_names[int(probs[i].argmax())], float(probs[i].max()))
 
     write_html_report(output_dir, metrics, class_names, title=f"Labelled folder {root.name}",
+                      figures=report_figures(output_dir),
                       subtitle=f"{len(names)} labelled images, labels from {source}",
                       gallery_errors=[item(i) for i in errors], gallery_unsure=[item(i) for i in unsure],
                       gallery_note="Overlays: Grad-CAM of the predicted class (inference.py --generate_gradcam); "

@@ -38,15 +38,14 @@ def load_run_model(run_dir: str | Path, weights: str = "final") -> tuple[torch.n
     (the best validation epoch) or model_last.pth. Returns ``(model in eval mode on CPU, run info)``."""
     import timm
 
-    from runs import run_folder as rf
+    from runs.run_folder import RunDir
     from runs.run_info import read_run_info
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run folder not found: {run_dir}; pass the folder main.py printed at the end of training")
     info = read_run_info(run_dir)
-    names = {"final": info.weights, "best": rf.BEST_CKPT, "last": rf.LAST_CKPT}
-    ckpt_path = run_dir / names[weights]
+    ckpt_path = RunDir(run_dir).checkpoint(weights, info.weights)
     if not ckpt_path.is_file():
         raise UserError(f"{ckpt_path} is missing; the run may not have finished (try --weights "
                         f"{'last' if weights != 'last' else 'best'})")

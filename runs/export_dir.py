@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from runs.run_folder import RunDir
+
 DEFAULT_EXPORT_DIR = Path("onnx_models")
 
 
@@ -16,7 +18,7 @@ class ExportDir:
     FP32_NAME = "clf_model.onnx"
     INT8_NAME = "clf_model_int8.onnx"
     SEG_NAME = "seg_model.onnx"
-    CLASS_INFO_NAME = "class_info.json"  # a copy of the run's contract, as runs.run_info writes it
+    CLASS_INFO_NAME = RunDir.CLASS_INFO  # a copy of the run's contract, as runs.run_info writes it
     REPORT_NAME = "export_report.json"
 
     def __post_init__(self) -> None:

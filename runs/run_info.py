@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from dataloaders.transforms import Preprocessing
-from runs import run_folder as rf
+from runs.run_folder import RunDir
 from utils.atomic import atomic_write_json
 from utils.errors import UserError
 
@@ -34,7 +34,7 @@ class RunInfo:
     input_kind: str = "full_image"  # or "skin_region" (main.py --input_kind)
     skin_region: Optional[dict[str, Any]] = None  # the face parser and parts a skin-region run was trained with
     tta: bool = False  # the run was tested on the mean logits of the image and its mirror
-    weights: str = rf.BEST_CKPT  # the delivered checkpoint: model_refit.pth after a refit
+    weights: str = RunDir.BEST_CKPT  # the delivered checkpoint: model_refit.pth after a refit
     temperature: float = 1.0  # divide logits by this before softmax (1.0 = not calibrated)
     calibration: Optional[dict[str, Any]] = None  # how the temperature was decided
     refit: Optional[dict[str, Any]] = None  # epochs and images of the refit on train + validation
@@ -69,7 +69,7 @@ class RunInfo:
         return values
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str = "class_info.json") -> "RunInfo":
+    def from_dict(cls, values: dict[str, Any], source: str = RunDir.CLASS_INFO) -> "RunInfo":
         version = values.get("schema_version", 1)
         if not isinstance(version, int) or version > SCHEMA_VERSION:
             raise UserError(f"{source} has schema_version {version!r}, newer than this skinclf reads "
@@ -84,7 +84,7 @@ class RunInfo:
                        preprocessing=Preprocessing.from_dict(values["preprocessing"]),
                        model_kwargs=dict(values.get("model_kwargs") or {}),
                        input_kind=values.get("input_kind", "full_image"), skin_region=values.get("skin_region"),
-                       tta=bool(values.get("tta", False)), weights=values.get("weights", rf.BEST_CKPT),
+                       tta=bool(values.get("tta", False)), weights=values.get("weights", RunDir.BEST_CKPT),
                        temperature=float(values.get("temperature", 1.0)), calibration=values.get("calibration"),
                        refit=values.get("refit"), operating_points=list(values.get("operating_points") or []),
                        abstain=values.get("abstain"), schema_version=version)
@@ -113,7 +113,7 @@ class RunInfo:
 
 def read_run_info(folder: str | Path) -> RunInfo:
     """The ``class_info.json`` of a run folder (or of an export folder, which keeps a copy)."""
-    path = Path(folder) / rf.CLASS_INFO
+    path = Path(folder) / RunDir.CLASS_INFO
     if not path.is_file():
         raise UserError(f"{path} is missing; --model_path must be a run folder written by main.py")
     try:
@@ -126,4 +126,4 @@ def read_run_info(folder: str | Path) -> RunInfo:
 
 
 def write_run_info(folder: str | Path, info: RunInfo) -> None:
-    atomic_write_json(Path(folder) / rf.CLASS_INFO, info.to_dict())
+    atomic_write_json(Path(folder) / RunDir.CLASS_INFO, info.to_dict())

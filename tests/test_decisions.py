@@ -21,6 +21,7 @@ from evaluation.decisions import (
     parse_operating_points,
     risk_coverage,
 )
+from runs.run_folder import RunDir
 from utils.errors import UserError
 
 CLASSES = ["benign", "malignant"]
@@ -181,7 +182,7 @@ def test_run_stores_reports_and_applies_its_thresholds_in_torch_and_onnx(decisio
     inference.main(inference.parse_args(base + ["--inference_output", str(out), "--operating_point",
                                                 "malignant:specificity=0.9"]))
     from evaluation.decisions import read_held_out_predictions
-    targets, probs = read_held_out_predictions(decision_run, info.class_names)
+    targets, probs = read_held_out_predictions(RunDir(decision_run).held_out_predictions, info.class_names)
     threshold = choose_operating_point(OperatingPointSpec("malignant", "specificity", 0.9), info.class_names,
                                        targets, probs)["threshold"]
     for row in _rows(out / "predictions.csv"):

@@ -8,7 +8,8 @@ from PIL import Image
 
 from dataloaders.discovery import discover_dataset, list_images
 from dataloaders.image_io import load_rgb
-from dataloaders.splits import load_splits, save_splits, split_dataset
+from dataloaders.splits import split_dataset
+from runs.run_folder import RunDir
 from utils.errors import UserError
 
 
@@ -158,11 +159,11 @@ def test_split_is_stratified_seeded_disjoint_and_saved(tmp_path):
     assert sorted(s.label for s in first.val) == [0, 0, 0, 1, 1, 1, 2, 2, 2]  # 3 of 10 per class
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    save_splits(run_dir, first)
+    RunDir(run_dir).write_splits(first)
     header = (run_dir / "split_val.csv").read_text().splitlines()[0]
     assert header == "filepath,label,class_name"
     assert (run_dir / "skipped_files.csv").read_text().splitlines() == ["filepath,reason"]
-    loaded = load_splits(run_dir, root, index.class_names)
+    loaded = RunDir(run_dir).read_splits(root, index.class_names)
     for name in ("train", "val", "test"):
         assert [(s.path, s.label) for s in getattr(loaded, name)] == [(s.path, s.label) for s in getattr(first, name)]
 

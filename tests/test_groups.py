@@ -13,7 +13,8 @@ from data.synthetic_lesions import generate_dataset
 from dataloaders.discovery import discover_dataset
 from dataloaders.groups import groups_from_pattern, merge_copies, read_groups_csv
 from dataloaders.prepare import prepare_dataset
-from dataloaders.splits import load_splits, save_splits, split_dataset
+from dataloaders.splits import split_dataset
+from runs.run_folder import RunDir
 from tests.conftest import train_args
 from utils.errors import UserError
 
@@ -52,11 +53,11 @@ def test_groups_are_saved_in_the_split_csvs_and_read_back(patients, tmp_path):
     index = discover_dataset(patients)
     groups = groups_from_pattern(r"^(P\w+?)_", [s.path for s in index.train + index.test])
     splits = split_dataset(index, val_ratio=0.25, seed=0, groups=groups)
-    save_splits(tmp_path, splits)
+    RunDir(tmp_path).write_splits(splits)
     frame = pd.read_csv(tmp_path / "split_val.csv")
     assert list(frame.columns) == ["filepath", "label", "class_name", "group"]
     assert (frame["group"] == frame["filepath"].str.extract(r"/(P\w+?)_")[0]).all()
-    again = load_splits(tmp_path, patients, index.class_names)
+    again = RunDir(tmp_path).read_splits(patients, index.class_names)
     assert again.groups == {s.path: groups[s.path] for s in splits.train + splits.val + splits.test}
 
 

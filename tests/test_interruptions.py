@@ -17,6 +17,7 @@ from PIL import Image
 
 import main
 from runs import run_folder as rf
+from runs.run_folder import RunDir
 from tests.conftest import ROOT, train_args
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
@@ -28,7 +29,7 @@ def _start(argv: list[str]) -> subprocess.Popen:
 
 
 def _checkpointed_epochs(save_dir: Path) -> int:
-    checkpoints = list(save_dir.rglob(rf.LAST_CKPT))
+    checkpoints = list(save_dir.rglob(RunDir.LAST_CKPT))
     return torch.load(checkpoints[0], weights_only=True)["epoch"] + 1 if checkpoints else 0
 
 
@@ -50,17 +51,17 @@ def test_sigterm_mid_epoch_exits_cleanly_and_resume_matches_a_straight_run(lesio
     assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
     assert "Traceback" not in stderr
     run_dir = next(killed_dir.glob("dataset+demo/model+*/*"))
-    assert json.loads((run_dir / rf.STATUS).read_text())["state"] == "interrupted"
-    finished = torch.load(run_dir / rf.LAST_CKPT, weights_only=True)["epoch"] + 1
+    assert json.loads((run_dir / RunDir.STATUS).read_text())["state"] == "interrupted"
+    finished = torch.load(run_dir / RunDir.LAST_CKPT, weights_only=True)["epoch"] + 1
     assert 1 <= finished < 4
 
     subprocess.run([sys.executable, str(ROOT / "main.py"), "--resume", str(run_dir), "--num_workers", "0"],
                    cwd=ROOT, env=ENV, check=True, capture_output=True)
-    a = torch.load(straight_dir / rf.LAST_CKPT, weights_only=True)["model"]
-    b = torch.load(run_dir / rf.LAST_CKPT, weights_only=True)["model"]
+    a = torch.load(straight_dir / RunDir.LAST_CKPT, weights_only=True)["model"]
+    b = torch.load(run_dir / RunDir.LAST_CKPT, weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
-    log_a = pd.read_csv(straight_dir / rf.LOG_CSV)[rf.METRIC_COLUMNS]
-    log_b = pd.read_csv(run_dir / rf.LOG_CSV)[rf.METRIC_COLUMNS]
+    log_a = pd.read_csv(straight_dir / RunDir.LOG_CSV)[rf.METRIC_COLUMNS]
+    log_b = pd.read_csv(run_dir / RunDir.LOG_CSV)[rf.METRIC_COLUMNS]
     pd.testing.assert_frame_equal(log_a, log_b)
 
 

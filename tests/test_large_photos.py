@@ -132,6 +132,7 @@ def test_training_with_the_image_cache_matches_training_without(lesion_dataset, 
 
     import main
     from runs import run_folder as rf
+    from runs.run_folder import RunDir
     from tests.conftest import train_args
 
     def run(name, *extra):
@@ -142,8 +143,8 @@ def test_training_with_the_image_cache_matches_training_without(lesion_dataset, 
     cached = run("cached", "--cache_images", "True", "--cache_dir", str(cache))
     plain = run("plain")
     assert len(list(cache.rglob("*.npy"))) > 0
-    pd.testing.assert_frame_equal(pd.read_csv(cached / rf.LOG_CSV)[rf.METRIC_COLUMNS],
-                                  pd.read_csv(plain / rf.LOG_CSV)[rf.METRIC_COLUMNS])
+    pd.testing.assert_frame_equal(pd.read_csv(cached / RunDir.LOG_CSV)[rf.METRIC_COLUMNS],
+                                  pd.read_csv(plain / RunDir.LOG_CSV)[rf.METRIC_COLUMNS])
 
 
 @pytest.mark.slow

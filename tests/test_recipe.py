@@ -13,8 +13,8 @@ from configs import TrainConfig
 from dataloaders.transforms import build_eval_transform, resolve_preprocessing
 from evaluation.calibration import guarded_temperature
 from prediction.predictors import softmax
-from runs import run_folder as rf
 from runs.checkpoint import load_run_model
+from runs.run_folder import RunDir
 from tests.conftest import TINY_MODEL, interrupt_after_checkpoint, train_args
 from torch_trainer import phase, training
 from utils.errors import UserError
@@ -56,25 +56,25 @@ def test_refit_trains_on_train_plus_validation_and_is_the_delivered_model(refit_
     assert relative(seen["select"][1], lesion_dataset) == val_files
     assert relative(seen["refit"][0], lesion_dataset) == train_files | val_files and seen["refit"][1] is None
 
-    info = json.loads((run_dir / rf.CLASS_INFO).read_text())
+    info = json.loads((run_dir / RunDir.CLASS_INFO).read_text())
     metrics = json.loads((run_dir / "test_metrics.json").read_text())
-    assert info["weights"] == metrics["weights"] == rf.REFIT_CKPT
+    assert info["weights"] == metrics["weights"] == RunDir.REFIT_CKPT
     assert info["refit"] == {"epochs": metrics["best_epoch"], "images": len(train_files | val_files)}
-    assert len(pd.read_csv(run_dir / rf.REFIT_LOG_CSV)) == metrics["best_epoch"]
+    assert len(pd.read_csv(run_dir / RunDir.REFIT_LOG_CSV)) == metrics["best_epoch"]
     assert set(metrics["variants"]) == {"no_refit", "no_tta", "no_ema"}
-    assert json.loads((run_dir / rf.VAL_METRICS).read_text())["n_images"] == len(val_files)
+    assert json.loads((run_dir / RunDir.VAL_METRICS).read_text())["n_images"] == len(val_files)
 
     # the defaults: the latest epoch within noise of the best is kept, and the refit's learning-rate schedule spans
     # its own epochs, so it ends at the low rate however early the selected epoch was
     assert (metrics["epoch_selection"], metrics["refit_schedule"]) == ("one_se", "compressed")
     assert 1 <= metrics["highest_score_epoch"] <= metrics["best_epoch"]
     assert seen["refit"][2]["schedule_epochs"] == seen["refit"][2]["stop_after"] == metrics["best_epoch"]
-    refit_rates = pd.read_csv(run_dir / rf.REFIT_LOG_CSV)["lr"]
+    refit_rates = pd.read_csv(run_dir / RunDir.REFIT_LOG_CSV)["lr"]
     assert refit_rates.iloc[-1] < 0.2 * refit_rates.max() or len(refit_rates) == 1
 
     model, _ = load_run_model(run_dir)
-    delivered = torch.load(run_dir / rf.REFIT_CKPT, weights_only=True)["model"]
-    selected = torch.load(run_dir / rf.BEST_CKPT, weights_only=True)["model"]
+    delivered = torch.load(run_dir / RunDir.REFIT_CKPT, weights_only=True)["model"]
+    selected = torch.load(run_dir / RunDir.BEST_CKPT, weights_only=True)["model"]
     state = model.state_dict()
     assert all(torch.equal(state[k], delivered[k]) for k in delivered)
     assert not all(torch.equal(selected[k], delivered[k]) for k in delivered)
@@ -85,7 +85,7 @@ def test_refit_trains_on_train_plus_validation_and_is_the_delivered_model(refit_
 @pytest.mark.slow
 def test_ema_weights_are_what_gets_saved_evaluated_and_exported(refit_run):
     run_dir, _ = refit_run
-    for name in (rf.BEST_CKPT, rf.REFIT_CKPT):
+    for name in (RunDir.BEST_CKPT, RunDir.REFIT_CKPT):
         ckpt = torch.load(run_dir / name, weights_only=True)
         assert not all(torch.equal(ckpt["model"][k], ckpt["model_train"][k]) for k in ckpt["model"]), name
     # inference.py, quantize_onnx_models.py and benchmark.py all rebuild the model through load_run_model
@@ -98,17 +98,17 @@ def test_ema_weights_are_what_gets_saved_evaluated_and_exported(refit_run):
 def test_run_interrupted_during_the_refit_resumes_to_the_same_model(refit_run, lesion_dataset, tmp_path,
                                                                      monkeypatch):
     straight, _ = refit_run
-    interrupt_after_checkpoint(monkeypatch, lambda path, state: path.name == rf.REFIT_CKPT and state["epoch"] == 0)
+    interrupt_after_checkpoint(monkeypatch, lambda path, state: path.name == RunDir.REFIT_CKPT and state["epoch"] == 0)
     with pytest.raises(KeyboardInterrupt):
         train(train_args(lesion_dataset, tmp_path, "--refit", "True"))
     monkeypatch.undo()
     (run_dir,) = (tmp_path / "dataset+demo" / f"model+{TINY_MODEL}").iterdir()
-    assert len(pd.read_csv(run_dir / rf.REFIT_LOG_CSV)) == 1
+    assert len(pd.read_csv(run_dir / RunDir.REFIT_LOG_CSV)) == 1
     train(["--resume", str(run_dir), "--num_workers", "0"])
-    resumed = torch.load(run_dir / rf.REFIT_CKPT, weights_only=True)["model"]
-    reference = torch.load(straight / rf.REFIT_CKPT, weights_only=True)["model"]
+    resumed = torch.load(run_dir / RunDir.REFIT_CKPT, weights_only=True)["model"]
+    reference = torch.load(straight / RunDir.REFIT_CKPT, weights_only=True)["model"]
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
-    assert json.loads((run_dir / rf.CLASS_INFO).read_text())["weights"] == rf.REFIT_CKPT
+    assert json.loads((run_dir / RunDir.CLASS_INFO).read_text())["weights"] == RunDir.REFIT_CKPT
 
 
 def _sampled_labels(logits: np.ndarray, seed: int) -> np.ndarray:
@@ -217,16 +217,16 @@ def test_folds_never_share_an_image_and_the_refit_uses_all_of_them(folds_run, le
         assert held_out == set(folds.loc[folds["fold"] == k, "filepath"])
         assert fold_train | held_out == trainset
         held_outs.append(held_out)
-        assert (run_dir / f"fold_{k}" / rf.BEST_CKPT).is_file()
+        assert (run_dir / f"fold_{k}" / RunDir.BEST_CKPT).is_file()
     assert sum(map(len, held_outs)) == len(trainset)
     assert relative(seen["refit"][0], lesion_dataset) == trainset
 
-    oof = pd.read_csv(run_dir / rf.OOF_PREDICTIONS)
+    oof = pd.read_csv(run_dir / RunDir.OOF_PREDICTIONS)
     assert set(oof["filepath"]) == trainset
     assert {"label", "fold", "prob_benign", "prob_malignant", "prob_normal"} <= set(oof.columns)
-    info = json.loads((run_dir / rf.CLASS_INFO).read_text())
-    assert info["weights"] == rf.REFIT_CKPT and info["calibration"]["n_images"] == len(trainset)
-    assert json.loads((run_dir / rf.OOF_METRICS).read_text())["n_images"] == len(trainset)
+    info = json.loads((run_dir / RunDir.CLASS_INFO).read_text())
+    assert info["weights"] == RunDir.REFIT_CKPT and info["calibration"]["n_images"] == len(trainset)
+    assert json.loads((run_dir / RunDir.OOF_METRICS).read_text())["n_images"] == len(trainset)
 
 
 @pytest.mark.slow
@@ -239,8 +239,8 @@ def test_folds_run_resumes_after_an_interruption(folds_run, lesion_dataset, tmp_
     (run_dir,) = (tmp_path / "dataset+demo" / f"model+{TINY_MODEL}").iterdir()
     assert not (run_dir / "fold_3").exists()
     train(["--resume", str(run_dir), "--num_workers", "0"])
-    resumed = torch.load(run_dir / rf.REFIT_CKPT, weights_only=True)["model"]
-    reference = torch.load(straight / rf.REFIT_CKPT, weights_only=True)["model"]
+    resumed = torch.load(run_dir / RunDir.REFIT_CKPT, weights_only=True)["model"]
+    reference = torch.load(straight / RunDir.REFIT_CKPT, weights_only=True)["model"]
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
 
 

@@ -10,8 +10,8 @@ import timm
 import torch
 
 from dataloaders.transforms import Preprocessing
-from runs import run_folder as rf
 from runs.checkpoint import load_run_model, save_checkpoint
+from runs.run_folder import RunDir
 from runs.run_info import SCHEMA_VERSION, RunInfo, read_run_info, write_run_info
 from utils.errors import UserError
 
@@ -22,18 +22,18 @@ OLD_FIXTURE = Path(__file__).parent / "fixtures" / "class_info_before_schema_ver
 def test_a_run_folder_from_before_the_schema_version_still_loads(tmp_path):
     run_dir = tmp_path / "old_run"
     run_dir.mkdir()
-    shutil.copy(OLD_FIXTURE, run_dir / rf.CLASS_INFO)
+    shutil.copy(OLD_FIXTURE, run_dir / RunDir.CLASS_INFO)
     old = json.loads(OLD_FIXTURE.read_text())
     assert "schema_version" not in old
     info = read_run_info(run_dir)
     assert info.schema_version == 1 and info.class_names == old["class_names"] and info.n_class == old["n_class"]
     assert info.timm_model_name == "tf_efficientnet_lite0" and info.model_kwargs == {"drop_rate": 0.2}
     assert info.preprocessing == Preprocessing((3, 192, 192), (0.5,) * 3, (0.5,) * 3, "bicubic", 0.875, "center")
-    assert info.weights == rf.REFIT_CKPT and info.tta is True and info.temperature == 1.0
+    assert info.weights == RunDir.REFIT_CKPT and info.tta is True and info.temperature == 1.0
     assert info.refit == old["refit"] and info.calibration == old["calibration"]
     # Weights the test builds (no weights file is committed): the old contract rebuilds the right architecture.
     model = timm.create_model(info.timm_model_name, num_classes=info.n_class, **info.model_kwargs)
-    save_checkpoint(run_dir / rf.REFIT_CKPT, {"model": model.state_dict()})
+    save_checkpoint(run_dir / RunDir.REFIT_CKPT, {"model": model.state_dict()})
     loaded, loaded_info = load_run_model(run_dir)
     assert loaded_info == info
     x = torch.randn(1, *info.preprocessing.input_size)
@@ -44,7 +44,7 @@ def test_a_run_folder_from_before_the_schema_version_still_loads(tmp_path):
 def test_written_contract_round_trips_and_keeps_the_old_keys(tmp_path):
     info = RunInfo.from_dict(json.loads(OLD_FIXTURE.read_text()))
     write_run_info(tmp_path, info)
-    written = json.loads((tmp_path / rf.CLASS_INFO).read_text())
+    written = json.loads((tmp_path / RunDir.CLASS_INFO).read_text())
     assert written["schema_version"] == SCHEMA_VERSION
     assert {k: v for k, v in written.items() if k != "schema_version"} == json.loads(OLD_FIXTURE.read_text())
     assert read_run_info(tmp_path) == info
@@ -52,16 +52,16 @@ def test_written_contract_round_trips_and_keeps_the_old_keys(tmp_path):
 
 def test_a_newer_or_damaged_contract_is_a_one_line_error(tmp_path):
     values = json.loads(OLD_FIXTURE.read_text())
-    (tmp_path / rf.CLASS_INFO).write_text(json.dumps({**values, "schema_version": SCHEMA_VERSION + 1}))
+    (tmp_path / RunDir.CLASS_INFO).write_text(json.dumps({**values, "schema_version": SCHEMA_VERSION + 1}))
     with pytest.raises(UserError, match="newer than this skinclf reads"):
         read_run_info(tmp_path)
-    (tmp_path / rf.CLASS_INFO).write_text(json.dumps({k: v for k, v in values.items() if k != "preprocessing"}))
+    (tmp_path / RunDir.CLASS_INFO).write_text(json.dumps({k: v for k, v in values.items() if k != "preprocessing"}))
     with pytest.raises(UserError, match="has no 'preprocessing'"):
         read_run_info(tmp_path)
-    (tmp_path / rf.CLASS_INFO).write_text(json.dumps({**values, "preprocessing": {"mean": [0.5]}}))
+    (tmp_path / RunDir.CLASS_INFO).write_text(json.dumps({**values, "preprocessing": {"mean": [0.5]}}))
     with pytest.raises(UserError, match="is damaged"):
         read_run_info(tmp_path)
-    (tmp_path / rf.CLASS_INFO).write_text("[1, 2]")
+    (tmp_path / RunDir.CLASS_INFO).write_text("[1, 2]")
     with pytest.raises(UserError, match="not a class_info.json"):
         read_run_info(tmp_path)
 

@@ -11,6 +11,7 @@ import torch
 
 import main
 from runs import run_folder as rf
+from runs.run_folder import RunDir
 from tests.conftest import ROOT, interrupt_after_checkpoint, train_args
 
 pytestmark = pytest.mark.slow
@@ -92,7 +93,7 @@ def test_same_seed_gives_the_same_log(two_runs):
 
 def test_interrupted_run_resumes_to_the_same_result(lesion_dataset, tmp_path, monkeypatch, two_runs):
     straight = two_runs[0]
-    interrupt_after_checkpoint(monkeypatch, lambda path, state: path.name == rf.LAST_CKPT and state["epoch"] == 1)
+    interrupt_after_checkpoint(monkeypatch, lambda path, state: path.name == RunDir.LAST_CKPT and state["epoch"] == 1)
     with pytest.raises(KeyboardInterrupt):
         train(train_args(lesion_dataset, tmp_path, "--epochs", "3"))
     monkeypatch.undo()

@@ -38,8 +38,10 @@ def resolve_mode(requested: str) -> str:
 
 
 class ExperimentTracker:
-    def __init__(self, requested_mode: str, run_dir: Path, config: dict[str, Any], project: str,
+    def __init__(self, requested_mode: str, records_dir: Path, config: dict[str, Any], project: str,
                  run_name: str):
+        """``records_dir``: where W&B keeps its files; it must be named ``wandb`` (W&B appends that name to the
+        ``dir`` it is given, so it is given the parent)."""
         self.run = None
         self.mode = resolve_mode(requested_mode)
         if self.mode == "disabled":
@@ -50,17 +52,17 @@ class ExperimentTracker:
             # A short init timeout: an unreachable server must not hold training up.
             settings = wandb.Settings(init_timeout=30, silent=True, x_disable_stats=True)
             try:
-                self.run = wandb.init(project=project, name=run_name, dir=str(run_dir), config=config,
+                self.run = wandb.init(project=project, name=run_name, dir=str(records_dir.parent), config=config,
                                       mode=self.mode, settings=settings, reinit="create_new")
             except Exception as err:  # noqa: BLE001 - e.g. credentials but no network: keep the record locally
                 if self.mode != "online":
                     raise
                 logger.warning("W&B online failed (%s); logging offline into %s instead", type(err).__name__,
-                               run_dir / "wandb")
+                               records_dir)
                 self.mode = "offline"
-                self.run = wandb.init(project=project, name=run_name, dir=str(run_dir), config=config,
+                self.run = wandb.init(project=project, name=run_name, dir=str(records_dir.parent), config=config,
                                       mode="offline", settings=settings, reinit="create_new")
-            logger.info("W&B logging %s%s", self.mode, f" into {run_dir / 'wandb'}" if self.mode == "offline" else "")
+            logger.info("W&B logging %s%s", self.mode, f" into {records_dir}" if self.mode == "offline" else "")
         except Exception as err:  # noqa: BLE001 - W&B problems are never fatal to training
             self._give_up(err)
 

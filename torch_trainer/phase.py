@@ -22,8 +22,8 @@ from dataloaders.build import balanced_sampler, make_loader
 from dataloaders.discovery import Sample
 from dataloaders.transforms import build_train_transform
 from evaluation.metrics import macro_auc
-from runs import run_folder as rf
 from runs.checkpoint import load_checkpoint, save_checkpoint
+from runs.run_folder import RunDir, append_log_row, truncate_log
 from runs.run_info import RunInfo
 from torch_trainer.distributed import DistInfo, gather_evaluation, reduce_train_stats
 from torch_trainer.losses import build_criterion
@@ -41,23 +41,29 @@ AUTO_BALANCE_RATIO = 1.5
 
 @dataclass(frozen=True)
 class PhaseFiles:
-    """Where a phase keeps its checkpoints and log, relative to the run folder."""
+    """Where a phase keeps its checkpoints and log."""
     name: str
-    last: str                   # checkpoint after every epoch (resume)
-    log: str
-    best: Optional[str] = None  # phases with validation: the best epoch's checkpoint
+    last: Path                   # checkpoint after every epoch (resume)
+    log: Path
+    best: Optional[Path] = None  # phases with validation: the best epoch's checkpoint
     required_on_resume: bool = False  # --resume fails without its checkpoint (the selection phase of a one-split run)
 
 
-SELECT = PhaseFiles("select", rf.LAST_CKPT, rf.LOG_CSV, rf.BEST_CKPT, required_on_resume=True)
-REFIT = PhaseFiles("refit", rf.REFIT_CKPT, rf.REFIT_LOG_CSV)
+SELECT_NAME, REFIT_NAME = "select", "refit"
 
 
-def fold_files(fold: int) -> PhaseFiles:
+def select_files(run: RunDir) -> PhaseFiles:
+    return PhaseFiles(SELECT_NAME, run.last_ckpt, run.log_csv, run.best_ckpt, required_on_resume=True)
+
+
+def refit_files(run: RunDir) -> PhaseFiles:
+    return PhaseFiles(REFIT_NAME, run.refit_ckpt, run.refit_log_csv)
+
+
+def fold_files(run: RunDir, fold: int) -> PhaseFiles:
     """Fold ``fold`` (0-based) of --folds K, in its own sub-folder ``fold_<fold+1>/``."""
-    folder = rf.fold_dir_name(fold)
-    return PhaseFiles(f"fold {fold + 1}", f"{folder}/{rf.LAST_CKPT}", f"{folder}/{rf.LOG_CSV}",
-                      f"{folder}/{rf.BEST_CKPT}")
+    folder = run.fold(fold)
+    return PhaseFiles(f"fold {fold + 1}", folder.last_ckpt, folder.log_csv, folder.best_ckpt)
 
 
 def resolve_sampler(cfg: TrainConfig, labels: list[int], n_class: int, distributed: bool) -> str:
@@ -104,7 +110,7 @@ class PhaseContext:
     """What every phase of one run shares."""
 
     cfg: TrainConfig
-    run_dir: Path
+    run: RunDir
     device: torch.device
     info: RunInfo
     image_loader: Callable
@@ -147,7 +153,7 @@ def run_phase(files: PhaseFiles, ctx: PhaseContext, model: torch.nn.Module, trai
         if isinstance(sampler, DistributedSampler):
             sampler.set_epoch(epoch)
         if dist_info.is_main:
-            rf.write_status(ctx.run_dir, "running", phase=files.name, epoch=epoch + 1, epochs=stop_after)
+            ctx.run.write_status("running", phase=files.name, epoch=epoch + 1, epochs=stop_after)
 
     def on_epoch_end(epoch: int, train_stats: dict, val: Optional[dict], selected: bool) -> None:
         if dist_info.is_main:
@@ -157,7 +163,7 @@ def run_phase(files: PhaseFiles, ctx: PhaseContext, model: torch.nn.Module, trai
     fit(trainee, train_loader, val_loader, stopper, epochs=stop_after, state=state,
         hooks=FitHooks(on_epoch_start, on_epoch_end, lambda stats: reduce_train_stats(stats, dist_info),
                        lambda result: gather_evaluation(result, dist_info)),
-        desc="" if files.name == "select" else f"{files.name}: ")
+        desc="" if files.name == SELECT_NAME else f"{files.name}: ")
     return {"epochs_run": state.epochs_done, "selected_epoch": stopper.selected_epoch,
             "best_epoch": stopper.best_epoch, "seconds": time.perf_counter() - start, "images": len(train_samples)}
 
@@ -200,7 +206,7 @@ def _train_criterion(cfg: TrainConfig, samples: list[Sample], n_class: int):
 def _resume(files: PhaseFiles, ctx: PhaseContext, model: torch.nn.Module, trainee: Trainee, stopper: EarlyStopping,
             stop_after: int) -> FitState:
     """Restore the phase from its last checkpoint (a fresh start when a later phase has not begun yet)."""
-    last_path = ctx.run_dir / files.last
+    last_path = files.last
     if not (last_path.is_file() or files.required_on_resume):
         return FitState()
     ckpt = load_checkpoint(last_path)  # a one-line error when the selection phase never saved an epoch
@@ -212,8 +218,8 @@ def _resume(files: PhaseFiles, ctx: PhaseContext, model: torch.nn.Module, traine
         trainee.scheduler.load_state_dict(ckpt["scheduler"])
     trainee.precision.scaler.load_state_dict(ckpt["scaler"])
     stopper.load_state_dict(ckpt["early_stopping"])
-    rf.truncate_log(ctx.run_dir, last_epoch=ckpt["epoch"] + 1, name=files.log)
-    logger.info("resuming the %s phase of %s after epoch %d of %d", files.name, ctx.run_dir, ckpt["epoch"] + 1,
+    truncate_log(files.log, last_epoch=ckpt["epoch"] + 1)
+    logger.info("resuming the %s phase of %s after epoch %d of %d", files.name, ctx.run.root, ckpt["epoch"] + 1,
                 stop_after)
     return FitState(start_epoch=ckpt["epoch"] + 1, num_updates=ckpt["num_updates"], epochs_done=ckpt["epoch"] + 1)
 
@@ -242,13 +248,13 @@ def _record_epoch(phase_state: _PhaseState, epoch: int, train_stats: dict, val: 
     if val is not None:
         row.update({"val_loss": val["loss"], "val_acc": val["acc"], "val_balanced_acc": val["balanced_acc"],
                     "val_macro_auc": macro_auc(val["targets"], val["probs"], ctx.info.n_class)})
-    last_path = ctx.run_dir / files.last
+    last_path = files.last
     last_path.parent.mkdir(parents=True, exist_ok=True)  # fold_<k>/
     # The log row first: if the process stops before the checkpoint, --resume restarts from the previous
     # checkpoint and drops the rows after it; the other way round the row would be lost.
-    rf.append_log_row(ctx.run_dir, row, name=files.log, with_validation=val is not None)
-    ctx.tracker.log({f"{files.name}/{k}" if files.name != "select" else k: v for k, v in row.items()},
-                    step=epoch + 1 if files.name == "select" else None)
+    append_log_row(files.log, row, with_validation=val is not None)
+    ctx.tracker.log({f"{files.name}/{k}" if files.name != SELECT_NAME else k: v for k, v in row.items()},
+                    step=epoch + 1 if files.name == SELECT_NAME else None)
     metric = ({"monitor": ctx.cfg.monitor, "val_loss": val["loss"], "val_balanced_acc": val["balanced_acc"],
                "val_acc": val["acc"]} if val is not None else None)
     ckpt_state = {
@@ -267,5 +273,5 @@ def _record_epoch(phase_state: _PhaseState, epoch: int, train_stats: dict, val: 
     if trainee.ema is not None:
         ckpt_state["model_train"] = model.state_dict()  # the raw weights, to resume training from
     if selected and files.best:
-        save_checkpoint(ctx.run_dir / files.best, ckpt_state)
+        save_checkpoint(files.best, ckpt_state)
     save_checkpoint(last_path, ckpt_state)

@@ -16,7 +16,7 @@ from evaluation.calibration import apply_temperature
 from evaluation.html_report import THUMB_SIDE, GalleryItem, pick_gallery, write_html_report
 from evaluation.reports import headline_summary
 from prediction.gradcam import save_gradcam_examples
-from runs import run_folder as rf
+from runs.run_folder import RunDir
 from torch_trainer.phase import PhaseContext
 from utils.atomic import atomic_save
 
@@ -28,32 +28,34 @@ def write_run_report(ctx: PhaseContext, model: torch.nn.Module, splits: DataSpli
     """report.html, with Grad-CAM overlays of the most confident errors and the least confident correct answers."""
     errors, unsure = pick_gallery(targets, probs)
 
-    def gallery(indices: list[int], folder: str) -> list[GalleryItem]:
+    def gallery(indices: list[int], folder: Path) -> list[GalleryItem]:
         samples = [tested[i] for i in indices]
-        overlays = save_gradcam_examples(model, samples, ctx.info, ctx.image_loader, ctx.run_dir / folder,
+        overlays = save_gradcam_examples(model, samples, ctx.info, ctx.image_loader, folder,
                                          max_side=THUMB_SIDE) or [s.path for s in samples]
         return [GalleryItem(image, s.path.name, splits.class_names[s.label],
                             splits.class_names[int(probs[i].argmax())], float(probs[i].max()))
                 for image, s, i in zip(overlays, samples, indices)]
 
     cfg = ctx.cfg
-    write_html_report(ctx.run_dir, metrics, splits.class_names, counts=splits.counts(),
+    run = ctx.run
+    write_html_report(run.root, metrics, splits.class_names, counts=splits.counts(), figures=run.report_figures(),
+                      audit=(run.audit_json, run.audit_pairs_png),
                       title=f"{cfg.model_name} on {Path(cfg.resolved_data_dir).name}",
-                      subtitle=f"Run {ctx.run_dir.name}: test split, delivered model ({metrics['weights']}), "
+                      subtitle=f"Run {run.name}: test split, delivered model ({metrics['weights']}), "
                                f"temperature {metrics.get('temperature', 1.0):.3f}",
-                      gallery_errors=gallery(errors, "report_gallery/errors"),
-                      gallery_unsure=gallery(unsure, "report_gallery/least_confident_correct"),
+                      gallery_errors=gallery(errors, run.report_gallery / "errors"),
+                      gallery_unsure=gallery(unsure, run.report_gallery / "least_confident_correct"),
                       gallery_note="Overlays: Grad-CAM of the predicted class on the photo.")
 
 
-def write_test_predictions(run_dir: Path, splits: DataSplits, test: dict[str, Any], temperature: float) -> None:
+def write_test_predictions(run: RunDir, splits: DataSplits, test: dict[str, Any], temperature: float) -> None:
     """Each test image's label and calibrated probabilities: what paired comparisons between runs resample."""
     samples = [splits.test[i] for i in test["indices"]]
     probs = apply_temperature(test["probs"], temperature)
     frame = pd.DataFrame({"filepath": [s.path.relative_to(splits.root).as_posix() for s in samples],
                           "label": test["targets"],
                           **{f"prob_{name}": probs[:, k] for k, name in enumerate(splits.class_names)}})
-    atomic_save(run_dir / rf.TEST_PREDICTIONS, lambda tmp: frame.to_csv(tmp, index=False))
+    atomic_save(run.test_predictions, lambda tmp: frame.to_csv(tmp, index=False))
 
 
 def log_test(metrics: dict[str, Any], variants: dict[str, dict[str, Any]], refit: bool, tta: bool) -> None:

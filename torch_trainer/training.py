@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from dataloaders.audit import write_audit
 from dataloaders.build import effective_workers, make_loader
 from dataloaders.metadata import read_metadata
 from dataloaders.prepare import prepare_dataset
-from dataloaders.splits import DataSplits, load_splits, save_splits
+from dataloaders.splits import DataSplits
 from dataloaders.transforms import build_eval_transform, resolve_preprocessing
 from evaluation.calibration import CalibrationResult, apply_temperature, guarded_temperature, logits_from_probs
 from evaluation.decisions import choose_decisions, decisions_on_test, log_decisions, write_held_out_predictions
@@ -31,8 +30,8 @@ from evaluation.metrics import classification_metrics
 from evaluation.reports import write_classification_report
 from evaluation.subgroups import columns_for
 from prediction.gradcam import save_gradcam_examples
-from runs import run_folder as rf
 from runs.checkpoint import load_checkpoint
+from runs.run_folder import RunDir
 from runs.run_info import RunInfo, read_run_info, write_run_info
 from segmentation.skin_region import prepare_skin_masks
 from torch_trainer import phase
@@ -61,16 +60,15 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     cfg = TrainConfig.from_args(args)
     if not cfg.resume:
         return cfg
-    run_dir = Path(cfg.resume)
-    configs_path = run_dir / rf.CONFIGS
-    if not configs_path.is_file():
-        raise UserError(f"--resume {run_dir}: {configs_path.name} not found; pass a run folder written by main.py")
-    saved = json.loads(configs_path.read_text(encoding="utf-8"))
+    run = RunDir(cfg.resume)
+    if not run.configs.is_file():
+        raise UserError(f"--resume {run.root}: {run.configs.name} not found; pass a run folder written by main.py")
+    saved = run.read_configs()
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     for name in RESUME_OVERRIDABLE:
         if getattr(cfg, name) != defaults[name]:
             saved[name] = getattr(cfg, name)
-    saved["resume"] = str(run_dir)
+    saved["resume"] = str(run.root)
     return TrainConfig.from_dict(saved)
 
 
@@ -94,50 +92,50 @@ def _train_process(cfg: TrainConfig, device: torch.device, dist_info: DistInfo,
     set_deterministic(cfg.deterministic)
     seed_everything(cfg.random_state)
     splits, model, timm_name, info, skin_region = load_data_and_model(
-        cfg, Path(cfg.resume) if cfg.resume else None, device)
+        cfg, RunDir(cfg.resume) if cfg.resume else None, device)
     if cfg.resume:
-        run_dir = Path(cfg.resume)
+        run = RunDir(cfg.resume)
     else:
-        run_dir = Path(broadcast(str(rf.create_run_dir(cfg.save_dir, cfg.data_name, cfg.model_name))
-                                 if dist_info.is_main else None, dist_info))
+        run = RunDir(broadcast(str(RunDir.create(cfg.save_dir, cfg.data_name, cfg.model_name).root)
+                               if dist_info.is_main else None, dist_info))
     if on_run_dir is not None and dist_info.is_main:
-        on_run_dir(run_dir)
-    handler = add_file_handler(run_dir / "train.log") if dist_info.is_main else None
-    logger.info("run folder: %s (device %s%s)", run_dir, device,
+        on_run_dir(run.root)
+    handler = add_file_handler(run.train_log) if dist_info.is_main else None
+    logger.info("run folder: %s (device %s%s)", run.root, device,
                 f", {dist_info.world_size} processes" if dist_info.enabled else "")
     try:
         if info is None:
-            info = _start_run(cfg, run_dir, splits, model, timm_name, skin_region, dist_info)
-        result = train(cfg, run_dir, device, splits, model, info, dist_info)
+            info = _start_run(cfg, run, splits, model, timm_name, skin_region, dist_info)
+        result = train(cfg, run, device, splits, model, info, dist_info)
     except KeyboardInterrupt:
         if dist_info.is_main:
-            rf.write_status(run_dir, "interrupted")
+            run.write_status("interrupted")
         logger.warning("interrupted; the last finished epoch is in %s; continue with --resume %s",
-                       run_dir / rf.LAST_CKPT, run_dir)
+                       run.last_ckpt, run.root)
         raise
     except BaseException as err:
         if dist_info.is_main:
-            rf.write_status(run_dir, "failed", error=f"{type(err).__name__}: {err}")
+            run.write_status("failed", error=f"{type(err).__name__}: {err}")
         raise
     finally:
         if handler is not None:
             remove_handler(handler)
     if dist_info.is_main:
-        rf.write_status(run_dir, "finished", epochs_run=result["epochs_run"])
-        logger.info("done: %s", run_dir)
+        run.write_status("finished", epochs_run=result["epochs_run"])
+        logger.info("done: %s", run.root)
     return result
 
 
-def load_data_and_model(cfg: TrainConfig, run_dir: Optional[Path], device: torch.device
+def load_data_and_model(cfg: TrainConfig, run: Optional[RunDir], device: torch.device
                         ) -> tuple[DataSplits, torch.nn.Module, str, Optional[RunInfo], Optional[dict]]:
     """Everything that can fail on a user mistake, done before a new run folder is created.
 
     Returns the splits, the model, its timm name, when resuming the run's RunInfo (None for a new run), and for
     skin-region runs the skin-region settings (masks computed and cached by then).
     """
-    if run_dir is not None:  # resuming: the split and the architecture come from the run folder
-        info = read_run_info(run_dir)
-        splits = load_splits(run_dir, cfg.resolved_data_dir, info.class_names)
+    if run is not None:  # resuming: the split and the architecture come from the run folder
+        info = read_run_info(run.root)
+        splits = run.read_splits(cfg.resolved_data_dir, info.class_names)
         model, timm_name = build_model(cfg.model_name, len(splits.class_names), False, None, cfg.drop_rate)
         region = prepare_skin_masks(cfg, splits, device) if cfg.input_kind == "skin_region" else None
         return splits, model, timm_name, info, region
@@ -148,7 +146,7 @@ def load_data_and_model(cfg: TrainConfig, run_dir: Optional[Path], device: torch
     return splits, model, timm_name, None, region
 
 
-def _start_run(cfg: TrainConfig, run_dir: Path, splits: DataSplits, model: torch.nn.Module, timm_name: str,
+def _start_run(cfg: TrainConfig, run: RunDir, splits: DataSplits, model: torch.nn.Module, timm_name: str,
                skin_region: Optional[dict[str, Any]], dist_info: DistInfo) -> RunInfo:
     """A new run's contract (classes, architecture, preprocessing), written with its config and splits."""
     info = RunInfo(class_names=splits.class_names, model_name=cfg.model_name, timm_model_name=timm_name,
@@ -156,43 +154,43 @@ def _start_run(cfg: TrainConfig, run_dir: Path, splits: DataSplits, model: torch
                    model_kwargs={"drop_rate": cfg.drop_rate},
                    input_kind="skin_region" if skin_region else "full_image", skin_region=skin_region, tta=cfg.tta)
     if dist_info.is_main:  # under torchrun only rank 0 touches the run folder
-        save_splits(run_dir, splits)
+        run.write_splits(splits)
         if splits.audit is not None:
-            write_audit(run_dir, splits.audit)
-        write_run_info(run_dir, info)
-        atomic_write_json(run_dir / rf.CONFIGS, cfg.to_dict())
+            write_audit(run.root, splits.audit)
+        write_run_info(run.root, info)
+        run.write_configs(cfg.to_dict())
     return info
 
 
-def train(cfg: TrainConfig, run_dir: Path, device: torch.device, splits: DataSplits, model: torch.nn.Module,
+def train(cfg: TrainConfig, run: RunDir, device: torch.device, splits: DataSplits, model: torch.nn.Module,
           info: RunInfo, dist_info: DistInfo = DistInfo()) -> dict[str, Any]:
     """The selection phase (train split, best epoch on validation), then with ``--refit`` the refit on train +
     validation, then calibration and the test report of the delivered model."""
     for split, counts in splits.counts().items():
         logger.info("%-5s %5d images  %s", split, sum(counts.values()), counts)
     if splits.skipped:
-        logger.warning("%d unreadable image(s) skipped; see %s", len(splits.skipped), run_dir / "skipped_files.csv")
+        logger.warning("%d unreadable image(s) skipped; see %s", len(splits.skipped), run.skipped_csv)
     pre = info.preprocessing
     logger.info("model %s (%s): %.2fM parameters, input %s, mean %s, std %s, eval crop %s %.3f", cfg.model_name,
                 info.timm_model_name, count_parameters(model) / 1e6, list(pre.input_size), list(pre.mean),
                 list(pre.std), pre.crop_mode, pre.crop_pct)
-    tracker = ExperimentTracker(cfg.wandb if dist_info.is_main else "disabled", run_dir,
+    tracker = ExperimentTracker(cfg.wandb if dist_info.is_main else "disabled", run.wandb_dir,
                                 {**cfg.to_dict(), "class_names": info.class_names,
                                  "timm_model_name": info.timm_model_name, "world_size": dist_info.world_size},
-                                cfg.wandb_project, run_dir.name)
+                                cfg.wandb_project, run.name)
     eval_loader, train_loader = training_image_loaders(cfg, info)
-    ctx = PhaseContext(cfg, run_dir, device, info, eval_loader, build_eval_transform(pre), tracker, dist_info,
+    ctx = PhaseContext(cfg, run, device, info, eval_loader, build_eval_transform(pre), tracker, dist_info,
                        train_loader)
     try:
         selection, refit = _select_and_refit(ctx, splits, model)
         if not dist_info.is_main:
-            return {"run_dir": str(run_dir), "test_metrics": None, "epochs_run": selection["epochs_run"]}
+            return {"run_dir": str(run.root), "test_metrics": None, "epochs_run": selection["epochs_run"]}
         result = _finish_training(ctx, model, splits, selection, refit)
     except BaseException:
         tracker.finish(exit_code=1)
         raise
     tracker.finish()
-    return {"run_dir": str(run_dir), "test_metrics": result, "epochs_run": selection["epochs_run"]}
+    return {"run_dir": str(run.root), "test_metrics": result, "epochs_run": selection["epochs_run"]}
 
 
 def _select_and_refit(ctx: PhaseContext, splits: DataSplits, model: torch.nn.Module
@@ -204,10 +202,10 @@ def _select_and_refit(ctx: PhaseContext, splits: DataSplits, model: torch.nn.Mod
         selection = _cross_validate(ctx, splits, resuming)
         refit_epochs = int(np.ceil(np.median(selection["selected_epochs"])))
     else:
-        selection = run_phase(phase.SELECT, ctx, model, splits.train, splits.val, stop_after=cfg.epochs,
+        selection = run_phase(phase.select_files(ctx.run), ctx, model, splits.train, splits.val, stop_after=cfg.epochs,
                               resume=resuming)
         barrier(ctx.dist_info)  # rank 0 has written the last checkpoint; the other ranks are done
-        best_epoch = load_checkpoint(ctx.run_dir / rf.BEST_CKPT)["epoch"] + 1 if ctx.dist_info.is_main else None
+        best_epoch = load_checkpoint(ctx.run.best_ckpt)["epoch"] + 1 if ctx.dist_info.is_main else None
         refit_epochs = int(broadcast(best_epoch, ctx.dist_info)) if cfg.refit else 0
     if not refit_epochs:
         return selection, None
@@ -217,7 +215,7 @@ def _select_and_refit(ctx: PhaseContext, splits: DataSplits, model: torch.nn.Mod
     schedule_epochs = refit_epochs if cfg.refit_schedule == "compressed" else cfg.epochs
     logger.info("refit: training on every labelled training image (%d) for the %d epoch(s) validation chose "
                 "(learning-rate schedule over %d epochs)", len(everything), refit_epochs, schedule_epochs)
-    refit = run_phase(phase.REFIT, ctx, _fresh_model(cfg, len(splits.class_names)), everything, None,
+    refit = run_phase(phase.refit_files(ctx.run), ctx, _fresh_model(cfg, len(splits.class_names)), everything, None,
                       stop_after=refit_epochs, schedule_epochs=schedule_epochs, resume=resuming)
     refit["epochs"] = refit_epochs
     barrier(ctx.dist_info)
@@ -240,7 +238,7 @@ def _cross_validate(ctx: PhaseContext, splits: DataSplits, resuming: bool) -> di
         logger.info("fold %d/%d: %d training, %d held-out images", fold + 1, cfg.folds, len(train_samples),
                     len(held_out))
         fold_model = _fresh_model(cfg, len(splits.class_names))
-        outcomes.append(run_phase(phase.fold_files(fold), ctx, fold_model, train_samples, held_out,
+        outcomes.append(run_phase(phase.fold_files(ctx.run, fold), ctx, fold_model, train_samples, held_out,
                                   stop_after=cfg.epochs, resume=resuming))
         barrier(ctx.dist_info)
     selected_epochs = [o["selected_epoch"] + 1 for o in outcomes]
@@ -266,11 +264,11 @@ class _Scorer:
 
 def _out_of_fold(ctx: PhaseContext, model: torch.nn.Module, splits: DataSplits, score: _Scorer) -> dict[str, Any]:
     """Every training image predicted by the fold model that held it out: the OOF report and calibration set."""
-    cfg, run_dir = ctx.cfg, ctx.run_dir
+    cfg, run = ctx.cfg, ctx.run
     n_class = len(splits.class_names)
     probs = np.zeros((len(splits.train), n_class), dtype=np.float32)
     for fold in range(cfg.folds):
-        model.load_state_dict(load_checkpoint(run_dir / phase.fold_files(fold).best)["model"])
+        model.load_state_dict(load_checkpoint(phase.fold_files(run, fold).best)["model"])
         positions = [i for i, f in enumerate(splits.folds) if f == fold]
         result = score(model, [splits.train[i] for i in positions], cfg.tta, f"fold {fold + 1} held-out")
         probs[[positions[i] for i in result["indices"]]] = result["probs"]
@@ -278,9 +276,9 @@ def _out_of_fold(ctx: PhaseContext, model: torch.nn.Module, splits: DataSplits, 
     frame = pd.DataFrame({"filepath": [s.path.relative_to(splits.root).as_posix() for s in splits.train],
                           "label": targets, "fold": np.array(splits.folds) + 1,
                           **{f"prob_{name}": probs[:, k] for k, name in enumerate(splits.class_names)}})
-    atomic_save(run_dir / rf.OOF_PREDICTIONS, lambda tmp: frame.to_csv(tmp, index=False))
+    atomic_save(run.oof_predictions, lambda tmp: frame.to_csv(tmp, index=False))
     metrics = classification_metrics(targets, probs.argmax(1), splits.class_names, probs)
-    atomic_write_json(run_dir / rf.OOF_METRICS, {
+    atomic_write_json(run.oof_metrics, {
         "folds": cfg.folds, "tta": cfg.tta, "per_fold_balanced_accuracy": [
             float(classification_metrics(targets[frame["fold"] == k + 1], probs[frame["fold"] == k + 1].argmax(1),
                                          splits.class_names)["balanced_accuracy"]) for k in range(cfg.folds)],
@@ -297,11 +295,11 @@ def _held_out_predictions(ctx: PhaseContext, model: torch.nn.Module, splits: Dat
     epoch and, for a one-split run, the selected checkpoint (whose weights are then left in ``model``)."""
     if splits.folds is not None:
         return _out_of_fold(ctx, model, splits, score), refit["epochs"], None
-    best = load_checkpoint(ctx.run_dir / rf.BEST_CKPT)
+    best = load_checkpoint(ctx.run.best_ckpt)
     model.load_state_dict(best["model"])
     val = score(model, splits.val, ctx.cfg.tta, "validation")
-    atomic_write_json(ctx.run_dir / rf.VAL_METRICS, {
-        "weights": rf.BEST_CKPT, "best_epoch": best["epoch"] + 1, "epoch_selection": ctx.cfg.epoch_selection,
+    atomic_write_json(ctx.run.val_metrics, {
+        "weights": RunDir.BEST_CKPT, "best_epoch": best["epoch"] + 1, "epoch_selection": ctx.cfg.epoch_selection,
         "highest_score_epoch": best["early_stopping"]["best_epoch"] + 1, "tta": ctx.cfg.tta,
         "note": "the selected model on the held-out validation split, before temperature scaling",
         **classification_metrics(val["targets"], val["probs"].argmax(1), splits.class_names, val["probs"])})
@@ -332,7 +330,7 @@ def _test_with_variants(ctx: PhaseContext, model: torch.nn.Module, splits: DataS
                                                         probs).items() if k != "per_class"}
 
     variants: dict[str, dict[str, Any]] = {}
-    if delivered.get("phase") == phase.REFIT.name and splits.folds is None:  # the selected model without the refit
+    if delivered.get("phase") == phase.REFIT_NAME and splits.folds is None:  # the selected model without the refit
         variants["no_refit"] = headline(score(model, splits.test, cfg.tta, "test (no refit)"))
     model.load_state_dict(delivered["model"])
     test = score(model, splits.test, cfg.tta, "test")
@@ -349,23 +347,23 @@ def _finish_training(ctx: PhaseContext, model: torch.nn.Module, splits: DataSpli
                      refit: Optional[dict[str, Any]]) -> dict[str, Any]:
     """Calibrate on held-out predictions of the selected model, then test the delivered model and write the report
     and the final run contract."""
-    cfg, run_dir = ctx.cfg, ctx.run_dir
+    cfg, run = ctx.cfg, ctx.run
     score = _Scorer(ctx)
     held_out, best_epoch, best = _held_out_predictions(ctx, model, splits, score, refit)
     calibration = _calibrate(cfg, held_out)
     temperature = calibration.temperature if calibration is not None else 1.0
     held_out_probs = apply_temperature(held_out["probs"], temperature)
-    write_held_out_predictions(run_dir, held_out["targets"], held_out_probs, splits.class_names)
+    write_held_out_predictions(run.held_out_predictions, held_out["targets"], held_out_probs, splits.class_names)
     points, abstain = choose_decisions(cfg.operating_point, cfg.abstain, splits.class_names, held_out["targets"],
                                        held_out_probs)
-    delivered = load_checkpoint(run_dir / rf.REFIT_CKPT) if refit is not None else best
+    delivered = load_checkpoint(run.refit_ckpt) if refit is not None else best
     test, variants = _test_with_variants(ctx, model, splits, score, delivered, temperature)
-    weights_name = rf.REFIT_CKPT if refit is not None else rf.BEST_CKPT
+    weights_name = RunDir.REFIT_CKPT if refit is not None else RunDir.BEST_CKPT
     info = ctx.info.updated(weights=weights_name, temperature=temperature, tta=cfg.tta,
                             calibration=calibration.to_dict() if calibration else None,
                             refit={"epochs": refit["epochs"], "images": refit["images"]} if refit else None,
                             operating_points=points, abstain=abstain)
-    write_run_info(run_dir, info)
+    write_run_info(run.root, info)
     seconds = {"select": round(selection["seconds"], 1), "refit": round(refit["seconds"], 1) if refit else 0.0}
     tested = [splits.test[i] for i in test["indices"]]
     test_groups = splits.group_of(tested)
@@ -376,8 +374,8 @@ def _finish_training(ctx: PhaseContext, model: torch.nn.Module, splits: DataSpli
     decisions = (decisions_on_test(test["targets"], test_probs, splits.class_names, points, abstain, test_groups)
                  if points or abstain else None)
     metrics = write_classification_report(
-        run_dir, test["targets"], test_probs, splits.class_names,
-        confusion_name="confusion_matrix_test",
+        run.root, test["targets"], test_probs, splits.class_names, metrics_name=RunDir.TEST_METRICS,
+        confusion_name=RunDir.TEST_CONFUSION,
         extra={"weights": weights_name, "best_epoch": best_epoch, "folds": cfg.folds or None, "monitor": cfg.monitor,
                "epoch_selection": cfg.epoch_selection,
                "highest_score_epoch": best["early_stopping"]["best_epoch"] + 1 if best is not None else None,
@@ -387,14 +385,14 @@ def _finish_training(ctx: PhaseContext, model: torch.nn.Module, splits: DataSpli
                "training_seconds": seconds, "variants": variants,
                **({"decisions": decisions} if decisions else {})},
         uncalibrated_probs=test["probs"] if cfg.calibrate else None, groups=test_groups, subgroups=subgroups)
-    write_test_predictions(run_dir, splits, test, temperature)
+    write_test_predictions(run, splits, test, temperature)
     write_run_report(ctx, model, splits, tested, test["targets"], test_probs, metrics)
     log_test(metrics, variants, refit is not None, cfg.tta)
     if decisions:
         log_decisions(decisions)
     if ctx.tracker.run is not None:
         ctx.tracker.summary({f"test_{k}": v for k, v in metrics.items() if not isinstance(v, dict)})
-        ctx.tracker.log_images("confusion_matrix", [run_dir / "confusion_matrix_test.png"])
+        ctx.tracker.log_images("confusion_matrix", [run.test_confusion_png])
         ctx.tracker.log_images("gradcam", save_gradcam_examples(model, splits.test[:GRADCAM_EXAMPLES], info,
-                                                                ctx.image_loader, run_dir / "gradcam_examples"))
+                                                                ctx.image_loader, run.gradcam_examples))
     return metrics
