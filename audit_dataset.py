@@ -15,44 +15,35 @@ import argparse
 from pathlib import Path
 from typing import Any, Optional
 
-from dataloaders.audit import TINY_SIDE, discover_for_audit, items_from_index, log_audit, run_audit, write_audit
-from dataloaders.fingerprints import NEAR_DUPLICATE_BITS
+from configs import AuditConfig, add_dataclass_arguments, from_namespace, parse_with_config_file
+from dataloaders.audit import discover_for_audit, items_from_index, log_audit, run_audit, write_audit
 from dataloaders.labels_csv import CsvColumns, index_from_labels_csv
-from utils.cli import num_workers_flags, run_cli
+from utils.cli import run_cli
 from utils.logging_setup import setup_logging
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("skinclf dataset audit", add_help=add_help, parents=[num_workers_flags(2)],
+    parser = argparse.ArgumentParser("skinclf dataset audit", add_help=add_help,
                                      description="Find duplicates, label conflicts, train/test leakage and shortcut "
                                                  "cues in an image folder.")
-    parser.add_argument("--data_dir", required=True, help="dataset root (trainset/, testset/) or a folder of class "
-                                                          "folders")
-    parser.add_argument("--output", default=None, help="folder for the report (default audit_results/<data_dir name>)")
-    parser.add_argument("--near_dup_threshold", type=int, default=NEAR_DUPLICATE_BITS,
-                        help="perceptual-hash distance (bits of 64) at or below which two images count as copies")
-    parser.add_argument("--labels_csv", default=None, help="CSV of labels instead of class folders (images under "
-                                                           "--data_dir); columns as main.py's --csv_* flags")
-    parser.add_argument("--csv_file_column", default="filename")
-    parser.add_argument("--csv_label_column", default="label")
-    parser.add_argument("--csv_split_column", default=None)
-    parser.add_argument("--tiny_side", type=int, default=TINY_SIDE,
-                        help="images whose shorter side is below this many pixels count as tiny")
+    add_dataclass_arguments(parser, AuditConfig)
     return parser
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     setup_logging()
-    root = Path(args.data_dir)
-    if args.labels_csv:
-        index, _ = index_from_labels_csv(Path(args.labels_csv), root, CsvColumns(
-            args.csv_file_column, args.csv_label_column, None, args.csv_split_column), for_training=False)
+    cfg = from_namespace(AuditConfig, args)
+    root = Path(cfg.data_dir)
+    if cfg.labels_csv:
+        index, _ = index_from_labels_csv(Path(cfg.labels_csv), root, CsvColumns(
+            cfg.csv_file_column, cfg.csv_label_column, cfg.csv_group_column, cfg.csv_split_column),
+            for_training=False)
         items = items_from_index(index)
     else:
         items = discover_for_audit(root)
-    audit = run_audit(items, root, threshold=args.near_dup_threshold, tiny_side=args.tiny_side,
-                      num_threads=max(1, args.num_workers))
-    output = Path(args.output) if args.output else Path("audit_results") / root.resolve().name
+    audit = run_audit(items, root, threshold=cfg.near_dup_threshold, tiny_side=cfg.tiny_side,
+                      num_threads=max(1, cfg.num_workers))
+    output = cfg.output_folder
     write_audit(output, audit)
     log_audit(audit)
     print(f"audit written to {output}")
@@ -60,7 +51,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    return get_args_parser().parse_args(argv)
+    return parse_with_config_file(get_args_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -17,59 +17,40 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from pathlib import Path
+from typing import Optional
 
-from deploy.benchmarking import BenchmarkSettings, benchmark_run, format_benchmark, write_benchmark
-from runs.export_dir import DEFAULT_EXPORT_DIR, ExportDir
-from utils.cli import device_flags, model_path_flags, run_cli
-from utils.errors import UserError
+from configs import BenchmarkConfig, add_dataclass_arguments, from_namespace, parse_with_config_file
+from deploy.benchmarking import benchmark_run, format_benchmark, write_benchmark
+from runs.export_dir import ExportDir
+from utils.cli import run_cli
 from utils.logging_setup import setup_logging
 
 logger = logging.getLogger(__name__)
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        "skinclf PyTorch vs ONNX benchmark", add_help=add_help,
-        parents=[model_path_flags("--pytorch_model_path"), device_flags("cpu", "where PyTorch and ONNX Runtime run")])
-    parser.add_argument("--onnx_model_dir", default=str(DEFAULT_EXPORT_DIR),
-                        help="folder written by quantize_onnx_models.py (default: %(default)s)")
-    parser.add_argument("--iterations", type=int, default=100, help="timed runs per batch size (default: %(default)s)")
-    parser.add_argument("--warmup", type=int, default=10, help="untimed runs first (default: %(default)s)")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="alternating rounds of fresh processes; each framework keeps its fastest round, so a "
-                             "burst of load from other programs does not decide the comparison (default: %(default)s)")
-    parser.add_argument("--batch_sizes", default="1,32", help="comma-separated (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                        help="intra-op threads for every framework (default: all cores, %(default)s)")
-    parser.add_argument("--eval_images", type=int, default=0,
-                        help="test images for the accuracy columns; 0 = the whole test split (default)")
-    parser.add_argument("--data_dir", default=None, help="dataset root if it moved since training")
-    parser.add_argument("--output_dir", default=None, help="where results go (default: --onnx_model_dir)")
+    parser = argparse.ArgumentParser("skinclf PyTorch vs ONNX benchmark", add_help=add_help,
+                                     description="Time PyTorch eager, ONNX FP32 and ONNX INT8 fairly on the run's "
+                                                 "test images: latency, throughput, size and accuracy.")
+    add_dataclass_arguments(parser, BenchmarkConfig)
     return parser
-
-
-def settings_from_args(args: argparse.Namespace) -> BenchmarkSettings:
-    try:
-        batch_sizes = tuple(int(b) for b in args.batch_sizes.split(",") if b.strip())
-    except ValueError as err:
-        raise UserError(f"--batch_sizes {args.batch_sizes!r}: expected comma-separated integers such as 1,32") from err
-    return BenchmarkSettings(batch_sizes=batch_sizes, iterations=args.iterations, warmup=args.warmup,
-                             rounds=args.rounds, threads=args.threads, device=args.device,
-                             eval_images=args.eval_images, data_dir=args.data_dir)
 
 
 def main(args: argparse.Namespace) -> list[dict]:
     setup_logging()
-    settings = settings_from_args(args)
-    result = benchmark_run(Path(args.model_path), ExportDir(Path(args.onnx_model_dir)), settings)
-    output = ExportDir(Path(args.output_dir or args.onnx_model_dir))
+    cfg = from_namespace(BenchmarkConfig, args)
+    result = benchmark_run(Path(cfg.model_path), ExportDir(cfg.onnx_model_dir), cfg.benchmark)
+    output = ExportDir(cfg.output_folder)
     write_benchmark(result, output)
-    print("\n" + format_benchmark(result, settings))
+    print("\n" + format_benchmark(result, cfg.benchmark))
     print(f"results: {output.benchmark_file('results.csv')}")
     return result.rows + result.segmentation_rows
 
 
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    return parse_with_config_file(get_args_parser(), argv)
+
+
 if __name__ == "__main__":
-    run_cli(main, lambda: get_args_parser().parse_args())
+    run_cli(main, parse_args)

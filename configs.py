@@ -1,7 +1,13 @@
-"""The single source of training options: one dataclass, from which main.py's argparse flags are generated.
+"""The one options schema: every flag of every script is declared here once, as a dataclass field with its type, help,
+default, choices and range; one generator turns a script's config dataclass into its argparse flags.
 
-Every field becomes ``--<field_name>``; its metadata gives the help text and, where the value is one of a fixed
-set, the choices. A ``--config FILE`` (YAML or JSON) supplies defaults; flags given on the command line win.
+- A flag that several scripts take (``--device``, ``--labels_csv``, ``--seg_model``, ...) is one ``Flag`` object, so it
+  has one help text and one default everywhere.
+- Enumerations (losses, leak policies, W&B modes, ...) are declared here and imported by the library.
+- Option groups that a library function takes whole (``PredictionOptions``, ``SegmentationOptions``, ``QuantOptions``,
+  ...) are dataclasses here too; a script's config nests them, and the generator flattens them into flags.
+- Every value is checked (type, choice, range) when the config is built, before any folder is created; a
+  ``--config FILE`` (YAML or JSON) gives defaults for any script, and flags on the command line win.
 """
 
 from __future__ import annotations
@@ -9,66 +15,192 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import os
+import re
+import sys
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, get_type_hints
+from typing import Any, Callable, ClassVar, Optional, Union, get_type_hints
 
 from evaluation.decisions import parse_abstain, parse_operating_points
-from utils.cli import DEVICE_CHOICES, NUM_WORKERS_HELP, str2bool  # noqa: F401 - str2bool is re-exported
+from utils.cli import str2bool
 from utils.errors import UserError
 
+# --- enumerations, declared once -------------------------------------------------------------------------------------
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULERS = ("cosine", "step", "none")
+LOSSES = ("ce", "focal")
+CLASS_WEIGHTS = ("none", "auto")
+SAMPLERS = ("auto", "random", "balanced")
+EVAL_CROPS = ("center", "squash", "letterbox")
+LEAK_POLICIES = ("warn", "drop", "error")
+INPUT_KINDS = ("full_image", "skin_region")
+SEG_BACKENDS = ("segformer", "onnx", "opencv")
+NO_FACE_POLICIES = ("skip", "full_image")
+EPOCH_SELECTIONS = ("one_se", "best")
+REFIT_SCHEDULES = ("compressed", "replay")
+MONITORS = ("val_balanced_acc", "val_loss")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+WEIGHT_CHOICES = ("final", "best", "last")
+BACKENDS = ("torch", "onnx")
+CAM_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eigencam", "eigengradcam", "scorecam",
+               "ablationcam")
+QUANTIZE_CHOICES = ("int8", "none")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 
-def _opt(default: Any, help: str, choices: Optional[list] = None, **extra: Any) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices, **extra})
+EXPORT_DIR = "onnx_models"  # quantize_onnx_models.py's output folder, where inference and benchmark look by default
+NUM_WORKERS_HELP = ("DataLoader worker processes that decode images, capped at the CPU count; 0 decodes in the main "
+                    "process")
 
 
+# --- one flag's declaration ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Flag:
+    """A flag: default, help, and what a valid value is (``choices``; ``check`` with the ``rule`` it enforces)."""
+
+    default: Any
+    help: str
+    choices: Optional[tuple] = None
+    check: Optional[Callable[[Any], bool]] = None
+    rule: str = ""  # e.g. "at least 1": the error says "--epochs must be at least 1"
+    lower: bool = False  # accept any case, store lower case (--optimizer adamW)
+    required: bool = False
+    metavar: Optional[str] = None
+    aliases: tuple[str, ...] = ()  # older spellings still accepted
+
+    def field(self) -> Any:
+        return field(default=self.default, metadata={"flag": self})
+
+
+def _opt(default: Any, help: str, choices: Optional[tuple] = None, **extra: Any) -> Any:
+    """A flag used by one config only, declared in place."""
+    return Flag(default, help, tuple(choices) if choices else None, **extra).field()
+
+
+def _group(cls: type) -> Any:
+    """A nested option group: its fields become flags of the script that nests it."""
+    return field(default_factory=cls, metadata={"group": cls})
+
+
+def at_least(low: float) -> dict[str, Any]:
+    return {"check": lambda v: v >= low, "rule": f"at least {low:g}"}
+
+
+def between(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> dict[str, Any]:
+    def check(v: float) -> bool:
+        return (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+    return {"check": check, "rule": f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"}
+
+
+def _stages(value: Any) -> bool:
+    return value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
+
+
+# --- flags that several scripts share --------------------------------------------------------------------------------
+MODEL_PATH = Flag(None, "run folder written by main.py", required=True, aliases=("--pytorch_model_path",))
+DEVICE = Flag("auto", "where the models run; auto = cuda when a GPU is visible, else cpu", DEVICE_CHOICES)
+NUM_WORKERS = Flag(4, NUM_WORKERS_HELP, **at_least(0))
+BATCH_SIZE = Flag(32, "images per batch (main.py: per training step)", **at_least(1))
+WEIGHTS = Flag("final", "which checkpoint: final = the model the run delivered (the refit on train + validation "
+                        "when there was one), best = the best validation epoch, last = the last epoch",
+               WEIGHT_CHOICES)
+DATA_DIR = Flag(None, "dataset root holding trainset/ and testset/ (main.py: default data/<data_name>_dataset; "
+                      "quantize_onnx_models.py, benchmark.py: only if the run's dataset moved since training)")
+REDUCED_DECODE = Flag(True, "decode large JPEGs at the smallest DCT scale (1/2, 1/4, 1/8) that still gives the "
+                            "model's resize (or the face parser) enough pixels: camera-size photos decode several "
+                            "times faster; False decodes every pixel")
+TTA = Flag(None, "average each image's logits with its mirror image's (horizontal flip). main.py tests the run "
+                 "with it and records it as inference's default; inference uses what the run recorded "
+                 "(class_info.json 'tta') unless told (default: on in main.py)")
+LABELS_CSV = Flag(None, "CSV of labels instead of class folders (e.g. HAM10000 metadata): one row per image with a "
+                        "file column and a label column, optionally group and split columns. main.py and "
+                        "audit_dataset.py read the images under --data_dir from it; inference scores against it")
+CSV_FILE_COLUMN = Flag("filename", "--labels_csv column naming the image (path, file name or name without extension)")
+CSV_LABEL_COLUMN = Flag("label", "--labels_csv column holding the class name")
+CSV_GROUP_COLUMN = Flag(None, "--labels_csv column holding the patient or lesion id: groups stay on one side of "
+                              "the validation split and intervals resample whole groups")
+CSV_SPLIT_COLUMN = Flag(None, "--labels_csv column saying train or test (default: the trainset/ or testset/ folder "
+                              "the image sits in)")
+METADATA = Flag(None, "CSV with a filename column and columns such as fitzpatrick, sex, age_group, site, device: "
+                      "the test report adds per-subgroup metrics with intervals (subgroup_metrics.csv)")
+OPERATING_POINT = Flag(None, "screening thresholds chosen on the run's held-out predictions, e.g. "
+                             "'malignant:sensitivity=0.95' (or specificity=; comma-separated for several classes); "
+                             "adds flag_<class> columns. main.py records them with the run; inference chooses new "
+                             "ones instead of the run's")
+ABSTAIN = Flag(None, "answer 'uncertain' below a confidence chosen on the run's held-out predictions: accuracy=0.95 "
+                     "(that accurate where it answers) or coverage=0.8 (answer 80%%). main.py records it with the "
+                     "run; inference chooses a new one instead of the run's")
+# 40: the threshold measured on real photos (docs/measurements_accuracy.md, the data audit section).
+NEAR_DUP_THRESHOLD = Flag(40, "perceptual-hash distance (bits of 256) at or below which the audit counts two images "
+                              "as copies", **between(0, 256))
+TINY_SIDE = Flag(224, "images whose shorter side is below this many pixels count as tiny (main.py uses --img_size)",
+                 **at_least(1))
+SEG_BACKEND = Flag("segformer", "face parser: segformer (transformers), onnx (exported seg_model.onnx) or opencv "
+                                "(Haar face + skin colour heuristic, no weights)", SEG_BACKENDS)
+SEG_MODEL = Flag(None, "face parser model: segformer backend, a Hugging Face id or local folder (default "
+                       "jonathandinu/face-parsing); onnx backend, a seg_model.onnx path (default "
+                       "onnx_models/seg_model.onnx)")
+SEG_REVISION = Flag(None, "Hugging Face revision (commit hash) of --seg_model, to pin the parser")
+PARTS = Flag(None, "comma-separated parser labels that count as skin (default: skin,nose)")
+OUTPUT = Flag(None, "output folder (audit_dataset.py: default audit_results/<data_dir name>; face_segmentation.py: "
+                    "default face_segmentation_results)")
+OUTPUT_DIR = Flag(None, "output folder (quantize_onnx_models.py: default onnx_models; benchmark.py: default "
+                        "--onnx_model_dir)")
+CONFIG = Flag(None, "YAML or JSON file of defaults for these flags (names without '--'); command-line flags win")
+
+
+# --- training (main.py) ----------------------------------------------------------------------------------------------
 @dataclass
 class TrainConfig:
     # --- the original project's flags and defaults ---
     data_name: str = _opt("skin", "dataset name; the data folder defaults to data/<data_name>_dataset and the run "
                                   "folder is save_results/dataset+<data_name>/...")
     model_name: str = _opt("efficientnet_b0", "a model from the README table or any timm model name")
-    n_class: Optional[int] = _opt(None, "number of classes; checked against the class folders (default: inferred)")
-    epochs: int = _opt(12, "training epochs (the learning-rate schedule spans them; early stopping may end sooner)")
-    batch_size: int = _opt(32, "images per training step")
-    img_size: int = _opt(224, "input resolution (square) fed to the model")
-    lr_ae: float = _opt(0.001, "peak learning rate")
-    optimizer: str = _opt("adamw", "optimizer", choices=["adam", "adamw", "sgd"], lower=True)
+    n_class: Optional[int] = _opt(None, "number of classes; checked against the class folders (default: inferred)",
+                                  **at_least(2))
+    epochs: int = _opt(12, "training epochs (the learning-rate schedule spans them; early stopping may end sooner)",
+                       **at_least(1))
+    batch_size: int = BATCH_SIZE.field()
+    img_size: int = _opt(224, "input resolution (square) fed to the model", **at_least(16))
+    lr_ae: float = _opt(0.001, "peak learning rate", check=lambda v: v > 0, rule="positive")
+    optimizer: str = _opt("adamw", "optimizer", OPTIMIZERS, lower=True)
     pre_trained: bool = _opt(True, "start from ImageNet weights (True/False)")
     random_state: int = _opt(42, "seed for the split, initialisation, shuffling and augmentation")
 
     # --- data ---
-    data_dir: Optional[str] = _opt(None, "dataset root holding trainset/ and testset/ (default data/<data_name>_dataset)")
-    val_ratio: float = _opt(0.2, "share of trainset held out (stratified) for validation")
-    num_workers: int = _opt(4, NUM_WORKERS_HELP)
+    data_dir: Optional[str] = DATA_DIR.field()
+    val_ratio: float = _opt(0.2, "share of trainset held out (stratified) for validation",
+                            **between(0, 1, low_open=True, high_open=True))
+    num_workers: int = NUM_WORKERS.field()
     randaugment: bool = _opt(False, "add RandAugment (rand-m9-mstd0.5) to the training augmentation")
-    color_jitter: float = _opt(0.2, "brightness/contrast/saturation jitter strength (no hue shift: colour is diagnostic)")
-    vflip: float = _opt(0.0, "vertical flip probability (0.5 suits dermoscopy; keep 0 for upright face photos)")
-    min_crop_scale: float = _opt(0.25, "smallest area share kept by the random resized crop, so lesions stay in view")
+    color_jitter: float = _opt(0.2, "brightness/contrast/saturation jitter strength (no hue shift: colour is "
+                                    "diagnostic)", **at_least(0))
+    vflip: float = _opt(0.0, "vertical flip probability (0.5 suits dermoscopy; keep 0 for upright face photos)",
+                        **between(0, 1))
+    min_crop_scale: float = _opt(0.25, "smallest area share kept by the random resized crop, so lesions stay in view",
+                                 **between(0, 1, low_open=True))
     eval_crop: str = _opt("center", "how validation, test, inference and ONNX export fit a photo into the square "
                                     "input: center = resize the short side and cut the centre (crop_pct), squash = "
                                     "resize both sides (whole photo, aspect changed), letterbox = resize the long "
-                                    "side and pad (whole photo, aspect kept)", choices=["center", "squash", "letterbox"])
+                                    "side and pad (whole photo, aspect kept)", EVAL_CROPS)
     crop_pct: Optional[float] = _opt(None, "share of the resized image the eval crop keeps (default: the model's "
-                                           "pretrained value, e.g. 0.875)")
+                                           "pretrained value, e.g. 0.875)", **between(0, 1, low_open=True))
     audit: bool = _opt(True, "audit the dataset before training: exact and near-duplicate images, label conflicts, "
                              "train/test leakage, image sizes, size/format shortcuts (data_audit.json, duplicates.csv "
                              "in the run folder; copies found are kept on one side of the validation split)")
     on_leak: str = _opt("warn", "what to do when the audit finds copies of a test image in trainset or copies filed "
                                 "under different classes: warn, drop (remove the trainset copies of test images and "
                                 "every copy of a conflicting image, listed in data_audit.json) or error",
-                        choices=["warn", "drop", "error"])
-    near_dup_threshold: int = _opt(40, "perceptual-hash distance (bits of 256) at or below which the audit counts "
-                                       "two images as copies")
-    labels_csv: Optional[str] = _opt(None, "CSV of labels instead of class folders (e.g. HAM10000 metadata): one row "
-                                           "per image with a file column and a label column, optionally group and "
-                                           "split columns; the images sit under --data_dir")
-    csv_file_column: str = _opt("filename", "--labels_csv column naming the image (path, file name or name without "
-                                            "extension)")
-    csv_label_column: str = _opt("label", "--labels_csv column holding the class name")
-    csv_group_column: Optional[str] = _opt(None, "--labels_csv column holding the patient or lesion id (as --groups)")
-    csv_split_column: Optional[str] = _opt(None, "--labels_csv column saying train or test (default: the trainset/ or "
-                                                 "testset/ folder the image sits in)")
+                        LEAK_POLICIES)
+    near_dup_threshold: int = NEAR_DUP_THRESHOLD.field()
+    labels_csv: Optional[str] = LABELS_CSV.field()
+    csv_file_column: str = CSV_FILE_COLUMN.field()
+    csv_label_column: str = CSV_LABEL_COLUMN.field()
+    csv_group_column: Optional[str] = CSV_GROUP_COLUMN.field()
+    csv_split_column: Optional[str] = CSV_SPLIT_COLUMN.field()
     groups: Optional[str] = _opt(None, "CSV with columns filename,group (patient or lesion id): the validation "
                                        "split and folds never split a group, groups shared by trainset and testset "
                                        "are reported, and test intervals resample whole groups")
@@ -77,126 +209,100 @@ class TrainConfig:
     cache_images: bool = _opt(False, "keep each training/validation/test photo's decode (reduced-size for large JPEGs) in "
                                      "a cache so later epochs and runs skip decoding: for folders of camera-size "
                                      "photos; whole-photo runs only")
-    cache_dir: Optional[str] = _opt(None, "where --cache_images keeps them (default <data_dir>/.image_cache)")
-    mixup: float = _opt(0.0, "mixup alpha (timm Mixup; 0 = off)")
-    cutmix: float = _opt(0.0, "cutmix alpha (timm Mixup; 0 = off)")
+    cache_dir: Optional[str] = _opt(None, "where --cache_images keeps them (default: <data_dir>/.image_cache)")
+    mixup: float = _opt(0.0, "mixup alpha (timm Mixup; 0 = off)", **at_least(0))
+    cutmix: float = _opt(0.0, "cutmix alpha (timm Mixup; 0 = off)", **at_least(0))
     input_kind: str = _opt("full_image", "train on whole photos, or on the face's skin region made by the face "
-                                         "parser (masks cached in <data_dir>/.skin_masks/)",
-                           choices=["full_image", "skin_region"])
-    seg_backend: str = _opt("segformer", "face parser for --input_kind skin_region (opencv: heuristic, no weights)",
-                            choices=["segformer", "onnx", "opencv"])
-    seg_model: Optional[str] = _opt(None, "SegFormer Hugging Face id or local folder (segformer backend, default "
-                                          "jonathandinu/face-parsing) or seg_model.onnx path (onnx backend)")
-    seg_revision: Optional[str] = _opt(None, "Hugging Face revision (commit hash) of --seg_model, to pin the parser")
-    parts: Optional[str] = _opt(None, "comma-separated parser labels that count as skin (default: skin,nose)")
+                                         "parser (masks cached in <data_dir>/.skin_masks/)", INPUT_KINDS)
+    seg_backend: str = SEG_BACKEND.field()
+    seg_model: Optional[str] = SEG_MODEL.field()
+    seg_revision: Optional[str] = SEG_REVISION.field()
+    parts: Optional[str] = PARTS.field()
 
     # --- model ---
     pretrained_path: Optional[str] = _opt(None, "local .pth/.pt/.safetensors file with ImageNet (or your own) weights")
-    drop_rate: float = _opt(0.2, "dropout before the classifier")
+    drop_rate: float = _opt(0.2, "dropout before the classifier", **between(0, 1, high_open=True))
 
     # --- optimisation ---
-    scheduler: str = _opt("cosine", "learning-rate schedule", choices=["cosine", "step", "none"])
-    warmup_epochs: int = _opt(1, "linear warm-up epochs (cosine and step)")
-    step_size: int = _opt(10, "epochs between learning-rate decays (step schedule)")
-    step_gamma: float = _opt(0.1, "decay factor (step schedule)")
-    weight_decay: float = _opt(0.01, "weight decay (not applied to biases and norm layers)")
+    scheduler: str = _opt("cosine", "learning-rate schedule", SCHEDULERS)
+    warmup_epochs: int = _opt(1, "linear warm-up epochs (cosine and step)", **at_least(0))
+    step_size: int = _opt(10, "epochs between learning-rate decays (step schedule)", **at_least(1))
+    step_gamma: float = _opt(0.1, "decay factor (step schedule)", **between(0, 1, low_open=True))
+    weight_decay: float = _opt(0.01, "weight decay (not applied to biases and norm layers)", **at_least(0))
     layer_decay: Optional[float] = _opt(None, "layer-wise learning-rate decay (e.g. 0.75: each earlier block learns "
-                                              "at 0.75x the next one's rate; default off)")
-    momentum: float = _opt(0.9, "momentum (sgd)")
-    label_smoothing: float = _opt(0.1, "label smoothing (cross-entropy and focal loss)")
-    loss: str = _opt("ce", "training loss: cross-entropy or focal loss", choices=["ce", "focal"])
-    focal_gamma: float = _opt(2.0, "focal loss focusing parameter (0 = cross-entropy)")
+                                              "at 0.75x the next one's rate; default off)",
+                                        **between(0, 1, low_open=True))
+    momentum: float = _opt(0.9, "momentum (sgd)", **between(0, 1, high_open=True))
+    label_smoothing: float = _opt(0.1, "label smoothing (cross-entropy and focal loss)",
+                                  **between(0, 1, high_open=True))
+    loss: str = _opt("ce", "training loss: cross-entropy or focal loss", LOSSES)
+    focal_gamma: float = _opt(2.0, "focal loss focusing parameter (0 = cross-entropy)", **at_least(0))
     class_weights: str = _opt("none", "per-class loss weights (focal: alpha): none, or auto = inverse class "
-                                      "frequency n/(K*count)", choices=["none", "auto"])
+                                      "frequency n/(K*count)", CLASS_WEIGHTS)
     sampler: str = _opt("auto", "training batches: random shuffling, balanced = a weighted sampler that draws "
                                 "every class equally often, auto = balanced when the largest training class has at "
-                                "least 1.5x the images of the smallest", choices=["auto", "random", "balanced"])
+                                "least 1.5x the images of the smallest", SAMPLERS)
     model_ema: bool = _opt(True, "evaluate, save and export an exponential moving average of the weights (timm "
                                  "ModelEmaV3 with warm-up, so it also works for short fine-tunes)")
-    model_ema_decay: float = _opt(0.998, "EMA decay ceiling (the warm-up starts lower)")
+    model_ema_decay: float = _opt(0.998, "EMA decay ceiling (the warm-up starts lower)",
+                                  **between(0, 1, low_open=True, high_open=True))
     refit: bool = _opt(True, "after the best epoch is chosen on validation, retrain from the same start on trainset + "
                              "validation for that many epochs and deliver that model (True/False)")
     folds: int = _opt(0, "K-fold cross-validation of the trainset instead of one validation split: K models give "
                          "out-of-fold metrics and the calibration set, then one refit on the whole trainset for the "
-                         "median best epoch is delivered (K+1 trainings; 0 = off)")
-    tta: bool = _opt(True, "average each test image with its mirror image (horizontal flip) in the final test, and "
-                           "make that inference.py's default for this run")
+                         "median best epoch is delivered (K+1 trainings; 0 = off)",
+                      check=lambda v: v == 0 or v >= 2,
+                      rule="at least 2 (use at least 2 folds, or 0 for one validation split)")
+    tta: bool = TTA.field()
     calibrate: bool = _opt(True, "fit temperature scaling on held-out validation predictions after training; the "
                                  "temperature stays 1.0 unless it lowers cross-validated NLL (True/False)")
-    operating_point: Optional[str] = _opt(None, "screening thresholds chosen on held-out predictions and reported "
-                                                "on test, e.g. 'malignant:sensitivity=0.95' (or specificity=; "
-                                                "comma-separated for several classes); inference adds flag_<class>")
-    abstain: Optional[str] = _opt(None, "answer 'uncertain' below a confidence chosen on held-out predictions: "
-                                        "accuracy=0.95 (that accurate where it answers) or coverage=0.8 (answer 80%%)")
-    metadata: Optional[str] = _opt(None, "CSV with a filename column and columns such as fitzpatrick, sex, "
-                                         "age_group, site, device: the test report adds per-subgroup metrics with "
-                                         "intervals (subgroup_metrics.csv)")
+    operating_point: Optional[str] = OPERATING_POINT.field()
+    abstain: Optional[str] = ABSTAIN.field()
+    metadata: Optional[str] = METADATA.field()
     epoch_selection: str = _opt("one_se", "which validated epoch to keep (and refit for): one_se = the latest epoch "
                                           "whose --monitor is within one standard error of the best (a difference "
                                           "smaller than the validation noise is a tie, and the later epoch is the "
-                                          "better-trained one), best = the highest score", choices=["one_se", "best"])
+                                          "better-trained one), best = the highest score", EPOCH_SELECTIONS)
     refit_schedule: str = _opt("compressed", "learning-rate schedule of the refit: compressed = warm-up and decay "
                                              "over the refit's own epochs (ends at the low rate), replay = the "
                                              "selection phase's --epochs schedule stopped at the selected epoch",
-                               choices=["compressed", "replay"])
+                               REFIT_SCHEDULES)
     patience: int = _opt(10, "early stopping: epochs without a newly selected epoch (see --epoch_selection) "
-                             "(0 disables)")
+                             "(0 disables)", **at_least(0))
     monitor: str = _opt("val_balanced_acc", "validation metric that picks model_best.pth and drives early stopping",
-                        choices=["val_balanced_acc", "val_loss"])
+                        MONITORS)
 
     # --- runtime ---
-    device: str = _opt("auto", "where to train; auto = cuda when a GPU is visible, else cpu", choices=list(DEVICE_CHOICES))
+    device: str = DEVICE.field()
     amp: bool = _opt(True, "mixed precision on CUDA (bf16 where supported, else fp16); ignored on CPU")
     deterministic: bool = _opt(False, "deterministic kernels (slower on GPU; see REPRODUCIBILITY.md)")
     save_dir: str = _opt("save_results", "root folder for run folders")
     wandb: str = _opt("auto", "Weights & Biases logging: auto = online when logged in, else offline into the run "
-                              "folder; never blocks or fails training", choices=["auto", "online", "offline",
-                                                                                  "disabled"])
+                              "folder; never blocks or fails training", WANDB_MODES)
     wandb_project: str = _opt("skinclf", "W&B project name")
-    resume: Optional[str] = _opt(None, "run folder to continue from its model_last.pth (uses the run's saved config)")
-    config: Optional[str] = _opt(None, "YAML or JSON file of defaults for these flags; command-line flags win")
+    resume: Optional[str] = _opt(None, "run folder to continue from its model_last.pth, with its saved config; "
+                                       "only --epochs, --patience, --device, --num_workers, --amp and --wandb may "
+                                       "change")
+    config: Optional[str] = CONFIG.field()
 
     def __post_init__(self) -> None:
+        if self.tta is None:  # one --tta flag serves training (default on) and inference (default: the run's)
+            self.tta = True
         self.validate()
 
     def validate(self) -> None:
-        for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
-            value = getattr(self, f.name)
-            if f.metadata.get("lower") and isinstance(value, str):
-                value = value.lower()
-                setattr(self, f.name, value)
-            if choices and value not in choices:
-                raise UserError(f"--{f.name} {value!r} is not one of {', '.join(choices)}")
+        validate_fields(self)
         parse_operating_points(self.operating_point)  # syntax and ranges; class names are checked against the data
         parse_abstain(self.abstain)
         checks = [
-            (self.epochs >= 1, "--epochs must be at least 1"),
-            (self.batch_size >= 1, "--batch_size must be at least 1"),
-            (self.img_size >= 16, "--img_size must be at least 16"),
-            (self.lr_ae > 0, "--lr_ae must be positive"),
-            (0.0 < self.val_ratio < 1.0, "--val_ratio must be between 0 and 1"),
-            (0.0 < self.min_crop_scale <= 1.0, "--min_crop_scale must be in (0, 1]"),
-            (0.0 <= self.label_smoothing < 1.0, "--label_smoothing must be in [0, 1)"),
-            (self.n_class is None or self.n_class >= 2, "--n_class must be at least 2"),
-            (self.num_workers >= 0, "--num_workers must be 0 or more"),
-            (self.patience >= 0, "--patience must be 0 or more"),
-            (self.focal_gamma >= 0, "--focal_gamma must be 0 or more"),
-            (self.mixup >= 0 and self.cutmix >= 0, "--mixup and --cutmix must be 0 or more"),
             (not (self.mixup or self.cutmix) or self.batch_size % 2 == 0,
              "--mixup/--cutmix need an even --batch_size"),
             (not (self.mixup or self.cutmix) or (self.loss == "ce" and self.class_weights == "none"),
              "--mixup/--cutmix train on mixed (soft) labels: use them with --loss ce --class_weights none "
              "(--sampler balanced still balances the classes)"),
-            (0 <= self.near_dup_threshold <= 256, "--near_dup_threshold must be between 0 and 256 bits"),
             (not (self.groups and self.group_pattern), "give --groups or --group_pattern, not both"),
             (not (self.csv_group_column and (self.groups or self.group_pattern)),
              "give groups once: --csv_group_column, --groups or --group_pattern"),
-            (self.folds == 0 or self.folds >= 2, f"--folds {self.folds}: use at least 2 folds, or 0 for one "
-                                                 f"validation split"),
-            (self.layer_decay is None or 0 < self.layer_decay <= 1, "--layer_decay must be in (0, 1]"),
-            (self.crop_pct is None or 0 < self.crop_pct <= 1, "--crop_pct must be in (0, 1]"),
-            (0 < self.model_ema_decay < 1, "--model_ema_decay must be between 0 and 1"),
         ]
         for ok, message in checks:
             if not ok:
@@ -219,33 +325,382 @@ class TrainConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in vars(args).items() if k in known})
+        return from_namespace(cls, args)
 
 
-def _field_type(field_type: Any) -> Any:
-    """The argparse ``type`` for a dataclass annotation (``Optional[int]`` -> ``int``)."""
-    args = getattr(field_type, "__args__", None)
-    if args:  # Optional[X]
-        field_type = next(a for a in args if a is not type(None))
-    return field_type
+# --- option groups that library functions take -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class PredictionOptions:
+    """How to classify (prediction.engine): the flags inference.py and inference_with_segmentation.py share."""
+
+    weights: str = WEIGHTS.field()
+    backend: str = _opt("torch", "run the classifier with PyTorch or ONNX Runtime", BACKENDS)
+    onnx_model: Optional[str] = _opt(None, "ONNX classifier for --backend onnx (default: onnx_models/clf_model.onnx)")
+    device: str = DEVICE.field()
+    tta: Optional[bool] = TTA.field()
+    topk: int = _opt(1, "also list the k most likely classes per image in the JSON", **at_least(1))
+    generate_gradcam: bool = _opt(False, "save a Grad-CAM overlay per image")
+    cam_method: str = _opt("gradcam", "pytorch-grad-cam method", CAM_METHODS)
+    reduced_decode: bool = REDUCED_DECODE.field()
+    overlay_max_side: int = _opt(1024, "Grad-CAM overlays of larger photos are written with the longer side shrunk "
+                                       "to this many pixels (same aspect ratio); 0 = the photo's full size",
+                                 **at_least(0))
+    operating_point: Optional[str] = OPERATING_POINT.field()
+    abstain: Optional[str] = ABSTAIN.field()
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+        parse_operating_points(self.operating_point)
+        parse_abstain(self.abstain)
+
+
+@dataclass(frozen=True)
+class ReferenceOptions:
+    """Where a scored folder's true labels come from (inference on a labelled folder)."""
+
+    labels_from_folders: bool = _opt(False, "the folder is labelled (<class>/ sub-folders named like the training "
+                                            "classes): also write metrics.json, per_class_metrics.csv, ROC, "
+                                            "reliability and confusion matrix")
+    labels_csv: Optional[str] = LABELS_CSV.field()
+    csv_file_column: str = CSV_FILE_COLUMN.field()
+    csv_label_column: str = CSV_LABEL_COLUMN.field()
+    csv_group_column: Optional[str] = CSV_GROUP_COLUMN.field()
+    metadata: Optional[str] = METADATA.field()
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+        if self.labels_from_folders and self.labels_csv:
+            raise UserError("give --labels_from_folders or --labels_csv, not both")
+        if self.metadata and not (self.labels_from_folders or self.labels_csv):
+            raise UserError("--metadata splits the metrics of a labelled folder: add --labels_from_folders or "
+                            "--labels_csv")
+
+
+@dataclass(frozen=True)
+class SegmentationOptions:
+    """The face parser (segmentation.face_parsing) and which of its labels count as skin."""
+
+    seg_backend: str = SEG_BACKEND.field()
+    seg_model: Optional[str] = SEG_MODEL.field()
+    seg_revision: Optional[str] = SEG_REVISION.field()
+    parts: Optional[str] = PARTS.field()
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    """INT8 quantization (deploy.onnx_quant)."""
+
+    calib_images: int = _opt(200, "training images used to calibrate INT8 activations", **at_least(1))
+    calibrate_method: str = _opt("minmax", "how ONNX Runtime turns calibration activations into INT8 ranges: minmax "
+                                           "(full range), entropy or percentile (clip outliers)", CALIBRATION_METHODS)
+    keep_float_stages: Union[str, int] = _opt(
+        "auto", "leading stages (timm feature levels) left in FP32 in the INT8 model; auto: those up to stride 8 for "
+                "SiLU/hard-swish models, whose quantized activations cost more than the INT8 convolutions save "
+                "there, and 0 otherwise", check=_stages, rule="'auto' or a stage count of 0 or more",
+        metavar="auto|N")
+    min_agreement: float = _opt(0.99, "share of the run's validation images on which the INT8 model must give the "
+                                      "FP32 model's top-1 class; below it one more stage is kept in FP32 and the "
+                                      "model re-quantized, until it does; 0 turns the check off", **between(0, 1),
+                                metavar="0..1")
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What quantize_onnx_models.py exports from a run (deploy.onnx_export), bar the face parser."""
+
+    weights: str = WEIGHTS.field()
+    opset: int = _opt(17, "ONNX opset", **at_least(7))
+    quantize: str = _opt("int8", "also write the verified INT8 model (int8) or only FP32 (none)", QUANTIZE_CHOICES)
+    verify_images: int = _opt(0, "test images for the parity/accuracy checks; 0 = the whole test split",
+                              **at_least(0))
+    data_dir: Optional[str] = DATA_DIR.field()
+    quant: QuantOptions = _group(QuantOptions)
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+
+
+@dataclass(frozen=True)
+class BenchmarkOptions:
+    """How benchmark.py times the frameworks (deploy.benchmarking)."""
+
+    batch_sizes: str = _opt("1,32", "comma-separated batch sizes", check=lambda v: bool(re.fullmatch(
+        r"\s*[1-9]\d*\s*(,\s*[1-9]\d*\s*)*", v)), rule="comma-separated positive integers such as 1,32")
+    iterations: int = _opt(100, "timed runs per batch size", **at_least(1))
+    warmup: int = _opt(10, "untimed runs first", **at_least(0))
+    rounds: int = _opt(3, "alternating rounds of fresh processes; each framework keeps its fastest round, so a burst "
+                          "of load from other programs does not decide the comparison", **at_least(1))
+    threads: int = _opt(0, "intra-op threads for every framework; 0 = all cores", **at_least(0))
+    device: str = DEVICE.field()
+    eval_images: int = _opt(0, "test images for the accuracy columns; 0 = the whole test split", **at_least(0))
+    data_dir: Optional[str] = DATA_DIR.field()
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+
+    @property
+    def batch_size_list(self) -> tuple[int, ...]:
+        return tuple(int(b) for b in self.batch_sizes.split(",") if b.strip())
+
+    @property
+    def thread_count(self) -> int:
+        return self.threads or os.cpu_count() or 1
+
+
+# --- the other scripts' configs --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class InferenceConfig:
+    """inference.py."""
+
+    DEFAULT_OUTPUT: ClassVar[str] = "inference_results"
+
+    model_path: str = MODEL_PATH.field()
+    inference_folder: str = _opt("inference_set", "folder of images (searched recursively) or one image file")
+    inference_output: Optional[str] = _opt(None, "output folder (default: inference_results; "
+                                                 "inference_with_segmentation.py: inference_results_segmented)")
+    batch_size: int = BATCH_SIZE.field()
+    num_workers: int = NUM_WORKERS.field()
+    prediction: PredictionOptions = _group(PredictionOptions)
+    reference: ReferenceOptions = _group(ReferenceOptions)
+    config: Optional[str] = CONFIG.field()
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+
+    @property
+    def output_folder(self) -> Path:
+        return Path(self.inference_output or self.DEFAULT_OUTPUT)
+
+
+@dataclass(frozen=True)
+class SegmentedInferenceConfig(InferenceConfig):
+    """inference_with_segmentation.py: inference.py's flags plus the face parser's."""
+
+    DEFAULT_OUTPUT: ClassVar[str] = "inference_results_segmented"
+
+    segmentation: SegmentationOptions = _group(SegmentationOptions)
+    no_face_policy: str = _opt("full_image", "when no face is found: classify the whole photo (as training does) or "
+                                             "skip it and list it in skipped.csv", NO_FACE_POLICIES)
+    save_segmented: bool = _opt(True, "save each classifier input under segmented/")
+
+
+@dataclass(frozen=True)
+class FaceSegmentationConfig:
+    """face_segmentation.py."""
+
+    DEFAULT_OUTPUT: ClassVar[str] = "face_segmentation_results"
+
+    input: str = _opt(None, "an image or a folder of images (searched recursively)", required=True)
+    output: Optional[str] = OUTPUT.field()
+    segmentation: SegmentationOptions = _group(SegmentationOptions)
+    device: str = DEVICE.field()
+    reduced_decode: bool = REDUCED_DECODE.field()
+    config: Optional[str] = CONFIG.field()
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+
+    @property
+    def output_folder(self) -> Path:
+        return Path(self.output or self.DEFAULT_OUTPUT)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """quantize_onnx_models.py."""
+
+    DEFAULT_OUTPUT: ClassVar[str] = EXPORT_DIR
+
+    model_path: str = MODEL_PATH.field()
+    output_dir: Optional[str] = OUTPUT_DIR.field()
+    skip_segmentation: bool = _opt(False, "export the classifier only, not the SegFormer face parser")
+    seg_model: Optional[str] = SEG_MODEL.field()
+    seg_revision: Optional[str] = SEG_REVISION.field()
+    export: ExportOptions = _group(ExportOptions)
+    config: Optional[str] = CONFIG.field()
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+
+    @property
+    def output_folder(self) -> Path:
+        return Path(self.output_dir or self.DEFAULT_OUTPUT)
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    """benchmark.py."""
+
+    model_path: str = MODEL_PATH.field()
+    onnx_model_dir: str = _opt(EXPORT_DIR, "folder written by quantize_onnx_models.py")
+    output_dir: Optional[str] = OUTPUT_DIR.field()
+    benchmark: BenchmarkOptions = _group(BenchmarkOptions)
+    config: Optional[str] = CONFIG.field()
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+
+    @property
+    def output_folder(self) -> Path:
+        return Path(self.output_dir or self.onnx_model_dir)
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """audit_dataset.py."""
+
+    data_dir: Optional[str] = DATA_DIR.field()
+    output: Optional[str] = OUTPUT.field()
+    near_dup_threshold: int = NEAR_DUP_THRESHOLD.field()
+    labels_csv: Optional[str] = LABELS_CSV.field()
+    csv_file_column: str = CSV_FILE_COLUMN.field()
+    csv_label_column: str = CSV_LABEL_COLUMN.field()
+    csv_group_column: Optional[str] = CSV_GROUP_COLUMN.field()
+    csv_split_column: Optional[str] = CSV_SPLIT_COLUMN.field()
+    tiny_side: int = TINY_SIDE.field()
+    num_workers: int = NUM_WORKERS.field()
+    config: Optional[str] = CONFIG.field()
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+        if not self.data_dir:
+            raise UserError("--data_dir is required: the dataset root (trainset/, testset/) or a folder of class "
+                            "folders")
+
+    @property
+    def output_folder(self) -> Path:
+        return Path(self.output) if self.output else Path("audit_results") / Path(self.data_dir).resolve().name
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    """run_experiments.py's own flags (beside main.py's, which give every run's defaults)."""
+
+    template: str = _opt("run_experiments_template.py", "Python file with BASE/GRID/RUNS, or YAML with base:/grid:/"
+                                                        "runs:")
+    sweep_dir: str = _opt("experiments", "state and summary files")
+    dry_run: bool = _opt(False, "validate and list the runs, train nothing")
+    latency_iterations: int = _opt(20, "batch-1 CPU forward passes per model for the latency column", **at_least(1))
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+
+
+# --- validation ------------------------------------------------------------------------------------------------------
+def _kinds(annotation: Any) -> tuple[type, ...]:
+    """The Python types a field accepts (``Optional[int]`` -> ``(int, NoneType)``)."""
+    args = typing.get_args(annotation)
+    return tuple(_kinds(a)[0] if typing.get_args(a) else a for a in args) if args else (annotation,)
+
+
+def _type_error(name: str, value: Any, kinds: tuple[type, ...]) -> Optional[str]:
+    if value is None:
+        return None if type(None) in kinds else f"--{name} needs a value"
+    if isinstance(value, bool):
+        return None if bool in kinds else f"--{name} {value!r}: expected {_kind_words(kinds)}"
+    if isinstance(value, int) and (int in kinds or float in kinds):
+        return None
+    if isinstance(value, float) and float in kinds:
+        return None if math.isfinite(value) else f"--{name} {value!r}: expected a finite number"
+    if isinstance(value, str) and str in kinds:
+        return None
+    return f"--{name} {value!r}: expected {_kind_words(kinds)}"
+
+
+def _kind_words(kinds: tuple[type, ...]) -> str:
+    words = {bool: "True or False", int: "an integer", float: "a number", str: "a text value"}
+    return " or ".join(words.get(k, k.__name__) for k in kinds if k is not type(None))
+
+
+def validate_fields(obj: Any) -> None:
+    """Each flag's type, choice and range; the first problem is a one-line UserError naming the flag."""
+    hints = get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        flag = f.metadata.get("flag")
+        if flag is None:
+            continue
+        value = getattr(obj, f.name)
+        if flag.lower and isinstance(value, str) and value != value.lower():
+            value = value.lower()
+            object.__setattr__(obj, f.name, value)
+        if flag.required and value is None:
+            raise UserError(f"--{f.name} is required")
+        problem = _type_error(f.name, value, _kinds(hints[f.name]))
+        if problem:
+            raise UserError(problem)
+        if value is None:
+            continue
+        if flag.choices and value not in flag.choices:
+            raise UserError(f"--{f.name} {value!r} is not one of {', '.join(map(str, flag.choices))}")
+        if flag.check is not None and not flag.check(value):
+            raise UserError(f"--{f.name} {value!r}: must be {flag.rule}")
+
+
+# --- the generator ---------------------------------------------------------------------------------------------------
+def _argparse_type(kinds: tuple[type, ...], flag: Flag) -> Callable[[str], Any]:
+    if flag.lower:
+        return lambda s: str(s).lower()
+    if int in kinds and str in kinds:  # "auto" or a count
+        return lambda s: int(s) if s.strip().lstrip("-").isdigit() else s
+    for kind in (int, float, str):
+        if kind in kinds:
+            return kind
+    return str
+
+
+def flag_fields(cls: type) -> list[tuple[dataclasses.Field, Flag, Any]]:
+    """Every flag of a config, nested groups flattened: (field, flag, annotation)."""
+    hints = get_type_hints(cls)
+    found = []
+    for f in dataclasses.fields(cls):
+        if "group" in f.metadata:
+            found += flag_fields(f.metadata["group"])
+        elif "flag" in f.metadata:
+            found.append((f, f.metadata["flag"], hints[f.name]))
+    return found
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, config_cls: type = TrainConfig) -> None:
-    hints = get_type_hints(config_cls)
-    for f in dataclasses.fields(config_cls):
-        kind = _field_type(hints[f.name])
-        kwargs: dict[str, Any] = {"default": f.default, "help": f.metadata["help"]}
-        if kind is bool:
+    """One ``--<field>`` per flag of ``config_cls`` (groups flattened), plus ``--config`` if it has none."""
+    fields = flag_fields(config_cls)
+    if not any(f.name == "config" for f, _, _ in fields) and "--config" not in parser._option_string_actions:
+        fields.append((dataclasses.field(default=None), CONFIG, Optional[str]))
+        fields[-1][0].name = "config"
+    for f, flag, annotation in fields:
+        kinds = _kinds(annotation)
+        kwargs: dict[str, Any] = {"default": flag.default, "help": flag.help, "dest": f.name}
+        if bool in kinds:
             # nargs='?' keeps both spellings working: `--amp` alone and the original's `--pre_trained True`.
             kwargs.update(type=str2bool, nargs="?", const=True, metavar="True|False")
         else:
-            kwargs["type"] = (lambda s: str(s).lower()) if f.metadata.get("lower") else kind
-        if f.metadata.get("choices"):
-            kwargs["choices"] = f.metadata["choices"]
-        if "(default:" not in kwargs["help"]:  # a help text that words its own default keeps it
+            kwargs["type"] = _argparse_type(kinds, flag)
+        if flag.choices:
+            kwargs["choices"] = list(flag.choices)
+        if flag.metavar:
+            kwargs["metavar"] = flag.metavar
+        if flag.required:
+            kwargs["required"] = True
+        elif "(default" not in flag.help:  # a help text that words its own default keeps it
             kwargs["help"] += " (default: %(default)s)"
-        parser.add_argument(f"--{f.name}", **kwargs)
+        parser.add_argument(f"--{f.name}", *flag.aliases, **kwargs)
+
+
+def from_namespace(cls: type, args: argparse.Namespace | dict) -> Any:
+    """Build (and so validate) ``cls`` from parsed flags, nested groups included."""
+    values = vars(args) if isinstance(args, argparse.Namespace) else args
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if "group" in f.metadata:
+            kwargs[f.name] = from_namespace(f.metadata["group"], values)
+        elif f.name in values:
+            kwargs[f.name] = values[f.name]
+    return cls(**kwargs)
 
 
 def load_config_file(path: str | Path) -> dict:
@@ -267,8 +722,24 @@ def load_config_file(path: str | Path) -> dict:
     return values
 
 
+def given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> frozenset[str]:
+    """The destinations of the flags typed on the command line (abbreviations resolved as argparse does)."""
+    options = parser._option_string_actions
+    given = set()
+    for token in argv:
+        if not token.startswith("--") or token == "--":
+            continue
+        name = token.split("=", 1)[0]
+        matches = [name] if name in options else [o for o in options if o.startswith(name)]
+        if len({options[m].dest for m in matches}) == 1:
+            given.add(options[matches[0]].dest)
+    return frozenset(given)
+
+
 def parse_with_config_file(parser: argparse.ArgumentParser, argv: Optional[list[str]] = None) -> argparse.Namespace:
-    """Parse ``argv``; values from ``--config FILE`` become defaults, so flags on the command line still win."""
+    """Parse ``argv``; values from ``--config FILE`` become defaults, so flags on the command line still win. The
+    namespace's ``given_flags`` names the flags typed on the command line."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     pre_parser = argparse.ArgumentParser(add_help=False)
     pre_parser.add_argument("--config", default=None)
     known, _ = pre_parser.parse_known_args(argv)
@@ -279,4 +750,6 @@ def parse_with_config_file(parser: argparse.ArgumentParser, argv: Optional[list[
         if unknown:
             raise UserError(f"{known.config}: unknown keys {unknown}; use the flag names of --help without '--'")
         parser.set_defaults(**values)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.given_flags = given_flags(parser, argv)
+    return args

@@ -13,40 +13,35 @@ are parsed at a reduced JPEG decode, like training does; their outputs keep the 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any, Optional
 
+from configs import FaceSegmentationConfig, add_dataclass_arguments, from_namespace, parse_with_config_file
 from dataloaders.inference_data import collect_inference_images
-from segmentation.face_parsing import build_face_parser, segmentation_flags
+from segmentation.face_parsing import build_face_parser
 from segmentation.outputs import segment_folder
-from utils.cli import add_bool_flag, device_flags, run_cli
+from utils.cli import run_cli
 from utils.device import select_device
 from utils.logging_setup import setup_logging
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("skinclf face segmentation", add_help=add_help,
-                                     parents=[segmentation_flags(), device_flags("cpu", "where the face parser runs")],
                                      description="Segment the facial skin in an image or a folder of images.")
-    parser.add_argument("--input", required=True, help="an image or a folder of images (searched recursively)")
-    parser.add_argument("--output", default="face_segmentation_results", help="output folder (default: %(default)s)")
-    add_bool_flag(parser, "--reduced_decode", True,
-                  "parse large JPEGs at a reduced decode (shorter side >= 512 px, as training and "
-                  "inference_with_segmentation.py do); outputs keep the photo's aspect ratio and output_scale in "
-                  "segmentation_summary.csv gives their size relative to the photo. False: every pixel "
-                  "(default: %(default)s)")
+    add_dataclass_arguments(parser, FaceSegmentationConfig)
     return parser
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     setup_logging()
-    root, paths = collect_inference_images(args.input, "--input")
-    parser = build_face_parser(args.seg_backend, args.seg_model, args.seg_revision, select_device(args.device).type)
-    return segment_folder(root, paths, Path(args.output), parser, args.parts, args.reduced_decode)
+    cfg = from_namespace(FaceSegmentationConfig, args)
+    root, paths = collect_inference_images(cfg.input, "--input")
+    seg = cfg.segmentation
+    parser = build_face_parser(seg.seg_backend, seg.seg_model, seg.seg_revision, select_device(cfg.device).type)
+    return segment_folder(root, paths, cfg.output_folder, parser, seg.parts, cfg.reduced_decode)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    return get_args_parser().parse_args(argv)
+    return parse_with_config_file(get_args_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -11,29 +11,32 @@ gradcam/<same relative path as the input>.gradcam.jpg.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any, Optional
 
-from prediction.engine import PredictionOptions, infer_folder, prediction_flags
+from configs import InferenceConfig, add_dataclass_arguments, from_namespace, parse_with_config_file
+from prediction.engine import infer_folder
 from prediction.labelled_scoring import ReferenceLabels
 from utils.cli import run_cli
 from utils.logging_setup import setup_logging
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser("skinclf inference", add_help=add_help, parents=[prediction_flags()],
-                                   description="Classify images with a run folder written by main.py.")
+    parser = argparse.ArgumentParser("skinclf inference", add_help=add_help,
+                                     description="Classify images with a run folder written by main.py.")
+    add_dataclass_arguments(parser, InferenceConfig)
+    return parser
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     setup_logging()
-    return infer_folder(args.model_path, args.inference_folder, Path(args.inference_output),
-                        PredictionOptions.from_args(args), batch_size=args.batch_size, num_workers=args.num_workers,
-                        reference=ReferenceLabels.from_args(args))
+    cfg = from_namespace(InferenceConfig, args)
+    return infer_folder(cfg.model_path, cfg.inference_folder, cfg.output_folder, cfg.prediction,
+                        batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                        reference=ReferenceLabels.from_options(cfg.reference))
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    return get_args_parser().parse_args(argv)
+    return parse_with_config_file(get_args_parser(), argv)
 
 
 if __name__ == "__main__":

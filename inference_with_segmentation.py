@@ -12,41 +12,34 @@ inputs. Train the model with ``main.py --input_kind skin_region`` so it sees the
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any, Optional
 
-from prediction.engine import PredictionOptions, prediction_flags
+from configs import SegmentedInferenceConfig, add_dataclass_arguments, from_namespace, parse_with_config_file
 from prediction.labelled_scoring import ReferenceLabels
-from prediction.segmented import SegmentationOptions, infer_folder_segmented
-from segmentation.face_parsing import segmentation_flags
-from segmentation.skin_region import NO_FACE_POLICIES
-from utils.cli import add_bool_flag, run_cli
+from prediction.segmented import infer_folder_segmented
+from utils.cli import run_cli
 from utils.logging_setup import setup_logging
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        "skinclf inference on the skin region", add_help=add_help,
-        parents=[prediction_flags(), segmentation_flags()],
-        description="Segment the facial skin, then classify it with a run folder written by main.py.")
-    parser.set_defaults(inference_output="inference_results_segmented")
-    parser.add_argument("--no_face_policy", choices=list(NO_FACE_POLICIES), default="full_image",
-                        help="when no face is found: classify the whole photo (as training does) or skip it and "
-                             "list it in skipped.csv (default: %(default)s)")
-    add_bool_flag(parser, "--save_segmented", True, "save each classifier input under segmented/ (default: %(default)s)")
+    parser = argparse.ArgumentParser("skinclf inference on the skin region", add_help=add_help,
+                                     description="Segment the facial skin, then classify it with a run folder "
+                                                 "written by main.py.")
+    add_dataclass_arguments(parser, SegmentedInferenceConfig)
     return parser
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     setup_logging()
-    return infer_folder_segmented(args.model_path, args.inference_folder, Path(args.inference_output),
-                                  PredictionOptions.from_args(args), SegmentationOptions.from_args(args),
-                                  batch_size=args.batch_size, num_workers=args.num_workers,
-                                  reference=ReferenceLabels.from_args(args))
+    cfg = from_namespace(SegmentedInferenceConfig, args)
+    return infer_folder_segmented(cfg.model_path, cfg.inference_folder, cfg.output_folder, cfg.prediction,
+                                  cfg.segmentation, no_face_policy=cfg.no_face_policy,
+                                  save_segmented=cfg.save_segmented, batch_size=cfg.batch_size,
+                                  num_workers=cfg.num_workers, reference=ReferenceLabels.from_options(cfg.reference))
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    return get_args_parser().parse_args(argv)
+    return parse_with_config_file(get_args_parser(), argv)
 
 
 if __name__ == "__main__":

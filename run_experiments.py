@@ -22,7 +22,9 @@ from typing import Optional
 import pandas as pd
 
 import main as train_main
+from configs import SweepOptions, add_dataclass_arguments, from_namespace, parse_with_config_file
 from experiments.sweep import build_configs, load_template, read_state, run_sweep, summarise_sweep, to_argv
+from torch_trainer.training import run_training
 from utils.cli import run_cli
 from utils.logging_setup import setup_logging
 
@@ -33,38 +35,31 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("skinclf experiment sweep", add_help=add_help,
                                      parents=[train_main.get_args_parser(add_help=False)],
                                      description="Run a grid of main.py trainings and rank them.")
-    parser.add_argument("--template", default="run_experiments_template.py",
-                        help="Python file with BASE/GRID/RUNS, or YAML with base:/grid:/runs: (default: %(default)s)")
-    parser.add_argument("--sweep_dir", default="experiments", help="state and summary files (default: %(default)s)")
-    parser.add_argument("--dry_run", action="store_true", help="validate and list the runs, train nothing")
-    parser.add_argument("--latency_iterations", type=int, default=20,
-                        help="batch-1 CPU forward passes per model for the latency column (default: %(default)s)")
+    add_dataclass_arguments(parser, SweepOptions)
     return parser
 
 
-def main(args: argparse.Namespace, argv: Optional[list[str]] = None) -> pd.DataFrame:
+def main(args: argparse.Namespace) -> pd.DataFrame:
     setup_logging()
-    template = load_template(args.template)
-    runs = build_configs(args, list(argv or []), template)
-    sweep_dir = Path(args.sweep_dir)
+    options = from_namespace(SweepOptions, args)
+    template = load_template(options.template)
+    runs = build_configs(args, template)
+    sweep_dir = Path(options.sweep_dir)
     state = read_state(sweep_dir)
     logger.info("%d run(s) in the sweep (%d already finished)", len(runs),
                 sum(1 for key, _, _ in runs if state.get(key, {}).get("status") == "finished"))
-    if args.dry_run:
+    if options.dry_run:
         for key, _, cfg in runs:
             logger.info("%s %s: python main.py %s", state.get(key, {}).get("status", "todo"), key,
                         " ".join(to_argv(cfg)))
         return pd.DataFrame()
-    run_sweep(runs, sweep_dir, state,
-              lambda run_argv, on_run_dir: train_main.main(train_main.parse_args(run_argv), on_run_dir=on_run_dir))
-    return summarise_sweep(runs, sweep_dir, state, args.latency_iterations)
+    run_sweep(runs, sweep_dir, state, run_training)
+    return summarise_sweep(runs, sweep_dir, state, options.latency_iterations)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    return get_args_parser().parse_args(argv)
+    return parse_with_config_file(get_args_parser(), argv)
 
 
 if __name__ == "__main__":
-    import sys
-
-    run_cli(lambda args: main(args, sys.argv[1:]), parse_args)
+    run_cli(main, parse_args)

@@ -29,10 +29,11 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from configs import PredictionOptions
 from dataloaders.discovery import list_images
 from dataloaders.image_io import load_rgb
 from deploy.machine import RssSampler, describe_machine, machine_info
-from prediction.engine import PredictionOptions, infer_folder
+from prediction.engine import infer_folder
 from utils.cli import add_bool_flag
 
 

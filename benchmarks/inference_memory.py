@@ -18,10 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
+from configs import PredictionOptions
 from data.synthetic_lesions import CLASSES, make_lesion_image
 from dataloaders.transforms import resolve_preprocessing
 from deploy.machine import RssSampler, describe_machine, machine_info
-from prediction.engine import PredictionOptions, infer_folder
+from prediction.engine import infer_folder
 from runs.checkpoint import save_checkpoint
 from runs.run_folder import RunDir
 from runs.run_info import RunInfo, write_run_info
@@ -73,7 +74,7 @@ def main(args: argparse.Namespace) -> dict:
         run_dir = Path(args.model_path) if args.model_path else make_run_folder(tmp / "run", args.model_name,
                                                                                  args.img_size)
         options = PredictionOptions(backend=args.backend, onnx_model=args.onnx_model, device="cpu",
-                                    gradcam=args.generate_gradcam)
+                                    generate_gradcam=args.generate_gradcam)
         with RssSampler() as sampler:
             summary = infer_folder(run_dir, folder, tmp / "out", options, batch_size=args.batch_size,
                                    num_workers=args.num_workers)

@@ -19,14 +19,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from configs import TrainConfig
+from configs import BenchmarkOptions, ExportOptions, QuantOptions, TrainConfig
 from dataloaders.discovery import discover_dataset
 from dataloaders.splits import split_dataset
 from dataloaders.transforms import resolve_preprocessing
-from deploy.benchmarking import BenchmarkSettings, benchmark_run
+from deploy.benchmarking import benchmark_run
 from deploy.machine import describe_machine
-from deploy.onnx_export import ExportSettings, export_run
-from deploy.onnx_quant import QuantSettings
+from deploy.onnx_export import export_run
 from runs.checkpoint import save_checkpoint
 from runs.export_dir import ExportDir
 from runs.run_folder import RunDir
@@ -70,9 +69,9 @@ def main(args: argparse.Namespace) -> pd.DataFrame:
             onnx_dir = ExportDir(Path(tmp) / f"{name}_onnx")
             # Random weights agree with nothing, so the validation-agreement guard is off: the INT8 model keeps the
             # default float stages (auto), the configuration a trained model starts from.
-            report = export_run(run_dir, onnx_dir, ExportSettings(
-                verify_images=32, quant=QuantSettings(calib_images=64, min_agreement=0.0)))
-            settings = BenchmarkSettings(batch_sizes=(1,), iterations=args.iterations, warmup=args.warmup,
+            report = export_run(run_dir, onnx_dir, ExportOptions(
+                verify_images=32, quant=QuantOptions(calib_images=64, min_agreement=0.0)))
+            settings = BenchmarkOptions(batch_sizes="1", device="cpu", iterations=args.iterations, warmup=args.warmup,
                                          rounds=args.rounds, threads=args.threads or os.cpu_count() or 1,
                                          eval_images=16)
             result = benchmark_run(run_dir, onnx_dir, settings)

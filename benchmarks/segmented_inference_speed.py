@@ -24,11 +24,11 @@ from pathlib import Path
 import pandas as pd
 
 from benchmarks.model_zoo_speed import make_run_folder
+from configs import ExportOptions, PredictionOptions, SegmentationOptions
 from data.synthetic_faces import generate_dataset
 from deploy.machine import describe_machine, machine_info
-from deploy.onnx_export import ExportSettings, export_run, export_segmentation
-from prediction.engine import PredictionOptions
-from prediction.segmented import SegmentationOptions, infer_folder_segmented
+from deploy.onnx_export import export_run, export_segmentation
+from prediction.segmented import infer_folder_segmented
 from runs.export_dir import ExportDir
 
 FACE_LABELS = ["background", "skin", "nose", "eye_g", "l_eye", "r_eye", "l_brow", "r_brow", "l_ear", "r_ear",
@@ -92,7 +92,7 @@ def _timed_row(run_dir: Path, photos: Path, output: Path, onnx_dir: ExportDir, s
     summary = infer_folder_segmented(run_dir, photos, output,
                                      PredictionOptions(backend="onnx", onnx_model=str(onnx_dir.fp32),
                                                        reduced_decode=reduced),
-                                     segmentation, num_workers=0)
+                                     segmentation, save_segmented=False, num_workers=0)
     return {"backend": backend, "parser_parameters_m": round(params / 1e6, 2) if params else None,
             "photos": summary["predicted"], "photo_size": args.camera_size or args.photo_size,
             "decode": "reduced" if reduced else "full", "classifier": f"{args.model_name}@{args.img_size} onnx",
@@ -108,21 +108,20 @@ def main(args: argparse.Namespace) -> pd.DataFrame:
         data = generate_dataset(work / "faces", n_train=4, n_test=max(1, args.images // 2), img_size=args.photo_size)
         run_dir = make_run_folder(work / "run", args.model_name, data, args.img_size)
         onnx_dir = ExportDir(work / "onnx")
-        export_run(run_dir, onnx_dir, ExportSettings(quantize="none"))
+        export_run(run_dir, onnx_dir, ExportOptions(quantize="none"))
         photos = data / "testset"
         decodes = [True]
         if args.camera_size:
             photos = camera_size_copies(photos, work / "camera", tuple(int(v) for v in args.camera_size.split("x")))
             decodes = [False, True]
         for backend in args.backends:
-            segmentation = SegmentationOptions(seg_backend="opencv", save_segmented=False)
+            segmentation = SegmentationOptions(seg_backend="opencv")
             params = None
             if backend in SEGFORMER_SHAPES:
                 folder, params = save_random_segformer(work / backend, SEGFORMER_SHAPES[backend])
                 seg_dir = work / f"{backend}-onnx"
                 export_segmentation(str(folder), None, seg_dir, 17)
-                segmentation = SegmentationOptions(seg_backend="onnx", seg_model=str(ExportDir(seg_dir).seg),
-                                                   save_segmented=False)
+                segmentation = SegmentationOptions(seg_backend="onnx", seg_model=str(ExportDir(seg_dir).seg))
             for reduced in decodes:
                 rows.append(_timed_row(run_dir, photos, work / f"out-{backend}-{reduced}", onnx_dir, segmentation,
                                        reduced, backend, params, args))

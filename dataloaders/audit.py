@@ -21,6 +21,7 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
+from configs import TINY_SIDE as TINY_SIDE_FLAG
 from dataloaders.discovery import DatasetIndex, discover_split
 from dataloaders.fingerprints import (
     CROP_VIEWS,
@@ -41,8 +42,7 @@ PAIRS_PNG = "duplicate_pairs.png"
 PAIRS_SHOWN = 8  # pairs drawn in PAIRS_PNG: label conflicts and leaks first
 DUPLICATE_COLUMNS = ["cluster", "relation", "kind", "distance", "path_a", "split_a", "class_a", "path_b", "split_b",
                      "class_b"]
-LEAK_POLICIES = ("warn", "drop", "error")
-TINY_SIDE = 224  # standalone default for "tiny": shorter side below the usual input size; main.py uses --img_size
+TINY_SIDE = TINY_SIDE_FLAG.default  # standalone default for "tiny"; main.py uses --img_size
 SHORTCUT_MARGIN = 0.25  # warn when a size/format-only classifier's balanced accuracy beats chance by this much
 
 

@@ -24,6 +24,7 @@ from typing import Iterator, Optional
 import numpy as np
 from PIL import Image
 
+from configs import NEAR_DUP_THRESHOLD
 from dataloaders.image_io import failure_reason, file_format, load_rgb
 
 logger = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ logger = logging.getLogger(__name__)
 CROP_VIEWS = (1.0, 0.95, 0.9, 0.85, 0.8)  # share of each side kept by the central views that are hashed
 HASH_SIZE = 16  # pHash of the 64x64 grey image's 16x16 lowest frequencies: 256 bits
 HASH_WORDS = HASH_SIZE * HASH_SIZE // 64
-NEAR_DUPLICATE_BITS = 40  # default match threshold (of 256 bits), measured as above
+NEAR_DUPLICATE_BITS = NEAR_DUP_THRESHOLD.default  # default match threshold (of 256 bits), measured as above
 ROW_CHUNK = 64  # rows of the distance matrix computed together: bounds memory for large folders
 
 

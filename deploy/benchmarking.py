@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from configs import BenchmarkOptions
 from deploy.machine import describe_machine, machine_info
 from runs.export_dir import ExportDir
 from runs.run_folder import RunDir
@@ -30,22 +31,6 @@ TABLE_COLUMNS = ["batch_size", "size_mb", "mean_ms", "std_ms", "p50_ms", "p95_ms
                  "speedup_vs_pytorch", "size_reduction_vs_pytorch", "test_accuracy", "top1_agreement_with_pytorch"]
 
 
-@dataclass(frozen=True)
-class BenchmarkSettings:
-    batch_sizes: tuple[int, ...] = (1, 32)
-    iterations: int = 100
-    warmup: int = 10
-    rounds: int = 3
-    threads: int = 1
-    device: str = "cpu"
-    eval_images: int = 0  # 0 = the whole test split
-    data_dir: Optional[str] = None
-
-    def check(self) -> None:
-        if not self.batch_sizes or min(self.batch_sizes) < 1 or min(self.iterations, self.threads, self.rounds) < 1:
-            raise UserError("--batch_sizes, --iterations, --threads and --rounds must be positive")
-
-
 @dataclass
 class BenchmarkResult:
     rows: list[dict[str, Any]]  # classifier rows: framework x batch size
@@ -55,9 +40,8 @@ class BenchmarkResult:
     test_images: int
 
 
-def benchmark_run(run_dir: Path, export: ExportDir, settings: BenchmarkSettings) -> BenchmarkResult:
+def benchmark_run(run_dir: Path, export: ExportDir, settings: BenchmarkOptions) -> BenchmarkResult:
     """Time the run's PyTorch model and every classifier in ``export`` (and the face parser, if exported)."""
-    settings.check()
     info = read_run_info(run_dir)
     # A --device cuda without a GPU is a one-line error before anything is timed.
     device = select_device(settings.device).type
@@ -75,7 +59,7 @@ def benchmark_run(run_dir: Path, export: ExportDir, settings: BenchmarkSettings)
     if len(frameworks) == 1:
         raise UserError(f"no ONNX models in {export.root}; create them with quantize_onnx_models.py --model_path "
                         f"{run_dir} --output_dir {export.root}")
-    machine = machine_info(settings.threads)
+    machine = machine_info(settings.thread_count)
     logger.info("machine: %s", describe_machine(machine))
     images, labels, image_paths = _test_images(run_dir, info, settings.data_dir, settings.eval_images)
     rounds: dict[str, list[dict]] = {framework: [] for framework in frameworks}
@@ -83,20 +67,20 @@ def benchmark_run(run_dir: Path, export: ExportDir, settings: BenchmarkSettings)
     for round_index in range(settings.rounds):
         for framework, model_file in frameworks.items():
             logger.info("round %d/%d: timing %s (%d threads, batch sizes %s) in a fresh process", round_index + 1,
-                        settings.rounds, framework, settings.threads, list(settings.batch_sizes))
+                        settings.rounds, framework, settings.thread_count, list(settings.batch_size_list))
             with spawn.Pool(1) as pool:
                 rounds[framework].append(pool.apply(_worker, (
-                    framework, model_file, str(run_dir), images, list(settings.batch_sizes), settings.iterations,
-                    settings.warmup, settings.threads, device, round_index == 0)))
+                    framework, model_file, str(run_dir), images, list(settings.batch_size_list), settings.iterations,
+                    settings.warmup, settings.thread_count, device, round_index == 0)))
     results = [keep_fastest_rounds(framework_rounds) for framework_rounds in rounds.values()]
     recorded = {key: machine[key] for key in MACHINE_COLUMNS}
-    rows = [{**row, **recorded} for row in summarise(results, labels, info.model_name, settings.threads)]
+    rows = [{**row, **recorded} for row in summarise(results, labels, info.model_name, settings.thread_count)]
     seg_rows = []
     if export.seg.is_file():
         logger.info("timing the face parser %s in a fresh process", export.seg)
         with spawn.Pool(1) as pool:
             seg_rows.append({**pool.apply(_segmentation_worker, (str(export.seg), image_paths, settings.iterations,
-                                                                 settings.warmup, settings.threads, device)),
+                                                                 settings.warmup, settings.thread_count, device)),
                              **recorded})
     return BenchmarkResult(rows, seg_rows, machine, device, len(labels))
 
@@ -118,7 +102,7 @@ def write_benchmark(result: BenchmarkResult, export: ExportDir) -> None:
         atomic_save(export.benchmark_file("segmentation.csv"), lambda tmp: seg_frame.to_csv(tmp, index=False))
 
 
-def format_benchmark(result: BenchmarkResult, settings: BenchmarkSettings) -> str:
+def format_benchmark(result: BenchmarkResult, settings: BenchmarkOptions) -> str:
     """The printed report: machine, settings, the table, the speed-ups and every round's medians."""
     import pandas as pd
 
@@ -126,10 +110,10 @@ def format_benchmark(result: BenchmarkResult, settings: BenchmarkSettings) -> st
     frame = pd.DataFrame(rows)
     columns = ["framework"] + (["runs_on"] if result.device == "cuda" else []) + TABLE_COLUMNS
     lines = [f"machine: {describe_machine(result.machine)}",
-             f"model {rows[0]['model']} on {result.device}, {settings.threads} threads, {settings.iterations} "
+             f"model {rows[0]['model']} on {result.device}, {settings.thread_count} threads, {settings.iterations} "
              f"iterations after {settings.warmup} warm-up, fastest of {settings.rounds} alternating rounds, accuracy "
              f"on {result.test_images} test images", frame[columns].to_string(index=False)]
-    for batch_size in settings.batch_sizes:
+    for batch_size in settings.batch_size_list:
         summary = ", ".join(f"{r['framework']} {r['speedup_vs_pytorch']:.2f}x" for r in rows
                             if r["batch_size"] == batch_size and r["framework"] != "pytorch")
         lines.append(f"batch {batch_size}: speed-up vs PyTorch eager: {summary}")

@@ -15,7 +15,6 @@ import copy
 import json
 import logging
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,9 +22,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from configs import ExportOptions
 from dataloaders.inference_data import load_preprocessed
 from dataloaders.transforms import build_eval_transform, decode_min_side
-from deploy.onnx_quant import CalibrationData, QuantSettings, ReferenceSet, quantize_verified, warn_mostly_float
+from deploy.onnx_quant import CalibrationData, ReferenceSet, quantize_verified, warn_mostly_float
 from prediction.predictors import onnx_probs
 from runs.checkpoint import load_run_model
 from runs.export_dir import ExportDir
@@ -126,19 +126,7 @@ SEG_LOGIT_TOLERANCE = 1e-3  # relative to the largest logit
 SEG_LABEL_AGREEMENT = 0.999
 
 
-@dataclass(frozen=True)
-class ExportSettings:
-    """quantize_onnx_models.py's flags, bar the face parser's."""
-
-    weights: str = "final"
-    opset: int = 17
-    quantize: str = "int8"  # or "none"
-    verify_images: int = 0  # 0 = the whole test split
-    data_dir: Optional[str] = None  # the dataset root if it moved since training
-    quant: QuantSettings = field(default_factory=QuantSettings)
-
-
-def export_run(run_dir: Path, export: ExportDir, settings: ExportSettings) -> dict[str, Any]:
+def export_run(run_dir: Path, export: ExportDir, settings: ExportOptions) -> dict[str, Any]:
     """Export a run's delivered classifier to a verified FP32 ONNX file and (unless ``quantize`` is "none") a
     verified INT8 one, each with the run's contract as metadata, plus a class_info.json copy. A model that fails its
     check is an error and nothing is left under its final name. Returns the export report."""

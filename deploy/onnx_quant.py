@@ -22,13 +22,13 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
+from configs import QuantOptions
 from runs.export_dir import ExportDir
 
 logger = logging.getLogger(__name__)
 
 # Stages whose feature maps are at most this many times smaller than the input stay float in gated models.
 GATED_FLOAT_MAX_REDUCTION = 8
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 
 
 class CalibrationReader:
@@ -144,16 +144,6 @@ def compare_latency(paths: list[Path], batch: np.ndarray, threads: int, runs: in
     return best
 
 
-@dataclass(frozen=True)
-class QuantSettings:
-    """quantize_onnx_models.py's INT8 flags."""
-
-    calibrate_method: str = "minmax"
-    calib_images: int = 200
-    keep_float_stages: str | int = "auto"  # "auto" or a count of leading timm feature levels kept in FP32
-    min_agreement: float = 0.99  # share of validation images whose INT8 top-1 must equal FP32's; 0 = no check
-
-
 @dataclass
 class ReferenceSet:
     """Preprocessed images with the answers the INT8 model is checked against."""
@@ -178,7 +168,7 @@ def top1_agreement(path: Path, images: torch.Tensor, reference_top1: np.ndarray,
 
 
 def quantize_verified(fp32_path: Path, int8_target: Path, feature_levels: list[dict[str, Any]],
-                      metadata: dict[str, str], settings: QuantSettings, test: ReferenceSet,
+                      metadata: dict[str, str], settings: QuantOptions, test: ReferenceSet,
                       data: CalibrationData) -> dict[str, Any]:
     """Quantize the verified FP32 file to ``int8_target`` (atomically), keeping leading stages in FP32 until the
     INT8 model gives FP32's top-1 on ``settings.min_agreement`` of the validation images; then measure its test

@@ -20,6 +20,7 @@ from configs import TrainConfig
 from evaluation.bootstrap import paired_difference
 from runs.run_folder import RunDir
 from torch_trainer.models import resolve_model_name
+from torch_trainer.training import resume_config
 from utils.atomic import atomic_save, atomic_write_json, atomic_write_text
 from utils.errors import UserError
 from utils.timing import call_latencies_ms
@@ -79,11 +80,9 @@ def run_key(varying: dict[str, Any]) -> str:
     return ",".join(f"{k}={varying[k]}" for k in sorted(varying)) or "base"
 
 
-def build_configs(args: argparse.Namespace, argv: list[str], template: dict[str, Any]
-                  ) -> list[tuple[str, dict[str, Any], TrainConfig]]:
+def build_configs(args: argparse.Namespace, template: dict[str, Any]) -> list[tuple[str, dict[str, Any], TrainConfig]]:
     """Validate every run before any starts: unknown options, bad values, unknown models, missing data folders.
-
-    ``args``/``argv`` are the sweep's parsed and raw command line: flags given there override BASE."""
+    ``args`` is the sweep's parsed command line: flags typed there (``args.given_flags``) override BASE."""
     # main.py's flags are generated from TrainConfig, so its defaults are the parser's.
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     known = {f for f in TrainConfig.__dataclass_fields__}
@@ -96,7 +95,7 @@ def build_configs(args: argparse.Namespace, argv: list[str], template: dict[str,
         fixed = sorted(set(options) & set(NOT_SWEEPABLE))
         if fixed:
             raise UserError(f"template {where}: {', '.join(fixed)} cannot be set in a sweep template")
-    given = {token[2:].split("=", 1)[0] for token in argv if token.startswith("--")}
+    given = getattr(args, "given_flags", frozenset())
     explicit = {k: v for k, v in vars(args).items() if k in known and k in given and k not in NOT_SWEEPABLE}
     configs = []
     seen: set[str] = set()
@@ -119,8 +118,8 @@ def build_configs(args: argparse.Namespace, argv: list[str], template: dict[str,
 
 
 def to_argv(cfg: TrainConfig) -> list[str]:
-    """main.py's command line for ``cfg`` (options that differ from main.py's defaults), so each run goes through
-    main.py's own parser."""
+    """main.py's command line that reproduces ``cfg`` (options that differ from main.py's defaults): what a dry run
+    lists."""
     argv = []
     defaults = TrainConfig().to_dict()
     for name, value in cfg.to_dict().items():
@@ -229,9 +228,9 @@ def write_summary(sweep_dir: Path, rows: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def run_sweep(runs: list[tuple[str, dict[str, Any], TrainConfig]], sweep_dir: Path, state: dict[str, Any],
-              train: Callable[[list[str], Callable[[Path], None]], dict[str, Any]]) -> None:
+              train: Callable[[TrainConfig, Callable[[Path], None]], dict[str, Any]]) -> None:
     """Train every run not finished yet (resuming one that was interrupted), recording each in the state file.
-    ``train(argv, on_run_dir)`` runs main.py in-process with that command line."""
+    ``train(cfg, on_run_dir)`` trains one config in-process (torch_trainer.training.run_training)."""
     state_path = sweep_dir / STATE
     sweep_dir.mkdir(parents=True, exist_ok=True)
     for number, (key, varying, cfg) in enumerate(runs, 1):
@@ -239,10 +238,10 @@ def run_sweep(runs: list[tuple[str, dict[str, Any], TrainConfig]], sweep_dir: Pa
         if entry.get("status") == "finished" and Path(entry.get("run_dir", "")).is_dir():
             logger.info("[%d/%d] %s: finished earlier, skipped", number, len(runs), key)
             continue
-        run_argv = to_argv(cfg)
+        run_cfg = cfg
         previous = Path(entry["run_dir"]) if entry.get("run_dir") else None
         if previous is not None and RunDir(previous).last_ckpt.is_file():
-            run_argv = ["--resume", str(previous), "--epochs", str(cfg.epochs)]
+            run_cfg = resume_config(previous, {"epochs": cfg.epochs})
             logger.info("[%d/%d] %s: resuming %s", number, len(runs), key, previous)
         else:
             logger.info("[%d/%d] %s", number, len(runs), key)
@@ -254,7 +253,7 @@ def run_sweep(runs: list[tuple[str, dict[str, Any], TrainConfig]], sweep_dir: Pa
             atomic_write_json(state_path, state)
 
         try:
-            result = train(run_argv, remember_run_dir)
+            result = train(run_cfg, remember_run_dir)
         except KeyboardInterrupt:
             logger.warning("sweep interrupted during %s; run the same command again to continue", key)
             raise

@@ -3,13 +3,11 @@ rows, Grad-CAM overlays and the output files (predictions.csv/.json, skipped.csv
 
 from __future__ import annotations
 
-import argparse
 import csv
 import logging
 import shutil
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -17,6 +15,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from configs import PredictionOptions
 from dataloaders.image_io import load_rgb
 from dataloaders.inference_data import collect_inference_images, make_inference_loader
 from dataloaders.transforms import build_eval_transform, decode_min_side
@@ -28,15 +27,14 @@ from evaluation.decisions import (
     parse_operating_points,
     read_held_out_predictions,
 )
-from prediction.gradcam import CAM_METHODS, GRADCAM_SUFFIX, GradCamExplainer, cam_on_original, render_overlay
+from prediction.gradcam import GRADCAM_SUFFIX, GradCamExplainer, cam_on_original, render_overlay
 from prediction.labelled_scoring import ReferenceLabels, score_labelled_folder
 from prediction.predictors import OnnxPredictor, TorchPredictor, predict_proba
-from runs.checkpoint import WEIGHT_CHOICES, load_run_model
+from runs.checkpoint import load_run_model
 from runs.export_dir import DEFAULT_EXPORT
 from runs.run_folder import RunDir
 from runs.run_info import RunInfo, read_run_info
 from utils.atomic import atomic_path, atomic_write_json
-from utils.cli import add_bool_flag, device_flags, model_path_flags, num_workers_flags
 from utils.device import select_device
 from utils.errors import UserError
 from utils.onnx_runtime import read_onnx_metadata
@@ -45,86 +43,6 @@ from utils.paths import safe_output_path
 logger = logging.getLogger(__name__)
 
 DEFAULT_ONNX_MODEL = DEFAULT_EXPORT.fp32
-
-
-def prediction_flags() -> argparse.ArgumentParser:
-    """The flags of inference.py, which inference_with_segmentation.py shares (``parents=[prediction_flags()]``)."""
-    parser = argparse.ArgumentParser(add_help=False, parents=[model_path_flags(), device_flags(), num_workers_flags(2)])
-    parser.add_argument("--inference_folder", default="inference_set",
-                        help="folder of images (searched recursively) or one image file (default: %(default)s)")
-    parser.add_argument("--inference_output", default="inference_results", help="output folder (default: %(default)s)")
-    add_bool_flag(parser, "--generate_gradcam", False, "save a Grad-CAM overlay per image (default: %(default)s)")
-    parser.add_argument("--weights", choices=list(WEIGHT_CHOICES), default="final",
-                        help="final = the model the run delivered (the refit on train + validation when there was "
-                             "one), best = the best validation epoch, last = the last epoch (default: %(default)s)")
-    parser.add_argument("--batch_size", type=int, default=32, help="images per batch (default: %(default)s)")
-    parser.add_argument("--backend", choices=["torch", "onnx"], default="torch",
-                        help="run the classifier with PyTorch or ONNX Runtime (default: %(default)s)")
-    parser.add_argument("--onnx_model", default=None,
-                        help=f"ONNX classifier for --backend onnx (default: {DEFAULT_ONNX_MODEL})")
-    parser.add_argument("--cam_method", choices=list(CAM_METHODS), default="gradcam",
-                        help="pytorch-grad-cam method (default: %(default)s)")
-    add_bool_flag(parser, "--reduced_decode", True,
-                  "decode large JPEGs at the smallest DCT scale (1/2, 1/4, 1/8) that still gives the model's resize "
-                  "enough pixels: camera-size photos decode several times faster; False decodes every pixel "
-                  "(default: %(default)s)")
-    parser.add_argument("--overlay_max_side", type=int, default=1024,
-                        help="Grad-CAM overlays of larger photos are written with the longer side shrunk to this many "
-                             "pixels (same aspect ratio); 0 = the photo's full size (default: %(default)s)")
-    add_bool_flag(parser, "--tta", None, "average the logits of the image and its mirror (default: what the run was "
-                                         "tested with, class_info.json 'tta')")
-    parser.add_argument("--topk", type=int, default=1,
-                        help="also list the k most likely classes per image in the JSON (default: %(default)s)")
-    parser.add_argument("--operating_point", default=None,
-                        help="flag classes at thresholds chosen now on the run's held-out predictions instead of the "
-                             "run's own, e.g. 'malignant:sensitivity=0.9' (adds flag_<class> columns)")
-    parser.add_argument("--abstain", default=None,
-                        help="answer 'uncertain' below a confidence chosen now on the run's held-out predictions "
-                             "instead of the run's own: accuracy=0.95 or coverage=0.8 (fills the decision column)")
-    add_bool_flag(parser, "--labels_from_folders", False,
-                  "the folder is labelled (<class>/ sub-folders named like the training classes): also "
-                  "write metrics.json, per_class_metrics.csv, ROC, reliability and confusion matrix "
-                  "(default: %(default)s)")
-    parser.add_argument("--labels_csv", default=None,
-                        help="score against the labels in this CSV instead of folder names (same report as "
-                             "--labels_from_folders; images the CSV does not list are left out and named)")
-    parser.add_argument("--csv_file_column", default="filename", help="--labels_csv column naming the image "
-                                                                      "(default: %(default)s)")
-    parser.add_argument("--csv_label_column", default="label", help="--labels_csv column holding the class "
-                                                                    "(default: %(default)s)")
-    parser.add_argument("--metadata", default=None,
-                        help="with --labels_from_folders/--labels_csv: CSV with a filename column and columns such as "
-                             "fitzpatrick, sex, site, device; adds per-subgroup metrics (subgroup_metrics.csv)")
-    parser.add_argument("--csv_group_column", default=None,
-                        help="--labels_csv column holding the patient or lesion id: the intervals resample whole "
-                             "groups")
-    return parser
-
-
-@dataclass(frozen=True)
-class PredictionOptions:
-    """How to classify: the flags inference.py and inference_with_segmentation.py share."""
-
-    weights: str = "final"
-    backend: str = "torch"
-    onnx_model: Optional[str] = None
-    device: str = "auto"
-    tta: Optional[bool] = None  # None: what the run was tested with
-    topk: int = 1
-    gradcam: bool = False
-    cam_method: str = "gradcam"
-    reduced_decode: bool = True  # JPEGs decoded at a reduced DCT scale that still feeds the resize enough pixels
-    overlay_max_side: int = 1024  # longer side of Grad-CAM overlays; 0 = full size
-    operating_point: Optional[str] = None  # None: the run's own operating points
-    abstain: Optional[str] = None  # None: the run's own abstention threshold
-
-    @classmethod
-    def from_args(cls, args: Any) -> "PredictionOptions":
-        return cls(weights=args.weights, backend=args.backend, onnx_model=args.onnx_model, device=args.device,
-                   tta=args.tta, topk=args.topk, gradcam=args.generate_gradcam, cam_method=args.cam_method,
-                   reduced_decode=args.reduced_decode, overlay_max_side=args.overlay_max_side,
-                   operating_point=args.operating_point, abstain=args.abstain)
-
 
 
 class GradcamWriter:
@@ -166,7 +84,7 @@ class GradcamWriter:
 def build_predictor(options: PredictionOptions, run_dir: Path, info: RunInfo, device):
     """The classifier (PyTorch or ONNX Runtime) and, where Grad-CAM or the torch backend needs it, the PyTorch model."""
     model = None
-    if options.backend == "torch" or options.gradcam:
+    if options.backend == "torch" or options.generate_gradcam:
         model, _ = load_run_model(run_dir, options.weights)
         model.to(device)
     if options.backend == "onnx":
@@ -253,7 +171,7 @@ class BatchClassifier:
         self.temperature = info.temperature
         self.probs: list[np.ndarray] = []
         self.cams = (GradcamWriter(output_dir, model, options.cam_method, info.preprocessing, options.overlay_max_side)
-                     if options.gradcam else None)
+                     if options.generate_gradcam else None)
         self.rows: list[dict[str, Any]] = []
         self.operating_points, self.abstain = info.operating_points, info.abstain
         self.decision_columns = decision_columns(info.class_names, info.operating_points, info.abstain)
@@ -312,7 +230,7 @@ def infer_folder(model_path: str | Path, folder: str | Path, output_dir: Path, o
     min_side = decode_min_side(info.preprocessing) if options.reduced_decode else 0
     loader = make_inference_loader(paths, build_eval_transform(info.preprocessing), batch_size, num_workers,
                                    min_side)
-    if options.gradcam and options.overlay_max_side:
+    if options.generate_gradcam and options.overlay_max_side:
         logger.info("Grad-CAM overlays of photos larger than %d px are written with the longer side at %d px "
                     "(--overlay_max_side 0 for full size)", options.overlay_max_side, options.overlay_max_side)
 
@@ -336,7 +254,7 @@ def infer_folder(model_path: str | Path, folder: str | Path, output_dir: Path, o
     classifier.finish()
     write_outputs(output_dir, classifier.rows, skipped, info.class_names, classifier.decision_columns)
     summary = summarise(len(paths), classifier.rows, skipped, info.class_names, seconds, output_dir,
-                        options.gradcam)
+                        options.generate_gradcam)
     if labels is not None:
         summary["metrics"] = score_labelled_folder(output_dir, classifier.rows, classifier.probs, info.class_names,
                                                    labels, reference.source, metadata, root)

@@ -38,7 +38,8 @@ logger = logging.getLogger(__name__)
 GRADCAM_SUFFIX = ".gradcam.jpg"  # appended to the input's relative path, so names in sub-folders never collide
 
 # The methods of pytorch-grad-cam that work on a CNN's last feature map.
-CAM_METHODS = {
+# The pytorch-grad-cam class of each --cam_method (configs.CAM_METHODS).
+CAM_CLASSES = {
     "gradcam": GradCAM,
     "gradcam++": GradCAMPlusPlus,
     "hirescam": HiResCAM,
@@ -96,11 +97,11 @@ class GradCamExplainer:
 
     def __init__(self, model: torch.nn.Module, method: str = "gradcam",
                  input_size: tuple[int, int, int] = (3, 224, 224)):
-        if method not in CAM_METHODS:
-            raise UserError(f"--cam_method {method!r} is not one of {', '.join(CAM_METHODS)}")
+        if method not in CAM_CLASSES:
+            raise UserError(f"--cam_method {method!r} is not one of {', '.join(CAM_CLASSES)}")
         self.target_layer = find_target_layer(model, input_size)
         self.target_name = next(name for name, module in model.named_modules() if module is self.target_layer)
-        self.cam = CAM_METHODS[method](model=model, target_layers=[self.target_layer])
+        self.cam = CAM_CLASSES[method](model=model, target_layers=[self.target_layer])
 
     def __enter__(self) -> "GradCamExplainer":
         return self

@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from configs import ReferenceOptions
 from dataloaders.labels_csv import CsvColumns, read_label_rows
 from dataloaders.metadata import read_metadata
 from evaluation.html_report import GalleryItem, pick_gallery, write_html_report
@@ -33,15 +34,10 @@ class ReferenceLabels:
     metadata: Optional[Path] = None  # subgroup columns (evaluation.subgroups)
 
     @classmethod
-    def from_args(cls, args: Any) -> "ReferenceLabels":
-        if args.labels_from_folders and args.labels_csv:
-            raise UserError("give --labels_from_folders or --labels_csv, not both")
-        if args.metadata and not (args.labels_from_folders or args.labels_csv):
-            raise UserError("--metadata splits the metrics of a labelled folder: add --labels_from_folders or "
-                            "--labels_csv")
-        return cls(args.labels_from_folders, Path(args.labels_csv) if args.labels_csv else None,
-                   CsvColumns(args.csv_file_column, args.csv_label_column, args.csv_group_column),
-                   Path(args.metadata) if args.metadata else None)
+    def from_options(cls, options: ReferenceOptions) -> "ReferenceLabels":
+        return cls(options.labels_from_folders, Path(options.labels_csv) if options.labels_csv else None,
+                   CsvColumns(options.csv_file_column, options.csv_label_column, options.csv_group_column),
+                   Path(options.metadata) if options.metadata else None)
 
     @property
     def active(self) -> bool:

@@ -6,9 +6,8 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,10 +15,11 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from configs import PredictionOptions, SegmentationOptions
 from dataloaders.build import effective_workers
 from dataloaders.inference_data import InferenceImages, collect_inference_images
 from dataloaders.transforms import build_eval_transform, decode_min_side
-from prediction.engine import BatchClassifier, PredictionOptions, open_run, summarise, write_outputs
+from prediction.engine import BatchClassifier, open_run, summarise, write_outputs
 from prediction.labelled_scoring import ReferenceLabels, score_labelled_folder
 from runs.run_info import RunInfo
 from segmentation.face_parsing import FaceParser, build_face_parser
@@ -60,25 +60,9 @@ def _collate_list(batch):
     return batch
 
 
-@dataclass(frozen=True)
-class SegmentationOptions:
-    """inference_with_segmentation.py's face-parser flags."""
-
-    seg_backend: str = "segformer"
-    seg_model: Optional[str] = None
-    seg_revision: Optional[str] = None
-    parts: Optional[str] = None  # comma-separated parser labels that count as skin
-    no_face_policy: str = "full_image"  # or "skip"
-    save_segmented: bool = True
-
-    @classmethod
-    def from_args(cls, args: Any) -> "SegmentationOptions":
-        return cls(args.seg_backend, args.seg_model, args.seg_revision, args.parts, args.no_face_policy,
-                   args.save_segmented)
-
-
 def infer_folder_segmented(model_path: str | Path, folder: str | Path, output_dir: Path, options: PredictionOptions,
-                           segmentation: SegmentationOptions, *, batch_size: int = 32, num_workers: int = 2,
+                           segmentation: SegmentationOptions, *, no_face_policy: str = "full_image",
+                           save_segmented: bool = True, batch_size: int = 32, num_workers: int = 2,
                            reference: ReferenceLabels = ReferenceLabels()) -> dict[str, Any]:
     """inference_with_segmentation.py: segment each photo's facial skin, fill the rest as training did, classify,
     write inference.py's outputs plus face_found/skin_ratio and the classifier inputs; returns the summary."""
@@ -92,7 +76,7 @@ def infer_folder_segmented(model_path: str | Path, folder: str | Path, output_di
     check_training_match(info, parser, part_names(parser.id2label, part_ids))
     output_dir.mkdir(parents=True, exist_ok=True)
     segmented_dir = output_dir / "segmented"
-    if segmentation.save_segmented:
+    if save_segmented:
         shutil.rmtree(segmented_dir, ignore_errors=True)  # inputs of an earlier run would not match predictions.csv
     classifier = BatchClassifier(options, run_dir, info, output_dir)
     transform = build_eval_transform(info.preprocessing)
@@ -118,14 +102,14 @@ def infer_folder_segmented(model_path: str | Path, folder: str | Path, output_di
                 label_map = parser.parse(image)
                 mask = skin_mask(label_map, part_ids)
                 face_found, skin_ratio = is_face(mask, parser.face_detected(label_map)), round(float(mask.mean()), 6)
-                if not face_found and segmentation.no_face_policy == "skip":
+                if not face_found and no_face_policy == "skip":
                     skipped.append({"filename": relative.as_posix(), "reason": "no face found (--no_face_policy skip)",
                                     "face_found": False, "skin_ratio": skin_ratio})
                     continue
                 # A small face in a large photo is decoded again at a finer scale (see classifier_input).
                 picture = classifier_input(paths[index], mask if face_found else None, fill, min_side,
                                            Image.fromarray(image))
-                if segmentation.save_segmented:
+                if save_segmented:
                     target = safe_output_path(segmented_dir, relative, ".skin.png")
                     target.parent.mkdir(parents=True, exist_ok=True)
                     picture.save(target)
@@ -142,11 +126,11 @@ def infer_folder_segmented(model_path: str | Path, folder: str | Path, output_di
     classifier.finish()
     write_outputs(output_dir, classifier.rows, skipped, info.class_names, EXTRA_COLUMNS + classifier.decision_columns)
     summary = summarise(len(paths), classifier.rows, skipped, info.class_names, seconds, output_dir,
-                        options.gradcam)
+                        options.generate_gradcam)
     if labels is not None:
         summary["metrics"] = score_labelled_folder(output_dir, classifier.rows, classifier.probs, info.class_names,
                                                    labels, reference.source, metadata, root)
     summary["no_face"] = sum(1 for r in classifier.rows if not r["face_found"]) + sum(
         1 for s in skipped if s.get("face_found") is False)
-    logger.info("no face found in %d image(s) (policy %s)", summary["no_face"], segmentation.no_face_policy)
+    logger.info("no face found in %d image(s) (policy %s)", summary["no_face"], no_face_policy)
     return summary

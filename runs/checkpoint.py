@@ -29,7 +29,6 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
                         f"{first_line}") from err
 
 
-WEIGHT_CHOICES = ("final", "best", "last")
 
 
 def load_run_model(run_dir: str | Path, weights: str = "final") -> tuple[torch.nn.Module, "RunInfo"]:

@@ -6,9 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from configs import EXPORT_DIR
 from runs.run_folder import RunDir
 
-DEFAULT_EXPORT_DIR = Path("onnx_models")
+DEFAULT_EXPORT_DIR = Path(EXPORT_DIR)
 
 
 @dataclass(frozen=True)

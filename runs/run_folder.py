@@ -96,8 +96,9 @@ class RunDir:
         own = {value: __name__ for key, value in vars(cls).items()
                if key.isupper() and isinstance(value, str) and key != "WANDB_DIR"}
         borrowed = {html_report.REPORT_HTML: html_report.__name__}
-        borrowed.update({name: reports.__name__ for name in (reports.PER_CLASS_CSV, reports.SUBGROUP_CSV, reports.ROC_PNG,
-                                                             reports.RELIABILITY_PNG, reports.RISK_COVERAGE_PNG)})
+        report_files = (reports.PER_CLASS_CSV, reports.SUBGROUP_CSV, reports.ROC_PNG, reports.RELIABILITY_PNG,
+                        reports.RISK_COVERAGE_PNG)
+        borrowed.update({name: reports.__name__ for name in report_files})
         borrowed.update({name: audit_files.__name__ for name in (audit_files.AUDIT_JSON, audit_files.DUPLICATES_CSV,
                                                                  audit_files.PAIRS_PNG)})
         return {**own, **borrowed}

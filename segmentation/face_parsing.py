@@ -11,7 +11,6 @@ hard-coded index list, so parsers with another label order (BiSeNet vs. SegForme
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from abc import ABC, abstractmethod
@@ -22,13 +21,13 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from configs import SEG_BACKENDS
 from runs.export_dir import DEFAULT_EXPORT, ExportDir
 from utils.errors import UserError
 from utils.onnx_runtime import create_session
 
 logger = logging.getLogger(__name__)
 
-SEG_BACKENDS = ("segformer", "onnx", "opencv")
 DEFAULT_SEGFORMER = "jonathandinu/face-parsing"
 PROCESSOR_FILE = "preprocessor_config.json"
 DEFAULT_SEG_ONNX = DEFAULT_EXPORT.seg
@@ -251,21 +250,6 @@ class OpenCVSkinParser(FaceParser):
     def describe(self) -> dict[str, Any]:
         return {"seg_backend": self.backend, "seg_model": "haarcascade_frontalface_default+ycrcb",
                 "seg_revision": cv2.__version__}
-
-
-def segmentation_flags() -> argparse.ArgumentParser:
-    """The face-parser flags shared by face_segmentation.py and inference_with_segmentation.py (``parents=``)."""
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--seg_backend", choices=list(SEG_BACKENDS), default="segformer",
-                        help="segformer (transformers), onnx (exported seg_model.onnx) or opencv (Haar face + "
-                             "skin colour heuristic, no weights) (default: %(default)s)")
-    parser.add_argument("--seg_model", default=None,
-                        help="segformer: Hugging Face id or local folder (default jonathandinu/face-parsing); "
-                             "onnx: path (default onnx_models/seg_model.onnx)")
-    parser.add_argument("--seg_revision", default=None, help="Hugging Face revision (commit) to pin the parser")
-    parser.add_argument("--parts", default=None,
-                        help="comma-separated parser labels that count as skin (default: skin,nose)")
-    return parser
 
 
 def build_face_parser(backend: str, seg_model: Optional[str] = None, revision: Optional[str] = None,

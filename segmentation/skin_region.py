@@ -35,7 +35,6 @@ DEFAULT_PARTS = ("skin", "nose")
 MIN_SKIN_RATIO = 0.01  # below 1% of the pixels there is no face worth classifying
 CROP_MARGIN = 0.05  # share of the skin box added on each side, so lesions at the skin's edge keep some context
 MASK_CACHE_DIR = ".skin_masks"
-NO_FACE_POLICIES = ("skip", "full_image")
 # The face parser sees large JPEGs decoded at the smallest DCT scale that keeps this many pixels on the shorter side
 # (SegFormer parses at 512x512; the Haar detector's smallest face is 15% of the shorter side), in training and
 # inference alike, so both get the same mask; a 12-megapixel photo is parsed at 1008x756 rather than 4032x3024.

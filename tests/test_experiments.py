@@ -35,7 +35,7 @@ def _write_template(path, grid):
 def test_sweep_runs_ranks_and_skips_finished_runs(lesion_dataset, tmp_path):
     template = _write_template(tmp_path / "t.py", {"loss": ["ce", "focal"]})
     args, argv = _sweep_args(template, tmp_path / "sweep", lesion_dataset, tmp_path / "runs")
-    frame = rx.main(args, argv)
+    frame = rx.main(args)
     assert len(frame) == 2 and list(frame["rank"]) == [1, 2]
     assert frame["val_balanced_acc"].is_monotonic_decreasing
     for column in ("run", "loss", "val_balanced_acc", "test_balanced_acc", "test_macro_auc", "test_ece",
@@ -46,11 +46,11 @@ def test_sweep_runs_ranks_and_skips_finished_runs(lesion_dataset, tmp_path):
     assert set(summary["loss"]) == {"ce", "focal"}
     assert "| rank |" in (tmp_path / "sweep" / "experiments_summary.md").read_text()
     assert (tmp_path / "sweep" / "experiments_comparison.png").is_file()
-    for run_dir in frame["run_dir"]:  # the run's own config came through main.py's parser
+    for run_dir in frame["run_dir"]:  # the template's values reached the run's own config
         assert json.loads((Path(run_dir) / "configs.json").read_text())["img_size"] == 48
 
     run_folders = sorted((tmp_path / "runs").rglob("model_best.pth"))
-    again = rx.main(args, argv)  # an interrupted or repeated sweep continues: nothing finished is retrained
+    again = rx.main(args)  # an interrupted or repeated sweep continues: nothing finished is retrained
     assert sorted((tmp_path / "runs").rglob("model_best.pth")) == run_folders
     assert list(again["run_dir"]) == list(frame["run_dir"])
 
@@ -86,11 +86,11 @@ def test_sweep_validates_every_run_before_training(lesion_dataset, tmp_path):
         template = _write_template(tmp_path / "t.py", grid)
         args, argv = _sweep_args(template, tmp_path / "sweep", lesion_dataset, tmp_path / "runs")
         with pytest.raises(UserError, match=message):
-            rx.main(args, argv)
+            rx.main(args)
     assert not (tmp_path / "runs").exists()  # nothing started
     args, argv = _sweep_args(tmp_path / "missing.py", tmp_path / "sweep", lesion_dataset, tmp_path / "runs")
     with pytest.raises(UserError, match="not found"):
-        rx.main(args, argv)
+        rx.main(args)
 
 
 def test_yaml_template_and_command_line_precedence(lesion_dataset, tmp_path):
@@ -99,7 +99,7 @@ def test_yaml_template_and_command_line_precedence(lesion_dataset, tmp_path):
                         "epochs: 3}\n")
     args, argv = _sweep_args(template, tmp_path / "sweep", lesion_dataset, tmp_path / "runs", "--batch_size", "4",
                              "--epochs", "5")
-    configs = {key: cfg for key, _, cfg in build_configs(args, argv, load_template(template))}
+    configs = {key: cfg for key, _, cfg in build_configs(args, load_template(template))}
     assert configs["sampler=balanced"].epochs == 5 and configs["sampler=balanced"].batch_size == 4
     assert configs["epochs=3,sampler=random"].epochs == 3  # the run's own value beats the command line
 

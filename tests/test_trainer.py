@@ -146,3 +146,9 @@ def test_cuda_without_gpu_is_a_user_error():
     with pytest.raises(UserError, match="--device cpu"):
         select_device("cuda")
     assert select_device("auto").type == "cpu"
+
+
+def test_early_stopping_refuses_a_monitor_it_does_not_know():
+    # Any monitor but val_loss was once read as balanced accuracy: a typo must not silently pick epochs.
+    with pytest.raises(ValueError, match="val_auc"):
+        EarlyStopping("val_auc", patience=2)

@@ -14,7 +14,6 @@ from typing import Any, Optional
 
 logger = logging.getLogger(__name__)
 
-WANDB_MODES = ("auto", "online", "offline", "disabled")
 W_AND_B_HOST = "https://api.wandb.ai"
 
 

@@ -8,9 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LOSSES = ("ce", "focal")
-CLASS_WEIGHTS = ("none", "auto")
-
 
 def inverse_frequency_weights(counts: Sequence[int]) -> torch.Tensor:
     """``n / (K * count_k)`` (scikit-learn's "balanced"): 1 for every class of a balanced set."""

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from configs import EPOCH_SELECTIONS, MONITORS
 from evaluation.calibration import logits_from_probs
 from evaluation.metrics import balanced_accuracy, balanced_accuracy_standard_error, mean_standard_error
 
@@ -159,11 +160,11 @@ class EarlyStopping:
     applied epoch by epoch: the best only moves to a new epoch, which is then also the latest within noise.
     """
 
-    RULES = ("one_se", "best")
-
     def __init__(self, monitor: str, patience: int, rule: str = "best"):
-        if rule not in self.RULES:
-            raise ValueError(f"unknown epoch selection rule {rule!r}")
+        if rule not in EPOCH_SELECTIONS:
+            raise ValueError(f"unknown epoch selection rule {rule!r}; one of {EPOCH_SELECTIONS}")
+        if monitor not in MONITORS:  # anything but val_loss would otherwise be read as balanced accuracy
+            raise ValueError(f"unknown monitor {monitor!r}; one of {MONITORS}")
         self.monitor = monitor
         self.patience = patience
         self.rule = rule

@@ -7,7 +7,6 @@ main.py parses flags and calls ``run_training``; run_experiments.py calls main.p
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,18 +55,34 @@ GRADCAM_EXAMPLES = 4
 
 
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
-    """The flags as a TrainConfig; with --resume, the run's own configs.json plus the flags a resume may change."""
+    """The flags as a TrainConfig; with --resume, the run's own configs.json plus the flags typed on the command line
+    that a resume may change (``args.given_flags``, from configs.parse_with_config_file). Any other flag typed with
+    --resume is refused: the run continues with the settings it was started with."""
     cfg = TrainConfig.from_args(args)
     if not cfg.resume:
         return cfg
-    run = RunDir(cfg.resume)
+    given = getattr(args, "given_flags", None)
+    if given is None:  # a namespace built by hand: a value other than the default counts as given
+        defaults = TrainConfig.__dataclass_fields__
+        given = {name for name in defaults if getattr(cfg, name) != defaults[name].default}
+    fixed = sorted(set(given) - set(RESUME_OVERRIDABLE) - {"resume", "config"})
+    if fixed:
+        raise UserError(f"--resume continues {cfg.resume} with the settings it was started with; "
+                        f"{', '.join('--' + name for name in fixed)} cannot change on resume (only "
+                        f"{', '.join('--' + name for name in RESUME_OVERRIDABLE)} can); start a new run instead")
+    return resume_config(cfg.resume, {name: getattr(cfg, name) for name in set(given) & set(RESUME_OVERRIDABLE)})
+
+
+def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> TrainConfig:
+    """The config to continue ``run_dir`` with: its saved configs.json with ``overrides`` (RESUME_OVERRIDABLE only)."""
+    unknown = sorted(set(overrides) - set(RESUME_OVERRIDABLE))
+    if unknown:
+        raise UserError(f"{', '.join(unknown)} cannot change when resuming a run")
+    run = RunDir(run_dir)
     if not run.configs.is_file():
         raise UserError(f"--resume {run.root}: {run.configs.name} not found; pass a run folder written by main.py")
     saved = run.read_configs()
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    for name in RESUME_OVERRIDABLE:
-        if getattr(cfg, name) != defaults[name]:
-            saved[name] = getattr(cfg, name)
+    saved.update(overrides)
     saved["resume"] = str(run.root)
     return TrainConfig.from_dict(saved)
 

@@ -1,6 +1,6 @@
-"""What every script's command line shares: the flags several scripts take (one definition each, reused through
-``parents=``), boolean flags that accept the original project's ``True/False``, and the entry-point wrapper that
-turns user mistakes into one-line errors and Ctrl-C / SIGTERM into a clean, recorded exit."""
+"""What every script's command line shares: boolean values that accept the original project's ``True/False``, and the
+entry-point wrapper that turns user mistakes into one-line errors and Ctrl-C / SIGTERM into a
+clean, recorded exit. The flags themselves are declared once, in configs.py."""
 
 from __future__ import annotations
 
@@ -30,32 +30,6 @@ def str2bool(value: str | bool) -> bool:
 def add_bool_flag(parser: argparse.ArgumentParser, name: str, default: Optional[bool], help: str) -> None:
     """``--name`` alone means True; ``--name True|False`` (any case, 1/0, yes/no) sets it."""
     parser.add_argument(name, type=str2bool, nargs="?", const=True, default=default, metavar="True|False", help=help)
-
-
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
-NUM_WORKERS_HELP = ("DataLoader worker processes that decode images, capped at the CPU count; 0 decodes in the main "
-                    "process")
-
-
-def model_path_flags(*aliases: str) -> argparse.ArgumentParser:
-    """--model_path: the run folder main.py wrote; ``aliases`` keep a script's older spelling working."""
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--model_path", *aliases, dest="model_path", required=True,
-                        help="run folder written by main.py")
-    return parser
-
-
-def device_flags(default: str = "auto", what: str = "where the models run") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--device", choices=list(DEVICE_CHOICES), default=default,
-                        help=f"{what}; auto = cuda when a GPU is visible, else cpu (default: %(default)s)")
-    return parser
-
-
-def num_workers_flags(default: int) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--num_workers", type=int, default=default, help=f"{NUM_WORKERS_HELP} (default: %(default)s)")
-    return parser
 
 
 class Terminated(KeyboardInterrupt):
