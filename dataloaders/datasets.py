@@ -6,7 +6,6 @@ import logging
 from pathlib import Path
 from typing import Callable, Optional
 
-import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
@@ -44,7 +43,3 @@ def collate_skip_none(batch):
     if not batch:
         return None
     return default_collate(batch)
-
-
-def labels_tensor(samples: list[Sample]) -> torch.Tensor:
-    return torch.tensor([s.label for s in samples])

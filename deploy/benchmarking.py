@@ -15,12 +15,12 @@ import numpy as np
 
 from configs import BenchmarkOptions
 from deploy.machine import describe_machine, machine_info
-from runs.export_dir import ExportDir
+from runs.export_dir import ExportDir, other_source_run
 from runs.run_folder import RunDir
 from runs.run_info import RunInfo, read_run_info
 from utils.device import onnx_cuda_available, select_device
 from utils.errors import UserError
-from utils.onnx_runtime import create_session, read_onnx_metadata
+from utils.onnx_runtime import create_session
 from utils.timing import call_latencies_ms, latency_summary
 
 logger = logging.getLogger(__name__)
@@ -52,8 +52,8 @@ def benchmark_run(run_dir: Path, export: ExportDir, settings: BenchmarkOptions) 
     frameworks: dict[str, Optional[str]] = {"pytorch": None}
     for name, path in export.classifiers().items():
         frameworks[name] = str(path)
-        source = read_onnx_metadata(path).get("source_run")
-        if source and Path(source).resolve() != run_dir.resolve():
+        source = other_source_run(path, run_dir)
+        if source:
             logger.warning("!!! %s was exported from %s, not from %s; the comparison is between different "
                            "models", path.name, source, run_dir)
     if len(frameworks) == 1:

@@ -143,7 +143,3 @@ def confusion_frame(y_true, y_pred, class_names: list[str]) -> pd.DataFrame:
                          columns=[f"pred_{n}" for n in class_names])
     frame.index.name = "true\\pred"
     return frame
-
-
-def accuracy_from_logits(logits: np.ndarray, targets: np.ndarray) -> float:
-    return float((logits.argmax(1) == targets).mean()) if len(targets) else 0.0

@@ -9,7 +9,7 @@ import shutil
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 from PIL import Image
@@ -31,13 +31,12 @@ from prediction.gradcam import GRADCAM_SUFFIX, GradCamExplainer, cam_on_original
 from prediction.labelled_scoring import ReferenceLabels, score_labelled_folder
 from prediction.predictors import OnnxPredictor, TorchPredictor, predict_proba
 from runs.checkpoint import load_run_model
-from runs.export_dir import DEFAULT_EXPORT
+from runs.export_dir import DEFAULT_EXPORT, other_source_run
 from runs.run_folder import RunDir
 from runs.run_info import RunInfo, read_run_info
 from utils.atomic import atomic_path, atomic_write_json
 from utils.device import select_device
 from utils.errors import UserError
-from utils.onnx_runtime import read_onnx_metadata
 from utils.paths import safe_output_path
 
 logger = logging.getLogger(__name__)
@@ -97,8 +96,8 @@ def build_predictor(options: PredictionOptions, run_dir: Path, info: RunInfo, de
 
 def warn_if_other_run(onnx_path: Path, run_dir: Path) -> None:
     """An ONNX file exported from another run folder gives that run's answers under this run's class names."""
-    source = read_onnx_metadata(onnx_path).get("source_run")
-    if source and Path(source).resolve() != Path(run_dir).resolve():
+    source = other_source_run(onnx_path, run_dir)
+    if source:
         logger.warning("!!! %s was exported from %s, not from --model_path %s; its answers are that run's",
                        onnx_path, source, run_dir)
 
@@ -213,49 +212,82 @@ def summarise(found: int, rows: list[dict], skipped: list[dict], class_names: li
     return summary
 
 
-def infer_folder(model_path: str | Path, folder: str | Path, output_dir: Path, options: PredictionOptions, *,
-                 batch_size: int = 32, num_workers: int = 2,
-                 reference: ReferenceLabels = ReferenceLabels()) -> dict[str, Any]:
-    """inference.py: classify every image under ``folder`` (or one image file) with a run folder, write the
-    outputs into ``output_dir`` and return the summary (counts, images/s, metrics for a labelled folder)."""
-    run_dir, info = open_run(model_path, batch_size, options.topk, options)
-    root, paths = collect_inference_images(folder)
-    labels = reference.lookup(root, paths) if reference.active else None  # a bad labels CSV fails before the work
-    metadata = reference.subgroup_values(root, paths)
-    if info.input_kind != "full_image":
-        logger.warning("this model was trained on %s inputs but inference.py feeds whole images; use "
-                       "inference_with_segmentation.py", info.input_kind)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    classifier = BatchClassifier(options, run_dir, info, output_dir)
-    min_side = decode_min_side(info.preprocessing) if options.reduced_decode else 0
-    loader = make_inference_loader(paths, build_eval_transform(info.preprocessing), batch_size, num_workers,
-                                   min_side)
-    if options.generate_gradcam and options.overlay_max_side:
-        logger.info("Grad-CAM overlays of photos larger than %d px are written with the longer side at %d px "
-                    "(--overlay_max_side 0 for full size)", options.overlay_max_side, options.overlay_max_side)
+Batch = tuple[Any, list[Path], Optional[list[np.ndarray]], Optional[list[dict[str, Any]]]]
 
-    skipped: list[dict] = []
-    relative = [p.relative_to(root) for p in paths]
-    start = time.perf_counter()
-    try:
-        for images, indices, _sizes, failed in tqdm(loader, desc="inference", disable=None):
+
+class WholeImages:
+    """inference.py's inputs: each photo decoded (reduced-size for large JPEGs) and put through the eval transform.
+    Other inputs (prediction.segmented.SkinRegions) plug into ``infer_folder`` with the same four methods."""
+
+    desc = "inference"
+    extra_columns: tuple[str, ...] = ()
+
+    def check(self, info: RunInfo, options: PredictionOptions) -> None:
+        """Everything that can fail or warn before the output folder is touched."""
+        if info.input_kind != "full_image":
+            logger.warning("this model was trained on %s inputs but inference.py feeds whole images; use "
+                           "inference_with_segmentation.py", info.input_kind)
+
+    def start(self, output_dir: Path) -> None:
+        """Prepare the output folder's own sub-folders."""
+
+    def batches(self, root: Path, paths: list[Path], info: RunInfo, options: PredictionOptions, batch_size: int,
+                num_workers: int, wants_originals: bool, skipped: list[dict]) -> Iterator[Batch]:
+        """(images, relative paths, the pictures the transform saw when Grad-CAM needs them, extra columns) per
+        batch; unreadable files go into ``skipped``."""
+        min_side = decode_min_side(info.preprocessing) if options.reduced_decode else 0
+        loader = make_inference_loader(paths, build_eval_transform(info.preprocessing), batch_size, num_workers,
+                                       min_side)
+        if options.generate_gradcam and options.overlay_max_side:
+            logger.info("Grad-CAM overlays of photos larger than %d px are written with the longer side at %d px "
+                        "(--overlay_max_side 0 for full size)", options.overlay_max_side, options.overlay_max_side)
+        relative = [p.relative_to(root) for p in paths]
+        for images, indices, _sizes, failed in tqdm(loader, desc=self.desc, disable=None):
             for index, reason in failed:
                 logger.warning("skipping %s: %s", paths[index], reason)
                 skipped.append({"filename": relative[index].as_posix(), "reason": reason})
             if images is None:
                 continue
             originals = ([np.asarray(load_rgb(paths[i], max_side=options.overlay_max_side)) for i in indices]
-                         if classifier.wants_originals else None)
-            classifier.classify(images, [relative[i] for i in indices], originals)
+                         if wants_originals else None)
+            yield images, [relative[i] for i in indices], originals, None
+
+    def finish(self, summary: dict[str, Any], rows: list[dict], skipped: list[dict]) -> None:
+        """Add this input's own counts to the summary."""
+
+
+def infer_folder(model_path: str | Path, folder: str | Path, output_dir: Path, options: PredictionOptions, *,
+                 batch_size: int = 32, num_workers: int = 2, reference: ReferenceLabels = ReferenceLabels(),
+                 inputs: Optional[WholeImages] = None) -> dict[str, Any]:
+    """Classify every image under ``folder`` (or one image file) with a run folder, write the outputs into
+    ``output_dir`` and return the summary (counts, images/s, metrics for a labelled folder). ``inputs`` turns the
+    photos into classifier inputs: whole images (inference.py) unless given."""
+    inputs = inputs or WholeImages()
+    run_dir, info = open_run(model_path, batch_size, options.topk, options)
+    root, paths = collect_inference_images(folder)
+    labels = reference.lookup(root, paths) if reference.active else None  # a bad labels CSV fails before the work
+    metadata = reference.subgroup_values(root, paths)
+    inputs.check(info, options)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    inputs.start(output_dir)
+    classifier = BatchClassifier(options, run_dir, info, output_dir)
+    skipped: list[dict] = []
+    start = time.perf_counter()
+    try:
+        for images, relatives, originals, extras in inputs.batches(root, paths, info, options, batch_size,
+                                                                   num_workers, classifier.wants_originals, skipped):
+            classifier.classify(images, relatives, originals, extras)
     except BaseException:
         classifier.abandon()
         raise
     seconds = time.perf_counter() - start
     classifier.finish()
-    write_outputs(output_dir, classifier.rows, skipped, info.class_names, classifier.decision_columns)
+    write_outputs(output_dir, classifier.rows, skipped, info.class_names,
+                  inputs.extra_columns + classifier.decision_columns)
     summary = summarise(len(paths), classifier.rows, skipped, info.class_names, seconds, output_dir,
                         options.generate_gradcam)
     if labels is not None:
         summary["metrics"] = score_labelled_folder(output_dir, classifier.rows, classifier.probs, info.class_names,
                                                    labels, reference.source, metadata, root)
+    inputs.finish(summary, classifier.rows, skipped)
     return summary

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from configs import EXPORT_DIR
 from runs.run_folder import RunDir
+from utils.onnx_runtime import read_onnx_metadata
 
 DEFAULT_EXPORT_DIR = Path(EXPORT_DIR)
 
@@ -54,3 +56,10 @@ class ExportDir:
 
 
 DEFAULT_EXPORT = ExportDir()
+
+
+def other_source_run(onnx_path: str | Path, run_dir: str | Path) -> Optional[str]:
+    """The run folder an ONNX file was exported from, when that is not ``run_dir`` (None when it is, or unknown):
+    such a file gives that run's answers under this run's class names."""
+    source = read_onnx_metadata(onnx_path).get("source_run")
+    return source if source and Path(source).resolve() != Path(run_dir).resolve() else None

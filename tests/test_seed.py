@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from utils.seed import epoch_generator, seed_everything, seed_worker
+from utils.seed import seed_epoch, seed_everything, seed_worker
 
 
 def draw():
@@ -30,7 +30,7 @@ class _Noise(Dataset):
 
 def _epoch(seed, epoch):
     loader = DataLoader(_Noise(), batch_size=2, shuffle=True, num_workers=2, worker_init_fn=seed_worker,
-                        generator=epoch_generator(seed, epoch))
+                        generator=seed_epoch(seed, epoch, torch.Generator()))
     return torch.cat(list(loader))
 
 
@@ -40,3 +40,13 @@ def test_workers_get_distinct_streams_per_worker_and_epoch_and_repeat_on_rerun()
     assert not torch.equal(epoch0, epoch1)
     # numpy draws differ between samples (a worker's numpy stream is not a copy of another's)
     assert len(set(epoch0[:, 0].tolist())) == len(epoch0)
+
+
+def test_seed_epoch_reseeds_the_loaders_generator_in_place_and_the_global_streams():
+    generator = torch.Generator()
+    assert seed_epoch(5, 2, generator) is generator  # the loader and sampler keep the same object
+    first = (torch.randint(0, 10**6, (3,), generator=generator).tolist(), draw())
+    seed_epoch(5, 2, generator)
+    assert (torch.randint(0, 10**6, (3,), generator=generator).tolist(), draw()) == first
+    seed_epoch(5, 3, generator)
+    assert torch.randint(0, 10**6, (3,), generator=generator).tolist() != first[0]

@@ -30,7 +30,7 @@ from torch_trainer.losses import build_criterion
 from torch_trainer.optim import build_optimizer, build_scheduler
 from torch_trainer.trainer import EarlyStopping, FitHooks, FitState, Precision, Trainee, fit
 from utils.device import prefers_channels_last
-from utils.seed import seed_everything
+from utils.seed import seed_epoch
 
 logger = logging.getLogger(__name__)
 
@@ -147,9 +147,7 @@ def run_phase(files: PhaseFiles, ctx: PhaseContext, model: torch.nn.Module, trai
     state = _resume(files, ctx, model, trainee, stopper, stop_after) if resume else FitState()
 
     def on_epoch_start(epoch: int) -> None:
-        # Reseeding per epoch makes epoch N identical whether the run went straight through or was resumed.
-        seed_everything(cfg.random_state + epoch)
-        generator.manual_seed(cfg.random_state * 1_000_003 + epoch)
+        seed_epoch(cfg.random_state, epoch, generator)
         if isinstance(sampler, DistributedSampler):
             sampler.set_epoch(epoch)
         if dist_info.is_main:

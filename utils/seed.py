@@ -32,8 +32,10 @@ def seed_worker(worker_id: int) -> None:
     random.seed(worker_seed)
 
 
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """A generator for one epoch's shuffling and worker seeds: a different stream per epoch, the same on resume."""
-    generator = torch.Generator()
+def seed_epoch(seed: int, epoch: int, generator: torch.Generator) -> torch.Generator:
+    """Reseed everything for one epoch: python/numpy/torch, and ``generator`` (the DataLoader's shuffling, sampler
+    and worker seeds) in place, since the loader and sampler hold it. A different stream per epoch, the same on
+    resume, so epoch N is identical whether a run went straight through or was resumed."""
+    seed_everything(seed + epoch)
     generator.manual_seed(seed * 1_000_003 + epoch)
     return generator
