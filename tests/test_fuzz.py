@@ -11,13 +11,14 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import benchmark
+import configs
 import face_segmentation
 import inference
 import inference_with_segmentation
 import main
 import quantize_onnx_models
 import run_experiments
-from configs import TrainConfig
+from configs import TrainConfig, from_namespace
 from dataloaders.datasets import ImageSamples
 from dataloaders.discovery import Sample
 from dataloaders.image_io import check_image, load_rgb
@@ -80,6 +81,11 @@ def test_random_valid_images_load_as_rgb_and_mutations_never_crash(tmp_path, wid
         assert tensor is not None or isinstance(detail, str)
 
 
+CONFIG_OF = {"main": [TrainConfig], "run_experiments": [TrainConfig, configs.SweepOptions],
+             "inference": [configs.InferenceConfig], "inference_with_segmentation": [configs.SegmentedInferenceConfig],
+             "face_segmentation": [configs.FaceSegmentationConfig], "quantize_onnx_models": [configs.ExportConfig],
+             "benchmark": [configs.BenchmarkConfig]}
+
 PARSERS = {
     "main": main.parse_args,
     "inference": inference.parse_args,
@@ -124,11 +130,32 @@ def test_random_argument_combinations_parse_or_fail_cleanly(name, capsys):
         except UserError:  # e.g. a --config file that does not exist
             return
         assert isinstance(args, argparse.Namespace)
-        if name in ("main", "run_experiments"):
-            try:
-                TrainConfig.from_args(args)
-            except UserError:
-                pass
+        try:  # building the script's config checks every value: a UserError is the only way it may fail
+            for config_cls in CONFIG_OF[name]:
+                from_namespace(config_cls, args)
+        except UserError as err:
+            assert str(err).startswith("--") or "give " in str(err), str(err)
 
     check()
     capsys.readouterr()
+
+
+def _png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((height, width, 3), np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("name,data,reason", [
+    ("empty.jpg", b"", "empty file"),
+    ("notes.png", b"hello world", "cannot identify image"),
+    ("page.jpg", b"<html></html>", "cannot identify image"),
+    ("cut.png", _png(40, 40)[:60], "truncated"),
+])
+def test_known_bad_files_are_skipped_with_the_reason_a_user_can_act_on(tmp_path, name, data, reason):
+    path = tmp_path / name
+    path.write_bytes(data)
+    assert reason in check_image(path)
+    tensor, _, detail = InferenceImages([path], TRANSFORM)[0]
+    assert tensor is None and reason in detail
+    assert ImageSamples([Sample(path, 0)], TRANSFORM)[0] is None

@@ -181,10 +181,50 @@ def test_eval_crop_policy_is_recorded_and_rebuilt_from_the_run_folder():
 
 
 @pytest.mark.slow
-def test_mixup_cutmix_and_layer_decay_train(lesion_dataset, tmp_path):
+def test_mixup_cutmix_and_layer_decay_change_what_training_does(lesion_dataset, tmp_path, monkeypatch):
+    targets_seen, rates_seen = [], []
+    real_criterion, real_optimizer = phase._train_criterion, phase.build_optimizer
+
+    def spying_criterion(cfg, samples, n_class):
+        criterion = real_criterion(cfg, samples, n_class)
+
+        def loss(logits, targets):
+            targets_seen.append(targets.detach().clone())
+            return criterion(logits, targets)
+        return loss
+
+    def spying_optimizer(model, cfg):
+        optimizer = real_optimizer(model, cfg)
+        rates_seen.append(optimizer)
+        return optimizer
+
+    monkeypatch.setattr(phase, "_train_criterion", spying_criterion)
+    monkeypatch.setattr(phase, "build_optimizer", spying_optimizer)
     result = train(train_args(lesion_dataset, tmp_path, "--epochs", "1", "--mixup", "0.2", "--cutmix", "1.0",
                               "--layer_decay", "0.8"))
     assert result["test_metrics"]["n_images"] == 48
+    # Mixup/CutMix: the loss saw soft targets (one row per image, rows sum to 1, mixed rather than one-hot).
+    soft = torch.cat(targets_seen)
+    assert soft.dim() == 2 and soft.is_floating_point()
+    assert torch.allclose(soft.sum(1), torch.ones(len(soft)), atol=1e-5)
+    assert (soft.max(1).values < 0.99).any()
+    # Layer decay: earlier blocks learned at a smaller rate than the head (0.8 per block of depth).
+    groups = rates_seen[0].param_groups
+    scales = sorted({round(g["lr_scale"], 4) for g in groups})
+    assert len(scales) > 2 and scales[-1] == 1.0 and scales[-2] == pytest.approx(0.8)
+    assert len({g["lr"] for g in groups}) == len(scales)
+
+
+def test_without_mixup_the_loss_sees_class_indices_and_one_learning_rate():
+    import timm
+
+    from torch_trainer.optim import build_optimizer
+
+    cfg = TrainConfig(model_name=TINY_MODEL)
+    criterion = phase._train_criterion(cfg, [], 3)
+    assert isinstance(criterion, torch.nn.Module) and phase.build_mixup(cfg, 3) is None
+    optimizer = build_optimizer(timm.create_model(TINY_MODEL, num_classes=3), cfg)
+    assert {g.get("lr_scale", 1.0) for g in optimizer.param_groups} == {1.0}
 
 
 @pytest.fixture(scope="module")
