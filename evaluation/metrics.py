@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -143,3 +144,25 @@ def confusion_frame(y_true, y_pred, class_names: list[str]) -> pd.DataFrame:
                          columns=[f"pred_{n}" for n in class_names])
     frame.index.name = "true\\pred"
     return frame
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """One model's predictions on one list of images, with the project's metric names (as test_metrics.json)."""
+
+    loss: float
+    accuracy: float
+    balanced_accuracy: float
+    targets: np.ndarray
+    preds: np.ndarray
+    probs: np.ndarray
+    indices: np.ndarray  # each prediction's dataset index
+
+    @classmethod
+    def from_predictions(cls, loss: float, targets: np.ndarray, probs: np.ndarray,
+                         indices: np.ndarray) -> "EvalResult":
+        preds = probs.argmax(1) if len(probs) else np.zeros(0, dtype=np.int64)
+        seen = len(targets)
+        return cls(loss=loss, accuracy=float((preds == targets).mean()) if seen else 0.0,
+                   balanced_accuracy=balanced_accuracy(targets, preds) if seen else 0.0,
+                   targets=targets, preds=preds, probs=probs, indices=indices)

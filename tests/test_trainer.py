@@ -4,7 +4,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from configs import TrainConfig
-from evaluation.metrics import balanced_accuracy_standard_error
+from evaluation.metrics import EvalResult, balanced_accuracy_standard_error
 from torch_trainer.optim import build_scheduler
 from torch_trainer.trainer import EarlyStopping, Precision, evaluate, train_one_epoch
 from utils.device import select_device
@@ -31,15 +31,15 @@ def test_one_amp_code_path_trains_and_evaluates(dtype):
     model, loader, criterion = _model(), _loader(), torch.nn.CrossEntropyLoss()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     before = evaluate(model, loader, criterion, precision, show_progress=False)
-    stats = {}
+    stats = None
     for epoch in range(3):
         stats = train_one_epoch(model, loader, criterion, optimizer, precision, epoch=epoch, show_progress=False,
-                                num_updates=stats.get("num_updates", 0))
+                                num_updates=stats.num_updates if stats else 0)
     after = evaluate(model, loader, criterion, precision, show_progress=False)
-    assert stats["num_updates"] == 12 and stats["images"] == 32
-    assert after["loss"] < before["loss"] and after["acc"] >= 0.9
-    assert after["probs"].shape == (32, 2) and abs(after["probs"].sum(1) - 1).max() < 1e-5
-    assert sorted(after["indices"].tolist()) == list(range(32))
+    assert stats.num_updates == 12 and stats.images == 32
+    assert after.loss < before.loss and after.accuracy >= 0.9 and after.balanced_accuracy >= 0.9
+    assert after.probs.shape == (32, 2) and abs(after.probs.sum(1) - 1).max() < 1e-5
+    assert sorted(after.indices.tolist()) == list(range(32))
 
 
 def test_precision_is_full_fp32_on_cpu_even_with_amp():
@@ -48,11 +48,11 @@ def test_precision_is_full_fp32_on_cpu_even_with_amp():
 
 def test_early_stopping_prefers_balanced_accuracy_then_loss():
     stopper = EarlyStopping("val_balanced_acc", patience=2)
-    assert stopper.update({"balanced_acc": 0.7, "loss": 0.5}, 0)
-    assert stopper.update({"balanced_acc": 0.7, "loss": 0.4}, 1)  # tie on accuracy, lower loss wins
-    assert not stopper.update({"balanced_acc": 0.6, "loss": 0.1}, 2)
+    assert stopper.update(_scores(0.7, 0.5), 0)
+    assert stopper.update(_scores(0.7, 0.4), 1)  # tie on accuracy, lower loss wins
+    assert not stopper.update(_scores(0.6, 0.1), 2)
     assert not stopper.should_stop
-    assert not stopper.update({"balanced_acc": 0.7, "loss": 0.45}, 3)
+    assert not stopper.update(_scores(0.7, 0.45), 3)
     assert stopper.should_stop and stopper.best_epoch == 1
     restored = EarlyStopping("val_balanced_acc", patience=2)
     restored.load_state_dict(stopper.state_dict())
@@ -62,11 +62,17 @@ def test_early_stopping_prefers_balanced_accuracy_then_loss():
 def test_early_stopping_on_loss_and_disabled_patience():
     stopper = EarlyStopping("val_loss", patience=0)
     for epoch, loss in enumerate([0.5, 0.6, 0.7, 0.8]):
-        stopper.update({"balanced_acc": 1.0, "loss": loss}, epoch)
+        stopper.update(_scores(1.0, loss), epoch)
     assert stopper.best_epoch == 0 and not stopper.should_stop
 
 
-def _validation(correct_per_class: list[int], n_per_class: int, loss: float = 0.5) -> dict:
+def _scores(balanced_accuracy: float, loss: float) -> EvalResult:
+    """A validation result that carries only its scores (no per-image predictions: standard error 0)."""
+    empty = np.zeros(0, dtype=np.int64)
+    return EvalResult(loss, balanced_accuracy, balanced_accuracy, empty, empty, np.zeros((0, 2)), empty)
+
+
+def _validation(correct_per_class: list[int], n_per_class: int, loss: float = 0.5) -> EvalResult:
     """A validation result on ``n_per_class`` images of each class with ``correct_per_class[k]`` of class k right."""
     targets, preds = [], []
     for k, correct in enumerate(correct_per_class):
@@ -74,13 +80,14 @@ def _validation(correct_per_class: list[int], n_per_class: int, loss: float = 0.
         preds += [k] * correct + [(k + 1) % len(correct_per_class)] * (n_per_class - correct)
     probs = np.eye(len(correct_per_class), dtype=np.float32)[preds] * 0.8 + 0.1
     recall = np.array(correct_per_class) / n_per_class
-    return {"balanced_acc": float(recall.mean()), "loss": loss, "targets": np.array(targets), "probs": probs}
+    return EvalResult(loss, float(np.mean(np.array(preds) == np.array(targets))), float(recall.mean()),
+                      np.array(targets), np.array(preds), probs, np.arange(len(targets)))
 
 
 def test_balanced_accuracy_standard_error_is_the_binomial_one():
     val = _validation([40, 30], 50)  # recalls 0.8 and 0.6
     expected = np.sqrt(0.8 * 0.2 / 50 + 0.6 * 0.4 / 50) / 2
-    assert balanced_accuracy_standard_error(val["targets"], val["probs"].argmax(1)) == pytest.approx(expected)
+    assert balanced_accuracy_standard_error(val.targets, val.probs.argmax(1)) == pytest.approx(expected)
     assert balanced_accuracy_standard_error([0, 0, 1, 1], [0, 0, 1, 1]) == 0.0
 
 
@@ -88,7 +95,7 @@ def test_one_se_rule_keeps_the_latest_epoch_within_noise_of_the_best():
     # 50 images a class: the standard error of balanced accuracy near 0.8 is about 4 points
     history = [_validation([35, 35], 50), _validation([42, 41], 50), _validation([36, 37], 50),
                _validation([40, 41], 50), _validation([41, 40], 50)]
-    scores = [v["balanced_acc"] for v in history]  # 0.70, 0.83, 0.73, 0.81, 0.81
+    scores = [v.balanced_accuracy for v in history]  # 0.70, 0.83, 0.73, 0.81, 0.81
     one_se, best = EarlyStopping("val_balanced_acc", patience=0, rule="one_se"), EarlyStopping(
         "val_balanced_acc", patience=0, rule="best")
     kept = [epoch for epoch, val in enumerate(history) if one_se.update(val, epoch)]

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from evaluation.metrics import EvalResult
+from torch_trainer.trainer import TrainStats
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -76,33 +78,29 @@ def shutdown(info: DistInfo) -> None:
         dist.destroy_process_group()
 
 
-def reduce_train_stats(stats: dict[str, Any], info: DistInfo) -> dict[str, Any]:
+def reduce_train_stats(stats: TrainStats, info: DistInfo) -> TrainStats:
     """Image-weighted loss and accuracy over all ranks; throughput summed."""
     if not info.enabled:
         return stats
-    totals = torch.tensor([stats["loss"] * stats["images"], stats["acc"] * stats["images"], stats["images"],
-                           stats["images_per_s"]], dtype=torch.float64)
+    totals = torch.tensor([stats.loss * stats.images, stats.accuracy * stats.images, stats.images,
+                           stats.images_per_s], dtype=torch.float64)
     dist.all_reduce(totals)
     seen = max(totals[2].item(), 1.0)
-    return {**stats, "loss": totals[0].item() / seen, "acc": totals[1].item() / seen, "images": int(totals[2].item()),
-            "images_per_s": totals[3].item()}
+    return replace(stats, loss=totals[0].item() / seen, accuracy=totals[1].item() / seen,
+                   images=int(totals[2].item()), images_per_s=totals[3].item())
 
 
-def gather_evaluation(result: dict[str, Any], info: DistInfo) -> dict[str, Any]:
+def gather_evaluation(result: EvalResult, info: DistInfo) -> EvalResult:
     """All ranks' predictions merged by dataset index (DistributedSampler pads with repeats: kept once)."""
     if not info.enabled:
         return result
-    from evaluation.metrics import balanced_accuracy
-
     parts = [None] * info.world_size
-    dist.all_gather_object(parts, {k: result[k] for k in ("targets", "probs", "indices")})
+    dist.all_gather_object(parts, {"targets": result.targets, "probs": result.probs, "indices": result.indices})
     indices = np.concatenate([p["indices"] for p in parts])
     targets = np.concatenate([p["targets"] for p in parts])
     probs = np.concatenate([p["probs"] for p in parts if len(p["probs"])])
     order = np.unique(indices, return_index=True)[1]
     indices, targets, probs = indices[order], targets[order], probs[order]
-    preds = probs.argmax(1)
     # The plain cross-entropy of the merged predictions (validation uses unweighted, unsmoothed CE).
     loss = float(-np.log(np.clip(probs[np.arange(len(targets)), targets], 1e-12, None)).mean())
-    return {"loss": loss, "acc": float((preds == targets).mean()), "balanced_acc": balanced_accuracy(targets, preds),
-            "targets": targets, "preds": preds, "probs": probs, "indices": indices}
+    return EvalResult.from_predictions(loss, targets, probs, indices)

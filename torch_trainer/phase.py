@@ -21,14 +21,14 @@ from configs import TrainConfig
 from dataloaders.build import balanced_sampler, make_loader
 from dataloaders.discovery import Sample
 from dataloaders.transforms import build_train_transform
-from evaluation.metrics import macro_auc
+from evaluation.metrics import EvalResult, macro_auc
 from runs.checkpoint import load_checkpoint, save_checkpoint
 from runs.run_folder import RunDir, append_log_row, truncate_log
 from runs.run_info import RunInfo
 from torch_trainer.distributed import DistInfo, gather_evaluation, reduce_train_stats
 from torch_trainer.losses import build_criterion
 from torch_trainer.optim import build_optimizer, build_scheduler
-from torch_trainer.trainer import EarlyStopping, FitHooks, FitState, Precision, Trainee, fit
+from torch_trainer.trainer import EarlyStopping, FitHooks, FitState, Precision, Trainee, TrainStats, fit
 from utils.device import prefers_channels_last
 from utils.seed import seed_epoch
 
@@ -50,6 +50,20 @@ class PhaseFiles:
 
 
 SELECT_NAME, REFIT_NAME = "select", "refit"
+
+
+@dataclass(frozen=True)
+class PhaseOutcome:
+    """What one training phase did. Epochs here are 1-based, as in log.csv: the loop counts from 0, and this is the
+    one place where that turns into the numbers a person reads."""
+
+    name: str
+    epochs_run: int
+    planned_epochs: int  # the stop_after asked for (a refit runs exactly these)
+    selected_epoch: Optional[int]  # the epoch kept (model_best.pth); None for a phase without validation
+    best_epoch: Optional[int]  # the highest validation score; None without validation
+    seconds: float
+    images: int
 
 
 def select_files(run: RunDir) -> PhaseFiles:
@@ -123,7 +137,7 @@ class PhaseContext:
 
 def run_phase(files: PhaseFiles, ctx: PhaseContext, model: torch.nn.Module, train_samples: list[Sample],
               val_samples: Optional[list[Sample]], *, stop_after: int, schedule_epochs: Optional[int] = None,
-              resume: bool = False) -> dict[str, Any]:
+              resume: bool = False) -> PhaseOutcome:
     """Train ``model`` in place for epochs ``0 .. stop_after-1`` of a ``schedule_epochs`` (default ``cfg.epochs``)
     schedule (early stopping may end the selection phase sooner); returns the phase's outcome (epochs run, the
     selected and the highest-scoring epoch, seconds, images)."""
@@ -162,8 +176,11 @@ def run_phase(files: PhaseFiles, ctx: PhaseContext, model: torch.nn.Module, trai
         hooks=FitHooks(on_epoch_start, on_epoch_end, lambda stats: reduce_train_stats(stats, dist_info),
                        lambda result: gather_evaluation(result, dist_info)),
         desc="" if files.name == SELECT_NAME else f"{files.name}: ")
-    return {"epochs_run": state.epochs_done, "selected_epoch": stopper.selected_epoch,
-            "best_epoch": stopper.best_epoch, "seconds": time.perf_counter() - start, "images": len(train_samples)}
+    validated = val_loader is not None
+    return PhaseOutcome(files.name, state.epochs_done, stop_after,
+                        stopper.selected_epoch + 1 if validated else None,
+                        stopper.best_epoch + 1 if validated else None, time.perf_counter() - start,
+                        len(train_samples))
 
 
 def _train_loader(ctx: PhaseContext, samples: list[Sample], generator: torch.Generator):
@@ -234,18 +251,19 @@ class _PhaseState:
     state: FitState
 
 
-def _record_epoch(phase_state: _PhaseState, epoch: int, train_stats: dict, val: Optional[dict],
+def _record_epoch(phase_state: _PhaseState, epoch: int, train_stats: TrainStats, val: Optional[EvalResult],
                   selected: bool) -> None:
     """The epoch's log row, tracker entry and checkpoints (rank 0 only)."""
     files, ctx, model, trainee = phase_state.files, phase_state.ctx, phase_state.model, phase_state.trainee
     stopper, state = phase_state.stopper, phase_state.state
-    row = {"epoch": epoch + 1, "train_loss": train_stats["loss"], "train_acc": train_stats["acc"],
-           "lr": train_stats["lr"], "epoch_seconds": round(train_stats["seconds"], 3),
-           "train_images_per_s": round(train_stats["images_per_s"], 2),
-           "data_loading_fraction": round(train_stats["data_fraction"], 4)}
+    # log.csv's column names are the run folder's contract (runs.run_folder.LOG_COLUMNS).
+    row = {"epoch": epoch + 1, "train_loss": train_stats.loss, "train_acc": train_stats.accuracy,
+           "lr": train_stats.lr, "epoch_seconds": round(train_stats.seconds, 3),
+           "train_images_per_s": round(train_stats.images_per_s, 2),
+           "data_loading_fraction": round(train_stats.data_fraction, 4)}
     if val is not None:
-        row.update({"val_loss": val["loss"], "val_acc": val["acc"], "val_balanced_acc": val["balanced_acc"],
-                    "val_macro_auc": macro_auc(val["targets"], val["probs"], ctx.info.n_class)})
+        row.update({"val_loss": val.loss, "val_acc": val.accuracy, "val_balanced_acc": val.balanced_accuracy,
+                    "val_macro_auc": macro_auc(val.targets, val.probs, ctx.info.n_class)})
     last_path = files.last
     last_path.parent.mkdir(parents=True, exist_ok=True)  # fold_<k>/
     # The log row first: if the process stops before the checkpoint, --resume restarts from the previous
@@ -253,8 +271,8 @@ def _record_epoch(phase_state: _PhaseState, epoch: int, train_stats: dict, val: 
     append_log_row(files.log, row, with_validation=val is not None)
     ctx.tracker.log({f"{files.name}/{k}" if files.name != SELECT_NAME else k: v for k, v in row.items()},
                     step=epoch + 1 if files.name == SELECT_NAME else None)
-    metric = ({"monitor": ctx.cfg.monitor, "val_loss": val["loss"], "val_balanced_acc": val["balanced_acc"],
-               "val_acc": val["acc"]} if val is not None else None)
+    metric = ({"monitor": ctx.cfg.monitor, "val_loss": val.loss, "val_balanced_acc": val.balanced_accuracy,
+               "val_acc": val.accuracy} if val is not None else None)
     ckpt_state = {
         "model": delivered_state(model, trainee.ema),
         "optimizer": trainee.optimizer.state_dict(),

@@ -14,6 +14,7 @@ import torch
 from dataloaders.splits import DataSplits
 from evaluation.calibration import apply_temperature
 from evaluation.html_report import THUMB_SIDE, GalleryItem, pick_gallery, write_html_report
+from evaluation.metrics import EvalResult
 from evaluation.reports import headline_summary
 from prediction.gradcam import save_gradcam_examples
 from runs.run_folder import RunDir
@@ -48,12 +49,12 @@ def write_run_report(ctx: PhaseContext, model: torch.nn.Module, splits: DataSpli
                       gallery_note="Overlays: Grad-CAM of the predicted class on the photo.")
 
 
-def write_test_predictions(run: RunDir, splits: DataSplits, test: dict[str, Any], temperature: float) -> None:
+def write_test_predictions(run: RunDir, splits: DataSplits, test: EvalResult, temperature: float) -> None:
     """Each test image's label and calibrated probabilities: what paired comparisons between runs resample."""
-    samples = [splits.test[i] for i in test["indices"]]
-    probs = apply_temperature(test["probs"], temperature)
+    samples = [splits.test[i] for i in test.indices]
+    probs = apply_temperature(test.probs, temperature)
     frame = pd.DataFrame({"filepath": [s.path.relative_to(splits.root).as_posix() for s in samples],
-                          "label": test["targets"],
+                          "label": test.targets,
                           **{f"prob_{name}": probs[:, k] for k, name in enumerate(splits.class_names)}})
     atomic_save(run.test_predictions, lambda tmp: frame.to_csv(tmp, index=False))
 

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from configs import EPOCH_SELECTIONS, MONITORS
 from evaluation.calibration import logits_from_probs
-from evaluation.metrics import balanced_accuracy, balanced_accuracy_standard_error, mean_standard_error
+from evaluation.metrics import EvalResult, balanced_accuracy_standard_error, mean_standard_error
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +55,24 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
+@dataclass(frozen=True)
+class TrainStats:
+    """One epoch's training pass (accuracy on the hard labels, also under Mixup)."""
+
+    loss: float
+    accuracy: float
+    images: int
+    seconds: float
+    images_per_s: float
+    data_fraction: float  # share of the epoch spent waiting for the DataLoader
+    num_updates: int
+    lr: float
+
+
 def train_one_epoch(model: torch.nn.Module, loader, criterion: Callable, optimizer: torch.optim.Optimizer,
                     precision: Precision, *, scheduler=None, num_updates: int = 0, channels_last: bool = False,
                     epoch: int = 0, show_progress: bool = True, ema=None,
-                    mixup_fn: Optional[Callable] = None) -> dict[str, Any]:
+                    mixup_fn: Optional[Callable] = None) -> TrainStats:
     """One pass over ``loader``; ``ema`` (timm ModelEmaV3) follows every optimizer step, ``mixup_fn`` (timm Mixup)
     turns each batch into mixed images and soft targets (``criterion`` must then take soft targets)."""
     model.train()
@@ -99,22 +113,16 @@ def train_one_epoch(model: torch.nn.Module, loader, criterion: Callable, optimiz
         progress.set_postfix(loss=f"{loss_sum / seen:.4f}", img_s=f"{seen / elapsed:.1f}")
         tick = time.perf_counter()
     seconds = time.perf_counter() - start
-    return {
-        "loss": loss_sum / max(seen, 1),
-        "acc": correct / max(seen, 1),
-        "images": seen,
-        "seconds": seconds,
-        "images_per_s": seen / seconds if seconds > 0 else 0.0,
-        "data_fraction": data_seconds / seconds if seconds > 0 else 0.0,
-        "num_updates": num_updates,
-        "lr": optimizer.param_groups[0]["lr"],
-    }
+    return TrainStats(loss=loss_sum / max(seen, 1), accuracy=correct / max(seen, 1), images=seen, seconds=seconds,
+                      images_per_s=seen / seconds if seconds > 0 else 0.0,
+                      data_fraction=data_seconds / seconds if seconds > 0 else 0.0, num_updates=num_updates,
+                      lr=optimizer.param_groups[0]["lr"])
 
 
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, loader, criterion: Callable, precision: Precision, *,
              channels_last: bool = False, desc: str = "eval", show_progress: bool = True,
-             tta: bool = False) -> dict[str, Any]:
+             tta: bool = False) -> EvalResult:
     """Loss, accuracy and balanced accuracy, plus per-image targets, probabilities and dataset indices.
 
     With ``tta`` the logits are the mean of the image's and its horizontal mirror's (as inference.py --tta does).
@@ -136,18 +144,10 @@ def evaluate(model: torch.nn.Module, loader, criterion: Callable, precision: Pre
         all_targets.append(targets.cpu())
         all_probs.append(logits.softmax(1).cpu())
         all_indices.append(indices)
-    targets = torch.cat(all_targets).numpy() if all_targets else np.zeros(0, dtype=np.int64)
-    probs = torch.cat(all_probs).numpy() if all_probs else np.zeros((0, 0), dtype=np.float32)
-    preds = probs.argmax(1) if len(probs) else np.zeros(0, dtype=np.int64)
-    return {
-        "loss": loss_sum / max(seen, 1),
-        "acc": float((preds == targets).mean()) if seen else 0.0,
-        "balanced_acc": balanced_accuracy(targets, preds) if seen else 0.0,
-        "targets": targets,
-        "preds": preds,
-        "probs": probs,
-        "indices": torch.cat(all_indices).numpy() if all_indices else np.zeros(0, dtype=np.int64),
-    }
+    return EvalResult.from_predictions(
+        loss_sum / max(seen, 1), torch.cat(all_targets).numpy() if all_targets else np.zeros(0, dtype=np.int64),
+        torch.cat(all_probs).numpy() if all_probs else np.zeros((0, 0), dtype=np.float32),
+        torch.cat(all_indices).numpy() if all_indices else np.zeros(0, dtype=np.int64))
 
 
 class EarlyStopping:
@@ -174,22 +174,22 @@ class EarlyStopping:
         self.selected_epoch = -1   # the epoch kept (model_best.pth); == best_epoch under rule "best"
         self.bad_epochs = 0        # epochs since the selected one
 
-    def key(self, val: dict) -> tuple:
+    def key(self, val: EvalResult) -> tuple:
         if self.monitor == "val_loss":
-            return (-val["loss"],)
-        return (val["balanced_acc"], -val["loss"])
+            return (-val.loss,)
+        return (val.balanced_accuracy, -val.loss)
 
-    def standard_error(self, val: dict) -> float:
+    def standard_error(self, val: EvalResult) -> float:
         """Of the monitored score, from the per-image validation results."""
-        targets, probs = val.get("targets"), val.get("probs")
-        if targets is None or probs is None or len(targets) == 0:
+        targets, probs = val.targets, val.probs
+        if len(targets) == 0:
             return 0.0
         if self.monitor == "val_loss":
             nll = -logits_from_probs(probs[np.arange(len(targets)), targets])
             return mean_standard_error(nll)
         return balanced_accuracy_standard_error(targets, probs.argmax(1))
 
-    def update(self, val: dict, epoch: int) -> bool:
+    def update(self, val: EvalResult, epoch: int) -> bool:
         """Record an epoch; return True if it is the selected epoch so far (its weights become model_best.pth)."""
         key = self.key(val)
         if self.best_key is None or key > self.best_key:
@@ -244,7 +244,7 @@ class Trainee:
     eval_criterion: Callable = field(default_factory=torch.nn.CrossEntropyLoss)
 
 
-def _identity(value: dict) -> dict:
+def _identity(value: Any) -> Any:
     return value
 
 
@@ -254,9 +254,9 @@ class FitHooks:
     under DistributedDataParallel."""
 
     on_epoch_start: Callable[[int], None]
-    on_epoch_end: Callable[[int, dict, Optional[dict], bool], None]
-    reduce_train: Callable[[dict], dict] = _identity
-    gather_val: Callable[[dict], dict] = _identity
+    on_epoch_end: Callable[[int, TrainStats, Optional[EvalResult], bool], None]
+    reduce_train: Callable[[TrainStats], TrainStats] = _identity
+    gather_val: Callable[[EvalResult], EvalResult] = _identity
 
 
 def fit(trainee: Trainee, train_loader, val_loader, stopper: EarlyStopping, *, epochs: int, state: FitState,
@@ -275,11 +275,11 @@ def fit(trainee: Trainee, train_loader, val_loader, stopper: EarlyStopping, *, e
             t.model, train_loader, t.criterion, t.optimizer, t.precision, scheduler=t.scheduler,
             num_updates=state.num_updates, channels_last=t.channels_last, epoch=epoch, ema=t.ema,
             mixup_fn=t.mixup_fn))
-        state.num_updates = train["num_updates"]
+        state.num_updates = train.num_updates
         state.epochs_done = epoch + 1
         if val_loader is None:
             logger.info("%sepoch %d/%d  train loss %.4f acc %.3f | %.1f img/s, data %.0f%%", desc, epoch + 1, epochs,
-                        train["loss"], train["acc"], train["images_per_s"], 100 * train["data_fraction"])
+                        train.loss, train.accuracy, train.images_per_s, 100 * train.data_fraction)
             hooks.on_epoch_end(epoch, train, None, False)
             continue
         scored = t.ema.module if t.ema is not None else t.model
@@ -292,8 +292,8 @@ def fit(trainee: Trainee, train_loader, val_loader, stopper: EarlyStopping, *, e
         elif selected:
             mark = "  *selected: within 1 SE of the best*"
         logger.info("%sepoch %d/%d  train loss %.4f acc %.3f | val loss %.4f acc %.3f bal.acc %.3f | %.1f img/s, "
-                    "data %.0f%%%s", desc, epoch + 1, epochs, train["loss"], train["acc"], val["loss"], val["acc"],
-                    val["balanced_acc"], train["images_per_s"], 100 * train["data_fraction"],
+                    "data %.0f%%%s", desc, epoch + 1, epochs, train.loss, train.accuracy, val.loss, val.accuracy,
+                    val.balanced_accuracy, train.images_per_s, 100 * train.data_fraction,
                     mark)
         hooks.on_epoch_end(epoch, train, val, selected)
         if stopper.should_stop:

@@ -25,7 +25,7 @@ from dataloaders.splits import DataSplits
 from dataloaders.transforms import build_eval_transform, resolve_preprocessing
 from evaluation.calibration import CalibrationResult, apply_temperature, guarded_temperature, logits_from_probs
 from evaluation.decisions import choose_decisions, decisions_on_test, log_decisions, write_held_out_predictions
-from evaluation.metrics import classification_metrics
+from evaluation.metrics import EvalResult, classification_metrics
 from evaluation.reports import write_classification_report
 from evaluation.subgroups import columns_for
 from prediction.gradcam import save_gradcam_examples
@@ -38,7 +38,7 @@ from torch_trainer.distributed import DistInfo, barrier, broadcast, init_distrib
 from torch_trainer.experiment_tracking import ExperimentTracker
 from torch_trainer.inputs import training_image_loaders
 from torch_trainer.models import build_model, count_parameters
-from torch_trainer.phase import PhaseContext, run_phase
+from torch_trainer.phase import PhaseContext, PhaseOutcome, run_phase
 from torch_trainer.run_report import log_test, write_run_report, write_test_predictions
 from torch_trainer.trainer import Precision, evaluate
 from utils.atomic import atomic_save, atomic_write_json
@@ -199,29 +199,34 @@ def train(cfg: TrainConfig, run: RunDir, device: torch.device, splits: DataSplit
     try:
         selection, refit = _select_and_refit(ctx, splits, model)
         if not dist_info.is_main:
-            return {"run_dir": str(run.root), "test_metrics": None, "epochs_run": selection["epochs_run"]}
+            return {"run_dir": str(run.root), "test_metrics": None, "epochs_run": _epochs_run(selection)}
         result = _finish_training(ctx, model, splits, selection, refit)
     except BaseException:
         tracker.finish(exit_code=1)
         raise
     tracker.finish()
-    return {"run_dir": str(run.root), "test_metrics": result, "epochs_run": selection["epochs_run"]}
+    return {"run_dir": str(run.root), "test_metrics": result, "epochs_run": _epochs_run(selection)}
+
+
+def _epochs_run(selection: list[PhaseOutcome]) -> int:
+    return sum(outcome.epochs_run for outcome in selection)
 
 
 def _select_and_refit(ctx: PhaseContext, splits: DataSplits, model: torch.nn.Module
-                      ) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
+                      ) -> tuple[list[PhaseOutcome], Optional[PhaseOutcome]]:
     """The selection phase (or the K folds), then the refit on every labelled training image for the epochs that
-    validation chose. Returns both phases' outcomes (the refit's is None without --refit)."""
+    validation chose. Returns the selection phases' outcomes (one, or one per fold) and the refit's (None without
+    --refit)."""
     cfg, resuming = ctx.cfg, ctx.cfg.resume is not None
     if splits.folds is not None:
         selection = _cross_validate(ctx, splits, resuming)
-        refit_epochs = int(np.ceil(np.median(selection["selected_epochs"])))
+        refit_epochs = int(np.ceil(np.median([o.selected_epoch for o in selection])))
     else:
-        selection = run_phase(phase.select_files(ctx.run), ctx, model, splits.train, splits.val, stop_after=cfg.epochs,
-                              resume=resuming)
+        selection = [run_phase(phase.select_files(ctx.run), ctx, model, splits.train, splits.val,
+                               stop_after=cfg.epochs, resume=resuming)]
         barrier(ctx.dist_info)  # rank 0 has written the last checkpoint; the other ranks are done
-        best_epoch = load_checkpoint(ctx.run.best_ckpt)["epoch"] + 1 if ctx.dist_info.is_main else None
-        refit_epochs = int(broadcast(best_epoch, ctx.dist_info)) if cfg.refit else 0
+        # Every rank's stopper saw the same gathered validation, so the selected epoch is the same everywhere.
+        refit_epochs = selection[0].selected_epoch if cfg.refit else 0
     if not refit_epochs:
         return selection, None
     everything = splits.train + splits.val
@@ -232,7 +237,6 @@ def _select_and_refit(ctx: PhaseContext, splits: DataSplits, model: torch.nn.Mod
                 "(learning-rate schedule over %d epochs)", len(everything), refit_epochs, schedule_epochs)
     refit = run_phase(phase.refit_files(ctx.run), ctx, _fresh_model(cfg, len(splits.class_names)), everything, None,
                       stop_after=refit_epochs, schedule_epochs=schedule_epochs, resume=resuming)
-    refit["epochs"] = refit_epochs
     barrier(ctx.dist_info)
     return selection, refit
 
@@ -244,7 +248,7 @@ def _fresh_model(cfg: TrainConfig, n_class: int) -> torch.nn.Module:
     return model
 
 
-def _cross_validate(ctx: PhaseContext, splits: DataSplits, resuming: bool) -> dict[str, Any]:
+def _cross_validate(ctx: PhaseContext, splits: DataSplits, resuming: bool) -> list[PhaseOutcome]:
     """--folds K: one selection phase per fold (in fold_<k>/), each from the same pretrained start."""
     cfg = ctx.cfg
     outcomes = []
@@ -256,11 +260,9 @@ def _cross_validate(ctx: PhaseContext, splits: DataSplits, resuming: bool) -> di
         outcomes.append(run_phase(phase.fold_files(ctx.run, fold), ctx, fold_model, train_samples, held_out,
                                   stop_after=cfg.epochs, resume=resuming))
         barrier(ctx.dist_info)
-    selected_epochs = [o["selected_epoch"] + 1 for o in outcomes]
-    logger.info("cross-validation: selected epochs per fold %s (highest validation score: %s)", selected_epochs,
-                [o["best_epoch"] + 1 for o in outcomes])
-    return {"epochs_run": sum(o["epochs_run"] for o in outcomes), "seconds": sum(o["seconds"] for o in outcomes),
-            "selected_epochs": selected_epochs}
+    logger.info("cross-validation: selected epochs per fold %s (highest validation score: %s)",
+                [o.selected_epoch for o in outcomes], [o.best_epoch for o in outcomes])
+    return outcomes
 
 
 @dataclass
@@ -269,7 +271,7 @@ class _Scorer:
 
     ctx: PhaseContext
 
-    def __call__(self, model: torch.nn.Module, samples, tta: bool, desc: str) -> dict[str, Any]:
+    def __call__(self, model: torch.nn.Module, samples, tta: bool, desc: str) -> EvalResult:
         cfg, device = self.ctx.cfg, self.ctx.device
         loader = make_loader(samples, self.ctx.eval_transform, cfg.batch_size, cfg.num_workers, train=False,
                              pin_memory=device.type == "cuda", loader=self.ctx.image_loader)
@@ -277,7 +279,7 @@ class _Scorer:
                         channels_last=prefers_channels_last(device), desc=desc, tta=tta)
 
 
-def _out_of_fold(ctx: PhaseContext, model: torch.nn.Module, splits: DataSplits, score: _Scorer) -> dict[str, Any]:
+def _out_of_fold(ctx: PhaseContext, model: torch.nn.Module, splits: DataSplits, score: _Scorer) -> EvalResult:
     """Every training image predicted by the fold model that held it out: the OOF report and calibration set."""
     cfg, run = ctx.cfg, ctx.run
     n_class = len(splits.class_names)
@@ -286,7 +288,7 @@ def _out_of_fold(ctx: PhaseContext, model: torch.nn.Module, splits: DataSplits, 
         model.load_state_dict(load_checkpoint(phase.fold_files(run, fold).best)["model"])
         positions = [i for i, f in enumerate(splits.folds) if f == fold]
         result = score(model, [splits.train[i] for i in positions], cfg.tta, f"fold {fold + 1} held-out")
-        probs[[positions[i] for i in result["indices"]]] = result["probs"]
+        probs[[positions[i] for i in result.indices]] = result.probs
     targets = np.array([s.label for s in splits.train])
     frame = pd.DataFrame({"filepath": [s.path.relative_to(splits.root).as_posix() for s in splits.train],
                           "label": targets, "fold": np.array(splits.folds) + 1,
@@ -301,30 +303,32 @@ def _out_of_fold(ctx: PhaseContext, model: torch.nn.Module, splits: DataSplits, 
     logger.info("out-of-fold (%d folds, %d images): accuracy %.4f, balanced accuracy %.4f, macro AUC %s",
                 cfg.folds, len(targets), metrics["accuracy"], metrics["balanced_accuracy"],
                 f"{metrics['macro_auc']:.4f}" if metrics.get("macro_auc") is not None else "n/a")
-    return {"targets": targets, "probs": probs}
+    # The plain cross-entropy of the out-of-fold probabilities, as validation reports it.
+    loss = float(-np.log(np.clip(probs[np.arange(len(targets)), targets], 1e-12, None)).mean())
+    return EvalResult.from_predictions(loss, targets, probs, np.arange(len(targets)))
 
 
 def _held_out_predictions(ctx: PhaseContext, model: torch.nn.Module, splits: DataSplits, score: _Scorer,
-                          refit: Optional[dict[str, Any]]) -> tuple[dict[str, Any], int, Optional[dict[str, Any]]]:
-    """The calibration set (validation predictions of the selected model, or out-of-fold predictions), the best
-    epoch and, for a one-split run, the selected checkpoint (whose weights are then left in ``model``)."""
+                          selected: PhaseOutcome) -> tuple[EvalResult, Optional[dict[str, Any]]]:
+    """The calibration set (validation predictions of the selected model, or out-of-fold predictions) and, for a
+    one-split run, the selected checkpoint (whose weights are then left in ``model``)."""
     if splits.folds is not None:
-        return _out_of_fold(ctx, model, splits, score), refit["epochs"], None
+        return _out_of_fold(ctx, model, splits, score), None
     best = load_checkpoint(ctx.run.best_ckpt)
     model.load_state_dict(best["model"])
     val = score(model, splits.val, ctx.cfg.tta, "validation")
     atomic_write_json(ctx.run.val_metrics, {
-        "weights": RunDir.BEST_CKPT, "best_epoch": best["epoch"] + 1, "epoch_selection": ctx.cfg.epoch_selection,
-        "highest_score_epoch": best["early_stopping"]["best_epoch"] + 1, "tta": ctx.cfg.tta,
+        "weights": RunDir.BEST_CKPT, "best_epoch": selected.selected_epoch, "epoch_selection": ctx.cfg.epoch_selection,
+        "highest_score_epoch": selected.best_epoch, "tta": ctx.cfg.tta,
         "note": "the selected model on the held-out validation split, before temperature scaling",
-        **classification_metrics(val["targets"], val["probs"].argmax(1), splits.class_names, val["probs"])})
-    return val, best["epoch"] + 1, best
+        **classification_metrics(val.targets, val.preds, splits.class_names, val.probs)})
+    return val, best
 
 
-def _calibrate(cfg: TrainConfig, held_out: dict[str, Any]) -> Optional[CalibrationResult]:
+def _calibrate(cfg: TrainConfig, held_out: EvalResult) -> Optional[CalibrationResult]:
     if not cfg.calibrate:
         return None
-    calibration = guarded_temperature(logits_from_probs(held_out["probs"]), held_out["targets"],
+    calibration = guarded_temperature(logits_from_probs(held_out.probs), held_out.targets,
                                       seed=cfg.random_state)
     logger.info("temperature scaling on %d held-out images: fitted T = %.3f, %s; using T = %.3f",
                 calibration.n_images, calibration.fitted, calibration.reason, calibration.temperature)
@@ -339,9 +343,9 @@ def _test_with_variants(ctx: PhaseContext, model: torch.nn.Module, splits: DataS
     on this data. ``model`` holds the selected weights on entry and the delivered ones on return."""
     cfg, class_names = ctx.cfg, splits.class_names
 
-    def headline(result: dict) -> dict[str, Any]:
-        probs = apply_temperature(result["probs"], temperature)
-        return {k: v for k, v in classification_metrics(result["targets"], probs.argmax(1), class_names,
+    def headline(result: EvalResult) -> dict[str, Any]:
+        probs = apply_temperature(result.probs, temperature)
+        return {k: v for k, v in classification_metrics(result.targets, probs.argmax(1), class_names,
                                                         probs).items() if k != "per_class"}
 
     variants: dict[str, dict[str, Any]] = {}
@@ -358,50 +362,51 @@ def _test_with_variants(ctx: PhaseContext, model: torch.nn.Module, splits: DataS
     return test, variants
 
 
-def _finish_training(ctx: PhaseContext, model: torch.nn.Module, splits: DataSplits, selection: dict[str, Any],
-                     refit: Optional[dict[str, Any]]) -> dict[str, Any]:
+def _finish_training(ctx: PhaseContext, model: torch.nn.Module, splits: DataSplits, selection: list[PhaseOutcome],
+                     refit: Optional[PhaseOutcome]) -> dict[str, Any]:
     """Calibrate on held-out predictions of the selected model, then test the delivered model and write the report
     and the final run contract."""
     cfg, run = ctx.cfg, ctx.run
     score = _Scorer(ctx)
-    held_out, best_epoch, best = _held_out_predictions(ctx, model, splits, score, refit)
+    held_out, best = _held_out_predictions(ctx, model, splits, score, selection[0])
+    best_epoch = refit.planned_epochs if splits.folds is not None else selection[0].selected_epoch
     calibration = _calibrate(cfg, held_out)
     temperature = calibration.temperature if calibration is not None else 1.0
-    held_out_probs = apply_temperature(held_out["probs"], temperature)
-    write_held_out_predictions(run.held_out_predictions, held_out["targets"], held_out_probs, splits.class_names)
-    points, abstain = choose_decisions(cfg.operating_point, cfg.abstain, splits.class_names, held_out["targets"],
+    held_out_probs = apply_temperature(held_out.probs, temperature)
+    write_held_out_predictions(run.held_out_predictions, held_out.targets, held_out_probs, splits.class_names)
+    points, abstain = choose_decisions(cfg.operating_point, cfg.abstain, splits.class_names, held_out.targets,
                                        held_out_probs)
     delivered = load_checkpoint(run.refit_ckpt) if refit is not None else best
     test, variants = _test_with_variants(ctx, model, splits, score, delivered, temperature)
     weights_name = RunDir.REFIT_CKPT if refit is not None else RunDir.BEST_CKPT
     info = ctx.info.updated(weights=weights_name, temperature=temperature, tta=cfg.tta,
                             calibration=calibration.to_dict() if calibration else None,
-                            refit={"epochs": refit["epochs"], "images": refit["images"]} if refit else None,
+                            refit={"epochs": refit.planned_epochs, "images": refit.images} if refit else None,
                             operating_points=points, abstain=abstain)
     write_run_info(run.root, info)
-    seconds = {"select": round(selection["seconds"], 1), "refit": round(refit["seconds"], 1) if refit else 0.0}
-    tested = [splits.test[i] for i in test["indices"]]
+    seconds = {"select": round(sum(o.seconds for o in selection), 1), "refit": round(refit.seconds, 1) if refit else 0.0}
+    tested = [splits.test[i] for i in test.indices]
     test_groups = splits.group_of(tested)
     every_image = [s.path for s in splits.train + splits.val + splits.test]
     subgroups = (columns_for([s.path for s in tested], read_metadata(Path(cfg.metadata), every_image, splits.root))
                  if cfg.metadata else None)
-    test_probs = apply_temperature(test["probs"], temperature)
-    decisions = (decisions_on_test(test["targets"], test_probs, splits.class_names, points, abstain, test_groups)
+    test_probs = apply_temperature(test.probs, temperature)
+    decisions = (decisions_on_test(test.targets, test_probs, splits.class_names, points, abstain, test_groups)
                  if points or abstain else None)
     metrics = write_classification_report(
-        run.root, test["targets"], test_probs, splits.class_names, metrics_name=RunDir.TEST_METRICS,
+        run.root, test.targets, test_probs, splits.class_names, metrics_name=RunDir.TEST_METRICS,
         confusion_name=RunDir.TEST_CONFUSION,
         extra={"weights": weights_name, "best_epoch": best_epoch, "folds": cfg.folds or None, "monitor": cfg.monitor,
                "epoch_selection": cfg.epoch_selection,
-               "highest_score_epoch": best["early_stopping"]["best_epoch"] + 1 if best is not None else None,
-               "refit_epochs": refit["epochs"] if refit else None,
-               "refit_schedule": cfg.refit_schedule if refit else None, "tta": cfg.tta, "loss": test["loss"],
+               "highest_score_epoch": selection[0].best_epoch if best is not None else None,
+               "refit_epochs": refit.planned_epochs if refit else None,
+               "refit_schedule": cfg.refit_schedule if refit else None, "tta": cfg.tta, "loss": test.loss,
                "temperature": temperature, "calibration": calibration.to_dict() if calibration else None,
                "training_seconds": seconds, "variants": variants,
                **({"decisions": decisions} if decisions else {})},
-        uncalibrated_probs=test["probs"] if cfg.calibrate else None, groups=test_groups, subgroups=subgroups)
+        uncalibrated_probs=test.probs if cfg.calibrate else None, groups=test_groups, subgroups=subgroups)
     write_test_predictions(run, splits, test, temperature)
-    write_run_report(ctx, model, splits, tested, test["targets"], test_probs, metrics)
+    write_run_report(ctx, model, splits, tested, test.targets, test_probs, metrics)
     log_test(metrics, variants, refit is not None, cfg.tta)
     if decisions:
         log_decisions(decisions)
