@@ -312,6 +312,22 @@ class TrainConfig:
     def resolved_data_dir(self) -> Path:
         return Path(self.data_dir) if self.data_dir else Path("data") / f"{self.data_name}_dataset"
 
+    def data_spec(self) -> DataSpec:
+        return DataSpec(self.resolved_data_dir, self.n_class, self.labels_csv,
+                        (self.csv_file_column, self.csv_label_column, self.csv_group_column, self.csv_split_column),
+                        self.groups, self.group_pattern, self.val_ratio, self.folds, self.random_state, self.audit,
+                        self.on_leak, self.near_dup_threshold, self.img_size, self.operating_point, self.metadata)
+
+    def optimizer_spec(self) -> OptimizerSpec:
+        return OptimizerSpec(self.optimizer, self.lr_ae, self.weight_decay, self.momentum, self.layer_decay)
+
+    def schedule_spec(self) -> ScheduleSpec:
+        return ScheduleSpec(self.scheduler, self.lr_ae, self.epochs, self.warmup_epochs, self.step_size,
+                            self.step_gamma)
+
+    def segmentation(self) -> SegmentationOptions:
+        return SegmentationOptions(self.seg_backend, self.seg_model, self.seg_revision, self.parts)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -326,6 +342,51 @@ class TrainConfig:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "TrainConfig":
         return from_namespace(cls, args)
+
+
+# --- what the training run hands the layers below it (typed views of TrainConfig, not flags) --------------------------
+@dataclass(frozen=True)
+class DataSpec:
+    """What the data layer needs to find, audit and split a training set (dataloaders.prepare)."""
+
+    root: Path
+    n_class: Optional[int]
+    labels_csv: Optional[str]
+    csv_columns: tuple[str, str, Optional[str], Optional[str]]  # file, label, group, split
+    groups: Optional[str]
+    group_pattern: Optional[str]
+    val_ratio: float
+    folds: int
+    random_state: int
+    audit: bool
+    on_leak: str
+    near_dup_threshold: int
+    tiny_side: int  # images smaller than the model's input count as tiny in the audit
+    operating_point: Optional[str]  # names classes: checked against the data before training
+    metadata: Optional[str]  # names files: checked against the data before training
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """The optimizer (torch_trainer.optim.build_optimizer)."""
+
+    name: str
+    lr: float
+    weight_decay: float
+    momentum: float
+    layer_decay: Optional[float]
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """The per-step learning-rate schedule (torch_trainer.optim.build_scheduler)."""
+
+    name: str
+    lr: float
+    epochs: int
+    warmup_epochs: int
+    step_size: int
+    step_gamma: float
 
 
 # --- option groups that library functions take -----------------------------------------------------------------------

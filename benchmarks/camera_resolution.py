@@ -70,8 +70,8 @@ def _training_epochs(copies: list[Path], model_path: str, decode: str, cache_roo
 
     from dataloaders.build import make_loader
     from dataloaders.discovery import Sample
-    from dataloaders.image_cache import CachedLoader
-    from dataloaders.image_io import reduced_loader
+    from dataloaders.image_cache import CachedDecoder
+    from dataloaders.image_io import reduced_decoder
     from dataloaders.transforms import build_train_transform, decode_min_side
     from runs.run_info import read_run_info
 
@@ -83,7 +83,7 @@ def _training_epochs(copies: list[Path], model_path: str, decode: str, cache_roo
     side = decode_min_side(pre, train_min_crop_scale=0.25)
     transform = build_train_transform(pre, min_crop_scale=0.25, vflip=0.0, color_jitter=0.2, randaugment=False)
     samples = [Sample(path, 0) for path in copies]
-    loader_fn = {"full": reduced_loader(0), "reduced": reduced_loader(side)}.get(decode) or CachedLoader(cache_root,
+    decoder_fn = {"full": reduced_decoder(0), "reduced": reduced_decoder(side)}.get(decode) or CachedDecoder(cache_root,
                                                                                                           side)
     model = timm.create_model(info.model_name, num_classes=len(info.class_names)) if with_model else None
     if model is not None:  # as main.py trains on CPU and CUDA (utils.device.prefers_channels_last)
@@ -94,7 +94,7 @@ def _training_epochs(copies: list[Path], model_path: str, decode: str, cache_roo
         with RssSampler() as memory:
             start, seen = time.perf_counter(), 0
             for images, targets, _ in make_loader(samples, transform, batch_size, num_workers, train=True,
-                                                  loader=loader_fn):
+                                                  decoder=decoder_fn):
                 seen += len(images)
                 if model is not None:
                     images = images.contiguous(memory_format=torch.channels_last)

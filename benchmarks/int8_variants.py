@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dataloaders.image_io import reduced_loader
+from dataloaders.image_io import reduced_decoder
 from dataloaders.inference_data import load_preprocessed
 from dataloaders.transforms import build_eval_transform, decode_min_side
 from deploy.machine import describe_machine, machine_info
@@ -42,8 +42,8 @@ def main() -> None:
     transform = build_eval_transform(info.preprocessing)
     test = RunDir(run).split("test")
     labels = np.array([s.label for s in test])
-    loader = reduced_loader(decode_min_side(info.preprocessing))
-    images = load_preprocessed([s.path for s in test], transform, loader)
+    decoder = reduced_decoder(decode_min_side(info.preprocessing))
+    images = load_preprocessed([s.path for s in test], transform, decoder)
     train = RunDir(run).split("train")
     calib = [s.path for s in random.Random(0).sample(train, min(args.calib_images, len(train)))]
     levels = [level["module"] for level in model.feature_info]
@@ -59,7 +59,7 @@ def main() -> None:
         for method in args.methods.split(","):
             for stages in (int(v) for v in args.float_stages.split(",")):
                 target = work / f"int8_{method}_{stages}.onnx"
-                reader = CalibrationReader(calib, lambda paths: load_preprocessed(paths, transform, loader).numpy())
+                reader = CalibrationReader(calib, lambda paths: load_preprocessed(paths, transform, decoder).numpy())
                 until = levels[stages - 1] if stages else None
                 quantize_int8(prepped, target, reader, method, until)
                 pred = onnx_probs(target, images, info.n_class).argmax(1)

@@ -74,7 +74,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     preprocessing = resolve_preprocessing(model, args.img_size)
     transform = build_train_transform(preprocessing, min_crop_scale=cfg.min_crop_scale, vflip=cfg.vflip,
                                       color_jitter=cfg.color_jitter, randaugment=cfg.randaugment)
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg.optimizer_spec())
     criterion = torch.nn.CrossEntropyLoss()
     model.train()
 

@@ -20,10 +20,10 @@ def effective_workers(requested: int) -> int:
 
 def make_loader(samples: list[Sample], transform: Callable, batch_size: int, num_workers: int, *,
                 train: bool, generator: Optional[torch.Generator] = None, pin_memory: bool = False,
-                loader: Callable = load_rgb, sampler: Optional[Sampler] = None) -> DataLoader:
+                decoder: Callable = load_rgb, sampler: Optional[Sampler] = None) -> DataLoader:
     workers = effective_workers(num_workers)
     return DataLoader(
-        ImageSamples(samples, transform, loader),
+        ImageSamples(samples, transform, decoder),
         batch_size=batch_size,
         shuffle=train and sampler is None,
         sampler=sampler,

@@ -17,10 +17,10 @@ logger = logging.getLogger(__name__)
 
 class ImageSamples(Dataset):
     def __init__(self, samples: list[Sample], transform: Optional[Callable] = None,
-                 loader: Callable[[Path], Image.Image] = load_rgb):
+                 decoder: Callable[[Path], Image.Image] = load_rgb):
         self.samples = samples
         self.transform = transform
-        self.loader = loader  # load_rgb, or the skin-region loader for runs trained on skin regions
+        self.decode = decoder  # load_rgb, or the skin-region decoder for runs trained on skin regions
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -28,7 +28,7 @@ class ImageSamples(Dataset):
     def __getitem__(self, index: int):
         sample = self.samples[index]
         try:
-            image = self.loader(sample.path)
+            image = self.decode(sample.path)
         except Exception as err:  # noqa: BLE001 - a file that broke after discovery must not end the epoch
             logger.warning("skipping %s in this batch: %s", sample.path, err)
             return None

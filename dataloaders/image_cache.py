@@ -36,7 +36,7 @@ def content_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
-class CachedLoader:
+class CachedDecoder:
     """``load_rgb(path, min_side)`` through the cache; picklable for DataLoader workers."""
 
     def __init__(self, root: str | Path, min_side: int):

@@ -97,7 +97,7 @@ def _draft(img: Image.Image, min_side: int, max_side: int) -> None:
         img.draft(img.mode, (math.ceil(width * factor), math.ceil(height * factor)))
 
 
-def reduced_loader(min_side: int):
+def reduced_decoder(min_side: int):
     """``load_rgb`` with a fixed ``min_side``, picklable for DataLoader workers."""
     return functools.partial(load_rgb, min_side=min_side) if min_side else load_rgb
 

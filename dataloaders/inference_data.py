@@ -64,6 +64,6 @@ def make_inference_loader(paths: list[Path], transform: Callable, batch_size: in
                       collate_fn=collate_inference, prefetch_factor=2 if workers > 0 else None)
 
 
-def load_preprocessed(paths: list[Path], transform, loader: Callable = load_rgb) -> torch.Tensor:
+def load_preprocessed(paths: list[Path], transform, decoder: Callable = load_rgb) -> torch.Tensor:
     """A batch of preprocessed images, decoded in this process (export calibration and verification)."""
-    return torch.stack([transform(loader(p)) for p in paths])
+    return torch.stack([transform(decoder(p)) for p in paths])

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-from configs import TrainConfig
+from configs import DataSpec
 from dataloaders.audit import DatasetAudit, apply_leak_policy, copy_clusters, items_from_index, log_audit, run_audit
 from dataloaders.discovery import DatasetIndex, discover_dataset
 from dataloaders.groups import complete_groups, groups_from_pattern, merge_copies, read_groups_csv
@@ -22,58 +22,58 @@ logger = logging.getLogger(__name__)
 MAX_COPY_CLUSTER = 10  # copies of one photo in one dataset; the real sets' largest cluster held 3
 
 
-def prepare_dataset(cfg: TrainConfig, num_threads: int) -> DataSplits:
+def prepare_dataset(spec: DataSpec, num_threads: int) -> DataSplits:
+    """Find the images (class folders or a labels CSV), check the flags that name classes or files, audit, apply the
+    leak policy and the groups, and split."""
     csv_groups = None
-    if cfg.labels_csv:
+    if spec.labels_csv:
         index, csv_groups = index_from_labels_csv(
-            Path(cfg.labels_csv), Path(cfg.resolved_data_dir),
-            CsvColumns(cfg.csv_file_column, cfg.csv_label_column, cfg.csv_group_column, cfg.csv_split_column),
-            num_threads)
-        if cfg.n_class is not None and cfg.n_class != len(index.class_names):
-            raise UserError(f"--n_class {cfg.n_class} does not match the {len(index.class_names)} classes in "
-                            f"{cfg.labels_csv}: {index.class_names}")
+            Path(spec.labels_csv), spec.root, CsvColumns(*spec.csv_columns), num_threads)
+        if spec.n_class is not None and spec.n_class != len(index.class_names):
+            raise UserError(f"--n_class {spec.n_class} does not match the {len(index.class_names)} classes in "
+                            f"{spec.labels_csv}: {index.class_names}")
     else:
-        index = discover_dataset(cfg.resolved_data_dir, n_class=cfg.n_class, num_threads=num_threads)
-    _check_against_data(cfg, index)
+        index = discover_dataset(spec.root, n_class=spec.n_class, num_threads=num_threads)
+    _check_against_data(spec, index)
     audit: Optional[DatasetAudit] = None
-    if cfg.audit:
-        audit = run_audit(items_from_index(index), index.root, threshold=cfg.near_dup_threshold,
-                          tiny_side=cfg.img_size, num_threads=num_threads)
+    if spec.audit:
+        audit = run_audit(items_from_index(index), index.root, threshold=spec.near_dup_threshold,
+                          tiny_side=spec.tiny_side, num_threads=num_threads)
         log_audit(audit)
-        index = apply_leak_policy(index, audit, cfg.on_leak)
-    groups = image_groups(cfg, index, audit, csv_groups)
-    user_groups = (cfg.groups or (f"--group_pattern {cfg.group_pattern!r}" if cfg.group_pattern else None)
-                   or (cfg.labels_csv if csv_groups else None))
+        index = apply_leak_policy(index, audit, spec.on_leak)
+    groups = image_groups(spec, index, audit, csv_groups)
+    user_groups = (spec.groups or (f"--group_pattern {spec.group_pattern!r}" if spec.group_pattern else None)
+                   or (spec.labels_csv if csv_groups else None))
     if groups is not None and user_groups:
-        index = _shared_group_policy(index, groups, user_groups, cfg.on_leak)
-    splits = split_dataset(index, cfg.val_ratio, cfg.random_state, cfg.folds, groups)
+        index = _shared_group_policy(index, groups, user_groups, spec.on_leak)
+    splits = split_dataset(index, spec.val_ratio, spec.random_state, spec.folds, groups)
     splits.audit = audit
     return splits
 
 
-def _check_against_data(cfg: TrainConfig, index: DatasetIndex) -> None:
+def _check_against_data(spec: DataSpec, index: DatasetIndex) -> None:
     """Flags that name classes or files of the data, checked before the audit and training (one-line errors)."""
-    if cfg.folds:
-        check_fold_count([s.label for s in index.train], cfg.folds, index.class_names)
-    parse_operating_points(cfg.operating_point, index.class_names)
-    if cfg.metadata:
-        read_metadata(Path(cfg.metadata), [s.path for s in index.train + index.test], index.root)
+    if spec.folds:
+        check_fold_count([s.label for s in index.train], spec.folds, index.class_names)
+    parse_operating_points(spec.operating_point, index.class_names)
+    if spec.metadata:
+        read_metadata(Path(spec.metadata), [s.path for s in index.train + index.test], index.root)
 
 
-def image_groups(cfg: TrainConfig, index: DatasetIndex, audit: Optional[DatasetAudit],
+def image_groups(spec: DataSpec, index: DatasetIndex, audit: Optional[DatasetAudit],
                  csv_groups: Optional[dict[Path, str]] = None) -> Optional[dict[Path, str]]:
     """Each image's group: the user's (--groups / --group_pattern), joined wherever the audit found copies of one
     photo, so that copies never sit on both sides of the validation split. None when neither exists."""
     paths = [s.path for s in index.train + index.test]
     clusters = _plausible_copy_clusters(audit) if audit is not None else []
-    if cfg.groups:
-        source = cfg.groups
-        groups = read_groups_csv(Path(cfg.groups), paths, index.root)
-    elif cfg.group_pattern:
-        source = f"--group_pattern {cfg.group_pattern!r}"
-        groups = groups_from_pattern(cfg.group_pattern, paths)
+    if spec.groups:
+        source = spec.groups
+        groups = read_groups_csv(Path(spec.groups), paths, index.root)
+    elif spec.group_pattern:
+        source = f"--group_pattern {spec.group_pattern!r}"
+        groups = groups_from_pattern(spec.group_pattern, paths)
     elif csv_groups is not None:
-        source, groups = str(cfg.labels_csv), csv_groups
+        source, groups = str(spec.labels_csv), csv_groups
     elif clusters:
         source, groups = "", {}
     else:

@@ -132,14 +132,14 @@ def _test_images(run_dir: Path, info: RunInfo, data_dir: Optional[str], limit: i
     """Preprocessed test images and labels, decoded once in the parent and shared with every worker."""
     from dataloaders.inference_data import load_preprocessed
     from dataloaders.transforms import build_eval_transform, decode_min_side
-    from segmentation.skin_region import image_loader_for_run
+    from segmentation.skin_region import image_decoder_for_run
 
     transform = build_eval_transform(info.preprocessing)
     samples = RunDir(run_dir).split("test", data_dir)
     if limit:
         samples = samples[:limit]
-    loader = image_loader_for_run(info, RunDir(run_dir).dataset_root(data_dir), decode_min_side(info.preprocessing))
-    images = load_preprocessed([s.path for s in samples], transform, loader).numpy().astype(np.float32)
+    decoder = image_decoder_for_run(info, RunDir(run_dir).dataset_root(data_dir), decode_min_side(info.preprocessing))
+    images = load_preprocessed([s.path for s in samples], transform, decoder).numpy().astype(np.float32)
     return images, np.array([s.label for s in samples]), [s.path for s in samples]
 
 

@@ -31,7 +31,7 @@ from runs.checkpoint import load_run_model
 from runs.export_dir import ExportDir
 from runs.run_folder import RunDir
 from runs.run_info import write_run_info
-from segmentation.skin_region import image_loader_for_run
+from segmentation.skin_region import image_decoder_for_run
 from utils.atomic import atomic_path
 from utils.errors import UserError
 from utils.onnx_runtime import check_onnx_model, create_session, write_onnx_metadata
@@ -138,12 +138,12 @@ def export_run(run_dir: Path, export: ExportDir, settings: ExportOptions) -> dic
                         f"({', '.join(level['module'] for level in levels) or 'none known'})")
     transform = build_eval_transform(info.preprocessing)
     run = RunDir(run_dir)
-    loader = image_loader_for_run(info, run.dataset_root(settings.data_dir),
+    decoder = image_decoder_for_run(info, run.dataset_root(settings.data_dir),
                                   decode_min_side(info.preprocessing))
     test_samples = run.split("test", settings.data_dir)
     if settings.verify_images:
         test_samples = test_samples[: settings.verify_images]
-    images = load_preprocessed([s.path for s in test_samples], transform, loader)
+    images = load_preprocessed([s.path for s in test_samples], transform, decoder)
     with torch.inference_mode():
         torch_probs = np.concatenate([model(images[i:i + 32]).softmax(1).numpy() for i in range(0, len(images), 32)])
     test = ReferenceSet(images, np.array([s.label for s in test_samples]), torch_probs)
@@ -160,8 +160,8 @@ def export_run(run_dir: Path, export: ExportDir, settings: ExportOptions) -> dic
             has_val = run.split_csv("val").is_file()
             val = run.split("val", settings.data_dir) if has_val else []
             data = CalibrationData([s.path for s in run.split("train", settings.data_dir)],
-                                   load_preprocessed([s.path for s in val], transform, loader) if val
-                                   else torch.empty(0), lambda paths: load_preprocessed(paths, transform, loader))
+                                   load_preprocessed([s.path for s in val], transform, decoder) if val
+                                   else torch.empty(0), lambda paths: load_preprocessed(paths, transform, decoder))
             report.update(quantize_verified(fp32_tmp, export.int8, levels, metadata, settings.quant, test, data))
     if settings.quantize == "none" and export.int8.exists():
         # An INT8 file from an earlier export would otherwise be benchmarked and deployed beside the new FP32 one.

@@ -146,7 +146,7 @@ def render_overlay(original_rgb: np.ndarray, cam_full: np.ndarray, alpha: float 
     return overlay
 
 
-def save_gradcam_examples(model: torch.nn.Module, samples, info: "RunInfo", image_loader, folder: Path,
+def save_gradcam_examples(model: torch.nn.Module, samples, info: "RunInfo", image_decoder, folder: Path,
                           max_side: Optional[int] = 1024) -> list[Path]:
     """Grad-CAM overlays of a few test images (for W&B and report.html), longer side at most ``max_side``; a model
     without a usable layer just gets none."""
@@ -165,7 +165,7 @@ def save_gradcam_examples(model: torch.nn.Module, samples, info: "RunInfo", imag
     paths = []
     try:
         for sample in samples:
-            picture = image_loader(sample.path)
+            picture = image_decoder(sample.path)
             batch = transform(picture).unsqueeze(0).to(device)
             with torch.no_grad():
                 predicted = int(model(batch).argmax(1))

@@ -19,12 +19,12 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from dataloaders.image_io import decoded_size, load_rgb, reduced_loader
+from dataloaders.image_io import decoded_size, load_rgb, reduced_decoder
 from utils.atomic import atomic_save
 from utils.errors import UserError
 
 if TYPE_CHECKING:  # types only: the run contract sits above this package
-    from configs import TrainConfig
+    from configs import SegmentationOptions
     from dataloaders.splits import DataSplits
     from dataloaders.transforms import Preprocessing
     from runs.run_info import RunInfo
@@ -205,7 +205,7 @@ class MaskCache:
         return counts
 
 
-class SkinRegionLoader:
+class SkinRegionDecoder:
     """Dataset image loader for skin-region runs: the photo cut to its cached skin mask, decoded at the scale that
     leaves the skin box ``min_side`` pixels (``classifier_input``; 0: every pixel). Picklable."""
 
@@ -238,27 +238,28 @@ def region_settings(parser_description: dict[str, Any], parts: list[str]) -> dic
             "min_skin_ratio": MIN_SKIN_RATIO, "no_face": "full_image"}
 
 
-def image_loader_for_run(info: "RunInfo", data_root: str | Path, min_side: int = 0):
+def image_decoder_for_run(info: "RunInfo", data_root: str | Path, min_side: int = 0):
     """``load_rgb`` for whole-image runs (JPEGs decoded at a reduced size that keeps ``min_side`` pixels on the
     shorter side, see ``image_io.load_rgb``); the cached-mask loader for skin-region runs (masks must exist; the
     skin box keeps ``min_side`` pixels)."""
     if info.input_kind != "skin_region":
-        return reduced_loader(min_side)
+        return reduced_decoder(min_side)
     cache = MaskCache(data_root, cache_settings(info.skin_region))
     if not cache.folder.is_dir():
         raise UserError(f"skin masks for this run are not in {cache.folder}; run main.py --resume or retrain so "
                         f"they are computed")
-    return SkinRegionLoader(cache, fill_colour(info.preprocessing), min_side)
+    return SkinRegionDecoder(cache, fill_colour(info.preprocessing), min_side)
 
 
-def prepare_skin_masks(cfg: "TrainConfig", splits: "DataSplits", device: Any) -> dict[str, Any]:
+def prepare_skin_masks(options: "SegmentationOptions", data_root: Path, splits: "DataSplits",
+                       device: Any) -> dict[str, Any]:
     """Compute (or reuse) every image's skin mask; returns the settings class_info.json records."""
     from segmentation.face_parsing import build_face_parser
 
-    parser = build_face_parser(cfg.seg_backend, cfg.seg_model, cfg.seg_revision, device.type)
-    part_ids = select_parts(parser.id2label, parse_parts_flag(cfg.parts))
+    parser = build_face_parser(options.seg_backend, options.seg_model, options.seg_revision, device.type)
+    part_ids = select_parts(parser.id2label, parse_parts_flag(options.parts))
     settings = region_settings(parser.describe(), part_names(parser.id2label, part_ids))
-    cache = MaskCache(cfg.resolved_data_dir, cache_settings(settings))
+    cache = MaskCache(data_root, cache_settings(settings))
     paths = [s.path for s in splits.train + splits.val + splits.test]
     counts = cache.fill_missing(paths, parser, part_ids)
     logger.info("skin masks (%s, parts %s): %d cached, %d computed, %d without a face (whole image used), "

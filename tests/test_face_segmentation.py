@@ -25,7 +25,7 @@ from segmentation.face_parsing import OnnxParser, OpenCVSkinParser, SegformerPar
 from segmentation.skin_region import (
     MASK_CACHE_DIR,
     MaskCache,
-    SkinRegionLoader,
+    SkinRegionDecoder,
     cache_settings,
     classifier_input,
     fill_colour,
@@ -241,7 +241,7 @@ def test_training_on_skin_regions_records_it_and_caches_masks(skin_region_run, f
     assert len(masks) == 2 * (10 + 4) and cache.folder.parent.name == MASK_CACHE_DIR
     # the training loader and segmented inference make the same classifier input from the same photo
     photo = sorted((face_dataset / "testset" / "acne").glob("*.png"))[0]
-    trained_on = np.asarray(SkinRegionLoader(cache, fill_colour(info.preprocessing))(photo))
+    trained_on = np.asarray(SkinRegionDecoder(cache, fill_colour(info.preprocessing))(photo))
     image = np.asarray(Image.open(photo).convert("RGB"))
     parser = OpenCVSkinParser()
     label_map = parser.parse(image)
@@ -444,7 +444,7 @@ def test_large_photo_skin_region_gives_the_same_answer_reduced_or_full(skin_regi
         cache.fill_missing([photo], OpenCVSkinParser(), [1])
         mask = cache.read(photo)
         assert mask.shape == (1000, 1500)  # stored at the parser's decode
-        picture = SkinRegionLoader(cache, fill_colour(info.preprocessing), 100)(photo)
+        picture = SkinRegionDecoder(cache, fill_colour(info.preprocessing), 100)(photo)
         assert min(picture.size) >= 100 and max(picture.size) < 1500  # the skin box, not the whole photo
     finally:
         photo.unlink()

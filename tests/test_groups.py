@@ -87,7 +87,7 @@ def test_images_absent_from_the_groups_csv_are_warned_about_and_kept_apart(patie
     csv.write_text("filename,group\n" + "".join(f"{s.path.name},patient{i // 4}\n" for i, s in enumerate(listed)))
     cfg = TrainConfig(data_dir=str(patients), groups=str(csv), audit=False)
     with caplog.at_level(logging.WARNING):
-        splits = prepare_dataset(cfg, num_threads=1)
+        splits = prepare_dataset(cfg.data_spec(), num_threads=1)
     assert any("have no group in" in r.message and str(len(index.train) + len(index.test) - 8) in r.message
                for r in caplog.records)
     assert splits.groups[listed[0].path] == splits.groups[listed[3].path] == "patient0"
@@ -100,15 +100,15 @@ def test_groups_shared_by_trainset_and_testset_are_reported_or_dropped(patients,
     csv = tmp_path / "groups.csv"
     csv.write_text(f"filename,group\n{test_photo.name},same\n{train_photo.name},same\n")
     with caplog.at_level(logging.WARNING):
-        prepare_dataset(TrainConfig(data_dir=str(patients), groups=str(csv), audit=False), num_threads=1)
+        prepare_dataset(TrainConfig(data_dir=str(patients), groups=str(csv), audit=False).data_spec(), num_threads=1)
     assert any("both trainset and testset" in r.message for r in caplog.records)
-    dropped = prepare_dataset(TrainConfig(data_dir=str(patients), groups=str(csv), audit=False, on_leak="drop"),
-                              num_threads=1)
+    dropped = prepare_dataset(TrainConfig(data_dir=str(patients), groups=str(csv), audit=False,
+                                          on_leak="drop").data_spec(), num_threads=1)
     assert train_photo not in {s.path for s in dropped.train + dropped.val}
     assert test_photo in {s.path for s in dropped.test}
     with pytest.raises(UserError, match="both trainset and testset"):
-        prepare_dataset(TrainConfig(data_dir=str(patients), groups=str(csv), audit=False, on_leak="error"),
-                        num_threads=1)
+        prepare_dataset(TrainConfig(data_dir=str(patients), groups=str(csv), audit=False,
+                                    on_leak="error").data_spec(), num_threads=1)
 
 
 def test_copies_join_groups():

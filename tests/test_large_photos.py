@@ -83,7 +83,7 @@ def test_large_photo_gives_the_same_answer_and_a_capped_overlay_of_its_shape(tin
     assert overlay.size == (1024, 683)  # the 3000 x 2000 photo's shape, longer side capped at 1024 (the default)
 
 
-def _first_batch(samples, loader_fn, pre):
+def _first_batch(samples, decoder_fn, pre):
     import torch
 
     from dataloaders.build import make_loader
@@ -93,14 +93,14 @@ def _first_batch(samples, loader_fn, pre):
     generator = torch.Generator().manual_seed(0)
     seed_everything(0)  # the random crop draws from Python's RNG, the colour jitter from torch's
     transform = build_train_transform(pre, min_crop_scale=0.25, vflip=0.0, color_jitter=0.2, randaugment=False)
-    loader = make_loader(samples, transform, 4, 0, train=True, generator=generator, loader=loader_fn)
+    loader = make_loader(samples, transform, 4, 0, train=True, generator=generator, decoder=decoder_fn)
     return next(iter(loader))[0]
 
 
 def test_decoded_image_cache_gives_the_same_batches_and_rebuilds_damaged_entries(lesion_dataset, tmp_path):
     from dataloaders.discovery import Sample
-    from dataloaders.image_cache import CachedLoader
-    from dataloaders.image_io import reduced_loader
+    from dataloaders.image_cache import CachedDecoder
+    from dataloaders.image_io import reduced_decoder
 
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -108,8 +108,8 @@ def test_decoded_image_cache_gives_the_same_batches_and_rebuilds_damaged_entries
     samples = [Sample(_big_copy(s, folder / f"p{i}.jpg", size=(1200, 900)), i % 2) for i, s in enumerate(sources)]
     pre = Preprocessing((3, 64, 64), (0.5,) * 3, (0.5,) * 3, "bilinear", 0.875, "center")
     side = decode_min_side(pre, train_min_crop_scale=0.25)
-    cache = CachedLoader(tmp_path / "cache", side)
-    plain = _first_batch(samples, reduced_loader(side), pre)
+    cache = CachedDecoder(tmp_path / "cache", side)
+    plain = _first_batch(samples, reduced_decoder(side), pre)
     assert (_first_batch(samples, cache, pre) == plain).all()  # first epoch: decoded and written
     entries = sorted((tmp_path / "cache").rglob("*.npy"))
     assert len(entries) == 4

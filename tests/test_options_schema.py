@@ -154,3 +154,21 @@ def test_every_field_of_a_script_config_is_a_flag_or_a_group():
     for cls in CONFIGS:
         for f in dataclasses.fields(cls):
             assert "flag" in f.metadata or "group" in f.metadata, f"{cls.__name__}.{f.name}"
+
+
+# The training run (training.py and its phases) reads TrainConfig and hands each layer below only what it uses.
+TRAINING_RUN = {"torch_trainer/training.py", "torch_trainer/phase.py"}
+ABOVE_TRAINING = ("experiments/",)
+
+
+def test_nothing_below_the_training_run_takes_the_whole_training_config():
+    listed = subprocess.run(["git", "ls-files", "*.py"], cwd=ROOT, capture_output=True, text=True, check=True)
+    packages = ("utils/", "evaluation/", "dataloaders/", "runs/", "segmentation/", "prediction/", "torch_trainer/",
+                "deploy/")
+    offenders = []
+    for relative in listed.stdout.split():
+        if not relative.startswith(packages) or relative in TRAINING_RUN or relative.startswith(ABOVE_TRAINING):
+            continue
+        if "TrainConfig" in (ROOT / relative).read_text(encoding="utf-8"):
+            offenders.append(relative)
+    assert not offenders

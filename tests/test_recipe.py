@@ -193,8 +193,8 @@ def test_mixup_cutmix_and_layer_decay_change_what_training_does(lesion_dataset, 
             return criterion(logits, targets)
         return loss
 
-    def spying_optimizer(model, cfg):
-        optimizer = real_optimizer(model, cfg)
+    def spying_optimizer(model, spec):
+        optimizer = real_optimizer(model, spec)
         rates_seen.append(optimizer)
         return optimizer
 
@@ -223,7 +223,7 @@ def test_without_mixup_the_loss_sees_class_indices_and_one_learning_rate():
     cfg = TrainConfig(model_name=TINY_MODEL)
     criterion = phase._train_criterion(cfg, [], 3)
     assert isinstance(criterion, torch.nn.Module) and phase.build_mixup(cfg, 3) is None
-    optimizer = build_optimizer(timm.create_model(TINY_MODEL, num_classes=3), cfg)
+    optimizer = build_optimizer(timm.create_model(TINY_MODEL, num_classes=3), cfg.optimizer_spec())
     assert {g.get("lr_scale", 1.0) for g in optimizer.param_groups} == {1.0}
 
 

@@ -129,7 +129,7 @@ def test_checkpoints_from_before_the_rule_select_their_best_epoch():
 def _learning_rates(cfg: TrainConfig, stop_after: int, schedule_epochs=None) -> list[float]:
     model = _model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr_ae)
-    scheduler = build_scheduler(optimizer, cfg, updates_per_epoch=10, num_epochs=schedule_epochs)
+    scheduler = build_scheduler(optimizer, cfg.schedule_spec(), updates_per_epoch=10, num_epochs=schedule_epochs)
     rates = []
     for update in range(stop_after * 10):
         scheduler.step_update(update)

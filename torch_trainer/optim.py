@@ -8,34 +8,34 @@ import torch
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 
-from configs import TrainConfig
+from configs import OptimizerSpec, ScheduleSpec
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, spec: OptimizerSpec) -> torch.optim.Optimizer:
     # timm skips weight decay on biases and norm layers, which plain torch.optim would decay too.
-    extra = {"momentum": cfg.momentum} if cfg.optimizer == "sgd" else {}
-    if cfg.layer_decay is not None:
+    extra = {"momentum": spec.momentum} if spec.name == "sgd" else {}
+    if spec.layer_decay is not None:
         # timm groups the model's blocks (its group_matcher) and scales each group's rate by layer_decay ** depth
-        extra["layer_decay"] = cfg.layer_decay
-    return create_optimizer_v2(model, opt=cfg.optimizer, lr=cfg.lr_ae, weight_decay=cfg.weight_decay, **extra)
+        extra["layer_decay"] = spec.layer_decay
+    return create_optimizer_v2(model, opt=spec.name, lr=spec.lr, weight_decay=spec.weight_decay, **extra)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, updates_per_epoch: int,
+def build_scheduler(optimizer: torch.optim.Optimizer, spec: ScheduleSpec, updates_per_epoch: int,
                     num_epochs: Optional[int] = None):
-    """A per-step schedule (warm-up then cosine or step decay) spanning ``num_epochs`` (default ``cfg.epochs``), or
+    """A per-step schedule (warm-up then cosine or step decay) spanning ``num_epochs`` (default ``spec.epochs``), or
     None for a constant learning rate."""
-    if cfg.scheduler == "none":
+    if spec.name == "none":
         return None
-    num_epochs = num_epochs or cfg.epochs
-    warmup = min(cfg.warmup_epochs, max(num_epochs - 1, 0))
+    num_epochs = num_epochs or spec.epochs
+    warmup = min(spec.warmup_epochs, max(num_epochs - 1, 0))
     scheduler, _ = create_scheduler_v2(
         optimizer,
-        sched=cfg.scheduler,
+        sched=spec.name,
         num_epochs=num_epochs,
-        decay_epochs=cfg.step_size,
-        decay_rate=cfg.step_gamma,
-        min_lr=cfg.lr_ae * 0.01,
-        warmup_lr=cfg.lr_ae * 0.01,
+        decay_epochs=spec.step_size,
+        decay_rate=spec.step_gamma,
+        min_lr=spec.lr * 0.01,
+        warmup_lr=spec.lr * 0.01,
         warmup_epochs=warmup,
         step_on_epochs=False,
         updates_per_epoch=max(updates_per_epoch, 1),

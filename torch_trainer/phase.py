@@ -127,12 +127,12 @@ class PhaseContext:
     run: RunDir
     device: torch.device
     info: RunInfo
-    image_loader: Callable
+    image_decoder: Callable
     eval_transform: Callable
     tracker: Any  # torch_trainer.experiment_tracking.ExperimentTracker
     dist_info: DistInfo = field(default_factory=DistInfo)
-    # Training crops need more decoded pixels than evaluation (see transforms.decode_min_side); None: image_loader.
-    train_image_loader: Optional[Callable] = None
+    # Training crops need more decoded pixels than evaluation (see transforms.decode_min_side); None: image_decoder.
+    train_image_decoder: Optional[Callable] = None
 
 
 def run_phase(files: PhaseFiles, ctx: PhaseContext, model: torch.nn.Module, train_samples: list[Sample],
@@ -153,10 +153,10 @@ def run_phase(files: PhaseFiles, ctx: PhaseContext, model: torch.nn.Module, trai
     generator = torch.Generator()
     train_loader, sampler = _train_loader(ctx, train_samples, generator)
     val_loader = _val_loader(ctx, val_samples) if val_samples is not None else None
-    trainee = Trainee(net, _train_criterion(cfg, train_samples, ctx.info.n_class), build_optimizer(model, cfg), None,
+    trainee = Trainee(net, _train_criterion(cfg, train_samples, ctx.info.n_class), build_optimizer(model, cfg.optimizer_spec()), None,
                       Precision.for_device(ctx.device, cfg.amp), channels_last, build_ema(cfg, model),
                       build_mixup(cfg, ctx.info.n_class))
-    trainee.scheduler = build_scheduler(trainee.optimizer, cfg, len(train_loader), schedule_epochs)
+    trainee.scheduler = build_scheduler(trainee.optimizer, cfg.schedule_spec(), len(train_loader), schedule_epochs)
     stopper = EarlyStopping(cfg.monitor, cfg.patience if val_loader is not None else 0, cfg.epoch_selection)
     state = _resume(files, ctx, model, trainee, stopper, stop_after) if resume else FitState()
 
@@ -195,7 +195,7 @@ def _train_loader(ctx: PhaseContext, samples: list[Sample], generator: torch.Gen
     else:
         sampler = balanced_sampler(labels, generator) if choice == "balanced" else None
     loader = make_loader(samples, transform, cfg.batch_size, cfg.num_workers, train=True, generator=generator,
-                         pin_memory=ctx.device.type == "cuda", loader=ctx.train_image_loader or ctx.image_loader,
+                         pin_memory=ctx.device.type == "cuda", decoder=ctx.train_image_decoder or ctx.image_decoder,
                          sampler=sampler)
     return loader, sampler
 
@@ -205,7 +205,7 @@ def _val_loader(ctx: PhaseContext, samples: list[Sample]):
     sampler = (DistributedSampler(samples, dist_info.world_size, dist_info.rank, shuffle=False)
                if dist_info.enabled else None)
     return make_loader(samples, ctx.eval_transform, ctx.cfg.batch_size, ctx.cfg.num_workers, train=False,
-                       pin_memory=ctx.device.type == "cuda", loader=ctx.image_loader, sampler=sampler)
+                       pin_memory=ctx.device.type == "cuda", decoder=ctx.image_decoder, sampler=sampler)
 
 
 def _train_criterion(cfg: TrainConfig, samples: list[Sample], n_class: int):

@@ -31,7 +31,7 @@ def write_run_report(ctx: PhaseContext, model: torch.nn.Module, splits: DataSpli
 
     def gallery(indices: list[int], folder: Path) -> list[GalleryItem]:
         samples = [tested[i] for i in indices]
-        overlays = save_gradcam_examples(model, samples, ctx.info, ctx.image_loader, folder,
+        overlays = save_gradcam_examples(model, samples, ctx.info, ctx.image_decoder, folder,
                                          max_side=THUMB_SIDE) or [s.path for s in samples]
         return [GalleryItem(image, s.path.name, splits.class_names[s.label],
                             splits.class_names[int(probs[i].argmax())], float(probs[i].max()))

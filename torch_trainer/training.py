@@ -36,7 +36,7 @@ from segmentation.skin_region import prepare_skin_masks
 from torch_trainer import phase
 from torch_trainer.distributed import DistInfo, barrier, broadcast, init_distributed, launched_by_torchrun, shutdown
 from torch_trainer.experiment_tracking import ExperimentTracker
-from torch_trainer.inputs import training_image_loaders
+from torch_trainer.inputs import training_image_decoders
 from torch_trainer.models import build_model, count_parameters
 from torch_trainer.phase import PhaseContext, PhaseOutcome, run_phase
 from torch_trainer.run_report import log_test, write_run_report, write_test_predictions
@@ -152,12 +152,14 @@ def load_data_and_model(cfg: TrainConfig, run: Optional[RunDir], device: torch.d
         info = read_run_info(run.root)
         splits = run.read_splits(cfg.resolved_data_dir, info.class_names)
         model, timm_name = build_model(cfg.model_name, len(splits.class_names), False, None, cfg.drop_rate)
-        region = prepare_skin_masks(cfg, splits, device) if cfg.input_kind == "skin_region" else None
+        region = (prepare_skin_masks(cfg.segmentation(), cfg.resolved_data_dir, splits, device)
+                  if cfg.input_kind == "skin_region" else None)
         return splits, model, timm_name, info, region
-    splits = prepare_dataset(cfg, num_threads=max(2, effective_workers(cfg.num_workers)))
+    splits = prepare_dataset(cfg.data_spec(), num_threads=max(2, effective_workers(cfg.num_workers)))
     model, timm_name = build_model(cfg.model_name, len(splits.class_names), cfg.pre_trained, cfg.pretrained_path,
                                    cfg.drop_rate)
-    region = prepare_skin_masks(cfg, splits, device) if cfg.input_kind == "skin_region" else None
+    region = (prepare_skin_masks(cfg.segmentation(), cfg.resolved_data_dir, splits, device)
+              if cfg.input_kind == "skin_region" else None)
     return splits, model, timm_name, None, region
 
 
@@ -193,9 +195,10 @@ def train(cfg: TrainConfig, run: RunDir, device: torch.device, splits: DataSplit
                                 {**cfg.to_dict(), "class_names": info.class_names,
                                  "timm_model_name": info.timm_model_name, "world_size": dist_info.world_size},
                                 cfg.wandb_project, run.name)
-    eval_loader, train_loader = training_image_loaders(cfg, info)
-    ctx = PhaseContext(cfg, run, device, info, eval_loader, build_eval_transform(pre), tracker, dist_info,
-                       train_loader)
+    eval_decoder, train_decoder = training_image_decoders(info, cfg.resolved_data_dir, cfg.min_crop_scale,
+                                                          cfg.cache_images, cfg.cache_dir)
+    ctx = PhaseContext(cfg, run, device, info, eval_decoder, build_eval_transform(pre), tracker, dist_info,
+                       train_decoder)
     try:
         selection, refit = _select_and_refit(ctx, splits, model)
         if not dist_info.is_main:
@@ -274,7 +277,7 @@ class _Scorer:
     def __call__(self, model: torch.nn.Module, samples, tta: bool, desc: str) -> EvalResult:
         cfg, device = self.ctx.cfg, self.ctx.device
         loader = make_loader(samples, self.ctx.eval_transform, cfg.batch_size, cfg.num_workers, train=False,
-                             pin_memory=device.type == "cuda", loader=self.ctx.image_loader)
+                             pin_memory=device.type == "cuda", decoder=self.ctx.image_decoder)
         return evaluate(model, loader, torch.nn.CrossEntropyLoss(), Precision.for_device(device, cfg.amp),
                         channels_last=prefers_channels_last(device), desc=desc, tta=tta)
 
@@ -414,5 +417,5 @@ def _finish_training(ctx: PhaseContext, model: torch.nn.Module, splits: DataSpli
         ctx.tracker.summary({f"test_{k}": v for k, v in metrics.items() if not isinstance(v, dict)})
         ctx.tracker.log_images("confusion_matrix", [run.test_confusion_png])
         ctx.tracker.log_images("gradcam", save_gradcam_examples(model, splits.test[:GRADCAM_EXAMPLES], info,
-                                                                ctx.image_loader, run.gradcam_examples))
+                                                                ctx.image_decoder, run.gradcam_examples))
     return metrics
