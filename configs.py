@@ -152,6 +152,13 @@ OUTPUT_DIR = Flag(None, "output folder (quantize_onnx_models.py: default onnx_mo
 CONFIG = Flag(None, "YAML or JSON file of defaults for these flags (names without '--'); command-line flags win")
 
 
+class Options:
+    """Base of every flag dataclass: building one checks each flag's type, choice and range."""
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+
+
 # --- training (main.py) ----------------------------------------------------------------------------------------------
 @dataclass
 class TrainConfig:
@@ -391,7 +398,7 @@ class ScheduleSpec:
 
 # --- option groups that library functions take -----------------------------------------------------------------------
 @dataclass(frozen=True)
-class PredictionOptions:
+class PredictionOptions(Options):
     """How to classify (prediction.engine): the flags inference.py and inference_with_segmentation.py share."""
 
     weights: str = WEIGHTS.field()
@@ -410,13 +417,13 @@ class PredictionOptions:
     abstain: Optional[str] = ABSTAIN.field()
 
     def __post_init__(self) -> None:
-        validate_fields(self)
+        super().__post_init__()
         parse_operating_points(self.operating_point)
         parse_abstain(self.abstain)
 
 
 @dataclass(frozen=True)
-class ReferenceOptions:
+class ReferenceOptions(Options):
     """Where a scored folder's true labels come from (inference on a labelled folder)."""
 
     labels_from_folders: bool = _opt(False, "the folder is labelled (<class>/ sub-folders named like the training "
@@ -429,7 +436,7 @@ class ReferenceOptions:
     metadata: Optional[str] = METADATA.field()
 
     def __post_init__(self) -> None:
-        validate_fields(self)
+        super().__post_init__()
         if self.labels_from_folders and self.labels_csv:
             raise UserError("give --labels_from_folders or --labels_csv, not both")
         if self.metadata and not (self.labels_from_folders or self.labels_csv):
@@ -438,7 +445,7 @@ class ReferenceOptions:
 
 
 @dataclass(frozen=True)
-class SegmentationOptions:
+class SegmentationOptions(Options):
     """The face parser (segmentation.face_parsing) and which of its labels count as skin."""
 
     seg_backend: str = SEG_BACKEND.field()
@@ -446,12 +453,9 @@ class SegmentationOptions:
     seg_revision: Optional[str] = SEG_REVISION.field()
     parts: Optional[str] = PARTS.field()
 
-    def __post_init__(self) -> None:
-        validate_fields(self)
-
 
 @dataclass(frozen=True)
-class QuantOptions:
+class QuantOptions(Options):
     """INT8 quantization (deploy.onnx_quant)."""
 
     calib_images: int = _opt(200, "training images used to calibrate INT8 activations", **at_least(1))
@@ -467,12 +471,9 @@ class QuantOptions:
                                       "model re-quantized, until it does; 0 turns the check off", **between(0, 1),
                                 metavar="0..1")
 
-    def __post_init__(self) -> None:
-        validate_fields(self)
-
 
 @dataclass(frozen=True)
-class ExportOptions:
+class ExportOptions(Options):
     """What quantize_onnx_models.py exports from a run (deploy.onnx_export), bar the face parser."""
 
     weights: str = WEIGHTS.field()
@@ -483,12 +484,9 @@ class ExportOptions:
     data_dir: Optional[str] = DATA_DIR.field()
     quant: QuantOptions = _group(QuantOptions)
 
-    def __post_init__(self) -> None:
-        validate_fields(self)
-
 
 @dataclass(frozen=True)
-class BenchmarkOptions:
+class BenchmarkOptions(Options):
     """How benchmark.py times the frameworks (deploy.benchmarking)."""
 
     batch_sizes: str = _opt("1,32", "comma-separated batch sizes", check=lambda v: bool(re.fullmatch(
@@ -502,9 +500,6 @@ class BenchmarkOptions:
     eval_images: int = _opt(0, "test images for the accuracy columns; 0 = the whole test split", **at_least(0))
     data_dir: Optional[str] = DATA_DIR.field()
 
-    def __post_init__(self) -> None:
-        validate_fields(self)
-
     @property
     def batch_size_list(self) -> tuple[int, ...]:
         return tuple(int(b) for b in self.batch_sizes.split(",") if b.strip())
@@ -516,7 +511,7 @@ class BenchmarkOptions:
 
 # --- the other scripts' configs --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class InferenceConfig:
+class InferenceConfig(Options):
     """inference.py."""
 
     DEFAULT_OUTPUT: ClassVar[str] = "inference_results"
@@ -530,9 +525,6 @@ class InferenceConfig:
     prediction: PredictionOptions = _group(PredictionOptions)
     reference: ReferenceOptions = _group(ReferenceOptions)
     config: Optional[str] = CONFIG.field()
-
-    def __post_init__(self) -> None:
-        validate_fields(self)
 
     @property
     def output_folder(self) -> Path:
@@ -552,7 +544,7 @@ class SegmentedInferenceConfig(InferenceConfig):
 
 
 @dataclass(frozen=True)
-class FaceSegmentationConfig:
+class FaceSegmentationConfig(Options):
     """face_segmentation.py."""
 
     DEFAULT_OUTPUT: ClassVar[str] = "face_segmentation_results"
@@ -564,16 +556,13 @@ class FaceSegmentationConfig:
     reduced_decode: bool = REDUCED_DECODE.field()
     config: Optional[str] = CONFIG.field()
 
-    def __post_init__(self) -> None:
-        validate_fields(self)
-
     @property
     def output_folder(self) -> Path:
         return Path(self.output or self.DEFAULT_OUTPUT)
 
 
 @dataclass(frozen=True)
-class ExportConfig:
+class ExportConfig(Options):
     """quantize_onnx_models.py."""
 
     DEFAULT_OUTPUT: ClassVar[str] = EXPORT_DIR
@@ -586,16 +575,13 @@ class ExportConfig:
     export: ExportOptions = _group(ExportOptions)
     config: Optional[str] = CONFIG.field()
 
-    def __post_init__(self) -> None:
-        validate_fields(self)
-
     @property
     def output_folder(self) -> Path:
         return Path(self.output_dir or self.DEFAULT_OUTPUT)
 
 
 @dataclass(frozen=True)
-class BenchmarkConfig:
+class BenchmarkConfig(Options):
     """benchmark.py."""
 
     model_path: str = MODEL_PATH.field()
@@ -604,16 +590,13 @@ class BenchmarkConfig:
     benchmark: BenchmarkOptions = _group(BenchmarkOptions)
     config: Optional[str] = CONFIG.field()
 
-    def __post_init__(self) -> None:
-        validate_fields(self)
-
     @property
     def output_folder(self) -> Path:
         return Path(self.output_dir or self.onnx_model_dir)
 
 
 @dataclass(frozen=True)
-class AuditConfig:
+class AuditConfig(Options):
     """audit_dataset.py."""
 
     data_dir: Optional[str] = DATA_DIR.field()
@@ -629,7 +612,7 @@ class AuditConfig:
     config: Optional[str] = CONFIG.field()
 
     def __post_init__(self) -> None:
-        validate_fields(self)
+        super().__post_init__()
         if not self.data_dir:
             raise UserError("--data_dir is required: the dataset root (trainset/, testset/) or a folder of class "
                             "folders")
@@ -640,7 +623,7 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
-class SweepOptions:
+class SweepOptions(Options):
     """run_experiments.py's own flags (beside main.py's, which give every run's defaults)."""
 
     template: str = _opt("run_experiments_template.py", "Python file with BASE/GRID/RUNS, or YAML with base:/grid:/"
@@ -648,9 +631,6 @@ class SweepOptions:
     sweep_dir: str = _opt("experiments", "state and summary files")
     dry_run: bool = _opt(False, "validate and list the runs, train nothing")
     latency_iterations: int = _opt(20, "batch-1 CPU forward passes per model for the latency column", **at_least(1))
-
-    def __post_init__(self) -> None:
-        validate_fields(self)
 
 
 # --- validation ------------------------------------------------------------------------------------------------------
