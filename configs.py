@@ -163,8 +163,9 @@ class Options:
 @dataclass
 class TrainConfig:
     # --- the original project's flags and defaults ---
-    data_name: str = _opt("skin", "dataset name; the data folder defaults to data/<data_name>_dataset and the run "
-                                  "folder is save_results/dataset+<data_name>/...")
+    data_name: str = _opt(None, "dataset name: the run folder is save_results/dataset+<data_name>/... and, without "
+                                "--data_dir, the data folder is data/<data_name>_dataset (default: the --data_dir "
+                                "folder's name without _dataset, else skin)")
     model_name: str = _opt("efficientnet_b0", "a model from the README table or any timm model name")
     n_class: Optional[int] = _opt(None, "number of classes; checked against the class folders (default: inferred)",
                                   **at_least(2))
@@ -295,6 +296,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.tta is None:  # one --tta flag serves training (default on) and inference (default: the run's)
             self.tta = True
+        if self.data_name is None:  # `--data_dir ../dogcat` files its runs under dataset+dogcat, not dataset+skin
+            self.data_name = data_name_of(self.data_dir)
         self.validate()
 
     def validate(self) -> None:
@@ -349,6 +352,14 @@ class TrainConfig:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "TrainConfig":
         return from_namespace(cls, args)
+
+
+def data_name_of(data_dir: Optional[str]) -> str:
+    """The dataset name a folder stands for: ``data/demo_dataset`` -> demo, ``../dogcat`` -> dogcat; skin without one."""
+    if not data_dir or not isinstance(data_dir, str):
+        return "skin"
+    name = Path(data_dir).name or Path(data_dir).resolve().name
+    return name[:-len("_dataset")] if name.endswith("_dataset") and len(name) > len("_dataset") else (name or "skin")
 
 
 # --- what the training run hands the layers below it (typed views of TrainConfig, not flags) --------------------------

@@ -25,6 +25,7 @@ save_results/dataset+<data>/model+<model>/<YYYY-MM-DD_HH-MM-SS>/
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,11 +110,15 @@ class RunDir:
         """A new, empty ``<save_dir>/dataset+<data>/model+<model>/<timestamp>[_n]/``."""
         parent = Path(save_dir) / f"dataset+{data_name}" / f"model+{model_name}"
         stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-        run_dir, n = parent / stamp, 1
-        while run_dir.exists():  # two runs started in the same second (sweeps, tests)
-            run_dir, n = parent / f"{stamp}_{n}", n + 1
-        run_dir.mkdir(parents=True)
-        return cls(run_dir)
+        for n in itertools.count():
+            run_dir = parent / (stamp if n == 0 else f"{stamp}_{n}")
+            try:
+                # mkdir without exist_ok is atomic: of two runs started in the same second (sweeps, parallel jobs),
+                # exactly one creates a given name and the other moves on to the next suffix.
+                run_dir.mkdir(parents=True, exist_ok=False)
+                return cls(run_dir)
+            except FileExistsError:
+                continue
 
     @property
     def name(self) -> str:

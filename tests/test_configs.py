@@ -99,3 +99,13 @@ def test_every_config_field_is_a_flag():
 def test_config_round_trips_through_dict():
     cfg = parse("--model_name", "resnet18", "--epochs", "3")
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("argv,name", [(["--data_dir", "/data/photos/dogcat"], "dogcat"),
+                                       (["--data_dir", "data/demo_dataset/"], "demo"),
+                                       (["--data_dir", "/x/dogcat", "--data_name", "pets"], "pets"),
+                                       ([], "skin")])
+def test_the_run_is_named_after_the_data_folder_unless_named(argv, name):
+    cfg = parse(*argv)
+    assert cfg.data_name == name
+    assert TrainConfig.from_dict(cfg.to_dict()).data_name == name
