@@ -355,7 +355,8 @@ class TrainConfig:
 
 
 def data_name_of(data_dir: Optional[str]) -> str:
-    """The dataset name a folder stands for: ``data/demo_dataset`` -> demo, ``../dogcat`` -> dogcat; skin without one."""
+    """The dataset name a folder stands for: ``data/demo_dataset`` -> demo, ``../dogcat`` -> dogcat; skin without
+    a folder."""
     if not data_dir or not isinstance(data_dir, str):
         return "skin"
     name = Path(data_dir).name or Path(data_dir).resolve().name
