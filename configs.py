@@ -70,6 +70,7 @@ class Flag:
     required: bool = False
     metavar: Optional[str] = None
     aliases: tuple[str, ...] = ()  # older spellings still accepted
+    output_folder: bool = False  # a folder the script writes into: naming an existing file is an error
 
     def field(self) -> Any:
         return field(default=self.default, metadata={"flag": self})
@@ -146,9 +147,9 @@ SEG_MODEL = Flag(None, "face parser model: segformer backend, a Hugging Face id 
 SEG_REVISION = Flag(None, "Hugging Face revision (commit hash) of --seg_model, to pin the parser")
 PARTS = Flag(None, "comma-separated parser labels that count as skin (default: skin,nose)")
 OUTPUT = Flag(None, "output folder (audit_dataset.py: default audit_results/<data_dir name>; face_segmentation.py: "
-                    "default face_segmentation_results)")
+                    "default face_segmentation_results)", output_folder=True)
 OUTPUT_DIR = Flag(None, "output folder (quantize_onnx_models.py: default onnx_models; benchmark.py: default "
-                        "--onnx_model_dir)")
+                        "--onnx_model_dir)", output_folder=True)
 CONFIG = Flag(None, "YAML or JSON file of defaults for these flags (names without '--'); command-line flags win")
 
 
@@ -217,7 +218,8 @@ class TrainConfig:
     cache_images: bool = _opt(False, "keep each training/validation/test photo's decode (reduced-size for large JPEGs) in "
                                      "a cache so later epochs and runs skip decoding: for folders of camera-size "
                                      "photos; whole-photo runs only")
-    cache_dir: Optional[str] = _opt(None, "where --cache_images keeps them (default: <data_dir>/.image_cache)")
+    cache_dir: Optional[str] = _opt(None, "where --cache_images keeps them (default: <data_dir>/.image_cache)",
+                                    output_folder=True)
     mixup: float = _opt(0.0, "mixup alpha (timm Mixup; 0 = off)", **at_least(0))
     cutmix: float = _opt(0.0, "cutmix alpha (timm Mixup; 0 = off)", **at_least(0))
     input_kind: str = _opt("full_image", "train on whole photos, or on the face's skin region made by the face "
@@ -284,7 +286,7 @@ class TrainConfig:
     device: str = DEVICE.field()
     amp: bool = _opt(True, "mixed precision on CUDA (bf16 where supported, else fp16); ignored on CPU")
     deterministic: bool = _opt(False, "deterministic kernels (slower on GPU; see REPRODUCIBILITY.md)")
-    save_dir: str = _opt("save_results", "root folder for run folders")
+    save_dir: str = _opt("save_results", "root folder for run folders", output_folder=True)
     wandb: str = _opt("auto", "Weights & Biases logging: auto = online when logged in, else offline into the run "
                               "folder; never blocks or fails training", WANDB_MODES)
     wandb_project: str = _opt("skinclf", "W&B project name")
@@ -531,7 +533,8 @@ class InferenceConfig(Options):
     model_path: str = MODEL_PATH.field()
     inference_folder: str = _opt("inference_set", "folder of images (searched recursively) or one image file")
     inference_output: Optional[str] = _opt(None, "output folder (default: inference_results; "
-                                                 "inference_with_segmentation.py: inference_results_segmented)")
+                                                 "inference_with_segmentation.py: inference_results_segmented)",
+                                           output_folder=True)
     batch_size: int = BATCH_SIZE.field()
     num_workers: int = NUM_WORKERS.field()
     prediction: PredictionOptions = _group(PredictionOptions)
@@ -640,7 +643,7 @@ class SweepOptions(Options):
 
     template: str = _opt("run_experiments_template.py", "Python file with BASE/GRID/RUNS, or YAML with base:/grid:/"
                                                         "runs:")
-    sweep_dir: str = _opt("experiments", "state and summary files")
+    sweep_dir: str = _opt("experiments", "state and summary files", output_folder=True)
     dry_run: bool = _opt(False, "validate and list the runs, train nothing")
     latency_iterations: int = _opt(20, "batch-1 CPU forward passes per model for the latency column", **at_least(1))
 
@@ -693,6 +696,8 @@ def validate_fields(obj: Any) -> None:
             raise UserError(f"--{f.name} {value!r} is not one of {', '.join(map(str, flag.choices))}")
         if flag.check is not None and not flag.check(value):
             raise UserError(f"--{f.name} {value!r}: must be {flag.rule}")
+        if flag.output_folder and Path(value).exists() and not Path(value).is_dir():
+            raise UserError(f"--{f.name} {value} is a file; give a folder to write into")
 
 
 # --- the generator ---------------------------------------------------------------------------------------------------

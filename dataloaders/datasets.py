@@ -27,13 +27,13 @@ class ImageSamples(Dataset):
 
     def __getitem__(self, index: int):
         sample = self.samples[index]
-        try:
+        try:  # the transform too: an image that decodes but cannot be resized is skipped like any other
             image = self.decode(sample.path)
+            if self.transform is not None:
+                image = self.transform(image)
         except Exception as err:  # noqa: BLE001 - a file that broke after discovery must not end the epoch
             logger.warning("skipping %s in this batch: %s", sample.path, err)
             return None
-        if self.transform is not None:
-            image = self.transform(image)
         return image, sample.label, index
 
 

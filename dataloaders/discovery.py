@@ -54,6 +54,23 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
 
 
+def check_class_name(name: str, where: str) -> None:
+    """Class names become folder and file names (Grad-CAM galleries, reports): refuse those that would leave the
+    output folder or break a file system, with a one-line error naming where the name came from."""
+    problem = None
+    if name in (".", ".."):
+        problem = "is a relative path"
+    elif "/" in name or "\\" in name:
+        problem = "holds a path separator"
+    elif any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+        problem = "holds a control character"
+    elif len(name.encode("utf-8", "surrogateescape")) > 100:
+        problem = "is longer than 100 bytes"
+    if problem:
+        raise UserError(f"{where}: class name {name!r} {problem}; class names become folder and file names, so "
+                        f"rename it (letters, digits, spaces, '-', '_')")
+
+
 def discover_split(split_dir: Path) -> dict[str, list[Path]]:
     class_dirs = sorted(d for d in split_dir.iterdir() if d.is_dir() and not is_hidden(d.name))
     if class_dirs:
@@ -63,6 +80,7 @@ def discover_split(split_dir: Path) -> dict[str, list[Path]]:
             if not images:
                 raise UserError(f"class folder {class_dir} holds no images (jpg, jpeg, png, bmp, webp, tif); "
                                 f"add images or remove the folder ({EXPECTED_LAYOUT})")
+            check_class_name(class_dir.name, str(class_dir))
             by_class[class_dir.name] = images
         loose = [p for p in split_dir.iterdir() if p.is_file() and looks_like_image(p)]
         if loose:
@@ -79,6 +97,7 @@ def discover_split(split_dir: Path) -> dict[str, list[Path]]:
                         f"<class>.<n>.<ext>; put images in class folders ({EXPECTED_LAYOUT})")
     by_class = {}
     for path in flat:
+        check_class_name(path.name.split(".")[0], str(path))
         by_class.setdefault(path.name.split(".")[0], []).append(path)
     return dict(sorted(by_class.items()))
 

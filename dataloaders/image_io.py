@@ -40,12 +40,26 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+# No photo is 20 times longer than wide; a strip like 20,000,000 x 1 (19 KB as a PNG) passes Pillow's pixel limit,
+# and the resize to the model's short side would then ask for gigabytes.
+MAX_ASPECT_RATIO = 20
+
+
+class NotAPhoto(ValueError):
+    """An image whose shape no photo has: refused before decoding, skipped and listed like any unreadable file."""
+
+
 def _open_refusing_bombs(path: str | os.PathLike) -> Image.Image:
-    """``Image.open``, except that images over Pillow's pixel limit are refused outright: Pillow only warns
-    between 1x and 2x the limit and would then decode gigabytes."""
+    """``Image.open``, except that images over Pillow's pixel limit are refused outright (Pillow only warns between
+    1x and 2x the limit and would then decode gigabytes), and so are strips longer than MAX_ASPECT_RATIO:1."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        return Image.open(path)
+        img = Image.open(path)
+    width, height = img.size
+    if min(width, height) < 1 or max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        img.close()
+        raise NotAPhoto(f"{width}x{height} pixels: longer than {MAX_ASPECT_RATIO}:1, not a photo")
+    return img
 
 
 def load_rgb(path: str | os.PathLike, min_side: int = 0, max_side: int = 0) -> Image.Image:

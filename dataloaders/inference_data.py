@@ -42,11 +42,11 @@ class InferenceImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        try:
+        try:  # the transform too: an image that decodes but cannot be resized is skipped like any other
             image = load_rgb(self.paths[index], min_side=self.min_side)
+            return self.transform(image), index, image.size
         except Exception as err:  # noqa: BLE001 - any undecodable file is reported, never fatal
             return None, index, failure_reason(self.paths[index], err)
-        return self.transform(image), index, image.size
 
 
 def collate_inference(batch):

@@ -9,12 +9,13 @@ name, or name without extension (as ``dataloaders.groups`` does). The split come
 from __future__ import annotations
 
 import csv
+import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
-from dataloaders.discovery import DatasetIndex, Sample, find_unreadable, list_images
+from dataloaders.discovery import DatasetIndex, Sample, check_class_name, find_unreadable, list_images
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,26 @@ def _split_of(path: Path, root: Path, value: Optional[str], where: str) -> str:
     return top
 
 
+# Korean Excel saves "CSV" as CP949 (a superset of EUC-KR) unless told otherwise; UTF-8 (with or without BOM) first.
+CSV_ENCODINGS = ("utf-8-sig", "cp949")
+
+
+def open_csv_text(csv_path: Path) -> io.StringIO:
+    """The CSV's text for csv.reader: UTF-8 with or without BOM, else CP949/EUC-KR (said in the log); a file in
+    neither is a one-line error naming it."""
+    data = csv_path.read_bytes()
+    for encoding in CSV_ENCODINGS:
+        try:
+            text = data.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+        if encoding != CSV_ENCODINGS[0]:
+            logger.info("%s is not UTF-8; read it as %s (Korean Excel's default)", csv_path, encoding.upper())
+        return io.StringIO(text, newline="")
+    raise UserError(f"{csv_path} is neither UTF-8 nor CP949/EUC-KR text; save it from Excel as "
+                    f"'CSV UTF-8 (comma delimited)'")
+
+
 def read_label_rows(csv_path: Path, paths: list[Path], root: Path, columns: CsvColumns
                     ) -> Iterator[tuple[str, Path, str, Optional[str], Optional[str]]]:
     """Each row as (where, image path, label, group, split value), validated: a missing column, an unknown file, an
@@ -73,7 +94,7 @@ def read_label_rows(csv_path: Path, paths: list[Path], root: Path, columns: CsvC
         raise UserError(f"--labels_csv {csv_path}: file not found")
     names = ImageNames(paths, root)
     seen: set[Path] = set()
-    with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+    with open_csv_text(csv_path) as handle:
         reader = csv.DictReader(handle)
         wanted = [c for c in (columns.file, columns.label, columns.group, columns.split) if c]
         missing = [c for c in wanted if c not in (reader.fieldnames or [])]
@@ -114,6 +135,7 @@ def index_from_labels_csv(csv_path: Path, root: Path, columns: CsvColumns = CsvC
     for where, path, label, group, split_value in read_label_rows(csv_path, list_images(root), root, columns):
         split = (_split_of(path, root, split_value, where) if for_training or columns.split
                  else _loose_split(path, root))
+        check_class_name(label, where)
         rows.append((path, label, split, group))
     if not for_training:
         class_names = sorted({label for _, label, _, _ in rows})

@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from dataloaders.labels_csv import ImageNames
+from dataloaders.labels_csv import ImageNames, open_csv_text
 from utils.errors import UserError
 
 METADATA_KEY = "filename"
@@ -19,7 +19,7 @@ def read_metadata(csv_path: Path, paths: list[Path], root: Path) -> dict[Path, d
         raise UserError(f"--metadata {csv_path}: file not found")
     names = ImageNames(paths, root)
     values: dict[Path, dict[str, str]] = {}
-    with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+    with open_csv_text(csv_path) as handle:
         reader = csv.DictReader(handle)
         fields = reader.fieldnames or []
         if METADATA_KEY not in fields:

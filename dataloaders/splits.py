@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 from dataloaders.discovery import DatasetIndex, Sample
 from utils.atomic import atomic_path
+from utils.csv_cells import neutralise, restore
 from utils.errors import UserError
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -137,8 +138,8 @@ def write_split_csv(path: Path, samples: list[Sample], root: Path, class_names: 
         writer = csv.writer(handle)
         writer.writerow(["filepath", "label", "class_name"] + (["group"] if groups is not None else []))
         for s in samples:
-            writer.writerow([s.path.relative_to(root).as_posix(), s.label, class_names[s.label]]
-                            + ([groups[s.path]] if groups is not None else []))
+            writer.writerow([neutralise(s.path.relative_to(root).as_posix()), s.label, neutralise(class_names[s.label])]
+                            + ([neutralise(groups[s.path])] if groups is not None else []))
 
 
 def read_split_csv(path: Path, root: Path, groups: Optional[dict[Path, str]] = None) -> list[Sample]:
@@ -148,9 +149,9 @@ def read_split_csv(path: Path, root: Path, groups: Optional[dict[Path, str]] = N
     samples = []
     with open(path, newline="", encoding="utf-8") as handle:
         for row in csv.DictReader(handle):
-            samples.append(Sample(root / row["filepath"], int(row["label"])))
+            samples.append(Sample(root / restore(row["filepath"]), int(row["label"])))
             if groups is not None and row.get("group"):
-                groups[samples[-1].path] = row["group"]
+                groups[samples[-1].path] = restore(row["group"])
     return samples
 
 
@@ -159,7 +160,7 @@ def write_skipped_csv(path: Path, skipped: list[tuple[Path, str]]) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["filepath", "reason"])
-        writer.writerows([p.as_posix(), reason] for p, reason in skipped)
+        writer.writerows([neutralise(p.as_posix()), neutralise(reason)] for p, reason in skipped)
 
 
 def write_folds_csv(path: Path, splits: DataSplits) -> None:
@@ -168,12 +169,12 @@ def write_folds_csv(path: Path, splits: DataSplits) -> None:
         writer = csv.writer(handle)
         writer.writerow(["filepath", "label", "class_name", "fold"])
         for s, fold in zip(splits.train, splits.folds):
-            writer.writerow([s.path.relative_to(splits.root).as_posix(), s.label, splits.class_names[s.label],
-                             fold + 1])
+            writer.writerow([neutralise(s.path.relative_to(splits.root).as_posix()), s.label,
+                             neutralise(splits.class_names[s.label]), fold + 1])
 
 
 def read_folds_csv(path: Path, root: Path, train: list[Sample]) -> list[int]:
     """Each of ``train``'s images' fold (0-based), as write_folds_csv recorded it."""
     with open(path, newline="", encoding="utf-8") as handle:
-        by_path = {row["filepath"]: int(row["fold"]) - 1 for row in csv.DictReader(handle)}
+        by_path = {restore(row["filepath"]): int(row["fold"]) - 1 for row in csv.DictReader(handle)}
     return [by_path[s.path.relative_to(root).as_posix()] for s in train]

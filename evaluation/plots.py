@@ -7,6 +7,8 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # headless machines and CI have no display
+# Class and file names are text, never math: "$" in a name ("price $5", "$x^$") must not go to the mathtext parser.
+matplotlib.rcParams["text.parse_math"] = False
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 

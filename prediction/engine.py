@@ -35,6 +35,7 @@ from runs.export_dir import DEFAULT_EXPORT, other_source_run
 from runs.run_folder import RunDir
 from runs.run_info import RunInfo, read_run_info
 from utils.atomic import atomic_path, atomic_write_json
+from utils.csv_cells import neutralise
 from utils.device import select_device
 from utils.errors import UserError
 from utils.paths import safe_output_path
@@ -88,8 +89,9 @@ def build_predictor(options: PredictionOptions, run_dir: Path, info: RunInfo, de
         model.to(device)
     if options.backend == "onnx":
         onnx_path = Path(options.onnx_model) if options.onnx_model else DEFAULT_ONNX_MODEL
-        predictor = OnnxPredictor(onnx_path, info.n_class, device)
-        warn_if_other_run(onnx_path, run_dir)
+        if onnx_path.is_file():
+            warn_if_other_run(onnx_path, run_dir)  # first: it explains a mismatch the predictor then refuses
+        predictor = OnnxPredictor(onnx_path, info.n_class, device, input_size=info.preprocessing.input_size)
         return predictor, model
     return TorchPredictor(model, device), model
 
@@ -114,7 +116,8 @@ def prediction_row(relative: str, probs: np.ndarray, class_names: list[str], top
 
 
 def _csv_value(value: Any) -> Any:
-    return f"{value:.6f}" if isinstance(value, float) else value  # booleans stay True/False, as face_found always was
+    # booleans stay True/False, as face_found always was
+    return f"{value:.6f}" if isinstance(value, float) else neutralise(value)
 
 
 def write_outputs(output_dir: Path, rows: list[dict], skipped: list[dict], class_names: list[str],
@@ -126,13 +129,13 @@ def write_outputs(output_dir: Path, rows: list[dict], skipped: list[dict], class
         writer = csv.writer(fh)
         writer.writerow(header)
         for row in rows:
-            writer.writerow([row["filename"], row["predicted_class"], row["predicted_label"],
+            writer.writerow([neutralise(row["filename"]), row["predicted_class"], neutralise(row["predicted_label"]),
                              f"{row['confidence']:.6f}"] + [f"{row['probabilities'][n]:.6f}" for n in class_names]
                             + [_csv_value(row[c]) for c in extra_columns])
     with atomic_path(output_dir / "skipped.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(["filename", "reason"])
-        writer.writerows([s["filename"], s["reason"]] for s in skipped)
+        writer.writerows([neutralise(s["filename"]), neutralise(s["reason"])] for s in skipped)
     skipped_entries = [{"predicted_class": None, "predicted_label": None, "confidence": None, "probabilities": None,
                         **s, "skipped": True} for s in skipped]
     atomic_write_json(output_dir / "predictions.json", [{**row, "skipped": False} for row in rows] + skipped_entries)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -38,11 +38,20 @@ class TorchPredictor:
 class OnnxPredictor:
     """Runs an exported classifier; its single input is the preprocessed batch, its first output the logits."""
 
-    def __init__(self, path: str | Path, n_class: int, device: torch.device, threads: int = 0):
+    def __init__(self, path: str | Path, n_class: int, device: torch.device, threads: int = 0,
+                 input_size: Optional[tuple[int, int, int]] = None):
+        """``input_size`` (channels, height, width): the run's, checked against the file's fixed input shape."""
         path = Path(path)
         self.session = create_session(path, device.type, threads,
                                       missing_hint="export one with quantize_onnx_models.py or pass --onnx_model FILE")
-        self.input_name = self.session.get_inputs()[0].name
+        model_input = self.session.get_inputs()[0]
+        self.input_name = model_input.name
+        fixed = list(model_input.shape[1:]) if model_input.shape else []
+        if input_size is not None and len(fixed) == 3 and all(isinstance(d, int) for d in fixed) \
+                and tuple(fixed) != tuple(input_size):
+            raise UserError(f"{path} takes {'x'.join(map(str, fixed))} inputs but the run folder's preprocessing "
+                            f"makes {'x'.join(map(str, input_size))}; export this run with quantize_onnx_models.py "
+                            f"or pass the --model_path it was exported from")
         output = self.session.get_outputs()[0]
         self.outputs_probabilities = "prob" in output.name.lower()
         width = output.shape[-1] if output.shape else None

@@ -23,6 +23,7 @@ from segmentation.skin_region import (
     skin_mask,
 )
 from utils.atomic import atomic_path, atomic_save, atomic_write_json
+from utils.csv_cells import neutralise
 from utils.paths import safe_output_path
 
 logger = logging.getLogger(__name__)
@@ -90,11 +91,11 @@ def segment_folder(root: Path, paths: list[Path], output: Path, parser: FacePars
     with atomic_path(output / "segmentation_summary.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({key: neutralise(value) for key, value in row.items()} for row in rows)
     with atomic_path(output / "skipped.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=["filename", "reason"])
         writer.writeheader()
-        writer.writerows(skipped)
+        writer.writerows({key: neutralise(value) for key, value in row.items()} for row in skipped)
     no_face = [r["filename"] for r in rows if not r["face_found"]]
     logger.info("%d images: %d with a face, %d without (see segmentation_summary.csv), %d unreadable; results in %s",
                 len(paths), len(rows) - len(no_face), len(no_face), len(skipped), output)

@@ -159,3 +159,13 @@ def test_known_bad_files_are_skipped_with_the_reason_a_user_can_act_on(tmp_path,
     tensor, _, detail = InferenceImages([path], TRANSFORM)[0]
     assert tensor is None and reason in detail
     assert ImageSamples([Sample(path, 0)], TRANSFORM)[0] is None
+
+
+def test_a_strip_of_twenty_million_pixels_is_skipped_not_a_memory_error(tmp_path):
+    path = tmp_path / "strip.png"
+    Image.new("RGB", (20_000_000, 1)).save(path, optimize=True)
+    assert path.stat().st_size < 100_000  # small on disk: only its shape gives it away
+    assert "not a photo" in check_image(path)
+    tensor, _, detail = InferenceImages([path], TRANSFORM)[0]
+    assert tensor is None and "not a photo" in detail
+    assert ImageSamples([Sample(path, 0)], TRANSFORM)[0] is None

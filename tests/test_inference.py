@@ -190,6 +190,18 @@ def test_onnx_backend_warns_when_the_file_came_from_another_run(tiny_run, photo_
         run(tiny_run, photo_folder, tmp_path / "o", "--backend", "onnx", "--onnx_model", str(onnx_path))
     assert "was exported from" not in caplog.text
 
+def test_an_onnx_file_of_another_input_size_is_refused_in_one_line(tiny_run, photo_folder, tmp_path, caplog):
+    model, info = load_run_model(tiny_run)
+    onnx_path = tmp_path / "bigger.onnx"
+    channels, height, width = info.preprocessing.input_size
+    export_fp32(model, [channels, height + 32, width + 32], onnx_path, 17)
+    write_onnx_metadata(onnx_path, info.onnx_metadata(tmp_path / "another_run", "fp32"))
+    with caplog.at_level(logging.WARNING), pytest.raises(UserError, match=f"takes 3x{height + 32}x{width + 32} "
+                                                                          f"inputs but .* makes 3x{height}x{width}"):
+        run(tiny_run, photo_folder, tmp_path / "o", "--backend", "onnx", "--onnx_model", str(onnx_path))
+    assert "another_run" in caplog.text  # the provenance warning comes first and explains it
+
+
 def test_onnx_backend_without_a_model_file_says_how_to_get_one(tiny_run, photo_folder, tmp_path):
     with pytest.raises(UserError, match="quantize_onnx_models.py"):
         run(tiny_run, photo_folder, tmp_path / "o", "--backend", "onnx", "--onnx_model", str(tmp_path / "no.onnx"))

@@ -72,3 +72,20 @@ def test_audit_reads_the_metadata_csv(flat_images, tmp_path):
          "--output", str(tmp_path / "audit")]))
     assert summary["readable"] == 48
     assert set(summary["per_class"]) == {"trainset", "testset"}
+
+
+def test_a_cp949_csv_from_korean_excel_is_read_and_the_encoding_is_said(flat_images, tmp_path, caplog):
+    import logging
+
+    frame = pd.read_csv(flat_images.parent / "metadata.csv")
+    frame["dx"] = frame["dx"].map({"benign": "양성", "malignant": "악성", "normal": "정상"})
+    korean = tmp_path / "라벨.csv"
+    korean.write_bytes(frame.to_csv(index=False).encode("cp949"))
+    with caplog.at_level(logging.INFO):
+        index, _ = index_from_labels_csv(korean, flat_images, CsvColumns("image_id", "dx", None, "split"))
+    assert sorted(index.class_names) == sorted(["양성", "악성", "정상"])
+    assert any("CP949" in r.getMessage() for r in caplog.records)
+    broken = tmp_path / "broken.csv"
+    broken.write_bytes(b"image_id,dx\n\xff\xfe\xfa,x\n")
+    with pytest.raises(UserError, match="neither UTF-8 nor CP949"):
+        index_from_labels_csv(broken, flat_images, CsvColumns("image_id", "dx"))

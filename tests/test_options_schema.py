@@ -172,3 +172,19 @@ def test_nothing_below_the_training_run_takes_the_whole_training_config():
         if "TrainConfig" in (ROOT / relative).read_text(encoding="utf-8"):
             offenders.append(relative)
     assert not offenders
+
+
+@pytest.mark.parametrize("script,argv,flag", [
+    (main, ["--save_dir", "{file}"], "--save_dir"),
+    (inference, ["--model_path", "r", "--inference_output", "{file}"], "--inference_output"),
+    (quantize_onnx_models, ["--model_path", "r", "--output_dir", "{file}"], "--output_dir"),
+    (benchmark, ["--model_path", "r", "--output_dir", "{file}"], "--output_dir"),
+    (audit_dataset, ["--data_dir", "d", "--output", "{file}"], "--output"),
+    (face_segmentation, ["--input", "p", "--output", "{file}"], "--output")])
+def test_an_output_flag_that_names_a_file_is_a_one_line_error_before_anything_runs(tmp_path, script, argv, flag):
+    existing = tmp_path / "notes.txt"
+    existing.write_text("mine")
+    args = script.parse_args([a.format(file=existing) for a in argv])
+    with pytest.raises(UserError, match=f"{flag} .* is a file"):
+        script.main(args)
+    assert existing.read_text() == "mine"
