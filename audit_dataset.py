@@ -20,6 +20,7 @@ from dataloaders.audit import discover_for_audit, items_from_index, log_audit, r
 from dataloaders.labels_csv import CsvColumns, index_from_labels_csv
 from utils.cli import run_cli
 from utils.logging_setup import setup_logging
+from utils.paths import check_output_folder
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -41,9 +42,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         items = items_from_index(index)
     else:
         items = discover_for_audit(root)
+    output = cfg.output_folder
+    check_output_folder(output, "--output", {"--data_dir": root})
     audit = run_audit(items, root, threshold=cfg.near_dup_threshold, tiny_side=cfg.tiny_side,
                       num_threads=max(1, cfg.num_workers))
-    output = cfg.output_folder
     write_audit(output, audit)
     log_audit(audit)
     print(f"audit written to {output}")

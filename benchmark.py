@@ -25,6 +25,7 @@ from deploy.benchmarking import benchmark_run, format_benchmark, write_benchmark
 from runs.export_dir import ExportDir
 from utils.cli import run_cli
 from utils.logging_setup import setup_logging
+from utils.paths import check_output_folder
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> list[dict]:
     setup_logging()
     cfg = from_namespace(BenchmarkConfig, args)
+    check_output_folder(cfg.output_folder, "--output_dir", {"--model_path": Path(cfg.model_path)})
     result = benchmark_run(Path(cfg.model_path), ExportDir(cfg.onnx_model_dir), cfg.benchmark)
     output = ExportDir(cfg.output_folder)
     write_benchmark(result, output)

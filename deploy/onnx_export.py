@@ -35,6 +35,7 @@ from segmentation.skin_region import image_decoder_for_run
 from utils.atomic import atomic_path
 from utils.errors import UserError
 from utils.onnx_runtime import check_onnx_model, create_session, write_onnx_metadata
+from utils.paths import check_output_folder
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +131,7 @@ def export_run(run_dir: Path, export: ExportDir, settings: ExportOptions) -> dic
     """Export a run's delivered classifier to a verified FP32 ONNX file and (unless ``quantize`` is "none") a
     verified INT8 one, each with the run's contract as metadata, plus a class_info.json copy. A model that fails its
     check is an error and nothing is left under its final name. Returns the export report."""
+    check_output_folder(export.root, "--output_dir", {"--model_path": run_dir})
     model, info = load_run_model(run_dir, settings.weights)
     levels = getattr(model, "feature_info", None) or []
     stages = settings.quant.keep_float_stages

@@ -38,7 +38,7 @@ from utils.atomic import atomic_path, atomic_write_json
 from utils.csv_cells import neutralise
 from utils.device import select_device
 from utils.errors import UserError
-from utils.paths import safe_output_path
+from utils.paths import check_output_folder, foreign_files, safe_output_path
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,10 @@ class GradcamWriter:
 
     def __init__(self, output_dir: Path, model, method: str, preprocessing, max_side: int = 1024):
         self.final_dir = output_dir / "gradcam"
+        foreign = foreign_files(self.final_dir, GRADCAM_SUFFIX)
+        if foreign:  # replacing gradcam/ would delete them
+            raise UserError(f"{self.final_dir} holds files inference did not write (e.g. {foreign[0].name}); choose "
+                            f"another --inference_output or move them")
         self.staging = output_dir / ".gradcam.partial"
         shutil.rmtree(self.staging, ignore_errors=True)
         self.preprocessing = preprocessing
@@ -259,6 +263,14 @@ class WholeImages:
         """Add this input's own counts to the summary."""
 
 
+def _run_folders_around(output_dir: Path) -> dict[str, Path]:
+    """A run or export folder (it holds a class_info.json) that ``output_dir`` is or lies inside."""
+    for folder in (output_dir.resolve(), *output_dir.resolve().parents):
+        if (folder / RunDir.CLASS_INFO).is_file():
+            return {"a run or export folder": folder}
+    return {}
+
+
 def infer_folder(model_path: str | Path, folder: str | Path, output_dir: Path, options: PredictionOptions, *,
                  batch_size: int = 32, num_workers: int = 2, reference: ReferenceLabels = ReferenceLabels(),
                  inputs: Optional[WholeImages] = None) -> dict[str, Any]:
@@ -270,6 +282,8 @@ def infer_folder(model_path: str | Path, folder: str | Path, output_dir: Path, o
     root, paths = collect_inference_images(folder)
     labels = reference.lookup(root, paths) if reference.active else None  # a bad labels CSV fails before the work
     metadata = reference.subgroup_values(root, paths)
+    check_output_folder(output_dir, "--inference_output", {"--inference_folder": Path(folder), "--model_path": run_dir,
+                                                           **_run_folders_around(output_dir)})
     inputs.check(info, options)
     output_dir.mkdir(parents=True, exist_ok=True)
     inputs.start(output_dir)

@@ -33,11 +33,13 @@ from segmentation.skin_region import (
     skin_mask,
 )
 from utils.device import select_device
-from utils.paths import safe_output_path
+from utils.errors import UserError
+from utils.paths import foreign_files, safe_output_path
 
 logger = logging.getLogger(__name__)
 
 EXTRA_COLUMNS = ("face_found", "skin_ratio")
+SEGMENTED_SUFFIX = ".skin.png"  # segmented/<relative path>.skin.png: what the classifier saw
 
 
 def check_training_match(info: RunInfo, parser: FaceParser, parts: list[str]) -> None:
@@ -84,6 +86,10 @@ class SkinRegions(WholeImages):
     def start(self, output_dir: Path) -> None:
         self.segmented_dir = output_dir / "segmented"
         if self.save_segmented:
+            foreign = foreign_files(self.segmented_dir, SEGMENTED_SUFFIX)
+            if foreign:
+                raise UserError(f"{self.segmented_dir} holds files inference did not write (e.g. {foreign[0].name}); "
+                                f"choose another --inference_output or move them")
             shutil.rmtree(self.segmented_dir, ignore_errors=True)  # an earlier run's inputs would not match
 
     def batches(self, root: Path, paths: list[Path], info: RunInfo, options: PredictionOptions, batch_size: int,
@@ -116,7 +122,7 @@ class SkinRegions(WholeImages):
                 picture = classifier_input(paths[index], mask if face_found else None, fill, min_side,
                                            Image.fromarray(image))
                 if self.save_segmented:
-                    target = safe_output_path(self.segmented_dir, relative, ".skin.png")
+                    target = safe_output_path(self.segmented_dir, relative, SEGMENTED_SUFFIX)
                     target.parent.mkdir(parents=True, exist_ok=True)
                     picture.save(target)
                 tensors.append(transform(picture))

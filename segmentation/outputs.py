@@ -24,7 +24,7 @@ from segmentation.skin_region import (
 )
 from utils.atomic import atomic_path, atomic_save, atomic_write_json
 from utils.csv_cells import neutralise
-from utils.paths import safe_output_path
+from utils.paths import check_output_folder, safe_output_path
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ def segment_folder(root: Path, paths: list[Path], output: Path, parser: FacePars
     the summary. Large JPEGs are parsed (and their outputs written) at the reduced decode training and
     inference_with_segmentation.py use, with the photo's aspect ratio; ``output_scale`` in the summary is the
     outputs' width over the photo's."""
+    check_output_folder(output, "--output", {"--input": root})
     part_ids = select_parts(parser.id2label, parse_parts_flag(parts))
     output.mkdir(parents=True, exist_ok=True)
     atomic_write_json(output / "labels.json", {"id2label": {str(k): v for k, v in parser.id2label.items()},

@@ -86,3 +86,19 @@ def test_a_class_folder_with_a_control_character_is_refused(tmp_path):
     (root / "trainset" / "benign").rename(root / "trainset" / "be\x07nign")
     with pytest.raises(UserError, match="control character"):
         discover_dataset(root, check_images=False)
+
+
+def test_audit_and_export_refuse_an_output_among_their_inputs(tmp_path, tiny_run):
+    import audit_dataset
+    import quantize_onnx_models
+    from data.synthetic_lesions import generate_dataset
+    from utils.errors import UserError
+
+    data = generate_dataset(tmp_path / "d", n_train=4, n_test=2, img_size=32, seed=1)
+    with pytest.raises(UserError, match="--output .* lies inside --data_dir"):
+        audit_dataset.main(audit_dataset.parse_args(["--data_dir", str(data), "--output", str(data / "audit")]))
+    assert not (data / "audit").exists()
+    with pytest.raises(UserError, match="--output_dir .* is --model_path"):
+        quantize_onnx_models.main(quantize_onnx_models.parse_args(
+            ["--model_path", str(tiny_run), "--output_dir", str(tiny_run), "--skip_segmentation"]))
+    assert not (tiny_run / "clf_model.onnx").exists()

@@ -6,6 +6,7 @@ import logging
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -256,3 +257,35 @@ def test_torch_predictor_runs_channels_last_with_the_same_answers(tiny_run):
     with torch.inference_mode():
         expected = reference(images).numpy()
     np.testing.assert_allclose(predictor.logits(images), expected, atol=1e-4, rtol=1e-4)
+
+
+def _checksums(folder):
+    import hashlib
+
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("where", ["input", "inside_input", "run", "inside_run"])
+def test_outputs_never_land_in_the_input_folder_or_a_run_folder(tiny_run, photo_folder, tmp_path, where):
+    photos = tmp_path / "photos"
+    shutil.copytree(photo_folder, photos)
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    output = {"input": photos, "inside_input": photos / "results", "run": run_dir,
+              "inside_run": run_dir / "inference"}[where]
+    before = _checksums(tmp_path)
+    with pytest.raises(UserError, match="--inference_output .* (is|lies inside)"):
+        run(run_dir, photos, output, "--generate_gradcam", "--labels_from_folders")
+    assert _checksums(tmp_path) == before  # nothing written, nothing changed
+
+
+def test_a_gradcam_folder_the_suite_did_not_write_is_never_replaced(tiny_run, photo_folder, tmp_path):
+    output = tmp_path / "results"
+    (output / "gradcam").mkdir(parents=True)
+    (output / "gradcam" / "my_notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match="gradcam holds files inference did not write"):
+        run(tiny_run, photo_folder, output, "--generate_gradcam")
+    assert (output / "gradcam" / "my_notes.txt").read_text() == "keep me"
+    run(tiny_run, photo_folder, tmp_path / "fresh", "--generate_gradcam")
+    run(tiny_run, photo_folder, tmp_path / "fresh", "--generate_gradcam")  # its own overlays are replaced freely
+    assert all(p.name.endswith(".gradcam.jpg") for p in (tmp_path / "fresh" / "gradcam").rglob("*") if p.is_file())

@@ -21,3 +21,24 @@ def safe_output_path(output_dir: Path, relative: Path, suffix: str = "") -> Path
     if os.path.commonpath([base, os.path.abspath(target)]) != base:
         raise UserError(f"refusing to write {target}: outside {output_dir}")
     return target
+
+
+def check_output_folder(output: Path, flag: str, inputs: dict[str, Path]) -> None:
+    """Refuse an output folder that is, lies inside or contains one of ``inputs`` (flag -> folder or file): the
+    outputs would land among the inputs, and a later run would read them back as inputs."""
+    out = Path(output).resolve()
+    for name, path in inputs.items():
+        given = Path(path).resolve()
+        relation = ("is" if out == given else "lies inside" if given in out.parents
+                    else "contains" if out in given.parents else None)
+        if relation:
+            raise UserError(f"{flag} {output} {relation} {name} {path}; choose an output folder apart from the "
+                            f"inputs, so that nothing is written over or among them")
+
+
+def foreign_files(folder: Path, suffix: str) -> list[Path]:
+    """Files under ``folder`` that the suite did not write (its files there all end with ``suffix``): a folder that
+    holds any is never replaced or deleted."""
+    if not folder.exists():
+        return []
+    return [p for p in folder.rglob("*") if p.is_file() and not p.name.endswith(suffix)]
