@@ -43,6 +43,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 # No photo is 20 times longer than wide; a strip like 20,000,000 x 1 (19 KB as a PNG) passes Pillow's pixel limit,
 # and the resize to the model's short side would then ask for gigabytes.
 MAX_ASPECT_RATIO = 20
+STRIP_MIN_SIDE = 512
 
 
 class NotAPhoto(ValueError):
@@ -56,7 +57,8 @@ def _open_refusing_bombs(path: str | os.PathLike) -> Image.Image:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         img = Image.open(path)
     width, height = img.size
-    if min(width, height) < 1 or max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+    # A small image of any shape is cheap; a long one is resized to a long side of ratio x the input size.
+    if max(width, height) > STRIP_MIN_SIDE and max(width, height) > MAX_ASPECT_RATIO * min(width, height):
         img.close()
         raise NotAPhoto(f"{width}x{height} pixels: longer than {MAX_ASPECT_RATIO}:1, not a photo")
     return img

@@ -50,7 +50,15 @@ def load_run_model(run_dir: str | Path, weights: str = "final") -> tuple[torch.n
                         f"{'last' if weights != 'last' else 'best'})")
     state = load_checkpoint(ckpt_path)
     state = state.get("model", state) if isinstance(state, dict) else state
-    model = timm.create_model(info.timm_model_name, pretrained=False, num_classes=info.n_class, **info.model_kwargs)
+    if not timm.is_model(info.timm_model_name):
+        raise UserError(f"{run_dir / RunDir.CLASS_INFO}: timm_model_name {info.timm_model_name!r} is not a model this "
+                        f"timm knows; restore the file or install the timm version the run was trained with")
+    try:
+        model = timm.create_model(info.timm_model_name, pretrained=False, num_classes=info.n_class,
+                                  **info.model_kwargs)
+    except (TypeError, ValueError) as err:  # an argument the architecture does not take, or a bad value
+        raise UserError(f"{run_dir / RunDir.CLASS_INFO}: model_kwargs {info.model_kwargs} do not build "
+                        f"{info.timm_model_name} ({str(err).splitlines()[0]})") from err
     try:
         model.load_state_dict(state)
     except RuntimeError as err:

@@ -9,11 +9,14 @@ object, so an exported file carries exactly what the run folder says.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
-from dataloaders.transforms import Preprocessing
+from configs import INPUT_KINDS
+from dataloaders.discovery import check_class_name
+from dataloaders.transforms import EVAL_CROP_MODES, Preprocessing
 from runs.run_folder import RunDir
 from utils.atomic import atomic_write_json
 from utils.errors import UserError
@@ -70,6 +73,8 @@ class RunInfo:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = RunDir.CLASS_INFO) -> "RunInfo":
+        """The contract, after checking every field's type and range (a hand-edited or damaged file is a one-line
+        error naming the field, never a silently wrong answer)."""
         version = values.get("schema_version", 1)
         if not isinstance(version, int) or version > SCHEMA_VERSION:
             raise UserError(f"{source} has schema_version {version!r}, newer than this skinclf reads "
@@ -78,6 +83,9 @@ class RunInfo:
         if missing:
             raise UserError(f"{source} has no {', '.join(map(repr, missing))}; it was not written by main.py "
                             f"(retrain with this version)")
+        problem = contract_problem(values)
+        if problem:
+            raise UserError(f"{source}: {problem}; retrain the run or restore the file")
         try:
             return cls(class_names=[str(name) for name in values["class_names"]], model_name=values["model_name"],
                        timm_model_name=values["timm_model_name"],
@@ -109,6 +117,91 @@ class RunInfo:
                 # probability >= "threshold"; answer "uncertain" when the top probability < abstain "threshold".
                 "operating_points": json.dumps(self.operating_points, ensure_ascii=False),
                 "abstain": json.dumps(self.abstain, ensure_ascii=False)}
+
+
+# Interpolations timm's transforms accept, and the eval crop modes of dataloaders.transforms.EVAL_CROP_MODES.
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "hamming", "box")
+CROP_MODES = tuple(EVAL_CROP_MODES.values())
+MAX_INPUT_SIDE = 4096
+DELIVERABLE = (RunDir.BEST_CKPT, RunDir.REFIT_CKPT, RunDir.LAST_CKPT)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _threshold_problem(entries: Any, what: str) -> Optional[str]:
+    for entry in entries:
+        if not isinstance(entry, dict):
+            return f"{what} entries must be objects"
+        if "threshold" in entry and entry["threshold"] is not None and not (
+                _is_number(entry["threshold"]) and 0 <= entry["threshold"] <= 1):
+            return f"{what} threshold {entry['threshold']!r} must be a number in [0, 1]"
+    return None
+
+
+def contract_problem(values: dict[str, Any]) -> Optional[str]:
+    """What is wrong with a class_info.json's values (the first problem), or None."""
+    names = values.get("class_names")
+    if not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) for n in names):
+        return f"class_names {names!r} must be a list of at least two names"
+    if len(set(names)) != len(names):
+        return "class_names has a name twice"
+    for name in names:
+        try:
+            check_class_name(name, "class_names")
+        except UserError as err:
+            return str(err).split("; ")[0]
+    for key in ("model_name", "timm_model_name"):
+        if not isinstance(values.get(key), str) or not values[key]:
+            return f"{key} {values.get(key)!r} must be a model name"
+    kwargs = values.get("model_kwargs") or {}
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) and (v is None or isinstance(v, (int, float, str)))
+                                               for k, v in kwargs.items()):
+        return f"model_kwargs {kwargs!r} must map argument names to numbers or text"
+    pre = values.get("preprocessing")
+    if not isinstance(pre, dict):
+        return "preprocessing must be an object"
+    size = pre.get("input_size")
+    if not (isinstance(size, list) and len(size) == 3 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                              for v in size)
+            and size[0] == 3 and all(16 <= v <= MAX_INPUT_SIDE for v in size[1:])):
+        return f"preprocessing input_size {size!r} must be [3, height, width] with sides 16..{MAX_INPUT_SIDE}"
+    for key, low in (("mean", None), ("std", 0.0)):
+        vector = pre.get(key)
+        if not (isinstance(vector, list) and len(vector) == 3 and all(_is_number(v) for v in vector)
+                and (low is None or all(v > low for v in vector))):
+            return f"preprocessing {key} {vector!r} must be three numbers" + (" above 0" if low is not None else "")
+    if pre.get("interpolation") not in INTERPOLATIONS:
+        return f"preprocessing interpolation {pre.get('interpolation')!r} is not one of {', '.join(INTERPOLATIONS)}"
+    crop_pct = pre.get("crop_pct", 0.875)
+    if crop_pct is not None and not (_is_number(crop_pct) and 0 < crop_pct <= 1):
+        return f"preprocessing crop_pct {crop_pct!r} must be in (0, 1]"
+    if pre.get("crop_mode", "center") not in CROP_MODES:
+        return f"preprocessing crop_mode {pre.get('crop_mode')!r} is not one of {', '.join(CROP_MODES)}"
+    if values.get("input_kind", "full_image") not in INPUT_KINDS:
+        return f"input_kind {values.get('input_kind')!r} is not one of {', '.join(INPUT_KINDS)}"
+    if not isinstance(values.get("tta", False), bool):
+        return f"tta {values.get('tta')!r} must be true or false"
+    if values.get("weights", RunDir.BEST_CKPT) not in DELIVERABLE:
+        return f"weights {values.get('weights')!r} must name a checkpoint of the run ({', '.join(DELIVERABLE)})"
+    temperature = values.get("temperature", 1.0)
+    if not (_is_number(temperature) and 0.01 <= temperature <= 100):
+        return f"temperature {temperature!r} must be a number in [0.01, 100]"
+    points = values.get("operating_points") or []
+    if not isinstance(points, list):
+        return "operating_points must be a list"
+    problem = _threshold_problem(points, "operating_points")
+    if problem:
+        return problem
+    if any(p.get("class") not in names for p in points):
+        return "operating_points name a class that is not in class_names"
+    abstain = values.get("abstain")
+    if abstain is not None and not isinstance(abstain, dict):
+        return "abstain must be an object"
+    if abstain is not None:
+        return _threshold_problem([abstain], "abstain")
+    return None
 
 
 def read_run_info(folder: str | Path) -> RunInfo:

@@ -59,7 +59,7 @@ def test_a_newer_or_damaged_contract_is_a_one_line_error(tmp_path):
     with pytest.raises(UserError, match="has no 'preprocessing'"):
         read_run_info(tmp_path)
     (tmp_path / RunDir.CLASS_INFO).write_text(json.dumps({**values, "preprocessing": {"mean": [0.5]}}))
-    with pytest.raises(UserError, match="is damaged"):
+    with pytest.raises(UserError, match="preprocessing input_size None must be"):
         read_run_info(tmp_path)
     (tmp_path / RunDir.CLASS_INFO).write_text("[1, 2]")
     with pytest.raises(UserError, match="not a class_info.json"):
@@ -74,3 +74,47 @@ def test_onnx_metadata_comes_from_the_contract():
     assert meta["interpolation"] == "bicubic" and meta["crop_mode"] == "center" and float(meta["crop_pct"]) == 0.875
     assert meta["tta"] == "true" and float(meta["temperature"]) == 1.0 and meta["source_run"] == "runs/x"
     assert meta["schema_version"] == str(SCHEMA_VERSION) and all(isinstance(v, str) for v in meta.values())
+
+
+@pytest.mark.parametrize("edit,field", [
+    ({"temperature": -1}, "temperature"), ({"temperature": 0}, "temperature"), ({"temperature": "nan"}, "temperature"),
+    ({"tta": "false"}, "tta"), ({"class_names": "cd"}, "class_names"), ({"class_names": ["a", "a"]}, "class_names"),
+    ({"class_names": ["x/../../outside", "b"]}, "path separator"),
+    ({"weights": "../../../etc/passwd"}, "weights"), ({"weights": None}, "weights"),
+    ({"abstain": [0.5]}, "abstain"), ({"abstain": {"threshold": 7}}, "abstain threshold"),
+    ({"operating_points": {"class": "a"}}, "operating_points"),
+    ({"operating_points": [{"class": "nope", "threshold": 0.5}]}, "operating_points"),
+    ({"model_kwargs": {"drop_rate": [1]}}, "model_kwargs"), ({"timm_model_name": 5}, "timm_model_name"),
+    ({"input_kind": "x"}, "input_kind")])
+def test_a_hand_edited_contract_is_refused_with_the_field_named(tmp_path, edit, field):
+    values = {**json.loads(OLD_FIXTURE.read_text()), **edit}
+    (tmp_path / RunDir.CLASS_INFO).write_text(json.dumps(values))
+    with pytest.raises(UserError, match=field):
+        read_run_info(tmp_path)
+
+
+@pytest.mark.parametrize("edit,field", [({"interpolation": "evil"}, "interpolation"),
+                                        ({"input_size": [3, 0, 0]}, "input_size"),
+                                        ({"input_size": [3, 60000, 60000]}, "input_size"),
+                                        ({"std": [0.2, 0.0, 0.2]}, "std"), ({"crop_pct": 2}, "crop_pct")])
+def test_hand_edited_preprocessing_is_refused(tmp_path, edit, field):
+    values = json.loads(OLD_FIXTURE.read_text())
+    values["preprocessing"] = {**values["preprocessing"], **edit}
+    (tmp_path / RunDir.CLASS_INFO).write_text(json.dumps(values))
+    with pytest.raises(UserError, match=f"preprocessing {field}"):
+        read_run_info(tmp_path)
+
+
+@pytest.mark.parametrize("edit,message", [({"timm_model_name": "no_such_net"}, "not a model this timm knows"),
+                                          ({"model_kwargs": {"no_such_argument": 1}}, "do not build")])
+def test_a_contract_naming_an_unknown_architecture_is_a_one_line_error(tiny_run, tmp_path, edit, message):
+    import shutil
+
+    from runs.checkpoint import load_run_model
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    values = {**json.loads((run_dir / RunDir.CLASS_INFO).read_text()), **edit}
+    (run_dir / RunDir.CLASS_INFO).write_text(json.dumps(values))
+    with pytest.raises(UserError, match=message):
+        load_run_model(run_dir)
