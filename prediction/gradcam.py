@@ -29,6 +29,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from dataloaders.transforms import eval_crop_box
 from utils.errors import UserError
+from utils.paths import fit_file_name
 
 if TYPE_CHECKING:
     from runs.run_info import RunInfo
@@ -173,8 +174,8 @@ def save_gradcam_examples(model: torch.nn.Module, samples, info: "RunInfo", imag
             original = np.asarray(picture)
             overlay = render_overlay(original, cam_on_original(cam, (original.shape[1], original.shape[0]),
                                                                info.preprocessing), max_side=max_side)
-            target = folder / (f"{sample.path.stem}_true-{info.class_names[sample.label]}_pred-"
-                               f"{info.class_names[predicted]}.jpg")
+            target = folder / fit_file_name(f"{sample.path.stem}_true-{info.class_names[sample.label]}_pred-"
+                                            f"{info.class_names[predicted]}", ".jpg")
             atomic_save(target, lambda tmp: Image.fromarray(overlay).save(tmp, format="JPEG", quality=90))
             paths.append(target)
     finally:

@@ -102,3 +102,31 @@ def test_audit_and_export_refuse_an_output_among_their_inputs(tmp_path, tiny_run
         quantize_onnx_models.main(quantize_onnx_models.parse_args(
             ["--model_path", str(tiny_run), "--output_dir", str(tiny_run), "--skip_segmentation"]))
     assert not (tiny_run / "clf_model.onnx").exists()
+
+
+def test_long_legal_file_names_give_outputs_whose_names_fit(tmp_path, tiny_run, lesion_dataset):
+    import os
+    import shutil
+
+    import face_segmentation
+    import inference
+    from utils.paths import NAME_MAX, fit_file_name
+
+    a, b = "x" * 240 + "_a", "x" * 240 + "_b"
+    assert fit_file_name("short", ".gradcam.jpg") == "short.gradcam.jpg"
+    assert len({fit_file_name(a, ".gradcam.jpg"), fit_file_name(b, ".gradcam.jpg")}) == 2  # long names stay apart
+    assert all(len(os.fsencode(fit_file_name(n, ".labels.png"))) <= NAME_MAX for n in (a, b, "한" * 84))
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    long_name = "가" * 60 + "_" + "y" * 60 + ".jpg"  # 241 bytes: legal, but not with a suffix added
+    shutil.copy(next((lesion_dataset / "testset" / "benign").glob("*.jpg")), photos / long_name)
+    inference.main(inference.parse_args(["--model_path", str(tiny_run), "--inference_folder", str(photos),
+                                         "--inference_output", str(tmp_path / "out"), "--generate_gradcam",
+                                         "--num_workers", "0"]))
+    (overlay,) = (tmp_path / "out" / "gradcam").iterdir()
+    assert overlay.name.endswith(".gradcam.jpg") and len(os.fsencode(overlay.name)) <= NAME_MAX
+    face_segmentation.main(face_segmentation.parse_args(["--input", str(photos), "--output", str(tmp_path / "seg"),
+                                                         "--seg_backend", "opencv"]))
+    written = [p for p in (tmp_path / "seg").iterdir() if p.name.endswith((".labels.png", ".mask.png"))]
+    assert len(written) == 2 and all(len(os.fsencode(p.name)) <= NAME_MAX for p in written)

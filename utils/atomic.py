@@ -26,7 +26,8 @@ def atomic_path(final_path: str | os.PathLike) -> Iterator[Path]:
     """
     final_path = Path(final_path)
     final_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final_path.stem}.", suffix=f".tmp{final_path.suffix}",
+    # The temporary name only has to be unique: a short prefix keeps it legal next to a final name of 255 bytes.
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final_path.stem[:64]}.", suffix=f".tmp{final_path.suffix[:16]}",
                                     dir=final_path.parent)
     os.close(fd)
     tmp_path = Path(tmp_name)

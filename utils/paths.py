@@ -2,10 +2,27 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
 from utils.errors import UserError
+
+NAME_MAX = 255  # bytes in one file name on Linux, macOS and Windows file systems
+
+
+def fit_file_name(name: str, suffix: str = "") -> str:
+    """``name + suffix``, or, when that is longer than a file system allows, ``name`` cut short plus a hash of the
+    whole name (so two long names that share a beginning stay apart) and ``suffix``."""
+    full = name + suffix
+    if len(os.fsencode(full)) <= NAME_MAX:
+        return full
+    digest = hashlib.sha1(os.fsencode(name)).hexdigest()[:12]
+    budget = NAME_MAX - len(os.fsencode(suffix)) - len(digest) - 1
+    short = name
+    while len(os.fsencode(short)) > budget:
+        short = short[:-1]
+    return f"{short}~{digest}{suffix}"
 
 
 def safe_output_path(output_dir: Path, relative: Path, suffix: str = "") -> Path:
@@ -16,7 +33,7 @@ def safe_output_path(output_dir: Path, relative: Path, suffix: str = "") -> Path
     """
     if relative.is_absolute() or ".." in relative.parts or not relative.parts:
         raise UserError(f"refusing to write {relative}: the name would place the file outside {output_dir}")
-    target = output_dir / relative.with_name(relative.name + suffix)
+    target = output_dir / relative.with_name(fit_file_name(relative.name, suffix))
     base = os.path.abspath(output_dir)
     if os.path.commonpath([base, os.path.abspath(target)]) != base:
         raise UserError(f"refusing to write {target}: outside {output_dir}")
