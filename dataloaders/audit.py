@@ -31,8 +31,8 @@ from dataloaders.fingerprints import (
     fingerprint_all,
     near_pairs,
 )
-from utils.atomic import atomic_save, atomic_write_json
-from utils.csv_cells import neutralise_frame
+from utils.atomic import atomic_write_json
+from utils.csv_cells import save_frame_for_people
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -275,7 +275,7 @@ def write_audit(output_dir: Path, audit: DatasetAudit) -> None:
     report = {**audit.summary,
               "removed": [{"path": _shown(p, audit.root), "reason": r} for p, r in sorted(audit.removals.items())]}
     atomic_write_json(output_dir / AUDIT_JSON, report)
-    atomic_save(output_dir / DUPLICATES_CSV, lambda tmp: neutralise_frame(audit.pairs).to_csv(tmp, index=False))
+    save_frame_for_people(output_dir / DUPLICATES_CSV, audit.pairs)
     if len(audit.pairs):
         order = {"label_conflict": 0, "train_test_leak": 1, "duplicate": 2}
         shown = audit.pairs.sort_values(["relation", "distance"], key=lambda c: c.map(order) if c.name == "relation"

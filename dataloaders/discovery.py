@@ -58,7 +58,13 @@ def check_class_name(name: str, where: str) -> None:
     """Class names become folder and file names (Grad-CAM galleries, reports): refuse those that would leave the
     output folder or break a file system, with a one-line error naming where the name came from."""
     problem = None
-    if name in (".", ".."):
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8 reach Python as lone surrogates
+        problem = "is not UTF-8 text (a folder from a Korean Windows zip? unzip it with -O cp949)"
+    if problem:
+        pass
+    elif name in (".", ".."):
         problem = "is a relative path"
     elif "/" in name or "\\" in name:
         problem = "holds a path separator"

@@ -49,6 +49,11 @@ class DataSplits:
                         enumerate(self.class_names)} for split in SPLIT_NAMES}
 
 
+# A file name that is not UTF-8 (CP949 bytes from a Korean Windows zip) is written as its own bytes and read back
+# as the same name: these CSVs are the run's record of which files it used.
+NAME_BYTES = "surrogateescape"
+
+
 def stratified_split(samples: list[Sample], val_ratio: float, seed: int, class_names: list[str],
                      groups: Optional[dict[Path, str]] = None) -> tuple[list[Sample], list[Sample]]:
     from sklearn.model_selection import train_test_split
@@ -134,7 +139,7 @@ def split_dataset(index: DatasetIndex, val_ratio: float, seed: int, folds: int =
 
 def write_split_csv(path: Path, samples: list[Sample], root: Path, class_names: list[str],
                      groups: Optional[dict[Path, str]]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8", errors=NAME_BYTES) as handle:
         writer = csv.writer(handle)
         writer.writerow(["filepath", "label", "class_name"] + (["group"] if groups is not None else []))
         for s in samples:
@@ -147,7 +152,7 @@ def read_split_csv(path: Path, root: Path, groups: Optional[dict[Path, str]] = N
     if not path.is_file():
         raise UserError(f"{path} is missing; cannot rebuild the run's data split")
     samples = []
-    with open(path, newline="", encoding="utf-8") as handle:
+    with open(path, newline="", encoding="utf-8", errors=NAME_BYTES) as handle:
         for row in csv.DictReader(handle):
             samples.append(Sample(root / restore(row["filepath"]), int(row["label"])))
             if groups is not None and row.get("group"):
@@ -157,7 +162,7 @@ def read_split_csv(path: Path, root: Path, groups: Optional[dict[Path, str]] = N
 
 def write_skipped_csv(path: Path, skipped: list[tuple[Path, str]]) -> None:
     """The unreadable files left out of the split, with the reason."""
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8", errors=NAME_BYTES) as handle:
         writer = csv.writer(handle)
         writer.writerow(["filepath", "reason"])
         writer.writerows([neutralise(p.as_posix()), neutralise(reason)] for p, reason in skipped)
@@ -165,7 +170,7 @@ def write_skipped_csv(path: Path, skipped: list[tuple[Path, str]]) -> None:
 
 def write_folds_csv(path: Path, splits: DataSplits) -> None:
     """--folds K: each training image's fold (1..K)."""
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8", errors=NAME_BYTES) as handle:
         writer = csv.writer(handle)
         writer.writerow(["filepath", "label", "class_name", "fold"])
         for s, fold in zip(splits.train, splits.folds):
@@ -175,6 +180,6 @@ def write_folds_csv(path: Path, splits: DataSplits) -> None:
 
 def read_folds_csv(path: Path, root: Path, train: list[Sample]) -> list[int]:
     """Each of ``train``'s images' fold (0-based), as write_folds_csv recorded it."""
-    with open(path, newline="", encoding="utf-8") as handle:
+    with open(path, newline="", encoding="utf-8", errors=NAME_BYTES) as handle:
         by_path = {restore(row["filepath"]): int(row["fold"]) - 1 for row in csv.DictReader(handle)}
     return [by_path[s.path.relative_to(root).as_posix()] for s in train]

@@ -25,8 +25,8 @@ from evaluation.metrics import (
 )
 from evaluation.plots import plot_confusion_matrix, plot_reliability, plot_risk_coverage, plot_roc_curves
 from evaluation.subgroups import log_subgroups, subgroup_frame, subgroup_metrics
-from utils.atomic import atomic_save, atomic_write_json
-from utils.csv_cells import neutralise_frame
+from utils.atomic import atomic_write_json
+from utils.csv_cells import save_frame_for_people
 
 # The files of a classification report, beside a run's test split and beside a labelled-folder inference.
 PER_CLASS_CSV = "per_class_metrics.csv"
@@ -60,7 +60,7 @@ def write_classification_report(output_dir: Path, targets: np.ndarray, probs: np
     if subgroups and len(targets):
         metrics["subgroups"] = subgroup_metrics(targets, probs, class_names, subgroups, metrics, groups)
         frame = subgroup_frame(metrics["subgroups"])
-        atomic_save(output_dir / SUBGROUP_CSV, lambda tmp: neutralise_frame(frame).to_csv(tmp, index=False))
+        save_frame_for_people(output_dir / SUBGROUP_CSV, frame)
         log_subgroups(metrics["subgroups"], metrics["balanced_accuracy"])
     reliability = {"calibrated" if uncalibrated_probs is not None else "model": calibration_bins(targets, probs)}
     eces = {next(iter(reliability)): metrics["ece"]}
@@ -73,9 +73,9 @@ def write_classification_report(output_dir: Path, targets: np.ndarray, probs: np
     for name, bounds in (metrics.get("intervals") or {}).get("per_class", {}).items():
         for metric, interval in bounds.items():
             per_class.loc[name, f"{metric}_low"], per_class.loc[name, f"{metric}_high"] = interval or (None, None)
-    atomic_save(output_dir / PER_CLASS_CSV, lambda tmp: neutralise_frame(per_class).to_csv(tmp))
+    save_frame_for_people(output_dir / PER_CLASS_CSV, per_class, index=True)
     frame = confusion_frame(targets, preds, class_names)
-    atomic_save(output_dir / f"{confusion_name}.csv", lambda tmp: neutralise_frame(frame).to_csv(tmp))
+    save_frame_for_people(output_dir / f"{confusion_name}.csv", frame, index=True)
     plot_confusion_matrix(frame.to_numpy(), class_names, output_dir / f"{confusion_name}.png",
                           title=f"Confusion matrix (balanced acc. {metrics['balanced_accuracy']:.3f})")
     plot_roc_curves(roc_curves(targets, probs, len(class_names)), one_vs_rest_auc(targets, probs, len(class_names)),

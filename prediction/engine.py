@@ -35,7 +35,7 @@ from runs.export_dir import DEFAULT_EXPORT, other_source_run
 from runs.run_folder import RunDir
 from runs.run_info import RunInfo, read_run_info
 from utils.atomic import atomic_path, atomic_write_json
-from utils.csv_cells import neutralise
+from utils.csv_cells import neutralise, open_for_people
 from utils.device import select_device
 from utils.errors import UserError
 from utils.paths import check_output_folder, foreign_files, safe_output_path
@@ -129,14 +129,14 @@ def write_outputs(output_dir: Path, rows: list[dict], skipped: list[dict], class
     """predictions.csv (inference.py's columns, then ``extra_columns``), skipped.csv and predictions.json."""
     header = (["filename", "predicted_class", "predicted_label", "confidence"] + [f"prob_{n}" for n in class_names]
               + list(extra_columns))
-    with atomic_path(output_dir / "predictions.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+    with atomic_path(output_dir / "predictions.csv") as tmp, open_for_people(tmp) as fh:
         writer = csv.writer(fh)
         writer.writerow(header)
         for row in rows:
             writer.writerow([neutralise(row["filename"]), row["predicted_class"], neutralise(row["predicted_label"]),
                              f"{row['confidence']:.6f}"] + [f"{row['probabilities'][n]:.6f}" for n in class_names]
                             + [_csv_value(row[c]) for c in extra_columns])
-    with atomic_path(output_dir / "skipped.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+    with atomic_path(output_dir / "skipped.csv") as tmp, open_for_people(tmp) as fh:
         writer = csv.writer(fh)
         writer.writerow(["filename", "reason"])
         writer.writerows([neutralise(s["filename"]), neutralise(s["reason"])] for s in skipped)

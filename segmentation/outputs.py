@@ -23,7 +23,7 @@ from segmentation.skin_region import (
     skin_mask,
 )
 from utils.atomic import atomic_path, atomic_save, atomic_write_json
-from utils.csv_cells import neutralise
+from utils.csv_cells import neutralise, open_for_people
 from utils.paths import check_output_folder, safe_output_path
 
 logger = logging.getLogger(__name__)
@@ -89,11 +89,11 @@ def segment_folder(root: Path, paths: list[Path], output: Path, parser: FacePars
 
     columns = (["filename", "face_found", "skin_ratio", "output_scale"]
                + [f"share_{n}" for _, n in sorted(parser.id2label.items())])
-    with atomic_path(output / "segmentation_summary.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+    with atomic_path(output / "segmentation_summary.csv") as tmp, open_for_people(tmp) as fh:
         writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
         writer.writerows({key: neutralise(value) for key, value in row.items()} for row in rows)
-    with atomic_path(output / "skipped.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+    with atomic_path(output / "skipped.csv") as tmp, open_for_people(tmp) as fh:
         writer = csv.DictWriter(fh, fieldnames=["filename", "reason"])
         writer.writeheader()
         writer.writerows({key: neutralise(value) for key, value in row.items()} for row in skipped)

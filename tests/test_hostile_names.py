@@ -130,3 +130,45 @@ def test_long_legal_file_names_give_outputs_whose_names_fit(tmp_path, tiny_run, 
                                                          "--seg_backend", "opencv"]))
     written = [p for p in (tmp_path / "seg").iterdir() if p.name.endswith((".labels.png", ".mask.png"))]
     assert len(written) == 2 and all(len(os.fsencode(p.name)) <= NAME_MAX for p in written)
+
+
+@pytest.mark.slow
+def test_file_names_that_are_not_utf8_survive_audit_training_inference_and_segmentation(tmp_path):
+    import csv
+    import json
+    import os
+
+    import audit_dataset
+    import face_segmentation
+    import inference
+    import main
+    from data.synthetic_lesions import generate_dataset
+    from runs.run_folder import RunDir
+    from tests.conftest import train_args
+
+    data = generate_dataset(tmp_path / "d", n_train=12, n_test=6, img_size=48, seed=3)
+    renamed = {}
+    for split in ("trainset", "testset"):
+        source = next((data / split / "benign").glob("*.jpg"))
+        raw = os.fsencode(source.parent) + b"/" + "사진_한글.jpg".encode("cp949")  # a Korean Windows zip's name
+        os.rename(os.fsencode(source), raw)
+        renamed[split] = os.fsdecode(raw)
+    audit_dataset.main(audit_dataset.parse_args(["--data_dir", str(data), "--output", str(tmp_path / "audit")]))
+    json.loads((tmp_path / "audit" / "data_audit.json").read_text(encoding="utf-8"))
+
+    result = main.main(main.parse_args(train_args(data, tmp_path / "runs", "--epochs", "1")))
+    run = RunDir(result["run_dir"])
+    assert renamed["testset"] in {str(s.path) for s in run.split("test")}  # the record reads back to the real file
+
+    inference.main(inference.parse_args(["--model_path", str(run.root), "--inference_folder", str(data / "testset"),
+                                         "--inference_output", str(tmp_path / "out"), "--labels_from_folders",
+                                         "--generate_gradcam", "--num_workers", "0"]))
+    with open(tmp_path / "out" / "predictions.csv", newline="", encoding="utf-8") as handle:
+        names = [row["filename"] for row in csv.DictReader(handle)]
+    assert any("\\udc" in name for name in names)  # escaped, readable as UTF-8
+    entries = json.loads((tmp_path / "out" / "predictions.json").read_text(encoding="utf-8"))
+    expected = os.path.relpath(renamed["testset"], data / "testset").replace(os.sep, "/")
+    assert expected in {e["filename"] for e in entries}  # JSON gives the very same name back
+    face_segmentation.main(face_segmentation.parse_args(["--input", str(data / "testset"), "--output",
+                                                         str(tmp_path / "seg"), "--seg_backend", "opencv"]))
+    assert (tmp_path / "seg" / "segmentation_summary.csv").is_file()

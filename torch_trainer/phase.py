@@ -153,7 +153,8 @@ def run_phase(files: PhaseFiles, ctx: PhaseContext, model: torch.nn.Module, trai
     generator = torch.Generator()
     train_loader, sampler = _train_loader(ctx, train_samples, generator)
     val_loader = _val_loader(ctx, val_samples) if val_samples is not None else None
-    trainee = Trainee(net, _train_criterion(cfg, train_samples, ctx.info.n_class), build_optimizer(model, cfg.optimizer_spec()), None,
+    trainee = Trainee(net, _train_criterion(cfg, train_samples, ctx.info.n_class),
+                      build_optimizer(model, cfg.optimizer_spec()), None,
                       Precision.for_device(ctx.device, cfg.amp), channels_last, build_ema(cfg, model),
                       build_mixup(cfg, ctx.info.n_class))
     trainee.scheduler = build_scheduler(trainee.optimizer, cfg.schedule_spec(), len(train_loader), schedule_epochs)

@@ -19,8 +19,7 @@ from evaluation.reports import headline_summary
 from prediction.gradcam import save_gradcam_examples
 from runs.run_folder import RunDir
 from torch_trainer.phase import PhaseContext
-from utils.atomic import atomic_save
-from utils.csv_cells import neutralise_frame
+from utils.csv_cells import save_frame_for_people
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +56,7 @@ def write_test_predictions(run: RunDir, splits: DataSplits, test: EvalResult, te
     frame = pd.DataFrame({"filepath": [s.path.relative_to(splits.root).as_posix() for s in samples],
                           "label": test.targets,
                           **{f"prob_{name}": probs[:, k] for k, name in enumerate(splits.class_names)}})
-    atomic_save(run.test_predictions, lambda tmp: neutralise_frame(frame).to_csv(tmp, index=False))
+    save_frame_for_people(run.test_predictions, frame)
 
 
 def log_test(metrics: dict[str, Any], variants: dict[str, dict[str, Any]], refit: bool, tta: bool) -> None:

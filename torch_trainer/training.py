@@ -41,8 +41,8 @@ from torch_trainer.models import build_model, count_parameters
 from torch_trainer.phase import PhaseContext, PhaseOutcome, run_phase
 from torch_trainer.run_report import log_test, write_run_report, write_test_predictions
 from torch_trainer.trainer import Precision, evaluate
-from utils.atomic import atomic_save, atomic_write_json
-from utils.csv_cells import neutralise_frame
+from utils.atomic import atomic_write_json
+from utils.csv_cells import save_frame_for_people
 from utils.device import prefers_channels_last, select_device
 from utils.errors import UserError
 from utils.logging_setup import add_file_handler, remove_handler
@@ -297,7 +297,7 @@ def _out_of_fold(ctx: PhaseContext, model: torch.nn.Module, splits: DataSplits, 
     frame = pd.DataFrame({"filepath": [s.path.relative_to(splits.root).as_posix() for s in splits.train],
                           "label": targets, "fold": np.array(splits.folds) + 1,
                           **{f"prob_{name}": probs[:, k] for k, name in enumerate(splits.class_names)}})
-    atomic_save(run.oof_predictions, lambda tmp: neutralise_frame(frame).to_csv(tmp, index=False))
+    save_frame_for_people(run.oof_predictions, frame)
     metrics = classification_metrics(targets, probs.argmax(1), splits.class_names, probs)
     atomic_write_json(run.oof_metrics, {
         "folds": cfg.folds, "tta": cfg.tta, "per_fold_balanced_accuracy": [
@@ -388,7 +388,8 @@ def _finish_training(ctx: PhaseContext, model: torch.nn.Module, splits: DataSpli
                             refit={"epochs": refit.planned_epochs, "images": refit.images} if refit else None,
                             operating_points=points, abstain=abstain)
     write_run_info(run.root, info)
-    seconds = {"select": round(sum(o.seconds for o in selection), 1), "refit": round(refit.seconds, 1) if refit else 0.0}
+    seconds = {"select": round(sum(o.seconds for o in selection), 1),
+               "refit": round(refit.seconds, 1) if refit else 0.0}
     tested = [splits.test[i] for i in test.indices]
     test_groups = splits.group_of(tested)
     every_image = [s.path for s in splits.train + splits.val + splits.test]

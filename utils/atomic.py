@@ -42,8 +42,10 @@ def atomic_path(final_path: str | os.PathLike) -> Iterator[Path]:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """UTF-8; a file name that is not UTF-8 (it reaches Python as lone surrogates) is written escaped (\\udcNN),
+    which JSON reads back as the same name, instead of failing at the end of the work."""
     with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8", errors="backslashreplace")
 
 
 def json_safe(value: Any) -> Any:

@@ -5,7 +5,10 @@ readers take the apostrophe off again (``restore``)."""
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, TextIO
+
+from utils.atomic import atomic_save
 
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
@@ -35,3 +38,19 @@ def neutralise_frame(frame):
     frame.index.names = names
     frame.columns = [neutralise(c) for c in frame.columns]
     return frame
+
+
+# File names that are not UTF-8 (CP949 bytes from a Korean Windows zip) reach Python as lone surrogates; in a CSV for
+# people they are written escaped (\\udcNN) rather than failing at the end of the work.
+PEOPLE_ERRORS = "backslashreplace"
+
+
+def save_frame_for_people(path: Path, frame, index: bool = False) -> None:
+    """A pandas DataFrame as a CSV a person opens in a spreadsheet: neutralised cells, escaped non-UTF-8 names,
+    written atomically."""
+    atomic_save(path, lambda tmp: neutralise_frame(frame).to_csv(tmp, index=index, errors=PEOPLE_ERRORS))
+
+
+def open_for_people(tmp: Path) -> TextIO:
+    """A text file for csv.writer rows a person reads (cells neutralised by the caller)."""
+    return open(tmp, "w", newline="", encoding="utf-8", errors=PEOPLE_ERRORS)

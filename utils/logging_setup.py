@@ -20,7 +20,7 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 
 def add_file_handler(path: Path) -> logging.Handler:
-    handler = logging.FileHandler(path, encoding="utf-8")
+    handler = logging.FileHandler(path, encoding="utf-8", errors="backslashreplace")  # names that are not UTF-8
     handler.setFormatter(logging.Formatter(_FORMAT))
     logging.getLogger().addHandler(handler)
     return handler
