@@ -240,6 +240,12 @@ def run_sweep(runs: list[tuple[str, dict[str, Any], TrainConfig]], sweep_dir: Pa
             continue
         run_cfg = cfg
         previous = Path(entry["run_dir"]) if entry.get("run_dir") else None
+        if previous is not None and RunDir(previous).read_status().get("state") == "finished":
+            # Stopped after the training finished but before the state file said so: nothing to train again.
+            state[key] = {"params": varying, "status": "finished", "run_dir": str(previous)}
+            atomic_write_json(state_path, state)
+            logger.info("[%d/%d] %s: finished earlier (%s), skipped", number, len(runs), key, previous)
+            continue
         if previous is not None and RunDir(previous).last_ckpt.is_file():
             run_cfg = resume_config(previous, {"epochs": cfg.epochs})
             logger.info("[%d/%d] %s: resuming %s", number, len(runs), key, previous)

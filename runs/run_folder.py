@@ -209,6 +209,14 @@ class RunDir:
         return DataSplits(root, class_names, lists["train"], lists["val"], lists["test"], skipped=[], folds=folds,
                           groups=groups or None)
 
+    def read_status(self) -> dict[str, Any]:
+        """run_status.json (``{"state": running|interrupted|failed|finished, ...}``); {} when there is none."""
+        try:
+            values = json.loads(self.status.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return values if isinstance(values, dict) else {}
+
     def write_status(self, state: str, **details: Any) -> None:
         atomic_write_json(self.status, {"state": state, "updated": dt.datetime.now().isoformat(timespec="seconds"),
                                         **details})

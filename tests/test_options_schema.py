@@ -188,3 +188,26 @@ def test_an_output_flag_that_names_a_file_is_a_one_line_error_before_anything_ru
     with pytest.raises(UserError, match=f"{flag} .* is a file"):
         script.main(args)
     assert existing.read_text() == "mine"
+
+
+def test_resuming_a_finished_run_is_refused_and_its_record_is_untouched(tmp_path):
+    run = _saved_run(tmp_path, epochs=6)
+    status = run / "run_status.json"
+    status.write_text(json.dumps({"state": "finished", "epochs_run": 6}))
+    before = status.read_text()
+    with pytest.raises(UserError, match="this run finished; --resume continues an interrupted or failed run"):
+        resolve_config(main.parse_args(["--resume", str(run), "--epochs", "12"]))
+    assert status.read_text() == before
+    status.write_text(json.dumps({"state": "interrupted"}))
+    assert resolve_config(main.parse_args(["--resume", str(run), "--epochs", "12"])).epochs == 12
+
+
+def test_a_sweep_does_not_retrain_a_run_whose_folder_says_it_finished(tmp_path):
+    run = _saved_run(tmp_path, epochs=2)
+    (run / "run_status.json").write_text(json.dumps({"state": "finished"}))
+    (run / "model_last.pth").write_bytes(b"")
+    trained = []
+    state = {"epochs=2": {"status": "running", "run_dir": str(run)}}
+    run_sweep([("epochs=2", {"epochs": 2}, TrainConfig(epochs=2))], tmp_path / "sweep", state,
+              lambda cfg, on_run_dir: trained.append(cfg))
+    assert trained == [] and state["epochs=2"]["status"] == "finished"

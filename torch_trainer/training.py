@@ -82,6 +82,11 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> TrainConfig
     run = RunDir(run_dir)
     if not run.configs.is_file():
         raise UserError(f"--resume {run.root}: {run.configs.name} not found; pass a run folder written by main.py")
+    if run.read_status().get("state") == "finished":
+        # A finished run's schedule has decayed and its record describes the delivered model: continuing it would
+        # deliver a model the record does not describe. More epochs are a new run.
+        raise UserError(f"--resume {run.root}: this run finished; --resume continues an interrupted or failed run. "
+                        f"To train longer, start a new run with --epochs N")
     saved = run.read_configs()
     saved.update(overrides)
     saved["resume"] = str(run.root)
