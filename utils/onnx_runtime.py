@@ -40,7 +40,13 @@ def create_session(path: str | Path | bytes, device: str = "cpu", threads: int =
 def read_onnx_metadata(path: str | Path) -> dict[str, str]:
     import onnx
 
-    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # DecodeError for a truncated or corrupt file, OSError for an unreadable one
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot load ONNX model {path} ({first_line}); export it again with "
+                        f"quantize_onnx_models.py") from err
+    return {p.key: p.value for p in model.metadata_props}
 
 
 def write_onnx_metadata(path: str | Path, metadata: dict[str, str]) -> None:
