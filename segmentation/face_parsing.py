@@ -75,6 +75,49 @@ def parser_preprocessing(processor: Any) -> dict[str, Any]:
             "std": [float(v) for v in processor.image_std] if processor.do_normalize else [1.0, 1.0, 1.0]}
 
 
+MAX_LABELS = 256
+MAX_PARSER_SIDE = 2048
+
+
+def _numbers(values: Any, count: int) -> bool:
+    return (isinstance(values, list) and len(values) == count
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in values))
+
+
+def parser_metadata(meta: dict[str, str], path: Path) -> tuple[dict[int, str], dict[str, Any]]:
+    """``id2label`` and ``parser_preprocessing`` from a seg_model.onnx's metadata, checked: a hostile or damaged
+    file (labels that are not names, a 60000x60000 input, std 0) is a one-line error, not a crash or a huge
+    allocation."""
+    def refuse(problem: str) -> UserError:
+        return UserError(f"{path}: {problem}; export the face parser again with quantize_onnx_models.py")
+
+    try:
+        labels, pre = json.loads(meta["id2label"]), json.loads(meta["parser_preprocessing"])
+    except ValueError as err:
+        raise refuse(f"metadata is not JSON ({err})") from err
+    if not isinstance(labels, dict) or not 0 < len(labels) <= MAX_LABELS:
+        raise refuse(f"id2label must map up to {MAX_LABELS} label numbers to names")
+    id2label = {}
+    for key, name in labels.items():
+        if not (isinstance(key, str) and key.isdigit() and isinstance(name, str) and 0 < len(name) <= 64
+                and name.isprintable() and not any(ch in name for ch in "/\\")):
+            raise refuse(f"id2label entry {key!r}: {name!r} is not a label number and a printable name without "
+                         f"path separators")
+        id2label[int(key)] = name
+    if not isinstance(pre, dict):
+        raise refuse("parser_preprocessing must be an object")
+    size = pre.get("size")
+    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and 16 <= v <= MAX_PARSER_SIDE
+                                                              for v in size)):
+        raise refuse(f"parser_preprocessing size {size!r} must be [height, width] within 16..{MAX_PARSER_SIDE}")
+    if pre.get("resample") not in {int(r) for r in Image.Resampling}:
+        raise refuse(f"parser_preprocessing resample {pre.get('resample')!r} is not a Pillow resampling filter")
+    if not (_numbers([pre.get("rescale_factor")], 1) and _numbers(pre.get("mean"), 3) and _numbers(pre.get("std"), 3)
+            and all(v > 0 for v in pre["std"])):
+        raise refuse("parser_preprocessing rescale_factor, mean and std must be numbers (three, std above 0)")
+    return id2label, pre
+
+
 def preprocess_for_parser(image: np.ndarray, pre: dict[str, Any]) -> np.ndarray:
     """(1, 3, H, W) float32 the way SegformerImageProcessor does it: PIL resize, rescale, normalise."""
     height, width = pre["size"]
@@ -168,8 +211,7 @@ class OnnxParser(_LogitParser):
         if "id2label" not in meta or "parser_preprocessing" not in meta:
             raise UserError(f"{path} has no id2label/parser_preprocessing metadata; export it with "
                             f"quantize_onnx_models.py")
-        self.id2label = {int(k): v for k, v in json.loads(meta["id2label"]).items()}
-        self.preprocessing = json.loads(meta["parser_preprocessing"])
+        self.id2label, self.preprocessing = parser_metadata(meta, path)
         self.input_name = self.session.get_inputs()[0].name
         self.path = path
         self.source = meta.get("seg_model", "")

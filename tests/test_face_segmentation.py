@@ -449,3 +449,21 @@ def test_large_photo_skin_region_gives_the_same_answer_reduced_or_full(skin_regi
     finally:
         photo.unlink()
         cache.path_for(photo).unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("key,value,problem", [
+    ("id2label", '{"0": "background", "1": "../../etc"}', "id2label"),
+    ("id2label", '["skin"]', "id2label"),
+    ("parser_preprocessing", '{"size": [60000, 60000], "resample": 2, "rescale_factor": 0.0039, '
+                             '"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}', "size"),
+    ("parser_preprocessing", '{"size": [64, 64], "resample": 2, "rescale_factor": 0.0039, '
+                             '"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.0, 0.5]}', "std"),
+    ("parser_preprocessing", "not json", "not JSON")])
+def test_hostile_parser_metadata_is_a_one_line_error(tiny_segformer, tmp_path, key, value, problem):
+    from utils.onnx_runtime import read_onnx_metadata, write_onnx_metadata
+
+    export_segmentation(str(tiny_segformer), None, tmp_path, 17)
+    path = tmp_path / "seg_model.onnx"
+    write_onnx_metadata(path, {**read_onnx_metadata(path), key: value})
+    with pytest.raises(UserError, match=problem):
+        OnnxParser(path)
