@@ -744,7 +744,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, config_cls: type = 
             kwargs["metavar"] = flag.metavar
         if flag.required:
             kwargs["required"] = True
-        elif "(default" not in flag.help:  # a help text that words its own default keeps it
+        elif "default" not in flag.help:  # a help text that words its own default keeps it
             kwargs["help"] += " (default: %(default)s)"
         parser.add_argument(f"--{f.name}", *flag.aliases, **kwargs)
 
