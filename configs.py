@@ -215,8 +215,8 @@ class TrainConfig:
                                        "are reported, and test intervals resample whole groups")
     group_pattern: Optional[str] = _opt(None, "regular expression whose first capture group, searched in each file "
                                               "name, is the image's group (e.g. '^(P\\d+)_'); instead of --groups")
-    cache_images: bool = _opt(False, "keep each training/validation/test photo's decode (reduced-size for large JPEGs) in "
-                                     "a cache so later epochs and runs skip decoding: for folders of camera-size "
+    cache_images: bool = _opt(False, "keep each training/validation/test photo's decode (reduced-size for large JPEGs) "
+                                     "in a cache so later epochs and runs skip decoding: for folders of camera-size "
                                      "photos; whole-photo runs only")
     cache_dir: Optional[str] = _opt(None, "where --cache_images keeps them (default: <data_dir>/.image_cache)",
                                     output_folder=True)
@@ -584,7 +584,9 @@ class ExportConfig(Options):
 
     model_path: str = MODEL_PATH.field()
     output_dir: Optional[str] = OUTPUT_DIR.field()
-    skip_segmentation: bool = _opt(False, "export the classifier only, not the SegFormer face parser")
+    skip_segmentation: Optional[bool] = _opt(None, "export the classifier only (True), or also the SegFormer face "
+                                                    "parser (False); default: the parser too for a run trained on "
+                                                    "skin regions or when --seg_model names one")
     seg_model: Optional[str] = SEG_MODEL.field()
     seg_revision: Optional[str] = SEG_REVISION.field()
     export: ExportOptions = _group(ExportOptions)

@@ -7,9 +7,10 @@ Example:
 Writes clf_model.onnx (FP32, dynamic batch) and clf_model_int8.onnx (static QDQ quantization with ONNX Runtime:
 per-channel int8 weights, uint8 activations, calibrated on the run's own training images; the early stages of
 SiLU/hard-swish models, and more stages while the INT8 model disagrees with FP32 on over 1 % of the validation images,
-stay FP32), each carrying the class names and preprocessing as ONNX metadata, plus a class_info.json copy. Unless --skip_segmentation is given it also
-exports the SegFormer face parser to seg_model.onnx (dynamic batch, height and width; label names and the image
-processor's settings as metadata). A model that fails its check is an error and nothing is left under the final name.
+stay FP32), each carrying the class names and preprocessing as ONNX metadata, plus a class_info.json copy. For a
+run trained on skin regions (or with --skip_segmentation False) it also exports the SegFormer face parser to
+seg_model.onnx (dynamic batch, height and width; label names and the image processor's settings as metadata). A model
+that fails its check is an error and nothing is left under the final name.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any, Optional
 from configs import ExportConfig, add_dataclass_arguments, from_namespace, parse_with_config_file
 from deploy.onnx_export import export_run, export_segmentation
 from runs.export_dir import ExportDir
+from runs.run_info import read_run_info
 from segmentation.face_parsing import DEFAULT_SEGFORMER, SegformerParser
 from utils.atomic import atomic_write_json
 from utils.cli import run_cli
@@ -46,7 +48,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     seg_model = cfg.seg_model or DEFAULT_SEGFORMER
     # Load the parser first: a parser that cannot be loaded must fail before any file is written.
     seg_parser = None
-    if not cfg.skip_segmentation:
+    skip = cfg.skip_segmentation
+    if skip is None:  # the parser is needed where the run classifies skin regions, or when one is named
+        skip = not (cfg.seg_model or read_run_info(cfg.model_path).input_kind == "skin_region")
+    if not skip:
         try:
             seg_parser = SegformerParser(seg_model, cfg.seg_revision)
         except UserError as err:

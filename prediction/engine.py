@@ -13,7 +13,6 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from configs import PredictionOptions
 from dataloaders.image_io import load_rgb
@@ -39,6 +38,7 @@ from utils.csv_cells import neutralise, open_for_people
 from utils.device import select_device
 from utils.errors import UserError
 from utils.paths import check_output_folder, foreign_files, safe_output_path
+from utils.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -249,7 +249,7 @@ class WholeImages:
             logger.info("Grad-CAM overlays of photos larger than %d px are written with the longer side at %d px "
                         "(--overlay_max_side 0 for full size)", options.overlay_max_side, options.overlay_max_side)
         relative = [p.relative_to(root) for p in paths]
-        for images, indices, _sizes, failed in tqdm(loader, desc=self.desc, disable=None):
+        for images, indices, _sizes, failed in Progress(loader, self.desc, unit="batch"):
             for index, reason in failed:
                 logger.warning("skipping %s: %s", paths[index], reason)
                 skipped.append({"filename": relative[index].as_posix(), "reason": reason})
@@ -261,6 +261,14 @@ class WholeImages:
 
     def finish(self, summary: dict[str, Any], rows: list[dict], skipped: list[dict]) -> None:
         """Add this input's own counts to the summary."""
+
+
+def _hint_labelled_folder(root: Path, paths: list[Path], class_names: list[str]) -> None:
+    """A folder whose sub-folders are named like the run's classes is probably labelled: say how to score it."""
+    folders = {p.relative_to(root).parts[0] for p in paths if len(p.relative_to(root).parts) > 1}
+    if len(folders) >= 2 and folders <= set(class_names):
+        logger.info("the sub-folders of %s are named like the run's classes (%s): add --labels_from_folders to also "
+                    "get accuracy, per-class metrics and report.html", root, ", ".join(sorted(folders)))
 
 
 def _run_folders_around(output_dir: Path) -> dict[str, Path]:
@@ -282,6 +290,8 @@ def infer_folder(model_path: str | Path, folder: str | Path, output_dir: Path, o
     root, paths = collect_inference_images(folder)
     labels = reference.lookup(root, paths) if reference.active else None  # a bad labels CSV fails before the work
     metadata = reference.subgroup_values(root, paths)
+    if not reference.active:
+        _hint_labelled_folder(root, paths, info.class_names)
     check_output_folder(output_dir, "--inference_output", {"--inference_folder": Path(folder), "--model_path": run_dir,
                                                            **_run_folders_around(output_dir)})
     inputs.check(info, options)

@@ -12,7 +12,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from configs import PredictionOptions, SegmentationOptions
 from dataloaders.build import effective_workers
@@ -35,6 +34,7 @@ from segmentation.skin_region import (
 from utils.device import select_device
 from utils.errors import UserError
 from utils.paths import foreign_files, safe_output_path
+from utils.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class SkinRegions(WholeImages):
                             batch_size=batch_size, num_workers=effective_workers(num_workers),
                             collate_fn=_collate_list)
         min_side = decode_min_side(info.preprocessing) if options.reduced_decode else 0
-        for batch in tqdm(loader, desc=self.desc, disable=None):
+        for batch in Progress(loader, self.desc, unit="batch"):
             tensors, relatives, originals, extras = [], [], [], []
             for image, index, detail in batch:
                 relative = paths[index].relative_to(root)

@@ -10,7 +10,6 @@ from typing import Any, Optional
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from dataloaders.image_io import decoded_size, failure_reason
 from segmentation.face_parsing import FaceParser, colour_overlay
@@ -25,6 +24,7 @@ from segmentation.skin_region import (
 from utils.atomic import atomic_path, atomic_save, atomic_write_json
 from utils.csv_cells import neutralise, open_for_people
 from utils.paths import check_output_folder, safe_output_path
+from utils.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def segment_folder(root: Path, paths: list[Path], output: Path, parser: FacePars
 
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
-    for path in tqdm(paths, desc="segmentation", disable=None):
+    for path in Progress(paths, "segmentation", unit="image"):
         relative = path.relative_to(root)
         try:
             image = np.asarray(load_for_parsing(path, reduced_decode))

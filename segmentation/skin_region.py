@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from dataloaders.image_io import decoded_size, load_rgb, reduced_decoder
 from utils.atomic import atomic_save
 from utils.errors import UserError
+from utils.progress import Progress
 
 if TYPE_CHECKING:  # types only: the run contract sits above this package
     from configs import SegmentationOptions
@@ -189,7 +189,7 @@ class MaskCache:
         counts = {"cached": len(image_paths) - len(missing), "computed": 0, "no_face": 0, "failed": 0}
         if missing:
             logger.info("computing skin masks for %d image(s) into %s", len(missing), self.folder)
-        for path in tqdm(missing, desc="skin masks", disable=None):
+        for path in Progress(missing, "skin masks", unit="image"):
             try:
                 image = np.asarray(load_for_parsing(path))
             except Exception:  # noqa: BLE001 - unreadable files were already reported by discovery

@@ -289,3 +289,13 @@ def test_a_gradcam_folder_the_suite_did_not_write_is_never_replaced(tiny_run, ph
     run(tiny_run, photo_folder, tmp_path / "fresh", "--generate_gradcam")
     run(tiny_run, photo_folder, tmp_path / "fresh", "--generate_gradcam")  # its own overlays are replaced freely
     assert all(p.name.endswith(".gradcam.jpg") for p in (tmp_path / "fresh" / "gradcam").rglob("*") if p.is_file())
+
+
+def test_a_folder_labelled_like_the_run_gets_a_hint_to_score_it(tiny_run, lesion_dataset, tmp_path, caplog):
+    with caplog.at_level(logging.INFO):
+        run(tiny_run, lesion_dataset / "testset", tmp_path / "o")
+    assert "add --labels_from_folders" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        run(tiny_run, lesion_dataset / "testset", tmp_path / "o2", "--labels_from_folders")
+    assert "add --labels_from_folders" not in caplog.text

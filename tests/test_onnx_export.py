@@ -189,3 +189,14 @@ def test_quantize_none_removes_an_older_int8_model(tiny_run, tmp_path):
                                                         "--quantize", "none"]))
     assert (output / "clf_model.onnx").is_file() and not (output / "clf_model_int8.onnx").exists()
     assert "int8_accuracy" not in report
+
+
+def test_a_whole_image_run_exports_only_its_classifier_by_default_offline(tiny_run, tmp_path):
+    # The face parser is exported for skin-region runs (or when asked); a whole-photo run needs no SegFormer download.
+    report = qom.main(qom.parse_args(["--model_path", str(tiny_run), "--output_dir", str(tmp_path),
+                                      "--calib_images", "8", "--quantize", "none"]))
+    assert (tmp_path / "clf_model.onnx").is_file() and not (tmp_path / "seg_model.onnx").exists()
+    assert not any(key.startswith("seg_") for key in report)
+    with pytest.raises(UserError, match="skip_segmentation"):  # asked for, offline: the parser cannot load
+        qom.main(qom.parse_args(["--model_path", str(tiny_run), "--output_dir", str(tmp_path / "x"),
+                                 "--skip_segmentation", "False"]))

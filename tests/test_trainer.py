@@ -159,3 +159,19 @@ def test_early_stopping_refuses_a_monitor_it_does_not_know():
     # Any monitor but val_loss was once read as balanced accuracy: a typo must not silently pick epochs.
     with pytest.raises(ValueError, match="val_auc"):
         EarlyStopping("val_auc", patience=2)
+
+
+def test_without_a_terminal_an_epoch_logs_its_progress_with_the_time_left(monkeypatch, caplog):
+    # Under nohup, CI or a log file tqdm draws nothing; a long epoch must still say how far along it is.
+    import logging
+
+    from utils import progress
+
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
+    model, loader = _model(), _loader()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with caplog.at_level(logging.INFO, logger="utils.progress"):
+        train_one_epoch(model, loader, torch.nn.CrossEntropyLoss(), optimizer, Precision(torch.device("cpu"), None))
+    lines = [r.getMessage() for r in caplog.records if r.name == "utils.progress"]
+    assert lines[0].startswith(f"epoch 1 train: 1/{len(loader)} batch") and "left" in lines[0] and "loss" in lines[1]
+    assert len(lines) == len(loader)

@@ -11,11 +11,11 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from configs import EPOCH_SELECTIONS, MONITORS
 from evaluation.calibration import logits_from_probs
 from evaluation.metrics import EvalResult, balanced_accuracy_standard_error, mean_standard_error
+from utils.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def train_one_epoch(model: torch.nn.Module, loader, criterion: Callable, optimiz
     loss_sum, correct, seen = 0.0, 0, 0
     data_seconds = 0.0
     start = tick = time.perf_counter()
-    progress = tqdm(loader, desc=f"epoch {epoch + 1} train", leave=False, disable=not show_progress or None)
+    progress = Progress(loader, f"epoch {epoch + 1} train", leave=False, enabled=show_progress, unit="batch")
     for batch in progress:
         data_seconds += time.perf_counter() - tick
         if batch is None:  # every image of the batch failed to load
@@ -130,7 +130,7 @@ def evaluate(model: torch.nn.Module, loader, criterion: Callable, precision: Pre
     model.eval()
     loss_sum, seen = 0.0, 0
     all_targets, all_probs, all_indices = [], [], []
-    for batch in tqdm(loader, desc=desc, leave=False, disable=not show_progress or None):
+    for batch in Progress(loader, desc, leave=False, enabled=show_progress, unit="batch"):
         if batch is None:
             continue
         images, targets, indices = batch
