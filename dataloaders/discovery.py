@@ -57,20 +57,17 @@ def list_images(folder: Path) -> list[Path]:
 def check_class_name(name: str, where: str) -> None:
     """Class names become folder and file names (Grad-CAM galleries, reports): refuse those that would leave the
     output folder or break a file system, with a one-line error naming where the name came from."""
+    encoded = name.encode("utf-8", "surrogateescape")  # bytes that are not UTF-8 reach Python as lone surrogates
     problem = None
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:  # bytes that are not UTF-8 reach Python as lone surrogates
+    if encoded.decode("utf-8", "replace") != name:
         problem = "is not UTF-8 text (a folder from a Korean Windows zip? unzip it with -O cp949)"
-    if problem:
-        pass
     elif name in (".", ".."):
         problem = "is a relative path"
     elif "/" in name or "\\" in name:
         problem = "holds a path separator"
     elif any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
         problem = "holds a control character"
-    elif len(name.encode("utf-8", "surrogateescape")) > 100:
+    elif len(encoded) > 100:
         problem = "is longer than 100 bytes"
     if problem:
         raise UserError(f"{where}: class name {name!r} {problem}; class names become folder and file names, so "

@@ -37,7 +37,7 @@ from utils.atomic import atomic_path, atomic_write_json
 from utils.csv_cells import neutralise, open_for_people
 from utils.device import select_device
 from utils.errors import UserError
-from utils.paths import check_output_folder, foreign_files, safe_output_path
+from utils.paths import check_only_ours, check_output_folder, safe_output_path
 from utils.progress import Progress
 
 logger = logging.getLogger(__name__)
@@ -50,10 +50,7 @@ class GradcamWriter:
 
     def __init__(self, output_dir: Path, model, method: str, preprocessing, max_side: int = 1024):
         self.final_dir = output_dir / "gradcam"
-        foreign = foreign_files(self.final_dir, GRADCAM_SUFFIX)
-        if foreign:  # replacing gradcam/ would delete them
-            raise UserError(f"{self.final_dir} holds files inference did not write (e.g. {foreign[0].name}); choose "
-                            f"another --inference_output or move them")
+        check_only_ours(self.final_dir, GRADCAM_SUFFIX, "--inference_output")  # publish() replaces gradcam/
         self.staging = output_dir / ".gradcam.partial"
         shutil.rmtree(self.staging, ignore_errors=True)
         self.preprocessing = preprocessing

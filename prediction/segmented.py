@@ -32,8 +32,7 @@ from segmentation.skin_region import (
     skin_mask,
 )
 from utils.device import select_device
-from utils.errors import UserError
-from utils.paths import foreign_files, safe_output_path
+from utils.paths import check_only_ours, safe_output_path
 from utils.progress import Progress
 
 logger = logging.getLogger(__name__)
@@ -86,10 +85,7 @@ class SkinRegions(WholeImages):
     def start(self, output_dir: Path) -> None:
         self.segmented_dir = output_dir / "segmented"
         if self.save_segmented:
-            foreign = foreign_files(self.segmented_dir, SEGMENTED_SUFFIX)
-            if foreign:
-                raise UserError(f"{self.segmented_dir} holds files inference did not write (e.g. {foreign[0].name}); "
-                                f"choose another --inference_output or move them")
+            check_only_ours(self.segmented_dir, SEGMENTED_SUFFIX, "--inference_output")
             shutil.rmtree(self.segmented_dir, ignore_errors=True)  # an earlier run's inputs would not match
 
     def batches(self, root: Path, paths: list[Path], info: RunInfo, options: PredictionOptions, batch_size: int,

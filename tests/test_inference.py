@@ -283,7 +283,7 @@ def test_a_gradcam_folder_the_suite_did_not_write_is_never_replaced(tiny_run, ph
     output = tmp_path / "results"
     (output / "gradcam").mkdir(parents=True)
     (output / "gradcam" / "my_notes.txt").write_text("keep me")
-    with pytest.raises(UserError, match="gradcam holds files inference did not write"):
+    with pytest.raises(UserError, match="gradcam holds files this program did not write"):
         run(tiny_run, photo_folder, output, "--generate_gradcam")
     assert (output / "gradcam" / "my_notes.txt").read_text() == "keep me"
     run(tiny_run, photo_folder, tmp_path / "fresh", "--generate_gradcam")

@@ -53,9 +53,12 @@ def check_output_folder(output: Path, flag: str, inputs: dict[str, Path]) -> Non
                             f"inputs, so that nothing is written over or among them")
 
 
-def foreign_files(folder: Path, suffix: str) -> list[Path]:
-    """Files under ``folder`` that the suite did not write (its files there all end with ``suffix``): a folder that
-    holds any is never replaced or deleted."""
+def check_only_ours(folder: Path, suffix: str, flag: str) -> None:
+    """Before ``folder`` is replaced: refuse if it holds a file the suite did not write (the suite's files there all
+    end with ``suffix``), so a user's own files are never deleted."""
     if not folder.exists():
-        return []
-    return [p for p in folder.rglob("*") if p.is_file() and not p.name.endswith(suffix)]
+        return
+    foreign = [p for p in folder.rglob("*") if p.is_file() and not p.name.endswith(suffix)]
+    if foreign:
+        raise UserError(f"{folder} holds files this program did not write (e.g. {foreign[0].name}); choose another "
+                        f"{flag} or move them")
