@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 from typing import Optional
 
 from configs import BenchmarkConfig, add_dataclass_arguments, from_namespace, parse_with_config_file
 from deploy.benchmarking import benchmark_run, format_benchmark, write_benchmark
 from runs.export_dir import ExportDir
+from runs.run_folder import resolve_model_path
 from utils.cli import run_cli
 from utils.logging_setup import setup_logging
 from utils.paths import check_output_folder
@@ -41,8 +41,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> list[dict]:
     setup_logging()
     cfg = from_namespace(BenchmarkConfig, args)
-    check_output_folder(cfg.output_folder, "--output_dir", {"--model_path": Path(cfg.model_path)})
-    result = benchmark_run(Path(cfg.model_path), ExportDir(cfg.onnx_model_dir), cfg.benchmark)
+    model_path = resolve_model_path(cfg.model_path)
+    check_output_folder(cfg.output_folder, "--output_dir", {"--model_path": model_path})
+    result = benchmark_run(model_path, ExportDir(cfg.onnx_model_dir), cfg.benchmark)
     output = ExportDir(cfg.output_folder)
     write_benchmark(result, output)
     print("\n" + format_benchmark(result, cfg.benchmark))

@@ -101,7 +101,8 @@ def _stages(value: Any) -> bool:
 
 
 # --- flags that several scripts share --------------------------------------------------------------------------------
-MODEL_PATH = Flag(None, "run folder written by main.py", required=True, aliases=("--pytorch_model_path",))
+MODEL_PATH = Flag(None, "run folder written by main.py, or latest = the newest finished run under save_results/",
+                  required=True, aliases=("--pytorch_model_path",))
 DEVICE = Flag("auto", "where the models run; auto = cuda when a GPU is visible, else cpu", DEVICE_CHOICES)
 NUM_WORKERS = Flag(4, NUM_WORKERS_HELP, **at_least(0))
 BATCH_SIZE = Flag(32, "images per batch (main.py: per training step)", **at_least(1))

@@ -16,6 +16,7 @@ from typing import Any, Optional
 from configs import InferenceConfig, add_dataclass_arguments, from_namespace, parse_with_config_file
 from prediction.engine import infer_folder
 from prediction.labelled_scoring import ReferenceLabels
+from runs.run_folder import resolve_model_path
 from utils.cli import run_cli
 from utils.logging_setup import setup_logging
 
@@ -30,7 +31,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> dict[str, Any]:
     setup_logging()
     cfg = from_namespace(InferenceConfig, args)
-    return infer_folder(cfg.model_path, cfg.inference_folder, cfg.output_folder, cfg.prediction,
+    return infer_folder(resolve_model_path(cfg.model_path), cfg.inference_folder, cfg.output_folder, cfg.prediction,
                         batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                         reference=ReferenceLabels.from_options(cfg.reference))
 

@@ -17,6 +17,7 @@ from typing import Any, Optional
 from configs import SegmentedInferenceConfig, add_dataclass_arguments, from_namespace, parse_with_config_file
 from prediction.labelled_scoring import ReferenceLabels
 from prediction.segmented import infer_folder_segmented
+from runs.run_folder import resolve_model_path
 from utils.cli import run_cli
 from utils.logging_setup import setup_logging
 
@@ -32,7 +33,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> dict[str, Any]:
     setup_logging()
     cfg = from_namespace(SegmentedInferenceConfig, args)
-    return infer_folder_segmented(cfg.model_path, cfg.inference_folder, cfg.output_folder, cfg.prediction,
+    return infer_folder_segmented(resolve_model_path(cfg.model_path), cfg.inference_folder, cfg.output_folder, cfg.prediction,
                                   cfg.segmentation, no_face_policy=cfg.no_face_policy,
                                   save_segmented=cfg.save_segmented, batch_size=cfg.batch_size,
                                   num_workers=cfg.num_workers, reference=ReferenceLabels.from_options(cfg.reference))

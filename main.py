@@ -9,6 +9,8 @@ The run itself (data, phases, calibration, test report) is torch_trainer/trainin
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -28,7 +30,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace, on_run_dir: Optional[Callable[[Path], None]] = None) -> dict[str, Any]:
     """Train one run; ``on_run_dir`` hears the run folder as soon as it exists (run_experiments.py records it)."""
     setup_logging()
-    return run_training(resolve_config(args), on_run_dir)
+    result = run_training(resolve_config(args), on_run_dir)
+    # The last lines a user sees name the run folder: every later command takes it (or "latest") as --model_path.
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone speaks
+        print(f"run folder: {result['run_dir']}\n"
+              f"next: python inference.py --model_path {shlex.quote(result['run_dir'])} --inference_folder <photos> "
+              f"--inference_output <folder>")
+    return result
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 from typing import Any, Optional
 
 from configs import ExportConfig, add_dataclass_arguments, from_namespace, parse_with_config_file
 from deploy.onnx_export import export_run, export_segmentation
 from runs.export_dir import ExportDir
+from runs.run_folder import resolve_model_path
 from runs.run_info import read_run_info
 from segmentation.face_parsing import DEFAULT_SEGFORMER, SegformerParser
 from utils.atomic import atomic_write_json
@@ -45,18 +45,19 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     setup_logging()
     cfg = from_namespace(ExportConfig, args)
     export = ExportDir(cfg.output_folder)
+    model_path = resolve_model_path(cfg.model_path)
     seg_model = cfg.seg_model or DEFAULT_SEGFORMER
     # Load the parser first: a parser that cannot be loaded must fail before any file is written.
     seg_parser = None
     skip = cfg.skip_segmentation
     if skip is None:  # the parser is needed where the run classifies skin regions, or when one is named
-        skip = not (cfg.seg_model or read_run_info(cfg.model_path).input_kind == "skin_region")
+        skip = not (cfg.seg_model or read_run_info(model_path).input_kind == "skin_region")
     if not skip:
         try:
             seg_parser = SegformerParser(seg_model, cfg.seg_revision)
         except UserError as err:
             raise UserError(f"{err}. To export the classifier only, pass --skip_segmentation") from err
-    report = export_run(Path(cfg.model_path), export, cfg.export)
+    report = export_run(model_path, export, cfg.export)
     if seg_parser is not None:
         report.update(export_segmentation(seg_model, cfg.seg_revision, export.root, cfg.export.opset, seg_parser))
     atomic_write_json(export.report, report)

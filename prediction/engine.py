@@ -310,6 +310,7 @@ def infer_folder(model_path: str | Path, folder: str | Path, output_dir: Path, o
                   inputs.extra_columns + classifier.decision_columns)
     summary = summarise(len(paths), classifier.rows, skipped, info.class_names, seconds, output_dir,
                         options.generate_gradcam)
+    summary["run_dir"] = str(run_dir)
     if labels is not None:
         summary["metrics"] = score_labelled_folder(output_dir, classifier.rows, classifier.probs, info.class_names,
                                                    labels, reference.source, metadata, root)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -48,6 +49,8 @@ from evaluation import html_report, reports
 from evaluation.plots import plot_learning_curves
 from utils.atomic import atomic_save, atomic_write_json
 from utils.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 LOG_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_acc", "val_macro_auc", "lr",
                "epoch_seconds", "train_images_per_s", "data_loading_fraction"]
@@ -220,6 +223,25 @@ class RunDir:
     def write_status(self, state: str, **details: Any) -> None:
         atomic_write_json(self.status, {"state": state, "updated": dt.datetime.now().isoformat(timespec="seconds"),
                                         **details})
+
+
+LATEST = "latest"
+DEFAULT_SAVE_DIR = Path("save_results")  # main.py's --save_dir default
+
+
+def resolve_model_path(model_path: str | Path, save_dir: str | Path = DEFAULT_SAVE_DIR) -> Path:
+    """``--model_path latest`` is the newest finished run under ``save_dir`` (by its timestamp name); any other value is
+    the run folder itself. A user pastes the same command after every training run without copying a timestamp."""
+    if str(model_path).strip().lower() != LATEST:
+        return Path(model_path)
+    finished = [RunDir(status.parent) for status in Path(save_dir).glob(f"dataset+*/model+*/*/{RunDir.STATUS}")]
+    finished = [run for run in finished if run.read_status().get("state") == "finished"]
+    if not finished:
+        raise UserError(f"--model_path latest: no finished run under {save_dir}/; train one with main.py "
+                        f"(or pass a run folder)")
+    newest = max(finished, key=lambda run: (run.name, str(run.root)))
+    logger.info("--model_path latest: %s", newest.root)
+    return newest.root
 
 
 def append_log_row(path: Path, row: dict[str, Any], with_validation: bool = True) -> pd.DataFrame:

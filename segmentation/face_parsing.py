@@ -152,8 +152,7 @@ def load_segformer(model_ref: str, revision: Optional[str] = None):
     except OSError as err:
         raise UserError(
             f"cannot load the SegFormer face parser {model_ref!r} (offline and not in the Hugging Face cache?): "
-            f"download it once while online, or pass --seg_model PATH to a local copy, or use --seg_backend onnx "
-            f"with an exported {ExportDir.SEG_NAME}, or --seg_backend opencv (heuristic, needs no weights)") from err
+            f"download it once while online, or pass --seg_model PATH to a local copy") from err
     except ValueError as err:  # a folder that holds another kind of model
         raise UserError(f"--seg_model {model_ref} is not a SegFormer semantic-segmentation model: "
                         f"{str(err).splitlines()[0]}") from err
@@ -297,7 +296,11 @@ class OpenCVSkinParser(FaceParser):
 def build_face_parser(backend: str, seg_model: Optional[str] = None, revision: Optional[str] = None,
                       device: str = "cpu") -> FaceParser:
     if backend == "segformer":
-        return SegformerParser(seg_model or DEFAULT_SEGFORMER, revision, device)
+        try:
+            return SegformerParser(seg_model or DEFAULT_SEGFORMER, revision, device)
+        except UserError as err:  # the scripts that build parsers by backend also take the other backends
+            raise UserError(f"{err}, or use --seg_backend onnx with an exported {ExportDir.SEG_NAME}, or "
+                            f"--seg_backend opencv (heuristic, needs no weights)") from err
     if backend == "onnx":
         return OnnxParser(seg_model or DEFAULT_SEG_ONNX, device)
     if backend == "opencv":

@@ -1,6 +1,7 @@
 """Tests run offline on CPU with generated data and tiny models."""
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -58,3 +59,44 @@ def tiny_run(lesion_dataset, tmp_path_factory) -> Path:
 
     result = main.main(main.parse_args(train_args(lesion_dataset, tmp_path_factory.mktemp("tiny_run"))))
     return Path(result["run_dir"])
+
+
+# --- every error or warning a script gives names only flags that script accepts (tests/error_hints.py) ------------------
+import logging  # noqa: E402
+
+from tests import error_hints  # noqa: E402
+from utils.errors import UserError  # noqa: E402
+
+_hints_said: list[tuple[str, str]] = []
+
+
+def _record_user_error(self, *args) -> None:
+    Exception.__init__(self, *args)
+    script = error_hints.caller_script()
+    if script is not None:
+        _hints_said.append((script, str(self)))
+
+
+class _HintRecorder(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        script = error_hints.outermost_script(sys._getframe(1))
+        if script is not None and record.levelno >= logging.WARNING:
+            _hints_said.append((script, record.getMessage()))
+
+
+UserError.__init__ = _record_user_error
+
+
+@pytest.fixture(autouse=True)
+def every_hint_names_a_flag_of_its_own_script():
+    handler = _HintRecorder(logging.WARNING)
+    logging.getLogger().addHandler(handler)
+    del _hints_said[:]
+    yield
+    logging.getLogger().removeHandler(handler)
+    wrong = [(script, sorted(error_hints.foreign_flags(script, message)), message) for script, message in _hints_said]
+    wrong = [entry for entry in wrong if entry[1]]
+    del _hints_said[:]
+    if wrong:
+        pytest.fail("a message advises a flag its script rejects: "
+                    + "; ".join(f"{script}.py names {flags} in {message!r}" for script, flags, message in wrong))

@@ -299,3 +299,11 @@ def test_a_folder_labelled_like_the_run_gets_a_hint_to_score_it(tiny_run, lesion
     with caplog.at_level(logging.INFO):
         run(tiny_run, lesion_dataset / "testset", tmp_path / "o2", "--labels_from_folders")
     assert "add --labels_from_folders" not in caplog.text
+
+
+def test_model_path_latest_finds_the_run_main_py_just_wrote(tiny_run, photo_folder, tmp_path, monkeypatch):
+    # The README's walk-through pastes --model_path latest after training with the default --save_dir save_results.
+    (tmp_path / "save_results").symlink_to(tiny_run.parents[2], target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    summary = run("latest", photo_folder, tmp_path / "o")
+    assert Path(summary["run_dir"]).resolve() == tiny_run.resolve()

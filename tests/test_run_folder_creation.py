@@ -5,8 +5,11 @@ import json
 import math
 from pathlib import Path
 
-from runs.run_folder import RunDir
+import pytest
+
+from runs.run_folder import RunDir, resolve_model_path
 from utils.atomic import atomic_write_json
+from utils.errors import UserError
 
 
 def test_a_run_started_in_the_same_second_gets_its_own_folder_even_when_it_loses_the_race(tmp_path, monkeypatch):
@@ -34,3 +37,23 @@ def test_json_files_never_hold_a_bare_nan(tmp_path):
 
     values = json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse)
     assert values == {"temperature": None, "intervals": [0.5, None], "n": 3, "nested": {"auc": None}}
+
+
+def test_model_path_latest_is_the_newest_finished_run_and_skips_unfinished_ones(tmp_path):
+    def run(data, model, stamp, state):
+        folder = RunDir(tmp_path / f"dataset+{data}" / f"model+{model}" / stamp)
+        folder.root.mkdir(parents=True)
+        folder.write_status(state)
+        return folder.root
+
+    with pytest.raises(UserError, match="no finished run under .*main.py"):
+        resolve_model_path("latest", tmp_path)
+    run("skin", "resnet18", "2026-01-02_10-00-00", "finished")
+    newest = run("demo", "efficientnet_lite0", "2026-01-03_09-00-00", "finished")
+    run("demo", "efficientnet_lite0", "2026-01-03_09-00-00_1", "running")  # still training: not a model yet
+    run("demo", "efficientnet_lite0", "2026-01-04_09-00-00", "failed")
+    assert resolve_model_path("latest", tmp_path) == newest
+    assert resolve_model_path("LATEST", tmp_path) == newest
+    same_second = run("demo", "efficientnet_lite0", "2026-01-03_09-00-00_2", "finished")
+    assert resolve_model_path("latest", tmp_path) == same_second
+    assert resolve_model_path("save_results/x/y", tmp_path) == Path("save_results/x/y")
