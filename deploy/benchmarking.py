@@ -116,11 +116,16 @@ def format_benchmark(result: BenchmarkResult, settings: BenchmarkOptions) -> str
     for batch_size in settings.batch_size_list:
         summary = ", ".join(f"{r['framework']} {r['speedup_vs_pytorch']:.2f}x" for r in rows
                             if r["batch_size"] == batch_size and r["framework"] != "pytorch")
-        lines.append(f"batch {batch_size}: speed-up vs PyTorch eager: {summary}")
+        lines.append(f"batch {batch_size}: speed-up vs PyTorch eager (p50): {summary}")
         if settings.rounds > 1:
             spread = "; ".join(f"{r['framework']} " + " / ".join(f"{m:g}" for m in r["round_p50_ms"])
                                for r in rows if r["batch_size"] == batch_size)
             lines.append(f"batch {batch_size}: p50 ms of each round (the fastest is in the table): {spread}")
+    unsteady = spread_warnings(rows)
+    if unsteady:
+        lines += [f"!!! timings unsteady (limit {ROUND_SPREAD_LIMIT}x): the machine was probably busy; the table keeps "
+                  f"each framework's fastest round, but compare ratios only from a rerun on an idle machine "
+                  f"(or with more --rounds):"] + [f"!!!   {line}" for line in unsteady]
     if result.segmentation_rows:
         seg_columns = [c for c in result.segmentation_rows[0] if c not in MACHINE_COLUMNS]
         lines += ["", "face parser, one photo at a time (parser resize, inference, upsampling and arg-max):",
@@ -196,6 +201,25 @@ def _worker(framework: str, model_file: Optional[str], run_dir: str, images: np.
     return result
 
 
+# Rounds of one framework whose medians differ more than this, or a round whose p95 is this far above its p50, mean
+# the machine was busy while timing: the fastest round is still the best estimate, but the user should know.
+ROUND_SPREAD_LIMIT = 1.5
+
+
+def spread_warnings(rows: list[dict]) -> list[str]:
+    """One line per framework and batch size whose timings disagree beyond ROUND_SPREAD_LIMIT."""
+    lines = []
+    for row in rows:
+        where = f"{row['framework']} batch {row['batch_size']}"
+        medians = row.get("round_p50_ms") or []
+        if len(medians) > 1 and min(medians) > 0 and max(medians) / min(medians) > ROUND_SPREAD_LIMIT:
+            lines.append(f"{where}: the rounds' p50 differ {max(medians) / min(medians):.1f}x "
+                         f"({' / '.join(f'{m:g}' for m in medians)} ms)")
+        elif row["p50_ms"] > 0 and row["p95_ms"] / row["p50_ms"] > 2 * ROUND_SPREAD_LIMIT:
+            lines.append(f"{where}: p95 is {row['p95_ms'] / row['p50_ms']:.1f}x the p50 within the kept round")
+    return lines
+
+
 def keep_fastest_rounds(rounds: list[dict]) -> dict:
     """One framework's results over several rounds -> the first round's predictions with, per batch size, the
     timings of the round whose median was lowest, plus every round's median for the record."""
@@ -216,18 +240,20 @@ def summarise(results: list[dict], labels: np.ndarray, model_name: str, threads:
     for result in results:
         pred = np.array(result["predictions"])
         for batch_size, times in result["timings_ms"].items():
-            base_mean = float(np.mean(base["timings_ms"][batch_size]))
+            base_p50 = float(np.median(base["timings_ms"][batch_size]))
             rows.append({
                 "model": model_name, "framework": result["framework"], "runs_on": result["runs_on"],
                 "batch_size": int(batch_size),
                 "threads": threads, "size_mb": round(result["size_bytes"] / 2**20, 2),
                 **latency_summary(times, int(batch_size)),
-                "speedup_vs_pytorch": round(base_mean / float(np.mean(times)), 2),
+                "speedup_vs_pytorch": round(base_p50 / float(np.median(times)), 2),
                 "size_reduction_vs_pytorch": round(base["size_bytes"] / result["size_bytes"], 2),
                 "test_accuracy": round(float((pred == labels).mean()), 4),
                 "top1_agreement_with_pytorch": round(float((pred == base_pred).mean()), 4),
                 "round_p50_ms": result.get("round_p50_ms", {}).get(batch_size, []),
             })
+            medians = rows[-1]["round_p50_ms"]
+            rows[-1]["round_spread"] = round(max(medians) / min(medians), 2) if medians and min(medians) > 0 else 1.0
     return rows
 
 
@@ -238,10 +264,12 @@ def _plot(rows: list[dict], path: Path) -> None:
     frameworks = list(dict.fromkeys(r["framework"] for r in rows))
     fig, axes = plt.subplots(1, len(batch_sizes), figsize=(5 * len(batch_sizes), 4), squeeze=False)
     for ax, batch_size in zip(axes[0], batch_sizes):
-        values = [next(r["mean_ms"] for r in rows if r["framework"] == f and r["batch_size"] == batch_size)
-                  for f in frameworks]
-        bars = ax.bar(frameworks, values, color=["#888888", "#1f77b4", "#2ca02c"][:len(frameworks)])
-        ax.bar_label(bars, fmt="%.1f")
-        ax.set(title=f"batch {batch_size}", ylabel="mean latency (ms)")
-    fig.suptitle(f"{rows[0]['model']}: {rows[0]['threads']} threads")
+        chosen = [next(r for r in rows if r["framework"] == f and r["batch_size"] == batch_size) for f in frameworks]
+        p50 = [r["p50_ms"] for r in chosen]
+        # The same statistic as the table's p50_ms and the speed-ups; the whisker reaches the table's p95_ms.
+        bars = ax.bar(frameworks, p50, yerr=[[0] * len(chosen), [r["p95_ms"] - r["p50_ms"] for r in chosen]],
+                      capsize=4, color=["#888888", "#1f77b4", "#2ca02c"][:len(frameworks)])
+        ax.bar_label(bars, fmt="%.1f", label_type="center")
+        ax.set(title=f"batch {batch_size}", ylabel="p50 latency (ms), whisker to p95")
+    fig.suptitle(f"{rows[0]['model']}: {rows[0]['threads']} threads, fastest round per framework")
     save_figure(fig, path)

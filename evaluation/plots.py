@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import matplotlib
 
@@ -20,18 +21,27 @@ def save_figure(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_learning_curves(log: pd.DataFrame, path: Path) -> None:
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+def plot_learning_curves(log: pd.DataFrame, path: Path, refit_log: Optional[pd.DataFrame] = None) -> None:
+    """Loss and accuracy per epoch of the selection phase and, when there is one, of the refit on train + validation
+    (no validation curve: the refit trains on it)."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
     ax_loss.plot(log["epoch"], log["train_loss"], "o-", label="train")
     ax_loss.plot(log["epoch"], log["val_loss"], "o-", label="validation")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
     ax_acc.plot(log["epoch"], log["train_acc"], "o-", label="train accuracy")
     ax_acc.plot(log["epoch"], log["val_acc"], "o-", label="validation accuracy")
     ax_acc.plot(log["epoch"], log["val_balanced_acc"], "s--", label="validation balanced accuracy")
+    if refit_log is not None and len(refit_log):
+        ax_loss.plot(refit_log["epoch"], refit_log["train_loss"], "^:", color="black", label="refit (train + val)")
+        ax_acc.plot(refit_log["epoch"], refit_log["train_acc"], "^:", color="black",
+                    label="refit train accuracy (train + val)")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="Accuracy", ylim=(0, 1.02))
     for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=9)
     save_figure(fig, path)
 
 

@@ -26,7 +26,7 @@ from evaluation.decisions import (
     parse_operating_points,
     read_held_out_predictions,
 )
-from prediction.gradcam import GRADCAM_SUFFIX, GradCamExplainer, cam_on_original, render_overlay
+from prediction.gradcam import GRADCAM_SUFFIX, GradCamExplainer, explained_overlay, overlay_caption
 from prediction.labelled_scoring import ReferenceLabels, score_labelled_folder
 from prediction.predictors import OnnxPredictor, TorchPredictor, predict_proba
 from runs.checkpoint import load_run_model
@@ -58,14 +58,15 @@ class GradcamWriter:
         self.explainer = GradCamExplainer(model, method, preprocessing.input_size)
         logger.info("Grad-CAM (%s) on layer %s", method, self.explainer.target_name)
 
-    def write(self, images, class_indices: list[int], originals: list[np.ndarray], relatives: list[Path]) -> None:
+    def write(self, images, class_indices: list[int], captions: list[str], originals: list[np.ndarray],
+              relatives: list[Path]) -> None:
         """``originals``: the pictures the eval transform was applied to, at their own size."""
         cams = self.explainer.explain(images, class_indices)
-        for cam, original, relative in zip(cams, originals, relatives):
-            full = cam_on_original(cam, (original.shape[1], original.shape[0]), self.preprocessing)
+        for cam, caption, original, relative in zip(cams, captions, originals, relatives):
+            overlay = explained_overlay(original, cam, self.preprocessing, caption, self.max_side or None)
             target = safe_output_path(self.staging, relative, GRADCAM_SUFFIX)
             target.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(render_overlay(original, full, max_side=self.max_side or None)).save(target, quality=90)
+            Image.fromarray(overlay).save(target, quality=90)
 
     def publish(self) -> None:
         self.explainer.close()
@@ -192,7 +193,10 @@ class BatchClassifier:
                               **(extras[i] if extras else {}),
                               **flags_and_decision(p, self.class_names, self.operating_points, self.abstain)})
         if self.cams is not None:
-            self.cams.write(images.to(self.device), [int(p.argmax()) for p in probs], originals, relatives)
+            answers = [int(p.argmax()) for p in probs]
+            self.cams.write(images.to(self.device), answers,
+                            [overlay_caption(self.class_names, k, float(p[k])) for k, p in zip(answers, probs)],
+                            originals, relatives)
 
     def finish(self) -> None:
         if self.cams is not None:

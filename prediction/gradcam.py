@@ -2,7 +2,7 @@
 
 The heat-map is computed on the model's input (the resized, centre-cropped view) and placed back onto the original
 photo at its own aspect ratio, so the overlay shows where on the *original* the model looked; the border that the
-centre crop removed gets no heat.
+centre crop removed is dimmed and the crop outlined, and the overlay names the class it explains.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Optional
 import cv2
 import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
 from pytorch_grad_cam import (
     AblationCAM,
     EigenCAM,
@@ -136,23 +137,68 @@ def cam_on_original(cam: np.ndarray, original_size: tuple[int, int], preprocessi
 
 
 def render_overlay(original_rgb: np.ndarray, cam_full: np.ndarray, alpha: float = 0.45,
-                   max_side: Optional[int] = 1024) -> np.ndarray:
-    """JET heat-map blended onto the original (uint8 RGB); very large photos are scaled down for the file."""
+                   max_side: Optional[int] = 1024, crop_box: Optional[tuple[int, int, int, int]] = None,
+                   caption: Optional[str] = None) -> np.ndarray:
+    """JET heat-map blended onto the original (uint8 RGB); very large photos are scaled down for the file.
+
+    With ``crop_box`` (what the eval transform kept) the heat is painted inside it only, the rest of the photo is
+    dimmed and the box is outlined: the model never saw that part, and a cold-blue border would read as a finding.
+    ``caption`` ("malignant 0.91") is written in a band at the top left."""
     heat = cv2.applyColorMap(np.uint8(255 * np.clip(cam_full, 0, 1)), cv2.COLORMAP_JET)[..., ::-1]
-    overlay = (original_rgb.astype(np.float32) * (1 - alpha) + heat.astype(np.float32) * alpha).astype(np.uint8)
+    photo = original_rgb.astype(np.float32)
+    overlay = photo * (1 - alpha) + heat.astype(np.float32) * alpha
+    if crop_box is not None:
+        height, width = original_rgb.shape[:2]
+        left, top, right, bottom = max(crop_box[0], 0), max(crop_box[1], 0), min(crop_box[2], width), \
+            min(crop_box[3], height)
+        seen = overlay[top:bottom, left:right].copy()
+        overlay = photo * 0.45
+        overlay[top:bottom, left:right] = seen
+    overlay = overlay.astype(np.uint8)
+    scale = 1.0
     if max_side and max(overlay.shape[:2]) > max_side:
         scale = max_side / max(overlay.shape[:2])
         overlay = cv2.resize(overlay, (round(overlay.shape[1] * scale), round(overlay.shape[0] * scale)),
                              interpolation=cv2.INTER_AREA)
-    return overlay
+    if crop_box is None and caption is None:
+        return overlay
+    side = max(overlay.shape[:2])
+    picture = Image.fromarray(overlay)
+    draw = ImageDraw.Draw(picture)
+    if crop_box is not None and (left, top, right, bottom) != (0, 0, width, height):
+        line = max(1, round(side / 300))
+        draw.rectangle([round(left * scale), round(top * scale), round(right * scale) - 1, round(bottom * scale) - 1],
+                       outline=(255, 255, 255), width=line)
+    if caption:
+        font = ImageFont.load_default(size=max(10, round(side / 22)))
+        x0, y0, x1, y1 = draw.textbbox((0, 0), caption, font=font)
+        pad = max(2, round(side / 120))
+        draw.rectangle([0, 0, x1 + 2 * pad, y1 + 2 * pad], fill=(0, 0, 0))
+        draw.text((pad, pad), caption, fill=(255, 255, 255), font=font)
+    return np.asarray(picture)
+
+
+def overlay_caption(class_names: list[str], class_index: int, probability: float) -> str:
+    """"malignant 0.91": what the overlay explains. The bundled font has Latin letters only, so a class name in
+    another script is written as its index (the file name and predictions.csv carry the name)."""
+    name = class_names[class_index]
+    return f"{name if name.isascii() and name.isprintable() else f'class {class_index}'} {probability:.2f}"
+
+
+def explained_overlay(original_rgb: np.ndarray, cam: np.ndarray, preprocessing, caption: Optional[str],
+                      max_side: Optional[int] = 1024) -> np.ndarray:
+    """The overlay every writer saves: the model-input CAM put back on the photo, the crop marked, the answer written."""
+    size = (original_rgb.shape[1], original_rgb.shape[0])
+    return render_overlay(original_rgb, cam_on_original(cam, size, preprocessing), max_side=max_side,
+                          crop_box=eval_crop_box(*size, preprocessing), caption=caption)
 
 
 def save_gradcam_examples(model: torch.nn.Module, samples, info: "RunInfo", image_decoder, folder: Path,
-                          max_side: Optional[int] = 1024) -> list[Path]:
+                          max_side: Optional[int] = 1024,
+                          answers: Optional[list[tuple[int, float]]] = None) -> list[Path]:
     """Grad-CAM overlays of a few test images (for W&B and report.html), longer side at most ``max_side``; a model
-    without a usable layer just gets none."""
-    from PIL import Image
-
+    without a usable layer just gets none. ``answers`` (class, probability) per sample: the run's delivered answer
+    (TTA and temperature included), which the overlay explains and names; without it, the model's plain answer."""
     from dataloaders.transforms import build_eval_transform
     from utils.atomic import atomic_save
 
@@ -165,15 +211,18 @@ def save_gradcam_examples(model: torch.nn.Module, samples, info: "RunInfo", imag
         return []
     paths = []
     try:
-        for sample in samples:
+        for sample, answer in zip(samples, answers or [None] * len(samples)):
             picture = image_decoder(sample.path)
             batch = transform(picture).unsqueeze(0).to(device)
-            with torch.no_grad():
-                predicted = int(model(batch).argmax(1))
+            if answer is None:
+                with torch.no_grad():
+                    probs = torch.softmax(model(batch).float(), 1)[0]
+                predicted, probability = int(probs.argmax()), float(probs.max())
+            else:
+                predicted, probability = answer
             cam = explainer.explain(batch, [predicted])[0]
-            original = np.asarray(picture)
-            overlay = render_overlay(original, cam_on_original(cam, (original.shape[1], original.shape[0]),
-                                                               info.preprocessing), max_side=max_side)
+            overlay = explained_overlay(np.asarray(picture), cam, info.preprocessing,
+                                        overlay_caption(info.class_names, predicted, probability), max_side)
             target = folder / fit_file_name(f"{sample.path.stem}_true-{info.class_names[sample.label]}_pred-"
                                             f"{info.class_names[predicted]}", ".jpg")
             atomic_save(target, lambda tmp: Image.fromarray(overlay).save(tmp, format="JPEG", quality=90))

@@ -253,8 +253,13 @@ def append_log_row(path: Path, row: dict[str, Any], with_validation: bool = True
     new_row = pd.DataFrame([row], columns=columns)
     log = pd.concat([log, new_row], ignore_index=True) if len(log) else new_row
     atomic_save(path, lambda tmp: log.to_csv(tmp, index=False))
-    if with_validation:
-        plot_learning_curves(log, path.parent / RunDir.LEARNING_CURVES)
+    # One picture per run folder: the selection phase, and the refit beside it once it runs.
+    selection_log = path if with_validation else path.parent / RunDir.LOG_CSV
+    refit_log = path.parent / RunDir.REFIT_LOG_CSV
+    if selection_log.is_file():
+        plot_learning_curves(log if with_validation else pd.read_csv(selection_log),
+                             path.parent / RunDir.LEARNING_CURVES,
+                             log if not with_validation else pd.read_csv(refit_log) if refit_log.is_file() else None)
     return log
 
 

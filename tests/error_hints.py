@@ -49,8 +49,9 @@ def outermost_script(frame: Optional[FrameType]) -> Optional[str]:
 
 
 # A flag belongs to the script the message names just before it in the same clause ("retrain with main.py
-# --input_kind skin_region"), else to the script the user ran.
-MENTION = re.compile(r"(?P<script>\b[a-z_]+)\.py\b|(?P<flag>(?<![\w-])--[a-z][a-z0-9_]*)|(?P<stop>;|\.\s|\n)")
+# --input_kind skin_region"), else to the script the user ran ("export one with quantize_onnx_models.py or pass
+# --onnx_model FILE": the second clause is for the script that said it).
+MENTION = re.compile(r"(?P<script>\b[a-z_]+)\.py\b|(?P<flag>(?<![\w-])--[a-z][a-z0-9_]*)|(?P<stop>[;,]|\.\s|\n|\s(?:or|and|then)\s)")
 
 
 def foreign_flags(script: str, message: str) -> set[str]:

@@ -10,7 +10,7 @@ import torch
 
 import benchmark
 import quantize_onnx_models as qom
-from deploy.benchmarking import keep_fastest_rounds
+from deploy.benchmarking import BenchmarkResult, format_benchmark, keep_fastest_rounds, spread_warnings
 from utils.errors import UserError
 
 pytestmark = pytest.mark.slow
@@ -86,3 +86,30 @@ def test_onnx_on_cuda_needs_the_gpu_wheel_and_says_so_once_when_it_falls_back_to
     assert device.onnx_providers("cuda") == ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert device.onnx_providers("cpu") == ["CPUExecutionProvider"]
     device._warn_no_onnx_cuda.cache_clear()
+
+
+def _row(framework, p50, p95, medians):
+    return {"model": "m", "framework": framework, "runs_on": "cpu", "batch_size": 1, "threads": 2, "size_mb": 1.0,
+            "mean_ms": p50, "std_ms": 0.0, "p50_ms": p50, "p95_ms": p95, "images_per_s": 1000 / p50,
+            "speedup_vs_pytorch": 1.0, "size_reduction_vs_pytorch": 1.0, "test_accuracy": 1.0,
+            "top1_agreement_with_pytorch": 1.0, "round_p50_ms": medians}
+
+
+def test_rounds_that_disagree_are_reported_beside_the_table():
+    from configs import BenchmarkOptions
+
+    steady = [_row("pytorch", 10.0, 11.0, [10.0, 10.4, 10.9]), _row("onnx_fp32", 4.0, 4.4, [4.0, 4.1, 4.3])]
+    assert spread_warnings(steady) == []
+    # The demo on a busy 2-core machine: PyTorch's rounds gave 2071.94 / 2029.93 / 53.407 ms.
+    busy = [_row("pytorch", 53.407, 60.0, [2071.94, 2029.93, 53.407]), steady[1]]
+    warned = spread_warnings(busy)
+    assert len(warned) == 1 and "pytorch batch 1" in warned[0] and "38.8x" in warned[0]
+    bursty = [_row("onnx_int8", 2.0, 9.0, [2.0])]  # one round, but its tail is 4.5x its median
+    assert "p95 is 4.5x" in spread_warnings(bursty)[0]
+    machine = {"cpu_model": "test cpu", "cpu_isa": "AVX2", "torch_cpu_capability": "AVX2", "usable_cpus": 2,
+               "threads": 2, "torch": "2", "onnxruntime": "1", "timm": "1", "python": "3"}
+    text = format_benchmark(BenchmarkResult(busy, [], machine, "cpu", 10),
+                            BenchmarkOptions(batch_sizes="1", rounds=3))
+    assert "!!! timings unsteady" in text and "2071.94" in text
+    assert "!!!" not in format_benchmark(BenchmarkResult(steady, [], machine, "cpu", 10),
+                                         BenchmarkOptions(batch_sizes="1", rounds=3))

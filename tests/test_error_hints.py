@@ -48,6 +48,10 @@ def test_a_hint_naming_another_scripts_flag_is_caught():
     # Advice for another script, named as such, is advice the user can follow.
     assert error_hints.foreign_flags("inference", "retrain with main.py --input_kind skin_region") == set()
     assert error_hints.foreign_flags("inference", "retrain with main.py; or pass --input_kind x") == {"--input_kind"}
+    assert error_hints.foreign_flags("inference", "export one with quantize_onnx_models.py or pass --onnx_model F") \
+        == set()
+    assert error_hints.foreign_flags("inference", "export with quantize_onnx_models.py or pass --calib_images 9") \
+        == {"--calib_images"}
 
 
 def test_the_recorder_sees_errors_raised_under_a_scripts_main(tmp_path):

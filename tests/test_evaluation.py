@@ -166,3 +166,20 @@ def test_labels_csv_scoring_equals_folder_scoring_and_resamples_groups(tiny_run,
     with pytest.raises(UserError, match="not both"):
         inference.main(inference.parse_args(args + ["--inference_output", str(tmp_path / "c"), "--labels_csv",
                                                     str(csv), "--labels_from_folders"]))
+
+
+def test_learning_curves_show_whole_epochs_and_the_refit(monkeypatch, tmp_path):
+    import pandas as pd
+
+    from evaluation import plots
+
+    drawn = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: drawn.append(fig))
+    log = pd.DataFrame({"epoch": [1, 2, 3], "train_loss": [1.0, 0.8, 0.7], "val_loss": [1.1, 0.9, 0.9],
+                        "train_acc": [0.5, 0.6, 0.7], "val_acc": [0.5, 0.55, 0.6], "val_balanced_acc": [0.5, 0.5, 0.6]})
+    refit = pd.DataFrame({"epoch": [1, 2], "train_loss": [1.0, 0.75], "train_acc": [0.5, 0.65]})
+    plots.plot_learning_curves(log, tmp_path / "curves.png", refit)
+    for ax in drawn[0].axes:
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks  # never "epoch 1.5"
+        assert any("refit" in text.get_text() for text in ax.get_legend().get_texts())

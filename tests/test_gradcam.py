@@ -67,3 +67,23 @@ def test_gradcam_points_at_the_lesion(tmp_path):
         ratios.append(heat[lesion].mean() / max(heat[~lesion].mean(), 1e-6))
     ratios = np.array(ratios)
     assert (ratios >= 1.5).mean() >= 0.75, np.round(ratios, 2)
+
+
+def test_overlay_dims_what_the_crop_removed_outlines_the_crop_and_names_the_answer():
+    from prediction.gradcam import explained_overlay, overlay_caption
+
+    pre = Preprocessing(input_size=(3, 224, 224), crop_pct=0.875, crop_mode="center", interpolation="bilinear",
+                        mean=(0.5,) * 3, std=(0.5,) * 3)
+    photo = np.full((256, 512, 3), 200, np.uint8)  # a portrait-free wide photo: the crop keeps (144, 16)-(368, 240)
+    cam = np.zeros((224, 224), np.float32)
+    caption = overlay_caption(["benign", "malignant"], 1, 0.913)
+    assert caption == "malignant 0.91"
+    overlay = explained_overlay(photo, cam, pre, caption=None)
+    outside, inside = overlay[128, 20], overlay[128, 256]
+    # Outside the crop: the photo dimmed, not painted with the colour map's cold blue.
+    assert abs(int(outside[0]) - int(outside[2])) <= 2 and outside.max() < 120
+    assert inside[2] > inside[0]  # inside: the (zero) heat blended in, blue on JET
+    assert (overlay[100, 144] >= 250).all() and (overlay[100, 140] < 120).all()  # the crop's white outline
+    labelled = explained_overlay(photo, cam, pre, caption=caption)
+    assert (labelled[2:6, 2:30] == 0).any() and (labelled[:30, :120] >= 250).any()  # a dark band with white text
+    assert overlay_caption(["양성", "악성"], 1, 0.5) == "class 1 0.50"  # the bundled font has no Hangul

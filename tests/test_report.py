@@ -2,9 +2,13 @@
 folder and beside a labelled-folder inference."""
 
 import base64
+import html
 import io
+import re
 from html.parser import HTMLParser
+from pathlib import Path
 
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -63,3 +67,25 @@ def test_labelled_folder_report_uses_the_gradcam_overlays(tiny_run, lesion_datas
          str(out), "--labels_from_folders", "--generate_gradcam", "--num_workers", "0"]))
     collector = _check(out / "report.html")
     assert "Most confident errors" in collector.headings and len(collector.images) >= 6
+
+
+def test_gallery_cards_show_the_answer_the_run_delivered(tiny_run):
+    """Each card's class and probability are test_predictions.csv's (flip TTA and temperature included), and its
+    overlay explains that class: a card must never contradict the predictions file beside it."""
+    delivered = pd.read_csv(tiny_run / "test_predictions.csv")
+    prob_columns = [c for c in delivered.columns if c.startswith("prob_")]
+    by_name = {Path(path).name: row for path, row in zip(delivered["filepath"], delivered[prob_columns].to_numpy())}
+    text = (tiny_run / "report.html").read_text(encoding="utf-8")
+    cards = re.findall(r'<div class="card"><img [^>]*alt="([^"]*)">[^<]*<br>(.*?)</div>', text, flags=re.S)
+    assert cards, "the gallery is empty"
+    for name, body in cards:
+        probs = by_name[html.unescape(name)]
+        assert re.search(r"\(([0-9.]+)\)", body)[1] == f"{probs.max():.2f}", (name, body)
+        shown = re.findall(r"<b[^>]*>([^<]*)</b>", body)[-1]  # errors: the predicted class; correct: the true one
+        assert html.unescape(shown) == prob_columns[int(probs.argmax())][len("prob_"):], (name, body)
+    overlays = sorted((tiny_run / "report_gallery").rglob("*.jpg"))
+    assert overlays
+    for overlay in overlays:
+        stem, predicted = overlay.stem.rsplit("_pred-", 1)
+        row = next(probs for file, probs in by_name.items() if Path(file).stem == stem.rsplit("_true-", 1)[0])
+        assert predicted == prob_columns[int(row.argmax())][len("prob_"):]

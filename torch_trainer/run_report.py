@@ -31,8 +31,10 @@ def write_run_report(ctx: PhaseContext, model: torch.nn.Module, splits: DataSpli
 
     def gallery(indices: list[int], folder: Path) -> list[GalleryItem]:
         samples = [tested[i] for i in indices]
-        overlays = save_gradcam_examples(model, samples, ctx.info, ctx.image_decoder, folder,
-                                         max_side=THUMB_SIDE) or [s.path for s in samples]
+        # The delivered answer (TTA and temperature included) is what the card shows and the overlay explains.
+        answers = [(int(probs[i].argmax()), float(probs[i].max())) for i in indices]
+        overlays = save_gradcam_examples(model, samples, ctx.info, ctx.image_decoder, folder, max_side=THUMB_SIDE,
+                                         answers=answers) or [s.path for s in samples]
         return [GalleryItem(image, s.path.name, splits.class_names[s.label],
                             splits.class_names[int(probs[i].argmax())], float(probs[i].max()))
                 for image, s, i in zip(overlays, samples, indices)]
@@ -46,7 +48,9 @@ def write_run_report(ctx: PhaseContext, model: torch.nn.Module, splits: DataSpli
                                f"temperature {metrics.get('temperature', 1.0):.3f}",
                       gallery_errors=gallery(errors, run.report_gallery / "errors"),
                       gallery_unsure=gallery(unsure, run.report_gallery / "least_confident_correct"),
-                      gallery_note="Overlays: Grad-CAM of the predicted class on the photo.")
+                      gallery_note="Each card shows the run's answer (flip TTA and temperature included, as in "
+                                   "test_predictions.csv); the overlay is the Grad-CAM of that class. The dimmed "
+                                   "border lies outside the centre crop the model saw.")
 
 
 def write_test_predictions(run: RunDir, splits: DataSplits, test: EvalResult, temperature: float) -> None:
