@@ -38,6 +38,7 @@ SAMPLERS = ("auto", "random", "balanced")
 EVAL_CROPS = ("center", "squash", "letterbox")
 LEAK_POLICIES = ("warn", "drop", "error")
 INPUT_KINDS = ("full_image", "skin_region")
+DATA_FORMATS = ("folders", "list_files")  # the readers of dataloaders.prepare.DATASET_READERS
 SEG_BACKENDS = ("segformer", "onnx", "opencv")
 NO_FACE_POLICIES = ("skip", "full_image")
 EPOCH_SELECTIONS = ("one_se", "best")
@@ -182,6 +183,9 @@ class TrainConfig:
 
     # --- data ---
     data_dir: Optional[str] = DATA_DIR.field()
+    data_format: str = _opt("folders", "how the data folder lists its images: folders = trainset/<class>/*.jpg (or "
+                                       "trainset/<class>.<n>.jpg); list_files = trainset.txt and testset.txt with "
+                                       "'<image path> <class>' lines", DATA_FORMATS)
     val_ratio: float = _opt(0.2, "share of trainset held out (stratified) for validation",
                             **between(0, 1, low_open=True, high_open=True))
     num_workers: int = NUM_WORKERS.field()
@@ -314,6 +318,8 @@ class TrainConfig:
              "--mixup/--cutmix train on mixed (soft) labels: use them with --loss ce --class_weights none "
              "(--sampler balanced still balances the classes)"),
             (not (self.groups and self.group_pattern), "give --groups or --group_pattern, not both"),
+            (not (self.labels_csv and self.data_format != "folders"),
+             "--labels_csv lists the images itself; leave --data_format at folders"),
             (not (self.csv_group_column and (self.groups or self.group_pattern)),
              "give groups once: --csv_group_column, --groups or --group_pattern"),
         ]
@@ -326,7 +332,7 @@ class TrainConfig:
         return Path(self.data_dir) if self.data_dir else Path("data") / f"{self.data_name}_dataset"
 
     def data_spec(self) -> DataSpec:
-        return DataSpec(self.resolved_data_dir, self.n_class, self.labels_csv,
+        return DataSpec(self.resolved_data_dir, self.data_format, self.n_class, self.labels_csv,
                         (self.csv_file_column, self.csv_label_column, self.csv_group_column, self.csv_split_column),
                         self.groups, self.group_pattern, self.val_ratio, self.folds, self.random_state, self.audit,
                         self.on_leak, self.near_dup_threshold, self.img_size, self.operating_point, self.metadata)
@@ -372,6 +378,7 @@ class DataSpec:
     """What the data layer needs to find, audit and split a training set (dataloaders.prepare)."""
 
     root: Path
+    data_format: str
     n_class: Optional[int]
     labels_csv: Optional[str]
     csv_columns: tuple[str, str, Optional[str], Optional[str]]  # file, label, group, split
@@ -587,7 +594,7 @@ class ExportConfig(Options):
     output_dir: Optional[str] = OUTPUT_DIR.field()
     skip_segmentation: Optional[bool] = _opt(None, "export the classifier only (True), or also the SegFormer face "
                                                     "parser (False); default: the parser too for a run trained on "
-                                                    "skin regions or when --seg_model names one")
+                                                    "skin regions with SegFormer, or when --seg_model names one")
     seg_model: Optional[str] = SEG_MODEL.field()
     seg_revision: Optional[str] = SEG_REVISION.field()
     export: ExportOptions = _group(ExportOptions)

@@ -46,12 +46,16 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     cfg = from_namespace(ExportConfig, args)
     export = ExportDir(cfg.output_folder)
     model_path = resolve_model_path(cfg.model_path)
-    seg_model = cfg.seg_model or DEFAULT_SEGFORMER
+    run_parser = read_run_info(model_path).skin_region or {}  # the face parser a skin-region run was trained with
+    seg_model = cfg.seg_model or (run_parser.get("seg_model") if run_parser.get("seg_backend") == "segformer"
+                                  else None) or DEFAULT_SEGFORMER
     # Load the parser first: a parser that cannot be loaded must fail before any file is written.
     seg_parser = None
     skip = cfg.skip_segmentation
-    if skip is None:  # the parser is needed where the run classifies skin regions, or when one is named
-        skip = not (cfg.seg_model or read_run_info(model_path).input_kind == "skin_region")
+    if skip is None:  # a SegFormer parser is exported where the run was trained with one, or when one is named
+        skip = not (cfg.seg_model or run_parser.get("seg_backend") == "segformer")
+        if skip and run_parser:
+            logger.info("the run's face parser is %s: no parser model to export", run_parser.get("seg_backend"))
     if not skip:
         try:
             seg_parser = SegformerParser(seg_model, cfg.seg_revision)

@@ -62,12 +62,15 @@ def cases() -> dict[str, tuple[list, int]]:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser("ONNX Runtime quantized vs float element-wise kernels")
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("ONNX Runtime quantized vs float element-wise kernels", add_help=add_help)
     parser.add_argument("--shape", default="1,96,112,112", help="NCHW tensor shape (default: %(default)s)")
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    return parser
+
+
+def main(args: argparse.Namespace) -> None:
     shape = [int(v) for v in args.shape.split(",")]
     rng = np.random.default_rng(0)
     inputs = {TensorProto.FLOAT: rng.standard_normal(shape).astype(np.float32),
@@ -82,4 +85,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(get_args_parser().parse_args())

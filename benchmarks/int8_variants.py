@@ -18,24 +18,28 @@ from pathlib import Path
 
 import numpy as np
 
+from configs import CALIBRATION_METHODS
 from dataloaders.image_io import reduced_decoder
 from dataloaders.inference_data import load_preprocessed
 from dataloaders.transforms import build_eval_transform, decode_min_side
 from deploy.machine import describe_machine, machine_info
 from deploy.onnx_export import export_fp32
-from deploy.onnx_quant import CALIBRATION_METHODS, CalibrationReader, prepare_for_quantization, quantize_int8
+from deploy.onnx_quant import CalibrationReader, prepare_for_quantization, quantize_int8
 from prediction.predictors import onnx_probs
 from runs.checkpoint import load_run_model
 from runs.run_folder import RunDir
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser("INT8 accuracy per calibration method and float-stage count")
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("INT8 accuracy per calibration method and float-stage count", add_help=add_help)
     parser.add_argument("--model_path", required=True)
     parser.add_argument("--calib_images", type=int, default=200)
     parser.add_argument("--methods", default=",".join(CALIBRATION_METHODS))
     parser.add_argument("--float_stages", default="0,1,2,3", help="comma-separated stage counts kept in FP32")
-    args = parser.parse_args()
+    return parser
+
+
+def main(args: argparse.Namespace) -> None:
     print(f"machine: {describe_machine(machine_info())}", flush=True)
     run = Path(args.model_path)
     model, info = load_run_model(run)
@@ -71,4 +75,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(get_args_parser().parse_args())

@@ -48,8 +48,8 @@ def profile(path: Path, threads: int, runs: int, name_pattern: str | None = None
     return float(np.median(times)), {op: (100 * t / total, t / 1000 / profiled_runs) for op, t in per_op.most_common()}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser("ONNX Runtime time per operator type")
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("ONNX Runtime time per operator type", add_help=add_help)
     parser.add_argument("models", nargs="+", type=Path)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=20)
@@ -58,7 +58,10 @@ def main() -> None:
                         help="regex; an operator's time is split by its first match in the node name (nodes "
                              "that ONNX Runtime fused or re-laid out are named after their output tensor, e.g. "
                              "the activation a convolution absorbed)")
-    args = parser.parse_args()
+    return parser
+
+
+def main(args: argparse.Namespace) -> None:
     print(f"machine: {describe_machine(machine_info(args.threads))}")
     for path in args.models:
         median_ms, shares = profile(path, args.threads, args.runs, args.name_pattern)
@@ -67,4 +70,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(get_args_parser().parse_args())

@@ -5,19 +5,26 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from configs import DataSpec
 from dataloaders.audit import DatasetAudit, apply_leak_policy, copy_clusters, items_from_index, log_audit, run_audit
 from dataloaders.discovery import DatasetIndex, discover_dataset
 from dataloaders.groups import complete_groups, groups_from_pattern, merge_copies, read_groups_csv
 from dataloaders.labels_csv import CsvColumns, index_from_labels_csv
+from dataloaders.list_files import index_from_list_files
 from dataloaders.metadata import read_metadata
 from dataloaders.splits import DataSplits, check_fold_count, split_dataset
 from evaluation.decisions import parse_operating_points
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
+
+# --data_format: each reader turns a data folder into a DatasetIndex; everything after it is format-independent.
+DATASET_READERS: dict[str, Callable[[Path, int], DatasetIndex]] = {
+    "folders": lambda root, num_threads: discover_dataset(root, num_threads=num_threads),
+    "list_files": index_from_list_files,
+}
 
 MAX_COPY_CLUSTER = 10  # copies of one photo in one dataset; the real sets' largest cluster held 3
 
@@ -33,7 +40,11 @@ def prepare_dataset(spec: DataSpec, num_threads: int) -> DataSplits:
             raise UserError(f"--n_class {spec.n_class} does not match the {len(index.class_names)} classes in "
                             f"{spec.labels_csv}: {index.class_names}")
     else:
-        index = discover_dataset(spec.root, n_class=spec.n_class, num_threads=num_threads)
+        index = DATASET_READERS[spec.data_format](spec.root, num_threads)
+        if spec.n_class is not None and spec.n_class != len(index.class_names):
+            found = "class folders" if spec.data_format == "folders" else f"classes ({spec.data_format})"
+            raise UserError(f"--n_class {spec.n_class} does not match the {len(index.class_names)} {found} in "
+                            f"{spec.root}: {index.class_names}; fix the data or leave out --n_class (it is counted)")
     _check_against_data(spec, index)
     audit: Optional[DatasetAudit] = None
     if spec.audit:

@@ -23,9 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 MAP = ROOT / "docs" / "module_map.md"
 BEGIN, END = "<!-- module-graph:begin (docs/module_graph.py --write) -->", "<!-- module-graph:end -->"
 
-# Lowest first. configs.py is a module, not a package: the options schema that every layer above may read.
-LAYERS = ["utils", "evaluation", "configs", "dataloaders", "runs", "segmentation", "prediction", "torch_trainer",
-          "deploy", "experiments"]
+# Lowest first. custom_models holds users' own architectures (it imports only torch and timm). configs.py is a module, not a package: the options schema that every layer above may read.
+LAYERS = ["utils", "custom_models", "evaluation", "configs", "dataloaders", "runs", "segmentation", "prediction",
+          "torch_trainer", "deploy", "experiments"]
 RANK = {name: i for i, name in enumerate(LAYERS)}
 
 

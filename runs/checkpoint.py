@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from custom_models import register_custom_models
 from utils.atomic import atomic_save
 from utils.errors import UserError
 
@@ -50,6 +51,7 @@ def load_run_model(run_dir: str | Path, weights: str = "final") -> tuple[torch.n
                         f"{'last' if weights != 'last' else 'best'})")
     state = load_checkpoint(ckpt_path)
     state = state.get("model", state) if isinstance(state, dict) else state
+    register_custom_models()  # a run of an own architecture (custom_models/) rebuilds like any timm model
     if not timm.is_model(info.timm_model_name):
         raise UserError(f"{run_dir / RunDir.CLASS_INFO}: timm_model_name {info.timm_model_name!r} is not a model this "
                         f"timm knows; restore the file or install the timm version the run was trained with")

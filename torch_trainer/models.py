@@ -17,6 +17,7 @@ from typing import Optional
 import timm
 import torch
 
+from custom_models import register_custom_models
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ BUNDLED_WEIGHTS_MODEL = "tf_efficientnet_lite0"
 
 
 def resolve_model_name(model_name: str) -> str:
+    register_custom_models()
     if model_name in SUPPORTED_MODELS:
         return SUPPORTED_MODELS[model_name].timm_name
     if timm.is_model(model_name):
