@@ -1,4 +1,4 @@
-"""Render a run's report.html in headless Chromium and save a small PNG of it (docs/report.png in the README).
+"""Render a run's report.html in headless Chromium and save a PNG of its top (docs/report.png in the README).
 
     python -m benchmarks.report_screenshot --run_dir save_results/dataset+demo/model+efficientnet_lite0/<run> \
         --output docs/report.png
@@ -56,9 +56,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--run_dir", required=True, help="run folder (or labelled-inference output) with report.html")
     parser.add_argument("--output", default="docs/report.png")
     parser.add_argument("--browser", default=None, help="Chromium binary (default: first of chromium, chrome on PATH)")
-    parser.add_argument("--width", type=int, default=1150)
-    parser.add_argument("--height", type=int, default=3950)
-    parser.add_argument("--scaled_width", type=int, default=720)
+    parser.add_argument("--width", type=int, default=1100)
+    parser.add_argument("--height", type=int, default=2300,
+                        help="CSS pixels of the page to shoot from the top (default: title to figures)")
+    parser.add_argument("--scaled_width", type=int, default=1000)
     return parser
 
 

@@ -25,6 +25,7 @@ from configs import TINY_SIDE as TINY_SIDE_FLAG
 from dataloaders.discovery import DatasetIndex, discover_split
 from dataloaders.fingerprints import (
     CROP_VIEWS,
+    HASH_SIZE,
     NEAR_DUPLICATE_BITS,
     Fingerprint,
     exact_pairs,
@@ -207,7 +208,7 @@ def run_audit(items: list[AuditItem], root: Path, *, threshold: int = NEAR_DUPLI
         "root": str(root), "images": len(items), "readable": len(kept_items),
         "unreadable": [{"path": _shown(p, root), "reason": r} for p, r in sorted(unreadable.items())],
         "near_duplicate_threshold_bits": threshold,
-        "near_duplicate_method": f"64-bit pHash (imagehash) of the whole image and of central views keeping "
+        "near_duplicate_method": f"{HASH_SIZE ** 2}-bit pHash (imagehash) of the whole image and of central views keeping "
                                  f"{', '.join(f'{v:.0%}' for v in CROP_VIEWS)} of each side",
         "tiny_side": tiny_side,
         "duplicates": {

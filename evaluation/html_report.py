@@ -56,6 +56,12 @@ def pick_gallery(targets: np.ndarray, probs: np.ndarray, size: int = GALLERY_SIZ
             right[np.argsort(confidence[right], kind="stable")][:size].tolist())
 
 
+def _is_wide(path: Path) -> bool:
+    """A figure of side-by-side panels (the learning curves) gets the page's whole width, where its axes stay legible."""
+    with Image.open(path) as img:
+        return img.width > 1.8 * img.height
+
+
 def _fmt(value: Any, digits: int = 3) -> str:
     return "n/a" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.{digits}f}"
 
@@ -143,7 +149,7 @@ def write_html_report(folder: Path, metrics: dict[str, Any], class_names: list[s
                                                       per_class_intervals.get(name, {}).get("specificity")),
                        "precision": _fmt(v.get("precision")), "auc": _fmt(v.get("roc_auc"))}
                       for name, v in metrics.get("per_class", {}).items()],
-        "figures": [{"uri": data_uri(path, max_side=None), "caption": caption}
+        "figures": [{"uri": data_uri(path, max_side=None), "caption": caption, "wide": _is_wide(path)}
                     for path, caption in figures if path.is_file()],
         "aurc": _fmt(metrics.get("aurc"), 4),
         "subgroups": _subgroup_context(metrics),

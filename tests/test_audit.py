@@ -152,3 +152,12 @@ def test_near_duplicate_threshold_separates_copies_from_distinct_images(tmp_path
     copy = ImageEnhance.Brightness(images[0].crop((6, 6, 122, 122)).resize((100, 100))).enhance(0.9)
     assert view_distance(views[0], hash_views(copy)) <= NEAR_DUPLICATE_BITS
     assert np.array_equal(hash_views(images[0]), views[0])
+
+
+@pytest.mark.slow
+def test_the_demo_data_gives_no_false_near_duplicate(tmp_path):
+    """make demo's first screen is the audit of its own synthetic photos: 600 distinct images, so no pair may show."""
+    root = generate_dataset(tmp_path / "demo_dataset")  # make demo's settings: 150 + 50 per class, 128 px, seed 0
+    audit = run_audit(discover_for_audit(root), root, threshold=40, tiny_side=128, num_threads=2)
+    assert audit.summary["duplicates"]["exact_pairs"] == 0
+    assert audit.summary["duplicates"]["near_pairs"] == 0, audit.summary["duplicates"]

@@ -98,7 +98,8 @@ def _row(framework, p50, p95, medians):
 def test_rounds_that_disagree_are_reported_beside_the_table():
     from configs import BenchmarkOptions
 
-    steady = [_row("pytorch", 10.0, 11.0, [10.0, 10.4, 10.9]), _row("onnx_fp32", 4.0, 4.4, [4.0, 4.1, 4.3])]
+    # An idle 2-core VM: millisecond rounds still differ up to ~1.6x (make demo: 1.61 / 1.56 / 2.451 ms).
+    steady = [_row("pytorch", 10.0, 11.0, [10.0, 10.4, 10.9]), _row("onnx_fp32", 1.56, 1.9, [1.61, 1.56, 2.451])]
     assert spread_warnings(steady) == []
     # The demo on a busy 2-core machine: PyTorch's rounds gave 2071.94 / 2029.93 / 53.407 ms.
     busy = [_row("pytorch", 53.407, 60.0, [2071.94, 2029.93, 53.407]), steady[1]]

@@ -104,7 +104,7 @@ def _makefile_targets() -> set[str]:
 def split_command(command: DocCommand) -> tuple[str, list[str]]:
     """(module name, argv) of a python/torchrun command; ("make", [target]) and ("source", [path]) otherwise."""
     words = shlex.split(re.sub(r"<[^<>]+>", PLACEHOLDER, command.text), comments=True)  # "<run folder>" is one word
-    while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0]):  # VAR=value prefixes
+    while words and (re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0]) or words[0] == "time"):  # VAR=1, time
         words = words[1:]
     program = words[0]
     if program in ("make", "source", "."):
