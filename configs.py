@@ -50,6 +50,7 @@ BACKENDS = ("torch", "onnx")
 CAM_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eigencam", "eigengradcam", "scorecam",
                "ablationcam")
 QUANTIZE_CHOICES = ("int8", "none")
+EXPORT_TARGETS = ("onnx", "ort")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 
 EXPORT_DIR = "onnx_models"  # quantize_onnx_models.py's output folder, where inference and benchmark look by default
@@ -501,10 +502,21 @@ class ExportOptions(Options):
     weights: str = WEIGHTS.field()
     opset: int = _opt(17, "ONNX opset", **at_least(7))
     quantize: str = _opt("int8", "also write the verified INT8 model (int8) or only FP32 (none)", QUANTIZE_CHOICES)
+    targets: str = _opt("onnx", "comma-separated formats to write: onnx (always), ort = ONNX Runtime Mobile's ORT "
+                                "format (.ort, verified against the .onnx) with required_operators.config for a "
+                                "reduced Android/iOS build and mobile_manifest.json (preprocessing, classes, "
+                                "thresholds for an app)",
+                        check=lambda v: isinstance(v, str) and bool(v.strip()) and set(
+                            t.strip() for t in v.split(",")) <= set(EXPORT_TARGETS),
+                        rule=f"comma-separated, from {', '.join(EXPORT_TARGETS)}")
     verify_images: int = _opt(0, "test images for the parity/accuracy checks; 0 = the whole test split",
                               **at_least(0))
     data_dir: Optional[str] = DATA_DIR.field()
     quant: QuantOptions = _group(QuantOptions)
+
+    @property
+    def target_list(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.targets.split(",") if t.strip())
 
 
 @dataclass(frozen=True)

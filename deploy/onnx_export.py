@@ -25,6 +25,7 @@ from torch import nn
 from configs import ExportOptions
 from dataloaders.inference_data import load_preprocessed
 from dataloaders.transforms import build_eval_transform, decode_min_side
+from deploy.mobile import export_mobile
 from deploy.onnx_quant import CalibrationData, ReferenceSet, quantize_verified, warn_mostly_float
 from prediction.predictors import onnx_probs
 from runs.checkpoint import load_run_model
@@ -165,10 +166,14 @@ def export_run(run_dir: Path, export: ExportDir, settings: ExportOptions) -> dic
                                    load_preprocessed([s.path for s in val], transform, decoder) if val
                                    else torch.empty(0), lambda paths: load_preprocessed(paths, transform, decoder))
             report.update(quantize_verified(fp32_tmp, export.int8, levels, metadata, settings.quant, test, data))
-    if settings.quantize == "none" and export.int8.exists():
+    if settings.quantize == "none":
         # An INT8 file from an earlier export would otherwise be benchmarked and deployed beside the new FP32 one.
-        export.int8.unlink()
-        logger.info("removed the older %s from %s", export.INT8_NAME, export.root)
+        for older in (export.int8, export.root / export.INT8_ORT_NAME):
+            if older.exists():
+                older.unlink()
+                logger.info("removed the older %s from %s", older.name, export.root)
+    if "ort" in settings.target_list:
+        report.update(export_mobile(export, info, test.images, test.torch_probs.shape[1]))
     write_run_info(export.root, info)
     _log_export(report, len(levels))
     return report

@@ -23,6 +23,11 @@ class ExportDir:
     SEG_NAME = "seg_model.onnx"
     CLASS_INFO_NAME = RunDir.CLASS_INFO  # a copy of the run's contract, as runs.run_info writes it
     REPORT_NAME = "export_report.json"
+    # --targets ort: ONNX Runtime Mobile's format, the operators a reduced build needs, and what an app must know.
+    FP32_ORT_NAME = "clf_model.ort"
+    INT8_ORT_NAME = "clf_model_int8.ort"
+    ORT_OPERATORS_NAME = "required_operators.config"
+    MOBILE_MANIFEST_NAME = "mobile_manifest.json"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
@@ -51,8 +56,22 @@ class ExportDir:
         """benchmark_results.csv/.json/.png and benchmark_segmentation.csv."""
         return self.root / f"benchmark_{suffix}"
 
+    def ort(self, onnx_path: Path) -> Path:
+        """The ORT-format twin of an exported ONNX classifier."""
+        return self.root / {self.FP32_NAME: self.FP32_ORT_NAME, self.INT8_NAME: self.INT8_ORT_NAME}[onnx_path.name]
+
+    @property
+    def ort_operators(self) -> Path:
+        return self.root / self.ORT_OPERATORS_NAME
+
+    @property
+    def mobile_manifest(self) -> Path:
+        return self.root / self.MOBILE_MANIFEST_NAME
+
     def written(self) -> list[Path]:
-        return [p for p in (self.fp32, self.int8, self.root / self.CLASS_INFO_NAME, self.seg) if p.exists()]
+        names = (self.FP32_NAME, self.INT8_NAME, self.CLASS_INFO_NAME, self.SEG_NAME, self.FP32_ORT_NAME,
+                 self.INT8_ORT_NAME, self.ORT_OPERATORS_NAME, self.MOBILE_MANIFEST_NAME)
+        return [self.root / name for name in names if (self.root / name).exists()]
 
 
 DEFAULT_EXPORT = ExportDir()

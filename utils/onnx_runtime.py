@@ -38,8 +38,12 @@ def create_session(path: str | Path | bytes, device: str = "cpu", threads: int =
 
 
 def read_onnx_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata_props of an ONNX file, or of an ORT-format file (quantize_onnx_models.py --targets ort), which
+    only ONNX Runtime reads."""
     import onnx
 
+    if Path(path).suffix.lower() == ".ort":
+        return dict(create_session(path, what="ORT-format model").get_modelmeta().custom_metadata_map)
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as err:  # DecodeError for a truncated or corrupt file, OSError for an unreadable one

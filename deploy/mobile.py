@@ -1,0 +1,153 @@
+"""Phones: ONNX Runtime Mobile's ORT format, verified like the ONNX export, and the manifest an app reads.
+
+``.ort`` files come from onnxruntime's own converter (``onnxruntime.tools.convert_onnx_models_to_ort``) with the
+"Fixed" optimisation style for ARM: the graph is optimised once here, so the phone runs it as written; the converter
+also lists the operators the models use (``required_operators.config``), which a reduced ONNX Runtime build for
+Android or iOS compiles in and nothing else. Each ``.ort`` must give its ``.onnx``'s answers on the run's test images
+before it is kept; ONNX metadata (classes, preprocessing, temperature, thresholds) survives the conversion.
+
+``mobile_manifest.json`` says in plain fields what an app must do to a photo before the model and to the logits after
+it: apps get preprocessing wrong (BGR, 0-255, resize then crop) more often than anything else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runs.export_dir import ExportDir
+from runs.run_info import RunInfo
+from utils.atomic import atomic_write_json
+from utils.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_SCHEMA_VERSION = 1
+ORT_PROB_TOLERANCE = 1e-4  # the same bound as the FP32 export's check against PyTorch
+
+
+def convert_to_ort(onnx_files: list[Path], export: ExportDir) -> list[Path]:
+    """Convert ``onnx_files`` (in ``export.root``) to ORT format beside them, with required_operators.config; the
+    files appear under their final names only once every conversion succeeded."""
+    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+
+    with tempfile.TemporaryDirectory(dir=export.root, prefix=".ort-") as work:
+        source, target = Path(work) / "onnx", Path(work) / "ort"
+        source.mkdir()
+        for path in onnx_files:
+            shutil.copy2(path, source / path.name)
+        # The converter logs a line per model through the root logger at INFO and prints its own progress.
+        convert_onnx_models_to_ort(source, output_dir=target, optimization_styles=[OptimizationStyle.Fixed],
+                                   target_platform="arm")
+        written = []
+        for path in onnx_files:
+            converted = target / (path.stem + ".ort")
+            if not converted.is_file():
+                raise UserError(f"onnxruntime could not convert {path} to ORT format; nothing was written")
+            written.append(export.ort(path))
+        for path, final in zip(onnx_files, written):
+            (target / (path.stem + ".ort")).replace(final)
+        (target / ExportDir.ORT_OPERATORS_NAME).replace(export.ort_operators)
+    return written
+
+
+def verify_ort(onnx_path: Path, ort_path: Path, images, n_class: int) -> dict[str, float]:
+    """The ORT file must give the ONNX file's probabilities (within ORT_PROB_TOLERANCE) and top-1 on ``images``."""
+    from prediction.predictors import onnx_probs
+
+    reference = onnx_probs(onnx_path, images, n_class)
+    mobile = onnx_probs(ort_path, images, n_class)
+    max_diff = float(np.abs(reference - mobile).max())
+    agreement = float((reference.argmax(1) == mobile.argmax(1)).mean())
+    if max_diff > ORT_PROB_TOLERANCE or agreement < 1.0:
+        ort_path.unlink(missing_ok=True)
+        raise UserError(f"{ort_path.name} does not reproduce {onnx_path.name} (max |prob diff| {max_diff:.2e}, "
+                        f"top-1 agreement {agreement:.4f}); it was removed. Deploy the .onnx file with the full "
+                        f"ONNX Runtime package instead")
+    return {"max_prob_diff": max_diff, "top1_agreement": agreement}
+
+
+def _file_entry(path: Path) -> dict[str, Any]:
+    return {"file": path.name, "bytes": path.stat().st_size,
+            "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
+def preprocessing_steps(info: RunInfo) -> dict[str, Any]:
+    """The eval transform as fields an app can follow without timm or torchvision (timm's eval transform, as
+    dataloaders.transforms.build_eval_transform builds it)."""
+    pre = info.preprocessing
+    _, height, width = pre.input_size
+    scaled = math.floor(pre.image_size / pre.crop_pct)
+    resize = {"center": {"mode": "shorter_side", "size": scaled,
+                         "rule": "scale so the shorter side is `size`; the longer side becomes "
+                                 "floor(size * longer / shorter)"},
+              "squash": {"mode": "both_sides", "size": [scaled, scaled],
+                         "rule": "scale both sides to `size`, ignoring the aspect ratio"},
+              "border": {"mode": "longer_side", "size": scaled,
+                         "rule": "scale so the longer side is `size`, keeping the aspect ratio"}}[pre.crop_mode]
+    return {
+        "color_order": "RGB", "orientation": "apply the EXIF orientation first",
+        "resize": {**resize, "interpolation": pre.interpolation, "antialias": True},
+        "crop": {"mode": "center" if pre.crop_mode != "border" else "center_or_pad", "height": height,
+                 "width": width, "pad_value": 0,
+                 "rule": "cut the centred height x width window (left = round((W - width) / 2), top likewise); "
+                         "where the image is smaller, pad with pad_value"},
+        "scale": "divide the 0-255 pixel values by 255",
+        "normalize": {"mean": list(pre.mean), "std": list(pre.std), "rule": "(value - mean[c]) / std[c] per channel"},
+        "layout": "NCHW float32: channels first, one image per batch row",
+    }
+
+
+def write_mobile_manifest(export: ExportDir, info: RunInfo, models: dict[str, Path], input_name: str,
+                          output_name: str) -> Path:
+    """mobile_manifest.json: the files with their checksums, the input, the preprocessing and the decisions."""
+    _, height, width = info.preprocessing.input_size
+    manifest = {
+        "schema_version": MANIFEST_SCHEMA_VERSION, "runtime": "ONNX Runtime Mobile (ORT format)",
+        "models": {precision: _file_entry(path) for precision, path in models.items()},
+        "required_operators": ExportDir.ORT_OPERATORS_NAME,
+        "input": {"name": input_name, "shape": [1, 3, height, width], "dtype": "float32"},
+        "preprocessing": preprocessing_steps(info),
+        "output": {"name": output_name, "kind": "logits", "classes": info.class_names},
+        "postprocessing": {
+            "tta": {"enabled": info.tta, "rule": "run the image and its left-right mirror, average the two logit "
+                                                 "vectors (what the run was tested with)"},
+            "temperature": info.temperature,
+            "probabilities": "softmax(logits / temperature)",
+            "operating_points": info.operating_points,
+            "abstain": info.abstain,
+            "decisions": "flag a class when its probability >= its operating point's threshold; answer "
+                         "'uncertain' when the top probability < the abstain threshold",
+        },
+        "model": {"name": info.model_name, "timm_name": info.timm_model_name},
+    }
+    atomic_write_json(export.mobile_manifest, manifest)
+    return export.mobile_manifest
+
+
+def export_mobile(export: ExportDir, info: RunInfo, images, n_class: int) -> dict[str, Any]:
+    """ORT-format twins of every exported classifier, each verified on ``images``, and the manifest."""
+    from utils.onnx_runtime import create_session
+
+    onnx_files = [path for path in (export.fp32, export.int8) if path.is_file()]
+    written = convert_to_ort(onnx_files, export)
+    report: dict[str, Any] = {}
+    for onnx_path, ort_path in zip(onnx_files, written):
+        checked = verify_ort(onnx_path, ort_path, images, n_class)
+        precision = "int8" if onnx_path == export.int8 else "fp32"
+        report[f"ort_{precision}_max_prob_diff"] = checked["max_prob_diff"]
+        report[f"ort_{precision}_size_mb"] = round(ort_path.stat().st_size / 2**20, 2)
+        logger.info("%s: same answers as %s on %d test images (max |prob diff| %.1e), %.1f MB", ort_path.name,
+                    onnx_path.name, len(images), checked["max_prob_diff"], ort_path.stat().st_size / 2**20)
+    session = create_session(written[0])
+    write_mobile_manifest(export, info, {("int8" if p == export.int8 else "fp32"): o
+                                         for p, o in zip(onnx_files, written)},
+                          session.get_inputs()[0].name, session.get_outputs()[0].name)
+    return report

@@ -1,0 +1,107 @@
+"""quantize_onnx_models.py --targets ort: ORT-format files verified against the ONNX ones, the operator list for a
+reduced ONNX Runtime build, and a manifest from which an app reproduces the run's answers without this code."""
+
+import csv
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from PIL import Image, ImageOps
+
+import inference
+import quantize_onnx_models as qom
+from configs import ExportOptions
+from utils.errors import UserError
+
+PIL_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+               "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
+
+
+def manifest_input(path, pre):
+    """The model input for one photo, from the manifest's words alone: what a Kotlin or Swift app would write."""
+    image = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
+    resize, crop = pre["resize"], pre["crop"]
+    width, height = image.size
+    if resize["mode"] == "shorter_side":
+        short, long = sorted((width, height))
+        scaled_long = int(resize["size"] * long / short)
+        size = (resize["size"], scaled_long) if width <= height else (scaled_long, resize["size"])
+    elif resize["mode"] == "both_sides":
+        size = tuple(resize["size"])
+    else:
+        raise AssertionError(f"this test app knows no resize mode {resize['mode']}")
+    image = image.resize(size, PIL_FILTERS[resize["interpolation"]])
+    left = int(round((image.width - crop["width"]) / 2))
+    top = int(round((image.height - crop["height"]) / 2))
+    image = image.crop((left, top, left + crop["width"], top + crop["height"]))
+    pixels = np.asarray(image, dtype=np.float32) / 255.0
+    mean, std = np.array(pre["normalize"]["mean"]), np.array(pre["normalize"]["std"])
+    return ((pixels - mean) / std).transpose(2, 0, 1)[None].astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def mobile_export(tiny_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mobile")
+    report = qom.main(qom.parse_args(["--model_path", str(tiny_run), "--output_dir", str(out), "--targets",
+                                      "onnx,ort", "--calib_images", "16"]))
+    return out, report
+
+
+@pytest.mark.slow
+def test_ort_files_are_verified_and_list_their_operators(mobile_export):
+    out, report = mobile_export
+    for name in ("clf_model.ort", "clf_model_int8.ort", "required_operators.config", "mobile_manifest.json"):
+        assert (out / name).is_file(), name
+    assert report["ort_fp32_max_prob_diff"] <= 1e-4 and report["ort_int8_max_prob_diff"] <= 1e-4
+    operators = (out / "required_operators.config").read_text()
+    assert "Conv" in operators and "QuantizeLinear" in operators  # the INT8 model's operators are in the list
+    manifest = json.loads((out / "mobile_manifest.json").read_text())
+    for entry in manifest["models"].values():
+        assert (out / entry["file"]).stat().st_size == entry["bytes"]
+    assert not list(out.glob(".ort-*")), "the converter's working folder is left behind"
+
+
+@pytest.mark.slow
+def test_an_app_following_the_manifest_alone_gives_the_runs_answers(mobile_export, tiny_run, lesion_dataset,
+                                                                    tmp_path):
+    out, _ = mobile_export
+    manifest = json.loads((out / "mobile_manifest.json").read_text())
+    photos = sorted((lesion_dataset / "testset").glob("*/*.jpg"))[:12]
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for photo in photos:  # a portrait crop too: the resize rule must hold for both orientations
+        Image.open(photo).crop((0, 0, 48, 64)).save(folder / f"tall_{photo.name}")
+    photos += sorted(folder.glob("*.jpg"))
+    session = ort.InferenceSession(str(out / manifest["models"]["fp32"]["file"]), providers=["CPUExecutionProvider"])
+    post = manifest["postprocessing"]
+    app = {}
+    for photo in photos:
+        x = manifest_input(photo, manifest["preprocessing"])
+        logits = session.run([manifest["output"]["name"]], {manifest["input"]["name"]: x})[0]
+        if post["tta"]["enabled"]:
+            logits = (logits + session.run(None, {manifest["input"]["name"]: x[..., ::-1].copy()})[0]) / 2
+        z = logits[0] / post["temperature"]
+        app[photo.name] = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+    for source in (lesion_dataset / "testset", folder):
+        inference.main(inference.parse_args([
+            "--model_path", str(tiny_run), "--inference_folder", str(source), "--inference_output",
+            str(tmp_path / "out" / source.name), "--backend", "onnx", "--onnx_model", str(out / "clf_model.ort"),
+            "--num_workers", "0"]))
+    classes = manifest["output"]["classes"]
+    compared = 0
+    for source in (lesion_dataset / "testset", folder):
+        with open(tmp_path / "out" / source.name / "predictions.csv", newline="", encoding="utf-8") as handle:
+            for row in csv.DictReader(handle):
+                name = row["filename"].split("/")[-1]
+                if name in app:
+                    suite = np.array([float(row[f"prob_{c}"]) for c in classes])
+                    assert np.abs(suite - app[name]).max() < 1e-4, (name, suite, app[name])
+                    compared += 1
+    assert compared == len(photos)
+
+
+def test_unknown_export_targets_are_refused_before_anything_runs():
+    with pytest.raises(UserError, match="--targets"):
+        ExportOptions(targets="onnx,apk")
+    assert ExportOptions(targets="onnx, ort").target_list == ("onnx", "ort")
