@@ -270,7 +270,7 @@ def _plot(rows: list[dict], path: Path) -> None:
         p50 = [r["p50_ms"] for r in chosen]
         # The same statistic as the table's p50_ms and the speed-ups; the whisker reaches the table's p95_ms.
         bars = ax.bar(frameworks, p50, yerr=[[0] * len(chosen), [r["p95_ms"] - r["p50_ms"] for r in chosen]],
-                      capsize=4, color=["#888888", "#1f77b4", "#2ca02c"][:len(frameworks)])
+                      capsize=4, color=["#888888", "#1f77b4", "#2ca02c", "#9ecae1", "#98df8a"][:len(frameworks)])
         ax.bar_label(bars, fmt="%.1f", label_type="center")
         ax.set(title=f"batch {batch_size}", ylabel="p50 latency (ms), whisker to p95")
     fig.suptitle(f"{rows[0]['model']}: {rows[0]['threads']} threads, fastest round per framework")

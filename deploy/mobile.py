@@ -106,7 +106,7 @@ def preprocessing_steps(info: RunInfo) -> dict[str, Any]:
 
 
 def write_mobile_manifest(export: ExportDir, info: RunInfo, models: dict[str, Path], input_name: str,
-                          output_name: str) -> Path:
+                          output_name: str, source_run: Path) -> Path:
     """mobile_manifest.json: the files with their checksums, the input, the preprocessing and the decisions."""
     _, height, width = info.preprocessing.input_size
     manifest = {
@@ -127,12 +127,13 @@ def write_mobile_manifest(export: ExportDir, info: RunInfo, models: dict[str, Pa
                          "'uncertain' when the top probability < the abstain threshold",
         },
         "model": {"name": info.model_name, "timm_name": info.timm_model_name},
+        "source_run": str(source_run), "class_info_schema_version": info.schema_version,
     }
     atomic_write_json(export.mobile_manifest, manifest)
     return export.mobile_manifest
 
 
-def export_mobile(export: ExportDir, info: RunInfo, images, n_class: int) -> dict[str, Any]:
+def export_mobile(export: ExportDir, info: RunInfo, images, n_class: int, source_run: Path) -> dict[str, Any]:
     """ORT-format twins of every exported classifier, each verified on ``images``, and the manifest."""
     from utils.onnx_runtime import create_session
 
@@ -149,5 +150,5 @@ def export_mobile(export: ExportDir, info: RunInfo, images, n_class: int) -> dic
     session = create_session(written[0])
     write_mobile_manifest(export, info, {("int8" if p == export.int8 else "fp32"): o
                                          for p, o in zip(onnx_files, written)},
-                          session.get_inputs()[0].name, session.get_outputs()[0].name)
+                          session.get_inputs()[0].name, session.get_outputs()[0].name, source_run)
     return report

@@ -50,7 +50,9 @@ class ExportDir:
 
     def classifiers(self) -> dict[str, Path]:
         """The exported classifiers present, by benchmark framework name."""
-        return {name: path for name, path in (("onnx_fp32", self.fp32), ("onnx_int8", self.int8)) if path.is_file()}
+        found = (("onnx_fp32", self.fp32), ("onnx_int8", self.int8), ("ort_fp32", self.root / self.FP32_ORT_NAME),
+                 ("ort_int8", self.root / self.INT8_ORT_NAME))
+        return {name: path for name, path in found if path.is_file()}
 
     def benchmark_file(self, suffix: str) -> Path:
         """benchmark_results.csv/.json/.png and benchmark_segmentation.csv."""

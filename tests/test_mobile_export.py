@@ -9,6 +9,7 @@ import onnxruntime as ort
 import pytest
 from PIL import Image, ImageOps
 
+import benchmark
 import inference
 import quantize_onnx_models as qom
 from configs import ExportOptions
@@ -105,3 +106,31 @@ def test_unknown_export_targets_are_refused_before_anything_runs():
     with pytest.raises(UserError, match="--targets"):
         ExportOptions(targets="onnx,apk")
     assert ExportOptions(targets="onnx, ort").target_list == ("onnx", "ort")
+
+
+@pytest.mark.slow
+def test_the_manifest_says_what_class_info_says(mobile_export, tiny_run):
+    out, _ = mobile_export
+    manifest = json.loads((out / "mobile_manifest.json").read_text())
+    info = json.loads((tiny_run / "class_info.json").read_text())
+    pre = info["preprocessing"]
+    assert manifest["output"]["classes"] == info["class_names"]
+    assert manifest["postprocessing"]["temperature"] == info["temperature"]
+    assert manifest["postprocessing"]["tta"]["enabled"] == info["tta"]
+    assert manifest["postprocessing"]["operating_points"] == info.get("operating_points", [])
+    assert manifest["preprocessing"]["normalize"]["mean"] == pre["mean"]
+    assert manifest["preprocessing"]["normalize"]["std"] == pre["std"]
+    assert manifest["input"]["shape"] == [1, *pre["input_size"]]
+    assert manifest["source_run"] == str(tiny_run)
+
+
+@pytest.mark.slow
+def test_benchmark_times_the_ort_files_beside_the_onnx_ones(mobile_export, tiny_run):
+    out, _ = mobile_export
+    rows = benchmark.main(benchmark.parse_args([
+        "--model_path", str(tiny_run), "--onnx_model_dir", str(out), "--iterations", "2", "--warmup", "1",
+        "--batch_sizes", "1", "--threads", "1", "--rounds", "1"]))
+    by_name = {row["framework"]: row for row in rows}
+    assert {"pytorch", "onnx_fp32", "onnx_int8", "ort_fp32", "ort_int8"} <= set(by_name)
+    assert by_name["ort_fp32"]["test_accuracy"] == by_name["onnx_fp32"]["test_accuracy"]
+    assert by_name["ort_int8"]["test_accuracy"] == by_name["onnx_int8"]["test_accuracy"]
