@@ -134,3 +134,23 @@ def test_benchmark_times_the_ort_files_beside_the_onnx_ones(mobile_export, tiny_
     assert {"pytorch", "onnx_fp32", "onnx_int8", "ort_fp32", "ort_int8"} <= set(by_name)
     assert by_name["ort_fp32"]["test_accuracy"] == by_name["onnx_fp32"]["test_accuracy"]
     assert by_name["ort_int8"]["test_accuracy"] == by_name["onnx_int8"]["test_accuracy"]
+
+
+@pytest.mark.slow
+def test_an_ort_file_that_answers_differently_is_refused_and_removed(tiny_run, tmp_path, monkeypatch):
+    from deploy import mobile
+    from prediction import predictors
+
+    real = predictors.onnx_probs
+
+    def perturbed(path, images, n_class, batch_size=32):  # a runtime that answers differently for .ort files
+        probs = real(path, images, n_class, batch_size)
+        return probs[:, ::-1].copy() if str(path).endswith(".ort") else probs
+
+    monkeypatch.setattr(predictors, "onnx_probs", perturbed)
+    out = tmp_path / "mobile"
+    with pytest.raises(UserError, match="does not reproduce clf_model.onnx"):
+        qom.main(qom.parse_args(["--model_path", str(tiny_run), "--output_dir", str(out), "--targets", "onnx,ort",
+                                 "--quantize", "none"]))
+    assert not (out / "clf_model.ort").exists() and not (out / "mobile_manifest.json").exists()
+    assert mobile.ORT_PROB_TOLERANCE <= 1e-4
