@@ -46,7 +46,7 @@ REFIT_SCHEDULES = ("compressed", "replay")
 MONITORS = ("val_balanced_acc", "val_loss")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 WEIGHT_CHOICES = ("final", "best", "last")
-BACKENDS = ("torch", "onnx")
+BACKENDS = ("torch", "onnx", "ort")
 CAM_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eigencam", "eigengradcam", "scorecam",
                "ablationcam")
 QUANTIZE_CHOICES = ("int8", "none")
@@ -425,8 +425,12 @@ class PredictionOptions(Options):
     """How to classify (prediction.engine): the flags inference.py and inference_with_segmentation.py share."""
 
     weights: str = WEIGHTS.field()
-    backend: str = _opt("torch", "run the classifier with PyTorch or ONNX Runtime", BACKENDS)
-    onnx_model: Optional[str] = _opt(None, "ONNX classifier for --backend onnx (default: onnx_models/clf_model.onnx)")
+    backend: str = _opt("torch", "run the classifier with PyTorch, ONNX Runtime (an .onnx file) or ONNX Runtime "
+                                 "Mobile's format (an .ort file from quantize_onnx_models.py --targets onnx,ort: "
+                                 "check a phone model on a labelled folder before shipping it)", BACKENDS)
+    onnx_model: Optional[str] = _opt(None, "exported classifier for --backend onnx or ort (default: "
+                                           "onnx_models/clf_model.onnx for onnx, onnx_models/clf_model_int8.ort "
+                                           "for ort)", aliases=("--model_file",))
     device: str = DEVICE.field()
     tta: Optional[bool] = TTA.field()
     topk: int = _opt(1, "also list the k most likely classes per image in the JSON", **at_least(1))

@@ -30,7 +30,7 @@ from utils.errors import UserError
 logger = logging.getLogger(__name__)
 
 MANIFEST_SCHEMA_VERSION = 1
-ORT_PROB_TOLERANCE = 1e-4  # the same bound as the FP32 export's check against PyTorch
+ORT_PROB_TOLERANCE = 1e-4  # FP32: the same bound as the FP32 export's check against PyTorch
 
 
 def convert_to_ort(onnx_files: list[Path], export: ExportDir) -> list[Path]:
@@ -58,15 +58,18 @@ def convert_to_ort(onnx_files: list[Path], export: ExportDir) -> list[Path]:
     return written
 
 
-def verify_ort(onnx_path: Path, ort_path: Path, images, n_class: int) -> dict[str, float]:
-    """The ORT file must give the ONNX file's probabilities (within ORT_PROB_TOLERANCE) and top-1 on ``images``."""
+def verify_ort(onnx_path: Path, ort_path: Path, images, n_class: int, tolerance: float = ORT_PROB_TOLERANCE,
+               min_agreement: float = 1.0) -> dict[str, float]:
+    """The ORT file must give the ONNX file's top-1 on ``min_agreement`` of ``images`` and, for FP32, its
+    probabilities within ``tolerance``. INT8 kernels of the ARM-optimised graph may round differently from the
+    desktop ones, so INT8 is held to top-1 agreement, as the INT8 export itself is."""
     from prediction.predictors import onnx_probs
 
     reference = onnx_probs(onnx_path, images, n_class)
     mobile = onnx_probs(ort_path, images, n_class)
     max_diff = float(np.abs(reference - mobile).max())
     agreement = float((reference.argmax(1) == mobile.argmax(1)).mean())
-    if max_diff > ORT_PROB_TOLERANCE or agreement < 1.0:
+    if max_diff > tolerance or agreement < min_agreement:
         ort_path.unlink(missing_ok=True)
         raise UserError(f"{ort_path.name} does not reproduce {onnx_path.name} (max |prob diff| {max_diff:.2e}, "
                         f"top-1 agreement {agreement:.4f}); it was removed. Deploy the .onnx file with the full "
@@ -133,20 +136,25 @@ def write_mobile_manifest(export: ExportDir, info: RunInfo, models: dict[str, Pa
     return export.mobile_manifest
 
 
-def export_mobile(export: ExportDir, info: RunInfo, images, n_class: int, source_run: Path) -> dict[str, Any]:
-    """ORT-format twins of every exported classifier, each verified on ``images``, and the manifest."""
+def export_mobile(export: ExportDir, info: RunInfo, images, n_class: int, source_run: Path,
+                  min_agreement: float) -> dict[str, Any]:
+    """ORT-format twins of every exported classifier, each verified on ``images`` (INT8: top-1 agreement with the
+    INT8 .onnx of at least ``min_agreement``), and the manifest."""
     from utils.onnx_runtime import create_session
 
     onnx_files = [path for path in (export.fp32, export.int8) if path.is_file()]
     written = convert_to_ort(onnx_files, export)
     report: dict[str, Any] = {}
     for onnx_path, ort_path in zip(onnx_files, written):
-        checked = verify_ort(onnx_path, ort_path, images, n_class)
         precision = "int8" if onnx_path == export.int8 else "fp32"
+        checked = (verify_ort(onnx_path, ort_path, images, n_class) if precision == "fp32" else
+                   verify_ort(onnx_path, ort_path, images, n_class, tolerance=1.0, min_agreement=min_agreement))
+        report[f"ort_{precision}_top1_agreement"] = checked["top1_agreement"]
         report[f"ort_{precision}_max_prob_diff"] = checked["max_prob_diff"]
         report[f"ort_{precision}_size_mb"] = round(ort_path.stat().st_size / 2**20, 2)
-        logger.info("%s: same answers as %s on %d test images (max |prob diff| %.1e), %.1f MB", ort_path.name,
-                    onnx_path.name, len(images), checked["max_prob_diff"], ort_path.stat().st_size / 2**20)
+        logger.info("%s: %s's top-1 on %.4f of %d test images (max |prob diff| %.1e), %.1f MB", ort_path.name,
+                    onnx_path.name, checked["top1_agreement"], len(images), checked["max_prob_diff"],
+                    ort_path.stat().st_size / 2**20)
     session = create_session(written[0])
     write_mobile_manifest(export, info, {("int8" if p == export.int8 else "fp32"): o
                                          for p, o in zip(onnx_files, written)},

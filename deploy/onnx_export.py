@@ -173,7 +173,8 @@ def export_run(run_dir: Path, export: ExportDir, settings: ExportOptions) -> dic
                 older.unlink()
                 logger.info("removed the older %s from %s", older.name, export.root)
     if "ort" in settings.target_list:
-        report.update(export_mobile(export, info, test.images, test.torch_probs.shape[1], run_dir))
+        report.update(export_mobile(export, info, test.images, test.torch_probs.shape[1], run_dir,
+                                    settings.quant.min_agreement))
     write_run_info(export.root, info)
     _log_export(report, len(levels))
     return report

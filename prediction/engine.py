@@ -30,7 +30,7 @@ from prediction.gradcam import GRADCAM_SUFFIX, GradCamExplainer, explained_overl
 from prediction.labelled_scoring import ReferenceLabels, score_labelled_folder
 from prediction.predictors import OnnxPredictor, TorchPredictor, predict_proba
 from runs.checkpoint import load_run_model
-from runs.export_dir import DEFAULT_EXPORT, other_source_run
+from runs.export_dir import DEFAULT_EXPORT, ExportDir, other_source_run
 from runs.run_folder import RunDir
 from runs.run_info import RunInfo, read_run_info
 from utils.atomic import atomic_path, atomic_write_json
@@ -89,8 +89,12 @@ def build_predictor(options: PredictionOptions, run_dir: Path, info: RunInfo, de
     if options.backend == "torch" or options.generate_gradcam:
         model, _ = load_run_model(run_dir, options.weights)
         model.to(device)
-    if options.backend == "onnx":
-        onnx_path = Path(options.onnx_model) if options.onnx_model else DEFAULT_ONNX_MODEL
+    if options.backend != "torch":  # onnx or ort: ONNX Runtime runs both file formats
+        default = DEFAULT_ONNX_MODEL if options.backend == "onnx" else DEFAULT_EXPORT.root / ExportDir.INT8_ORT_NAME
+        onnx_path = Path(options.onnx_model) if options.onnx_model else default
+        if options.backend == "ort" and onnx_path.suffix.lower() != ".ort":
+            raise UserError(f"--backend ort runs an ORT-format file (.ort, written by quantize_onnx_models.py "
+                            f"--targets onnx,ort), not {onnx_path}; for an .onnx file use --backend onnx")
         if onnx_path.is_file():
             warn_if_other_run(onnx_path, run_dir)  # first: it explains a mismatch the predictor then refuses
         predictor = OnnxPredictor(onnx_path, info.n_class, device, input_size=info.preprocessing.input_size)
