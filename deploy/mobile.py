@@ -18,7 +18,7 @@ import math
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -33,9 +33,11 @@ MANIFEST_SCHEMA_VERSION = 1
 ORT_PROB_TOLERANCE = 1e-4  # FP32: the same bound as the FP32 export's check against PyTorch
 
 
-def convert_to_ort(onnx_files: list[Path], export: ExportDir) -> list[Path]:
-    """Convert ``onnx_files`` (in ``export.root``) to ORT format beside them, with required_operators.config; the
-    files appear under their final names only once every conversion succeeded."""
+def convert_to_ort(onnx_files: list[Path], export: ExportDir,
+                   verify: Callable[[Path, Path], None]) -> list[Path]:
+    """Convert ``onnx_files`` (in ``export.root``) to ORT format beside them, with required_operators.config.
+    ``verify(onnx_path, converted)`` checks each converted file in the working folder; the files appear under their
+    final names only once every one converted and passed."""
     from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
 
     with tempfile.TemporaryDirectory(dir=export.root, prefix=".ort-") as work:
@@ -46,14 +48,14 @@ def convert_to_ort(onnx_files: list[Path], export: ExportDir) -> list[Path]:
         # The converter logs a line per model through the root logger at INFO and prints its own progress.
         convert_onnx_models_to_ort(source, output_dir=target, optimization_styles=[OptimizationStyle.Fixed],
                                    target_platform="arm")
-        written = []
-        for path in onnx_files:
-            converted = target / (path.stem + ".ort")
-            if not converted.is_file():
+        converted = [target / (path.stem + ".ort") for path in onnx_files]
+        for path, ort_path in zip(onnx_files, converted):
+            if not ort_path.is_file():
                 raise UserError(f"onnxruntime could not convert {path} to ORT format; nothing was written")
-            written.append(export.ort(path))
-        for path, final in zip(onnx_files, written):
-            (target / (path.stem + ".ort")).replace(final)
+            verify(path, ort_path)
+        written = [export.ort(path) for path in onnx_files]
+        for ort_path, final in zip(converted, written):
+            ort_path.replace(final)
         (target / ExportDir.ORT_OPERATORS_NAME).replace(export.ort_operators)
     return written
 
@@ -70,10 +72,9 @@ def verify_ort(onnx_path: Path, ort_path: Path, images, n_class: int, tolerance:
     max_diff = float(np.abs(reference - mobile).max())
     agreement = float((reference.argmax(1) == mobile.argmax(1)).mean())
     if max_diff > tolerance or agreement < min_agreement:
-        ort_path.unlink(missing_ok=True)
         raise UserError(f"{ort_path.name} does not reproduce {onnx_path.name} (max |prob diff| {max_diff:.2e}, "
-                        f"top-1 agreement {agreement:.4f}); it was removed. Deploy the .onnx file with the full "
-                        f"ONNX Runtime package instead")
+                        f"top-1 agreement {agreement:.4f}); no .ort file was written. Deploy the .onnx file with "
+                        f"the full ONNX Runtime package instead")
     return {"max_prob_diff": max_diff, "top1_agreement": agreement}
 
 
@@ -143,9 +144,9 @@ def export_mobile(export: ExportDir, info: RunInfo, images, n_class: int, source
     from utils.onnx_runtime import create_session
 
     onnx_files = [path for path in (export.fp32, export.int8) if path.is_file()]
-    written = convert_to_ort(onnx_files, export)
     report: dict[str, Any] = {}
-    for onnx_path, ort_path in zip(onnx_files, written):
+
+    def verify(onnx_path: Path, ort_path: Path) -> None:
         precision = "int8" if onnx_path == export.int8 else "fp32"
         checked = (verify_ort(onnx_path, ort_path, images, n_class) if precision == "fp32" else
                    verify_ort(onnx_path, ort_path, images, n_class, tolerance=1.0, min_agreement=min_agreement))
@@ -155,6 +156,8 @@ def export_mobile(export: ExportDir, info: RunInfo, images, n_class: int, source
         logger.info("%s: %s's top-1 on %.4f of %d test images (max |prob diff| %.1e), %.1f MB", ort_path.name,
                     onnx_path.name, checked["top1_agreement"], len(images), checked["max_prob_diff"],
                     ort_path.stat().st_size / 2**20)
+
+    written = convert_to_ort(onnx_files, export, verify)
     session = create_session(written[0])
     write_mobile_manifest(export, info, {("int8" if p == export.int8 else "fp32"): o
                                          for p, o in zip(onnx_files, written)},
