@@ -51,7 +51,9 @@ CAM_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eige
                "ablationcam")
 QUANTIZE_CHOICES = ("int8", "none")
 EXPORT_TARGETS = ("onnx", "ort")
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "auto")  # auto: each of the three, the fewest float nodes
+FLOAT_SELECTIONS = ("sensitivity", "prefix")
+CALIB_SAMPLINGS = ("balanced", "random")
 
 EXPORT_DIR = "onnx_models"  # quantize_onnx_models.py's output folder, where inference and benchmark look by default
 NUM_WORKERS_HELP = ("DataLoader worker processes that decode images, capped at the CPU count; 0 decodes in the main "
@@ -486,17 +488,34 @@ class QuantOptions(Options):
     """INT8 quantization (deploy.onnx_quant)."""
 
     calib_images: int = _opt(200, "training images used to calibrate INT8 activations", **at_least(1))
+    calib_sampling: str = _opt("balanced", "how the calibration images are drawn from the training split: balanced "
+                                           "= the same number from every class (seeded), random = in proportion",
+                               CALIB_SAMPLINGS)
     calibrate_method: str = _opt("minmax", "how ONNX Runtime turns calibration activations into INT8 ranges: minmax "
-                                           "(full range), entropy or percentile (clip outliers)", CALIBRATION_METHODS)
+                                           "(full range), entropy or percentile (clip outliers); auto = try all three "
+                                           "and keep the one that reaches --min_agreement with the fewest FP32 nodes",
+                                 CALIBRATION_METHODS)
+    float_selection: str = _opt(
+        "sensitivity", "which parts stay FP32 when INT8 misses --min_agreement: sensitivity = measure on the "
+                       "validation images how far keeping each block in FP32 brings INT8's answers back to FP32's and "
+                       "keep the most useful blocks until the agreement holds; prefix = whole leading stages, one more "
+                       "at a time", FLOAT_SELECTIONS)
     keep_float_stages: Union[str, int] = _opt(
-        "auto", "leading stages (timm feature levels) left in FP32 in the INT8 model; auto: those up to stride 8 for "
-                "SiLU/hard-swish models, whose quantized activations cost more than the INT8 convolutions save "
-                "there, and 0 otherwise", check=_stages, rule="'auto' or a stage count of 0 or more",
+        "auto", "leading stages (timm feature levels) left in FP32 in the INT8 model from the start; auto: those up "
+                "to stride 8 for SiLU/hard-swish models, whose quantized activations cost more than the INT8 "
+                "convolutions save there, and 0 otherwise", check=_stages, rule="'auto' or a stage count of 0 or more",
         metavar="auto|N")
     min_agreement: float = _opt(0.99, "share of the run's validation images on which the INT8 model must give the "
-                                      "FP32 model's top-1 class; below it one more stage is kept in FP32 and the "
-                                      "model re-quantized, until it does; 0 turns the check off", **between(0, 1),
+                                      "FP32 model's top-1 class; below it more of the model stays FP32 (see "
+                                      "--float_selection) until it does; 0 turns the check off", **between(0, 1),
                                 metavar="0..1")
+    max_float_share: float = _opt(0.10, "share of the graph's nodes that may stay FP32 before the INT8 file counts "
+                                        "as mostly float: the export warns, and --qat_epochs (when set) fine-tunes "
+                                        "for quantization instead", **between(0, 1), metavar="0..1")
+    qat_epochs: int = _opt(0, "quantization-aware fine-tuning: when post-training INT8 needs more than "
+                              "--max_float_share of the nodes in FP32, fine-tune a copy of the model this many passes "
+                              "over the training images with simulated INT8 (taught by the FP32 model's answers), "
+                              "quantize that and keep whichever file needs fewer FP32 nodes; 0 = off", **at_least(0))
 
 
 @dataclass(frozen=True)

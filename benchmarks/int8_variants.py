@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from configs import CALIBRATION_METHODS
 from dataloaders.image_io import reduced_decoder
@@ -24,7 +25,7 @@ from dataloaders.inference_data import load_preprocessed
 from dataloaders.transforms import build_eval_transform, decode_min_side
 from deploy.machine import describe_machine, machine_info
 from deploy.onnx_export import export_fp32
-from deploy.onnx_quant import CalibrationReader, prepare_for_quantization, quantize_int8
+from deploy.onnx_quant import CalibrationReader, nodes_up_to, prepare_for_quantization, quantize_int8
 from prediction.predictors import onnx_probs
 from runs.checkpoint import load_run_model
 from runs.run_folder import RunDir
@@ -65,7 +66,8 @@ def main(args: argparse.Namespace) -> None:
                 target = work / f"int8_{method}_{stages}.onnx"
                 reader = CalibrationReader(calib, lambda paths: load_preprocessed(paths, transform, decoder).numpy())
                 until = levels[stages - 1] if stages else None
-                quantize_int8(prepped, target, reader, method, until)
+                quantize_int8(prepped, target, reader, method,
+                              nodes_up_to(onnx.load(str(prepped)).graph, until) if until else [])
                 pred = onnx_probs(target, images, info.n_class).argmax(1)
                 accuracy = (pred == labels).mean()
                 print(f"{method},{stages},{until or '-'},{accuracy:.4f},"

@@ -162,9 +162,11 @@ def export_run(run_dir: Path, export: ExportDir, settings: ExportOptions) -> dic
         if settings.quantize == "int8":
             has_val = run.split_csv("val").is_file()
             val = run.split("val", settings.data_dir) if has_val else []
-            data = CalibrationData([s.path for s in run.split("train", settings.data_dir)],
+            train = run.split("train", settings.data_dir)
+            data = CalibrationData([s.path for s in train],
                                    load_preprocessed([s.path for s in val], transform, decoder) if val
-                                   else torch.empty(0), lambda paths: load_preprocessed(paths, transform, decoder))
+                                   else torch.empty(0), lambda paths: load_preprocessed(paths, transform, decoder),
+                                   [s.label for s in train])
             report.update(quantize_verified(fp32_tmp, export.int8, levels, metadata, settings.quant, test, data))
     if settings.quantize == "none":
         # An INT8 file from an earlier export would otherwise be benchmarked and deployed beside the new FP32 one.
@@ -176,7 +178,7 @@ def export_run(run_dir: Path, export: ExportDir, settings: ExportOptions) -> dic
         report.update(export_mobile(export, info, test.images, test.torch_probs.shape[1], run_dir,
                                     settings.quant.min_agreement))
     write_run_info(export.root, info)
-    _log_export(report, len(levels))
+    _log_export(report, len(levels), settings.quant.max_float_share)
     return report
 
 
@@ -191,7 +193,7 @@ def _verify_fp32(path: Path, test: ReferenceSet) -> dict[str, Any]:
     return {"fp32_max_prob_diff": max_diff, "fp32_accuracy": float((fp32_probs.argmax(1) == test.labels).mean())}
 
 
-def _log_export(report: dict[str, Any], n_stages: int) -> None:
+def _log_export(report: dict[str, Any], n_stages: int, max_float_share: float) -> None:
     logger.info("test accuracy: PyTorch %.4f | ONNX FP32 %.4f%s", report["torch_accuracy"], report["fp32_accuracy"],
                 f" | ONNX INT8 {report['int8_accuracy']:.4f} (top-1 agreement with PyTorch "
                 f"{report['int8_top1_agreement']:.4f}, size {100 * report['int8_size_ratio']:.0f}% of FP32)"
@@ -199,13 +201,13 @@ def _log_export(report: dict[str, Any], n_stages: int) -> None:
     if "int8_accuracy" not in report:
         return
     if report["fp32_accuracy"] - report["int8_accuracy"] > INT8_ACCURACY_DROP_WARNING:
-        logger.warning("!!! INT8 test accuracy is %.1f points below FP32; try --calibrate_method percentile, "
-                       "--keep_float_stages with more stages in float, or deploy the FP32 model",
+        logger.warning("!!! INT8 test accuracy is %.1f points below FP32; try --calibrate_method auto, "
+                       "--qat_epochs 2, a higher --min_agreement, or deploy the FP32 model",
                        100 * (report["fp32_accuracy"] - report["int8_accuracy"]))
-    if report["int8_size_ratio"] > INT8_SIZE_RATIO_WARNING:
+    if report["int8_size_ratio"] > INT8_SIZE_RATIO_WARNING or report["int8_float_share"] > max_float_share:
         warn_mostly_float(report, n_stages)
-    logger.info("batch-1 latency on this machine: FP32 %.2f ms, INT8 %.2f ms (%d float stages; benchmark.py "
-                "measures properly)", report["fp32_batch1_ms"], report["int8_batch1_ms"], report["int8_float_stages"])
+    logger.info("batch-1 latency on this machine: FP32 %.2f ms, INT8 %.2f ms (%d FP32 nodes; benchmark.py "
+                "measures properly)", report["fp32_batch1_ms"], report["int8_batch1_ms"], report["int8_float_nodes"])
     if report["int8_batch1_ms"] >= report["fp32_batch1_ms"]:
         logger.warning("!!! the INT8 model is not faster than FP32 here (%.2f vs %.2f ms); deploy %s unless the "
                        "smaller file matters more", report["int8_batch1_ms"], report["fp32_batch1_ms"],

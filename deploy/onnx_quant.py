@@ -14,10 +14,11 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -92,30 +93,182 @@ def prepare_for_quantization(fp32_path: Path, prepped_path: Path) -> None:
 
 
 def quantize_int8(prepped_path: Path, int8_path: Path, reader: Optional[CalibrationReader], method: str,
-                  float_until: Optional[str] = None, calibration_cache: Optional[Path] = None) -> int:
-    """QDQ static quantization of a pre-processed model (``prepare_for_quantization``) into ``int8_path``; nodes up
-    to module ``float_until`` stay float.
+                  keep_float: Sequence[str] = (), calibration_cache: Optional[Path] = None) -> int:
+    """QDQ static quantization of a pre-processed model (``prepare_for_quantization``) into ``int8_path``; the nodes
+    named in ``keep_float`` stay FP32.
 
     With ``calibration_cache`` the activation ranges are computed once and reused by later calls (which may then pass
-    no reader), as long as those keep at least as many nodes in float. Returns how many nodes were kept in float."""
-    import onnx
+    no reader), as long as those keep at least the same nodes in float. Returns how many nodes were kept in float."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
-    # Node names survive pre-processing, so the float part is found in the graph the quantizer sees.
-    keep_float = nodes_up_to(onnx.load(str(prepped_path)).graph, float_until) if float_until else []
     # The quantizer logs one INFO line per adjusted bias scale (hundreds per model) through the root logger.
     logging.disable(logging.INFO)
     try:
+        if method == "entropy" and not (calibration_cache and calibration_cache.is_file()):
+            # quantize_static's entropy calibrator keeps 128 histogram bins for 128 quantized bins, so the only
+            # threshold it can choose is the full range: minmax again. TensorRT's recipe (2048 bins, thresholds
+            # from 128 bins up) does clip outliers; its ranges reach quantize_static through the cache.
+            with tempfile.TemporaryDirectory() as scratch:
+                calibration_cache = calibration_cache or Path(scratch) / "ranges.json"
+                _entropy_ranges(prepped_path, reader, calibration_cache)
+                return quantize_int8(prepped_path, int8_path, None, method, keep_float, calibration_cache)
         # uint8 activations with int8 weights use the VNNI u8s8 kernels; int8 activations ran slower than FP32.
         quantize_static(str(prepped_path), str(int8_path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=methods[method], nodes_to_exclude=keep_float,
+                        calibrate_method=methods[method], nodes_to_exclude=list(keep_float),
                         calibration_cache_path=calibration_cache)
     finally:
         logging.disable(logging.NOTSET)
     return len(keep_float)
+
+
+ENTROPY_HISTOGRAM_BINS = 2048
+ENTROPY_QUANTIZED_BINS = 128
+
+
+def _entropy_ranges(prepped_path: Path, reader: Optional[CalibrationReader], cache: Path) -> None:
+    """Activation ranges by KL divergence (TensorRT's calibration) written to ``cache`` for quantize_static."""
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+
+    if reader is None:
+        raise ValueError("entropy calibration needs calibration images or an existing cache")
+    with tempfile.TemporaryDirectory(prefix="ort.entropy.") as scratch:
+        calibrator = create_calibrator(prepped_path, augmented_model_path=str(Path(scratch) / "augmented.onnx"),
+                                       calibrate_method=CalibrationMethod.Entropy,
+                                       extra_options={"num_bins": ENTROPY_HISTOGRAM_BINS,
+                                                      "num_quantized_bins": ENTROPY_QUANTIZED_BINS})
+        calibrator.collect_data(reader)
+        save_tensors_data(calibrator.compute_data(), cache)
+
+
+# --- which nodes stay FP32 -----------------------------------------------------------------------------------------
+# Op types ONNX Runtime's QDQ quantizer turns into INT8; a unit without any has nothing to give back by staying FP32.
+QUANTIZED_OP_TYPES = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "Sigmoid", "HardSigmoid",
+                                "HardSwish", "GlobalAveragePool", "AveragePool", "MaxPool", "Concat", "Softmax",
+                                "Resize", "LayerNormalization", "Split", "Where"})
+_INDEXED_MODULE = re.compile(r".+\.\d+")
+
+
+def unit_of(node_name: str) -> str:
+    """The block a node belongs to, from the module path torch.onnx writes into node names: the deepest indexed
+    module ('/blocks/blocks.2/blocks.2.0/conv_pw/Conv' -> 'blocks.2.0', a timm block; 'layer1.0' in a ResNet),
+    else the top module ('/conv_head/Conv' -> 'conv_head'); a node without a path is a unit of its own."""
+    parts = [part for part in node_name.split("/") if part][:-1]
+    indexed = [part for part in parts if _INDEXED_MODULE.fullmatch(part)]
+    return indexed[-1] if indexed else (parts[0] if parts else node_name)
+
+
+@dataclass(frozen=True)
+class FloatUnit:
+    name: str
+    nodes: tuple[str, ...]
+
+
+def quantization_units(graph) -> list[FloatUnit]:
+    """The graph's blocks (``unit_of``) that hold quantizable nodes, in graph order."""
+    units: dict[str, list[Any]] = {}
+    for node in graph.node:
+        units.setdefault(unit_of(node.name), []).append(node)
+    return [FloatUnit(name, tuple(node.name for node in nodes)) for name, nodes in units.items()
+            if any(node.op_type in QUANTIZED_OP_TYPES for node in nodes)]
+
+
+def agreement_and_divergence(path: Path, images: torch.Tensor, reference_probs: np.ndarray) -> tuple[float, float]:
+    """Share of ``images`` on which the ONNX model at ``path`` gives the reference's top-1 class, and the mean
+    KL divergence of its probabilities from the reference's (nats): the second still moves when a change mends
+    answers that were right by a margin, so it ranks what staying FP32 brings on a small validation split."""
+    from prediction.predictors import onnx_probs
+
+    probs = onnx_probs(path, images, reference_probs.shape[1])
+    agreement = float((probs.argmax(1) == reference_probs.argmax(1)).mean())
+    eps = 1e-7
+    kl = float(np.mean(np.sum(reference_probs * (np.log(reference_probs + eps) - np.log(probs + eps)), axis=1)))
+    return agreement, max(kl, 0.0)
+
+
+class _Trials:
+    """Quantizes one pre-processed model again and again with other FP32 nodes (one calibration, cached) and scores
+    each result on the validation images against FP32."""
+
+    def __init__(self, prepped: Path, target: Path, reader: CalibrationReader, method: str, cache: Path,
+                 val_images: torch.Tensor, val_fp32_probs: Optional[np.ndarray]):
+        self.prepped, self.target, self.reader, self.method, self.cache = prepped, target, reader, method, cache
+        self.val_images, self.val_fp32_probs = val_images, val_fp32_probs
+
+    def write(self, float_nodes: Sequence[str]) -> None:
+        quantize_int8(self.prepped, self.target, None if self.cache.exists() else self.reader, self.method,
+                      sorted(set(float_nodes)), self.cache)
+
+    def score(self, float_nodes: Sequence[str]) -> tuple[float, float]:
+        self.write(float_nodes)
+        return agreement_and_divergence(self.target, self.val_images, self.val_fp32_probs)
+
+
+def _prefix_search(trials: _Trials, graph, levels: list[dict[str, Any]], first_stage: int, target: float
+                   ) -> tuple[list[str], int, list[dict[str, Any]]]:
+    """Whole leading stages stay FP32, one more at a time, until ``target`` holds; else the best attempt."""
+    def nodes_for(stages: int) -> list[str]:
+        return nodes_up_to(graph, levels[stages - 1]["module"]) if stages else []
+
+    attempts: list[dict[str, Any]] = []
+    for stages in range(first_stage, len(levels) + 1):
+        float_nodes = nodes_for(stages)
+        agreement, kl = trials.score(float_nodes)
+        attempts.append({"float_stages": stages, "float_until": levels[stages - 1]["module"] if stages else None,
+                         "float_nodes": len(float_nodes), "val_top1_agreement": agreement, "val_kl": kl})
+        logger.info("INT8 with %d float stages: same top-1 as FP32 on %.4f of %d validation images", stages,
+                    agreement, len(trials.val_images))
+        if agreement >= target:
+            return float_nodes, stages, attempts
+    best = max(attempts, key=lambda a: (a["val_top1_agreement"], -a["float_stages"]))
+    trials.write(nodes_for(best["float_stages"]))
+    return nodes_for(best["float_stages"]), best["float_stages"], attempts
+
+
+def _sensitivity_search(trials: _Trials, units: list[FloatUnit], start_nodes: list[str], target: float
+                        ) -> tuple[list[str], list[str], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Start from ``start_nodes`` in FP32 and the rest INT8; if ``target`` is missed, measure for each block how far
+    keeping it in FP32 (alone, beside the start) lowers the divergence from FP32 on the validation images, then keep
+    the blocks in that order, the most useful first, until the agreement holds (else the best attempt).
+
+    Returns (FP32 node names, FP32 block names, attempts, the sensitivity of every block)."""
+    float_nodes, float_units = list(start_nodes), []
+    agreement, kl = trials.score(float_nodes)
+    attempts = [{"float_units": [], "float_nodes": len(float_nodes), "val_top1_agreement": agreement, "val_kl": kl}]
+    logger.info("INT8 with %d FP32 nodes: same top-1 as FP32 on %.4f of %d validation images (KL %.4f)",
+                len(float_nodes), agreement, len(trials.val_images), kl)
+    if agreement >= target:
+        return float_nodes, float_units, attempts, []
+    started = set(start_nodes)
+    candidates = [unit for unit in units if not set(unit.nodes) <= started]
+    sensitivity = []
+    for unit in candidates:
+        unit_agreement, unit_kl = trials.score([*start_nodes, *unit.nodes])
+        sensitivity.append({"unit": unit.name, "nodes": len(unit.nodes), "val_kl_when_float": unit_kl,
+                            "val_top1_agreement_when_float": unit_agreement, "kl_reduction": kl - unit_kl})
+    sensitivity.sort(key=lambda s: (-s["kl_reduction"], s["nodes"]))
+    logger.info("INT8 sensitivity (KL from FP32 %.4f with everything INT8): %s", kl, ", ".join(
+        f"{s['unit']} {s['kl_reduction']:+.4f}" for s in sensitivity[:6]))
+    by_name = {unit.name: unit for unit in candidates}
+    for entry in sensitivity:
+        float_units.append(entry["unit"])
+        float_nodes = [*float_nodes, *(n for n in by_name[entry["unit"]].nodes if n not in started)]
+        started.update(float_nodes)
+        agreement, kl = trials.score(float_nodes)
+        attempts.append({"float_units": list(float_units), "float_nodes": len(float_nodes),
+                         "val_top1_agreement": agreement, "val_kl": kl})
+        logger.info("INT8 with %s in FP32 (%d nodes): same top-1 as FP32 on %.4f (KL %.4f)", ", ".join(float_units),
+                    len(float_nodes), agreement, kl)
+        if agreement >= target:
+            return float_nodes, float_units, attempts, sensitivity
+    best = max(attempts, key=lambda a: (a["val_top1_agreement"], -a["float_nodes"]))
+    float_units = best["float_units"]
+    float_nodes = [*start_nodes, *(n for name in float_units for n in by_name[name].nodes if n not in start_nodes)]
+    trials.write(float_nodes)
+    return float_nodes, float_units, attempts, sensitivity
 
 
 def _median_latency_ms(path: str, batch: np.ndarray, runs: int, threads: int) -> float:
@@ -158,21 +311,60 @@ class CalibrationData:
     train_paths: list[Path]  # calibration images are drawn from these (seeded)
     val_images: torch.Tensor  # the agreement check's images (may be empty)
     load_batch: Callable[[list[Path]], torch.Tensor]
+    train_labels: Optional[list[int]] = None  # for class-balanced calibration
 
 
-def top1_agreement(path: Path, images: torch.Tensor, reference_top1: np.ndarray, n_class: int) -> float:
-    """Share of ``images`` on which the ONNX model at ``path`` gives the ``reference_top1`` class."""
-    from prediction.predictors import onnx_probs
+def calibration_images(paths: list[Path], labels: Optional[list[int]], count: int, sampling: str,
+                       seed: int = 0) -> list[Path]:
+    """``count`` training images (seeded): ``balanced`` takes them from every class in turn, so a class with few
+    photos still shapes the ranges; ``random`` draws in proportion to the classes' sizes."""
+    rng = random.Random(seed)
+    count = min(count, len(paths))
+    if sampling != "balanced" or not labels:
+        return rng.sample(paths, count)
+    by_class: dict[int, list[Path]] = {}
+    for path, label in zip(paths, labels):
+        by_class.setdefault(label, []).append(path)
+    queues = [rng.sample(members, len(members)) for _, members in sorted(by_class.items())]
+    chosen: list[Path] = []
+    while len(chosen) < count:
+        for queue in queues:
+            if queue and len(chosen) < count:
+                chosen.append(queue.pop())
+    return chosen
 
-    return float((onnx_probs(path, images, n_class).argmax(1) == reference_top1).mean())
+
+def _select(trials: _Trials, graph, levels: list[dict[str, Any]], float_stages: int, settings: QuantOptions,
+            validate: bool) -> dict[str, Any]:
+    """One calibration method's answer: which nodes stay FP32 (``settings.float_selection``), written to the
+    trials' target, with the attempts that led there."""
+    start_nodes = nodes_up_to(graph, levels[float_stages - 1]["module"]) if float_stages else []
+    if not validate:
+        trials.write(start_nodes)
+        return {"float_nodes": start_nodes, "float_stages": float_stages, "float_units": [], "attempts": [],
+                "sensitivity": []}
+    if settings.float_selection == "prefix":
+        nodes, stages, attempts = _prefix_search(trials, graph, levels, float_stages, settings.min_agreement)
+        return {"float_nodes": nodes, "float_stages": stages, "float_units": [], "attempts": attempts,
+                "sensitivity": []}
+    nodes, units, attempts, sensitivity = _sensitivity_search(trials, quantization_units(graph), start_nodes,
+                                                              settings.min_agreement)
+    return {"float_nodes": nodes, "float_stages": float_stages, "float_units": units, "attempts": attempts,
+            "sensitivity": sensitivity}
+
+
+def _best_agreement(choice: dict[str, Any]) -> float:
+    return max((a["val_top1_agreement"] for a in choice["attempts"]), default=1.0)
 
 
 def quantize_verified(fp32_path: Path, int8_target: Path, feature_levels: list[dict[str, Any]],
                       metadata: dict[str, str], settings: QuantOptions, test: ReferenceSet,
                       data: CalibrationData) -> dict[str, Any]:
-    """Quantize the verified FP32 file to ``int8_target`` (atomically), keeping leading stages in FP32 until the
-    INT8 model gives FP32's top-1 on ``settings.min_agreement`` of the validation images; then measure its test
+    """Quantize the verified FP32 file to ``int8_target`` (atomically), keeping the parts that need it in FP32 until
+    the INT8 model gives FP32's top-1 on ``settings.min_agreement`` of the validation images; then measure its test
     agreement, accuracy, size and batch-1 speed against FP32."""
+    import onnx
+
     from prediction.predictors import onnx_probs
     from utils.atomic import atomic_path
     from utils.onnx_runtime import check_onnx_model, write_onnx_metadata
@@ -186,71 +378,98 @@ def quantize_verified(fp32_path: Path, int8_target: Path, feature_levels: list[d
     gated = gated_activation_count(fp32_path)
     float_stages = (auto_float_stages(feature_levels, gated) if settings.keep_float_stages == "auto"
                     else int(settings.keep_float_stages))
-    calib = random.Random(0).sample(data.train_paths, min(settings.calib_images, len(data.train_paths)))
-    reader = CalibrationReader(calib, lambda paths: data.load_batch(paths).numpy())
-    val_fp32_top1 = onnx_probs(fp32_path, data.val_images, n_class).argmax(1) if len(data.val_images) else None
-    attempts: list[dict[str, Any]] = []
+    calib = calibration_images(data.train_paths, data.train_labels, settings.calib_images, settings.calib_sampling)
+    validate = len(data.val_images) > 0 and settings.min_agreement > 0
+    val_fp32_probs = onnx_probs(fp32_path, data.val_images, n_class) if validate else None
+    methods = ("minmax", "percentile", "entropy") if settings.calibrate_method == "auto" else (
+        settings.calibrate_method,)
     with tempfile.TemporaryDirectory(dir=int8_target.parent, prefix=".calibration-") as work:
-        cache = Path(work) / "ranges.json"
         prepped = Path(work) / "preprocessed.onnx"
         prepare_for_quantization(fp32_path, prepped)
+        graph = onnx.load(str(prepped)).graph
+        total_nodes = len(graph.node)
+        choices = {}
+        for method in methods:
+            reader = CalibrationReader(calib, lambda paths: data.load_batch(paths).numpy())
+            trials = _Trials(prepped, Path(work) / f"int8-{method}.onnx", reader, method,
+                             Path(work) / f"ranges-{method}.json", data.val_images, val_fp32_probs)
+            choices[method] = {**_select(trials, graph, feature_levels, float_stages, settings, validate),
+                               "path": trials.target}
+            if len(methods) > 1:
+                logger.info("calibration %s: %d FP32 nodes, validation agreement %.4f", method,
+                            len(choices[method]["float_nodes"]), _best_agreement(choices[method]))
+        # Reaching the agreement first, then the fewest FP32 nodes, then the higher agreement; minmax wins ties.
+        method = min(methods, key=lambda m: (_best_agreement(choices[m]) < settings.min_agreement,
+                                             len(choices[m]["float_nodes"]), -_best_agreement(choices[m])))
+        chosen = choices[method]
+        float_nodes = chosen["float_nodes"]
         with atomic_path(int8_target) as int8_tmp:
-            while True:
-                float_until = feature_levels[float_stages - 1]["module"] if float_stages else None
-                # Calibrate once; re-quantizing with more float stages reuses the cached ranges.
-                float_nodes = quantize_int8(prepped, int8_tmp, None if cache.exists() else reader,
-                                            settings.calibrate_method, float_until, cache)
-                if val_fp32_top1 is None or settings.min_agreement <= 0:
-                    break
-                agreement = top1_agreement(int8_tmp, data.val_images, val_fp32_top1, n_class)
-                attempts.append({"float_stages": float_stages, "float_until": float_until,
-                                 "val_top1_agreement": agreement})
-                logger.info("INT8 with %d float stages: same top-1 as FP32 on %.4f of %d validation images",
-                            float_stages, agreement, len(data.val_images))
-                if agreement >= settings.min_agreement:
-                    break
-                if float_stages >= len(feature_levels):
-                    # None passed: keep the attempt that agreed most (the fewest float stages among equals).
-                    best = max(attempts, key=lambda a: (a["val_top1_agreement"], -a["float_stages"]))
-                    if best["float_stages"] != float_stages:
-                        float_stages, float_until = best["float_stages"], best["float_until"]
-                        float_nodes = quantize_int8(prepped, int8_tmp, None, settings.calibrate_method, float_until,
-                                                    cache)
-                    break
-                float_stages += 1
-            write_onnx_metadata(int8_tmp, {**metadata, "precision": "int8", "float_stages": str(float_stages)})
+            os.replace(chosen["path"], int8_tmp)
+            write_onnx_metadata(int8_tmp, {**metadata, "precision": "int8", "float_stages": str(chosen["float_stages"]),
+                                           "float_nodes": str(len(float_nodes)),
+                                           "float_units": ",".join(chosen["float_units"]),
+                                           "calibrate_method": method})
             check_onnx_model(int8_tmp)
             int8_probs = onnx_probs(int8_tmp, test.images, n_class)
             fp32_ms, int8_ms = compare_latency([fp32_path, int8_tmp], test.images[:1].numpy(), os.cpu_count() or 1)
+            stages = chosen["float_stages"]
             result = {"int8_top1_agreement": float((int8_probs.argmax(1) == test.torch_probs.argmax(1)).mean()),
                       "int8_accuracy": float((int8_probs.argmax(1) == test.labels).mean()),
                       "int8_size_ratio": int8_tmp.stat().st_size / fp32_path.stat().st_size,
                       "fp32_batch1_ms": fp32_ms, "int8_batch1_ms": int8_ms, "gated_activations": gated,
-                      "int8_float_stages": float_stages, "int8_float_until": float_until,
-                      "int8_float_nodes": float_nodes, "calibrate_method": settings.calibrate_method,
+                      "float_selection": settings.float_selection,
+                      "int8_float_stages": stages,
+                      "int8_float_until": feature_levels[stages - 1]["module"] if stages else None,
+                      "int8_float_units": chosen["float_units"], "int8_float_nodes": len(float_nodes),
+                      "graph_nodes": total_nodes, "int8_float_share": len(float_nodes) / total_nodes,
+                      "calibrate_method": method, "calib_sampling": settings.calib_sampling,
                       "calib_images": len(calib), "min_agreement": settings.min_agreement,
-                      "agreement_attempts": attempts}
-    best_agreement = max((a["val_top1_agreement"] for a in attempts), default=1.0)
-    if best_agreement < settings.min_agreement:
-        logger.warning("!!! INT8 agrees with FP32 on at most %.4f of the validation images (wanted %.2f) even with "
-                       "every stage but the head in FP32; kept %d float stages, the best attempt; deploy "
-                       "%s if that matters", best_agreement, settings.min_agreement, float_stages, ExportDir.FP32_NAME)
-    if float_stages:
-        logger.info("INT8: the first %d stages (through %s, %d nodes) stay FP32%s", float_stages, float_until,
-                    float_nodes, f" ({gated} SiLU/SE/hard-swish activations)" if gated else "")
+                      "agreement_attempts": chosen["attempts"], "sensitivity": chosen["sensitivity"],
+                      "val_top1_agreement": _best_agreement(chosen) if validate else None}
+            if len(methods) > 1:
+                result["calibration_comparison"] = [
+                    {"calibrate_method": m, "float_nodes": len(choices[m]["float_nodes"]),
+                     "val_top1_agreement": _best_agreement(choices[m])} for m in methods]
+    _log_float_choice(result, settings.min_agreement, gated)
     return result
 
 
+def _log_float_choice(result: dict[str, Any], min_agreement: float, gated: int) -> None:
+    attempts = result["agreement_attempts"]
+    best_agreement = max((a["val_top1_agreement"] for a in attempts), default=1.0)
+    if best_agreement < min_agreement:
+        logger.warning("!!! INT8 agrees with FP32 on at most %.4f of the validation images (wanted %.2f) even with "
+                       "%d of %d nodes in FP32; kept the best attempt; deploy %s if that matters", best_agreement,
+                       min_agreement, max(a["float_nodes"] for a in attempts), result["graph_nodes"],
+                       ExportDir.FP32_NAME)
+    if result["int8_float_nodes"]:
+        where = (f"blocks {', '.join(result['int8_float_units'])}" if result["int8_float_units"] else
+                 f"the first {result['int8_float_stages']} stages (through {result['int8_float_until']})")
+        if result["int8_float_units"] and result["int8_float_stages"]:
+            where += f" beside the first {result['int8_float_stages']} stages"
+        logger.info("INT8: %s stay FP32 (%d of %d nodes, %.0f%%)%s", where, result["int8_float_nodes"],
+                    result["graph_nodes"], 100 * result["int8_float_share"],
+                    f"; {gated} SiLU/SE/hard-swish activations" if gated else "")
+
+
 def warn_mostly_float(report: dict[str, Any], n_stages: int) -> None:
-    """The INT8 file is over half the FP32 size: say why and what to change."""
+    """More of the INT8 file stayed FP32 than --max_float_share allows (or it is over half the FP32 size): say what
+    stayed float, why, and what to change."""
+    if report["int8_float_units"]:
+        where = f"blocks {', '.join(report['int8_float_units'])}"
+        if report["int8_float_stages"]:
+            where += f" and the first {report['int8_float_stages']} of {n_stages} stages"
+    else:
+        where = f"its first {report['int8_float_stages']} of {n_stages} stages"
     attempts = report["agreement_attempts"]
     if attempts:
         fewest = attempts[0]
-        why = (f"for --min_agreement {report['min_agreement']:.2f} (with {fewest['float_stages']} float stages "
-               f"INT8 gave FP32's answer on {fewest['val_top1_agreement']:.4f} of the validation images); for a "
-               f"smaller, faster file accept fewer agreeing answers with --min_agreement or --keep_float_stages")
+        why = (f"for --min_agreement {report['min_agreement']:.2f} (with {fewest['float_nodes']} float nodes INT8 "
+               f"gave FP32's answer on {fewest['val_top1_agreement']:.4f} of the validation images); for a smaller, "
+               f"faster file try --qat_epochs 2 or --calibrate_method auto, or accept fewer agreeing answers with "
+               f"--min_agreement")
     else:
         why = "as --keep_float_stages asked; lower it for a smaller, faster file"
-    logger.warning("!!! %s is %.0f%% of the FP32 file: its first %d of %d stages stay FP32 %s, or deploy %s",
-                   ExportDir.INT8_NAME, 100 * report["int8_size_ratio"], report["int8_float_stages"], n_stages, why,
-                   ExportDir.FP32_NAME)
+    logger.warning("!!! %s keeps %d of %d nodes (%.0f%%) in FP32 and is %.0f%% of the FP32 file: %s stay FP32 %s, "
+                   "or deploy %s", ExportDir.INT8_NAME, report["int8_float_nodes"], report["graph_nodes"],
+                   100 * report["int8_float_share"], 100 * report["int8_size_ratio"], where, why, ExportDir.FP32_NAME)

@@ -64,31 +64,34 @@ def test_gated_model_starts_with_its_stride_8_stages_in_float(exported):
     output, report = exported
     # test_efficientnet has SiLU activations and feature levels blocks.0-4 at strides 2, 4, 8, 16, 32.
     assert report["gated_activations"] > 0
-    assert report["agreement_attempts"][0]["float_stages"] == 3
-    stages = report["int8_float_stages"]
-    assert stages >= 3 and report["int8_float_until"] == f"blocks.{stages - 1}"
-    assert read_onnx_metadata(output / "clf_model_int8.onnx")["float_stages"] == str(stages)
+    assert report["float_selection"] == "sensitivity" and report["agreement_attempts"][0]["float_units"] == []
+    assert report["int8_float_stages"] == 3 and report["int8_float_until"] == "blocks.2"
+    meta = read_onnx_metadata(output / "clf_model_int8.onnx")
+    assert meta["float_stages"] == "3" and meta["float_nodes"] == str(report["int8_float_nodes"])
     convs = _quantized_convs(output / "clf_model_int8.onnx")
-    float_prefixes = ("/conv_stem/",) + tuple(f"/blocks/blocks.{i}/" for i in range(stages))
+    float_prefixes = ("/conv_stem/",) + tuple(f"/blocks/blocks.{i}/" for i in range(3))
     early = [q for name, q in convs.items() if name.startswith(float_prefixes)]
-    late = [q for name, q in convs.items() if not name.startswith(float_prefixes)]
+    # Later blocks are INT8 unless the sensitivity search kept them (they are named in the report then).
+    late = [q for name, q in convs.items() if not name.startswith(float_prefixes)
+            and onnx_quant.unit_of(name) not in report["int8_float_units"]]
     assert early and not any(early)
     assert late and all(late)  # conv_head at least
 
 
 def test_agreement_guard_adds_float_stages_until_int8_gives_fp32_answers(tiny_run, tmp_path, monkeypatch):
     # Scripted agreements: the guard must stop at the first attempt that reaches --min_agreement.
-    real = onnx_quant.top1_agreement
+    real = onnx_quant.agreement_and_divergence
     measured = []
 
     def scripted(*args):
-        measured.append(real(*args))  # the real comparison still runs on the model
-        return [0.90, 0.95, 0.995, 1.0][len(measured) - 1]
+        measured.append(real(*args)[0])  # the real comparison still runs on the model
+        return [0.90, 0.95, 0.995, 1.0][len(measured) - 1], 0.1
 
-    monkeypatch.setattr(onnx_quant, "top1_agreement", scripted)
+    monkeypatch.setattr(onnx_quant, "agreement_and_divergence", scripted)
     report = qom.main(qom.get_args_parser().parse_args(["--skip_segmentation", "--model_path", str(tiny_run),
                                                         "--output_dir", str(tmp_path), "--calib_images", "16",
-                                                        "--keep_float_stages", "0", "--min_agreement", "0.99"]))
+                                                        "--keep_float_stages", "0", "--min_agreement", "0.99",
+                                                        "--float_selection", "prefix"]))
     attempts = report["agreement_attempts"]
     assert [a["float_stages"] for a in attempts] == [0, 1, 2]
     assert [a["val_top1_agreement"] for a in attempts] == [0.90, 0.95, 0.995]
@@ -100,10 +103,11 @@ def test_agreement_guard_adds_float_stages_until_int8_gives_fp32_answers(tiny_ru
 def test_agreement_guard_keeps_the_best_attempt_when_none_passes(tiny_run, tmp_path, monkeypatch):
     # Scripted agreements, so the "none passed" path runs whatever the tiny model's real numbers are.
     scripted = iter([0.90, 0.97, 0.95, 0.96, 0.93, 0.97])
-    monkeypatch.setattr(onnx_quant, "top1_agreement", lambda *_: next(scripted))
+    monkeypatch.setattr(onnx_quant, "agreement_and_divergence", lambda *_: (next(scripted), 0.1))
     report = qom.main(qom.get_args_parser().parse_args(["--skip_segmentation", "--model_path", str(tiny_run),
                                                         "--output_dir", str(tmp_path), "--calib_images", "16",
-                                                        "--keep_float_stages", "0", "--min_agreement", "0.99"]))
+                                                        "--keep_float_stages", "0", "--min_agreement", "0.99",
+                                                        "--float_selection", "prefix"]))
     assert [a["float_stages"] for a in report["agreement_attempts"]] == [0, 1, 2, 3, 4, 5]
     assert report["int8_float_stages"] == 1 and report["int8_float_until"] == "blocks.0"  # first of the two 0.97s
     assert read_onnx_metadata(tmp_path / "clf_model_int8.onnx")["float_stages"] == "1"
@@ -116,15 +120,16 @@ def test_int8_file_that_stays_mostly_float_says_so_and_names_the_all_int8_agreem
                                                                                      monkeypatch, caplog):
     # A model with many close calls (seen on 8-class ISIC): only every stage in FP32 reaches the agreement asked for.
     scripted = iter([0.90, 0.92, 0.93, 0.94, 0.95, 0.995])
-    monkeypatch.setattr(onnx_quant, "top1_agreement", lambda *_: next(scripted))
+    monkeypatch.setattr(onnx_quant, "agreement_and_divergence", lambda *_: (next(scripted), 0.1))
     with caplog.at_level(logging.WARNING):
         report = qom.main(qom.get_args_parser().parse_args([
             "--skip_segmentation", "--model_path", str(tiny_run), "--output_dir", str(tmp_path), "--calib_images",
-            "16", "--keep_float_stages", "0", "--min_agreement", "0.99"]))
+            "16", "--keep_float_stages", "0", "--min_agreement", "0.99",
+                                                        "--float_selection", "prefix"]))
     assert report["int8_float_stages"] == 5 and report["int8_size_ratio"] > onnx_export.INT8_SIZE_RATIO_WARNING
     warning = next(r.getMessage() for r in caplog.records if "of the FP32 file" in r.getMessage())
     assert f"{100 * report['int8_size_ratio']:.0f}% of the FP32 file" in warning
-    assert "first 5 of 5 stages" in warning and "with 0 float stages INT8 gave FP32's answer on 0.9000" in warning
+    assert "first 5 of 5 stages" in warning and "with 0 float nodes INT8 gave FP32's answer on 0.9000" in warning
 
 
 def test_keep_float_stages_zero_quantizes_every_conv_and_too_many_is_a_clear_error(tiny_run, tmp_path):

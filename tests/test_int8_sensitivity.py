@@ -1,0 +1,180 @@
+"""INT8 that stays INT8: the parts kept in FP32 are chosen by measured sensitivity, calibration choices change the
+ranges written, and the agreement guard still holds a model to its target."""
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from configs import QuantOptions
+from deploy import onnx_quant
+from deploy.onnx_export import export_fp32
+from utils.onnx_runtime import read_onnx_metadata
+
+N_CLASS = 4
+
+
+class _NearIdentityBlock(nn.Module):
+    """Two convolutions that together pass their input on almost unchanged (identity kernels plus a little noise)."""
+
+    def __init__(self, channels: int, outlier: float = 0.0):
+        super().__init__()
+        self.conv_a = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv_b = nn.Conv2d(channels, channels, 1)
+        with torch.no_grad():
+            for conv in (self.conv_a, self.conv_b):
+                nn.init.dirac_(conv.weight)
+                conv.weight.add_(0.05 * torch.randn_like(conv.weight))
+                conv.bias.zero_()
+            if outlier:
+                # The tensor between the two convolutions carries channel 0 `outlier` times larger and conv_b scales
+                # it back: FP32 answers do not change, but in INT8 that one channel sets the tensor's range and the
+                # other channels round to nothing (an outlier-heavy activation).
+                self.conv_a.weight[0] *= outlier
+                self.conv_b.weight[:, 0] /= outlier
+
+    def forward(self, x):
+        return self.conv_b(self.conv_a(x))
+
+
+class FragileNet(nn.Module):
+    """Stem, four blocks and a classifier, named like a timm model; block ``fragile`` has the outlier activation."""
+
+    def __init__(self, fragile: int = 2, outlier: float = 1e4, channels: int = 8):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv_stem = nn.Conv2d(3, channels, 3, stride=2, padding=1)
+        self.blocks = nn.Sequential(*[_NearIdentityBlock(channels, outlier if i == fragile else 0.0)
+                                      for i in range(4)])
+        self.classifier = nn.Linear(channels, N_CLASS)
+        self.feature_info = [{"module": f"blocks.{i}", "reduction": 2, "num_chs": channels} for i in range(4)]
+
+    def forward(self, x):
+        return self.classifier(self.blocks(self.conv_stem(x)).mean((2, 3)))
+
+
+def _images(n: int, generator: torch.Generator) -> torch.Tensor:
+    # A colour cast per image plus texture: the pooled features, and so the answers, differ between images.
+    return torch.randn(n, 3, 1, 1, generator=generator) + 0.3 * torch.randn(n, 3, 32, 32, generator=generator)
+
+
+@pytest.fixture(scope="module")
+def fragile(tmp_path_factory):
+    """The exported FP32 file of a FragileNet and the data quantize_verified checks it on."""
+    model = FragileNet().eval()
+    work = tmp_path_factory.mktemp("fragile")
+    export_fp32(model, [3, 32, 32], work / "fp32.onnx", 17)
+    generator = torch.Generator().manual_seed(1)
+    train, val, test = _images(64, generator), _images(100, generator), _images(50, generator)
+    with torch.no_grad():
+        test_probs = model(test).softmax(1).numpy()
+    assert len(set(test_probs.argmax(1))) > 1, "the test images must not all get one answer"
+    data = onnx_quant.CalibrationData(list(range(len(train))), val, lambda rows: train[list(rows)],
+                                      [i % N_CLASS for i in range(len(train))])
+    return model, work / "fp32.onnx", data, onnx_quant.ReferenceSet(test, test_probs.argmax(1), test_probs)
+
+
+@pytest.fixture(autouse=True)
+def no_latency_timing(monkeypatch):
+    # The timing runs in fresh processes (seconds each); these tests check the choice of FP32 nodes, not speed.
+    monkeypatch.setattr(onnx_quant, "compare_latency", lambda paths, *args, **kwargs: [1.0] * len(paths))
+
+
+def _quantize(fragile, target: Path, **options):
+    model, fp32, data, test = fragile
+    settings = QuantOptions(**{"calib_images": 64, "keep_float_stages": 0, **options})
+    return onnx_quant.quantize_verified(fp32, target, model.feature_info, {}, settings, test, data)
+
+
+def _int8_convs(path: Path) -> dict[str, bool]:
+    graph = onnx.load(str(path)).graph
+    dequantized = {node.output[0] for node in graph.node if node.op_type == "DequantizeLinear"}
+    return {node.name: node.input[1] in dequantized for node in graph.node if node.op_type == "Conv"}
+
+
+def test_units_are_the_blocks_named_in_the_graph():
+    assert onnx_quant.unit_of("/blocks/blocks.2/blocks.2.0/conv_pw/Conv") == "blocks.2.0"
+    assert onnx_quant.unit_of("/layer1/layer1.0/conv1/Conv") == "layer1.0"
+    assert onnx_quant.unit_of("/conv_head/Conv") == "conv_head"
+    assert onnx_quant.unit_of("Conv_17") == "Conv_17"
+
+
+def test_the_fragile_block_stays_fp32_and_nothing_else(fragile, tmp_path):
+    report = _quantize(fragile, tmp_path / "int8.onnx")
+    assert report["agreement_attempts"][0]["val_top1_agreement"] < 0.99  # fully INT8 loses answers
+    assert report["int8_float_units"] == ["blocks.2"]
+    assert report["sensitivity"][0]["unit"] == "blocks.2" and report["sensitivity"][0]["kl_reduction"] > 0
+    assert report["int8_float_nodes"] == 2 and report["int8_float_stages"] == 0
+    assert report["val_top1_agreement"] >= 0.99 and report["int8_top1_agreement"] >= 0.96
+    convs = _int8_convs(tmp_path / "int8.onnx")
+    assert not any(q for name, q in convs.items() if name.startswith("/blocks/blocks.2/"))
+    assert all(q for name, q in convs.items() if not name.startswith("/blocks/blocks.2/"))
+
+
+def test_the_prefix_rule_would_keep_every_stage_before_it(fragile, tmp_path):
+    report = _quantize(fragile, tmp_path / "int8.onnx", float_selection="prefix")
+    assert report["int8_float_stages"] == 3 and report["int8_float_nodes"] > 2  # stem and blocks 0-2
+
+
+def _activation_scales(path: Path) -> dict[str, float]:
+    """Scale of every QuantizeLinear that quantizes an activation (not a weight) in a QDQ model."""
+    graph = onnx.load(str(path)).graph
+    initializers = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    return {node.input[0]: float(initializers[node.input[1]]) for node in graph.node
+            if node.op_type == "QuantizeLinear" and node.input[0] not in initializers}
+
+
+def test_each_calibration_method_writes_its_own_ranges(fragile, tmp_path):
+    scales = {method: _activation_scales(_quantize_only(fragile, tmp_path / f"{method}.onnx", method))
+              for method in ("minmax", "percentile", "entropy")}
+    assert scales["minmax"].keys() == scales["percentile"].keys() == scales["entropy"].keys()
+    for a, b in (("minmax", "percentile"), ("minmax", "entropy"), ("percentile", "entropy")):
+        assert any(not np.isclose(scales[a][t], scales[b][t]) for t in scales[a]), (a, b)
+    # Percentile and entropy clip the outlier tensor's range: a finer step there than minmax's. Entropy with
+    # TensorRT's 2048 bins clips hard (ONNX Runtime's default 128 bins would give minmax's range back).
+    outlier = max(scales["minmax"], key=scales["minmax"].get)
+    assert scales["percentile"][outlier] < scales["minmax"][outlier]
+    assert scales["entropy"][outlier] < scales["minmax"][outlier] / 2
+
+
+def _quantize_only(fragile, target: Path, method: str) -> Path:
+    _, fp32, data, _ = fragile
+    prepped = target.with_suffix(".prepped.onnx")
+    onnx_quant.prepare_for_quantization(fp32, prepped)
+    reader = onnx_quant.CalibrationReader(data.train_paths, lambda rows: data.load_batch(rows).numpy())
+    onnx_quant.quantize_int8(prepped, target, reader, method)
+    return target
+
+
+def test_auto_calibration_compares_the_methods_and_keeps_the_fewest_float_nodes(fragile, tmp_path):
+    report = _quantize(fragile, tmp_path / "int8.onnx", calibrate_method="auto")
+    compared = {row["calibrate_method"]: row for row in report["calibration_comparison"]}
+    assert set(compared) == {"minmax", "percentile", "entropy"}
+    reaching = [row for row in compared.values() if row["val_top1_agreement"] >= 0.99]
+    assert reaching and report["int8_float_nodes"] == min(row["float_nodes"] for row in reaching)
+    assert read_onnx_metadata(tmp_path / "int8.onnx")["calibrate_method"] == report["calibrate_method"]
+
+
+def test_balanced_calibration_takes_every_class_alike():
+    paths = [Path(f"{i}.jpg") for i in range(100)]
+    labels = [0] * 90 + [1] * 6 + [2] * 4
+    chosen = onnx_quant.calibration_images(paths, labels, 12, "balanced")
+    counts = np.bincount([labels[paths.index(p)] for p in chosen], minlength=3)
+    assert counts.tolist() == [4, 4, 4]
+    assert chosen == onnx_quant.calibration_images(paths, labels, 12, "balanced")  # seeded
+    assert len(set(onnx_quant.calibration_images(paths, labels, 12, "random"))) == 12
+    # A class with fewer photos than its share gives all it has; the others fill the rest.
+    chosen = onnx_quant.calibration_images(paths, labels, 30, "balanced")
+    assert np.bincount([labels[paths.index(p)] for p in chosen], minlength=3).tolist() == [20, 6, 4]
+
+
+def test_the_guard_keeps_the_best_attempt_and_says_so_when_no_choice_reaches_the_target(fragile, tmp_path,
+                                                                                       monkeypatch, caplog):
+    monkeypatch.setattr(onnx_quant, "agreement_and_divergence", lambda *args: (0.5, 1.0))
+    report = _quantize(fragile, tmp_path / "int8.onnx")
+    assert report["val_top1_agreement"] == 0.5 and report["int8_float_nodes"] == 0  # the fewest among equals
+    assert any("!!! INT8 agrees with FP32 on at most 0.5000" in r.getMessage() for r in caplog.records)
