@@ -14,9 +14,11 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
+import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -168,6 +170,9 @@ def export_run(run_dir: Path, export: ExportDir, settings: ExportOptions) -> dic
                                    else torch.empty(0), lambda paths: load_preprocessed(paths, transform, decoder),
                                    [s.label for s in train])
             report.update(quantize_verified(fp32_tmp, export.int8, levels, metadata, settings.quant, test, data))
+            if settings.quant.qat_epochs and report["int8_float_share"] > settings.quant.max_float_share:
+                report.update(_quantize_after_tuning(model, info.preprocessing.input_size, fp32_tmp, export,
+                                                     levels, metadata, settings, test, data, report))
     if settings.quantize == "none":
         # An INT8 file from an earlier export would otherwise be benchmarked and deployed beside the new FP32 one.
         for older in (export.int8, export.root / export.INT8_ORT_NAME):
@@ -180,6 +185,47 @@ def export_run(run_dir: Path, export: ExportDir, settings: ExportOptions) -> dic
     write_run_info(export.root, info)
     _log_export(report, len(levels), settings.quant.max_float_share)
     return report
+
+
+def _int8_rank(result: dict[str, Any], min_agreement: float) -> tuple:
+    """Smaller is better: reaching the agreement first, then the fewest FP32 nodes, then the higher agreement."""
+    agreement = result["val_top1_agreement"] if result["val_top1_agreement"] is not None else 1.0
+    return agreement < min_agreement, result["int8_float_nodes"], -agreement
+
+
+def _quantize_after_tuning(model: torch.nn.Module, input_size: Sequence[int], fp32_path: Path, export: ExportDir,
+                           levels: list[dict[str, Any]], metadata: dict[str, str], settings: ExportOptions,
+                           test: ReferenceSet, data: CalibrationData, ptq: dict[str, Any]) -> dict[str, Any]:
+    """Post-training INT8 kept more than --max_float_share in FP32: fine-tune a copy for quantization, quantize it
+    the same way, and keep it in place of the post-training file when it ranks better (``_int8_rank``)."""
+    from deploy.qat import finetune_for_int8
+
+    quant = settings.quant
+    logger.info("INT8 keeps %.0f%% of the nodes in FP32 (over --max_float_share %.0f%%): quantization-aware tuning "
+                "for %d passes over %d training images", 100 * ptq["int8_float_share"], 100 * quant.max_float_share,
+                quant.qat_epochs, len(data.train_paths))
+    tuned = finetune_for_int8(model, data.train_paths, data.load_batch, quant.qat_epochs)
+    summary = {"epochs": quant.qat_epochs, "seconds": round(tuned.seconds, 1), "steps": tuned.steps,
+               "train_kl": tuned.final_kl,
+               "post_training": {k: ptq[k] for k in ("int8_float_nodes", "int8_float_share", "val_top1_agreement",
+                                                     "int8_top1_agreement", "int8_accuracy")}}
+    with tempfile.TemporaryDirectory(dir=export.root, prefix=".qat-") as work:
+        tuned_fp32 = Path(work) / "tuned_fp32.onnx"
+        export_fp32(tuned.model, list(input_size), tuned_fp32, settings.opset)
+        candidate = Path(work) / "int8.onnx"
+        qat = quantize_verified(tuned_fp32, candidate, levels, {**metadata, "qat_epochs": str(quant.qat_epochs)},
+                                quant, test, data, delivered_fp32=fp32_path)
+        summary["tuned"] = {k: qat[k] for k in summary["post_training"]}
+        keep = _int8_rank(qat, quant.min_agreement) < _int8_rank(ptq, quant.min_agreement)
+        summary["kept"] = "tuned" if keep else "post_training"
+        logger.info("quantization-aware tuning took %.0f s: %d FP32 nodes, validation agreement %.4f (post-training: "
+                    "%d, %.4f); keeping the %s file", tuned.seconds, qat["int8_float_nodes"],
+                    qat["val_top1_agreement"] or 1.0, ptq["int8_float_nodes"], ptq["val_top1_agreement"] or 1.0,
+                    "tuned" if keep else "post-training")
+        if keep:
+            os.replace(candidate, export.int8)
+            return {**qat, "qat": summary}
+    return {"qat": summary}
 
 
 def _verify_fp32(path: Path, test: ReferenceSet) -> dict[str, Any]:

@@ -359,10 +359,13 @@ def _best_agreement(choice: dict[str, Any]) -> float:
 
 def quantize_verified(fp32_path: Path, int8_target: Path, feature_levels: list[dict[str, Any]],
                       metadata: dict[str, str], settings: QuantOptions, test: ReferenceSet,
-                      data: CalibrationData) -> dict[str, Any]:
+                      data: CalibrationData, delivered_fp32: Optional[Path] = None) -> dict[str, Any]:
     """Quantize the verified FP32 file to ``int8_target`` (atomically), keeping the parts that need it in FP32 until
     the INT8 model gives FP32's top-1 on ``settings.min_agreement`` of the validation images; then measure its test
-    agreement, accuracy, size and batch-1 speed against FP32."""
+    agreement, accuracy, size and batch-1 speed against FP32.
+
+    ``delivered_fp32`` (default ``fp32_path``) is the model INT8 must agree with and is timed and sized against:
+    the delivered FP32 file when ``fp32_path`` is a quantization-aware tuned copy of it."""
     import onnx
 
     from prediction.predictors import onnx_probs
@@ -380,7 +383,8 @@ def quantize_verified(fp32_path: Path, int8_target: Path, feature_levels: list[d
                     else int(settings.keep_float_stages))
     calib = calibration_images(data.train_paths, data.train_labels, settings.calib_images, settings.calib_sampling)
     validate = len(data.val_images) > 0 and settings.min_agreement > 0
-    val_fp32_probs = onnx_probs(fp32_path, data.val_images, n_class) if validate else None
+    delivered_fp32 = delivered_fp32 or fp32_path
+    val_fp32_probs = onnx_probs(delivered_fp32, data.val_images, n_class) if validate else None
     methods = ("minmax", "percentile", "entropy") if settings.calibrate_method == "auto" else (
         settings.calibrate_method,)
     with tempfile.TemporaryDirectory(dir=int8_target.parent, prefix=".calibration-") as work:
@@ -411,11 +415,12 @@ def quantize_verified(fp32_path: Path, int8_target: Path, feature_levels: list[d
                                            "calibrate_method": method})
             check_onnx_model(int8_tmp)
             int8_probs = onnx_probs(int8_tmp, test.images, n_class)
-            fp32_ms, int8_ms = compare_latency([fp32_path, int8_tmp], test.images[:1].numpy(), os.cpu_count() or 1)
+            fp32_ms, int8_ms = compare_latency([delivered_fp32, int8_tmp], test.images[:1].numpy(),
+                                               os.cpu_count() or 1)
             stages = chosen["float_stages"]
             result = {"int8_top1_agreement": float((int8_probs.argmax(1) == test.torch_probs.argmax(1)).mean()),
                       "int8_accuracy": float((int8_probs.argmax(1) == test.labels).mean()),
-                      "int8_size_ratio": int8_tmp.stat().st_size / fp32_path.stat().st_size,
+                      "int8_size_ratio": int8_tmp.stat().st_size / delivered_fp32.stat().st_size,
                       "fp32_batch1_ms": fp32_ms, "int8_batch1_ms": int8_ms, "gated_activations": gated,
                       "float_selection": settings.float_selection,
                       "int8_float_stages": stages,

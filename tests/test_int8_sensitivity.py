@@ -9,6 +9,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 from torch import nn
+from torch.nn.utils import parametrize
 
 from configs import QuantOptions
 from deploy import onnx_quant
@@ -178,3 +179,32 @@ def test_the_guard_keeps_the_best_attempt_and_says_so_when_no_choice_reaches_the
     report = _quantize(fragile, tmp_path / "int8.onnx")
     assert report["val_top1_agreement"] == 0.5 and report["int8_float_nodes"] == 0  # the fewest among equals
     assert any("!!! INT8 agrees with FP32 on at most 0.5000" in r.getMessage() for r in caplog.records)
+
+
+def test_quantization_aware_tuning_brings_the_int8_answers_closer_to_fp32(tmp_path):
+    from deploy.qat import finetune_for_int8
+
+    model = FragileNet(outlier=100).eval()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    generator = torch.Generator().manual_seed(1)
+    train, val = _images(256, generator), _images(100, generator)
+    with torch.no_grad():
+        fp32_probs = model(val).softmax(1).numpy()
+    calibration = onnx_quant.CalibrationReader(list(range(64)), lambda rows: train[list(rows)].numpy())
+
+    def all_int8_kl(net: nn.Module, name: str) -> float:
+        export_fp32(net, [3, 32, 32], tmp_path / f"{name}.onnx", 17)
+        onnx_quant.prepare_for_quantization(tmp_path / f"{name}.onnx", tmp_path / f"{name}_prepped.onnx")
+        calibration.batches = iter([list(range(i, i + 8)) for i in range(0, 64, 8)])
+        onnx_quant.quantize_int8(tmp_path / f"{name}_prepped.onnx", tmp_path / f"{name}_int8.onnx", calibration,
+                                 "minmax")
+        return onnx_quant.agreement_and_divergence(tmp_path / f"{name}_int8.onnx", val, fp32_probs)[1]
+
+    before = all_int8_kl(model, "delivered")
+    tuned = finetune_for_int8(model, list(range(256)), lambda rows: train[list(rows)], epochs=3, lr=1e-3)
+    after = all_int8_kl(tuned.model, "tuned")  # still measured against the delivered model's FP32 answers
+    assert after < 0.75 * before, (before, after)
+    assert tuned.steps == 3 * 16 and tuned.seconds > 0
+    assert all(torch.equal(original[k], v) for k, v in model.state_dict().items())  # the delivered model is intact
+    assert not any(parametrize.is_parametrized(m) for m in tuned.model.modules())
+    assert not any(m._forward_pre_hooks for m in tuned.model.modules())  # plain float layers, ready to export

@@ -132,6 +132,22 @@ def test_int8_file_that_stays_mostly_float_says_so_and_names_the_all_int8_agreem
     assert "first 5 of 5 stages" in warning and "with 0 float nodes INT8 gave FP32's answer on 0.9000" in warning
 
 
+def test_quantization_aware_tuning_runs_when_too_much_stays_float_and_its_file_passes_the_same_guard(tiny_run,
+                                                                                                    tmp_path):
+    # The tiny SiLU model starts with three stages in FP32, over --max_float_share 0: tuning must run.
+    report = qom.main(qom.get_args_parser().parse_args([
+        "--skip_segmentation", "--model_path", str(tiny_run), "--output_dir", str(tmp_path), "--calib_images", "16",
+        "--qat_epochs", "1", "--max_float_share", "0"]))
+    qat = report["qat"]
+    assert qat["epochs"] == 1 and qat["steps"] > 0 and qat["seconds"] > 0
+    for side in ("post_training", "tuned"):  # both files went through the agreement guard on validation images
+        assert 0.0 <= qat[side]["val_top1_agreement"] <= 1.0 and qat[side]["int8_float_nodes"] >= 0
+    meta = read_onnx_metadata(tmp_path / "clf_model_int8.onnx")
+    assert meta.get("qat_epochs") == ("1" if qat["kept"] == "tuned" else None)
+    assert report["int8_float_nodes"] == qat[qat["kept"]]["int8_float_nodes"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the tuning's scratch files are gone
+
+
 def test_keep_float_stages_zero_quantizes_every_conv_and_too_many_is_a_clear_error(tiny_run, tmp_path):
     report = qom.main(qom.get_args_parser().parse_args(["--skip_segmentation", "--model_path", str(tiny_run),
                                                         "--output_dir", str(tmp_path / "all"), "--calib_images", "16",
