@@ -14,6 +14,7 @@ from typing import Any, Optional
 import numpy as np
 
 from configs import BenchmarkOptions
+from evaluation.metrics import balanced_accuracy
 from deploy.machine import describe_machine, machine_info
 from runs.export_dir import ExportDir, other_source_run
 from runs.run_folder import RunDir
@@ -28,7 +29,8 @@ logger = logging.getLogger(__name__)
 # Recorded in every CSV/JSON row, so a table always says which machine it holds for.
 MACHINE_COLUMNS = ("cpu_model", "cpu_isa", "torch_cpu_capability", "usable_cpus", "torch", "onnxruntime")
 TABLE_COLUMNS = ["batch_size", "size_mb", "mean_ms", "std_ms", "p50_ms", "p95_ms", "images_per_s",
-                 "speedup_vs_pytorch", "size_reduction_vs_pytorch", "test_accuracy", "top1_agreement_with_pytorch"]
+                 "speedup_vs_pytorch", "size_reduction_vs_pytorch", "test_accuracy", "test_balanced_accuracy",
+                 "top1_agreement_with_pytorch"]
 
 
 @dataclass
@@ -61,7 +63,24 @@ def benchmark_run(run_dir: Path, export: ExportDir, settings: BenchmarkOptions) 
                         f"{run_dir} --output_dir {export.root}")
     machine = machine_info(settings.thread_count)
     logger.info("machine: %s", describe_machine(machine))
-    images, labels, image_paths = _test_images(run_dir, info, settings.data_dir, settings.eval_images)
+    images, labels, image_paths = load_test_images(run_dir, info, settings.data_dir, settings.eval_images)
+    rows = time_frameworks(run_dir, frameworks, images, labels, info.model_name, settings, device)
+    recorded = {key: machine[key] for key in MACHINE_COLUMNS}
+    rows = [{**row, **recorded} for row in rows]
+    seg_rows = []
+    if export.seg.is_file():
+        logger.info("timing the face parser %s in a fresh process", export.seg)
+        with mp.get_context("spawn").Pool(1) as pool:
+            seg_rows.append({**pool.apply(_segmentation_worker, (str(export.seg), image_paths, settings.iterations,
+                                                                 settings.warmup, settings.thread_count, device)),
+                             **recorded})
+    return BenchmarkResult(rows, seg_rows, machine, device, len(labels))
+
+
+def time_frameworks(run_dir: Path, frameworks: dict[str, Optional[str]], images: np.ndarray, labels: np.ndarray,
+                    model_name: str, settings: BenchmarkOptions, device: str) -> list[dict]:
+    """Time each framework ("pytorch": the run's model; any other name: that ONNX/ORT file) in a fresh process per
+    round, alternating over ``settings.rounds`` rounds; one row per framework and batch size (``summarise``)."""
     rounds: dict[str, list[dict]] = {framework: [] for framework in frameworks}
     spawn = mp.get_context("spawn")
     for round_index in range(settings.rounds):
@@ -73,16 +92,7 @@ def benchmark_run(run_dir: Path, export: ExportDir, settings: BenchmarkOptions) 
                     framework, model_file, str(run_dir), images, list(settings.batch_size_list), settings.iterations,
                     settings.warmup, settings.thread_count, device, round_index == 0)))
     results = [keep_fastest_rounds(framework_rounds) for framework_rounds in rounds.values()]
-    recorded = {key: machine[key] for key in MACHINE_COLUMNS}
-    rows = [{**row, **recorded} for row in summarise(results, labels, info.model_name, settings.thread_count)]
-    seg_rows = []
-    if export.seg.is_file():
-        logger.info("timing the face parser %s in a fresh process", export.seg)
-        with spawn.Pool(1) as pool:
-            seg_rows.append({**pool.apply(_segmentation_worker, (str(export.seg), image_paths, settings.iterations,
-                                                                 settings.warmup, settings.thread_count, device)),
-                             **recorded})
-    return BenchmarkResult(rows, seg_rows, machine, device, len(labels))
+    return summarise(results, labels, model_name, settings.thread_count)
 
 
 def write_benchmark(result: BenchmarkResult, export: ExportDir) -> None:
@@ -133,7 +143,7 @@ def format_benchmark(result: BenchmarkResult, settings: BenchmarkOptions) -> str
     return "\n".join(lines)
 
 
-def _test_images(run_dir: Path, info: RunInfo, data_dir: Optional[str], limit: int):
+def load_test_images(run_dir: Path, info: RunInfo, data_dir: Optional[str], limit: int):
     """Preprocessed test images and labels, decoded once in the parent and shared with every worker."""
     from dataloaders.inference_data import load_preprocessed
     from dataloaders.transforms import build_eval_transform, decode_min_side
@@ -251,6 +261,7 @@ def summarise(results: list[dict], labels: np.ndarray, model_name: str, threads:
                 "speedup_vs_pytorch": round(base_p50 / float(np.median(times)), 2),
                 "size_reduction_vs_pytorch": round(base["size_bytes"] / result["size_bytes"], 2),
                 "test_accuracy": round(float((pred == labels).mean()), 4),
+                "test_balanced_accuracy": round(balanced_accuracy(labels, pred), 4),
                 "top1_agreement_with_pytorch": round(float((pred == base_pred).mean()), 4),
                 "round_p50_ms": result.get("round_p50_ms", {}).get(batch_size, []),
             })

@@ -1,0 +1,120 @@
+"""INT8 per way of choosing what stays FP32, on one run, with every file timed in one benchmark run.
+
+Exports the run as quantize_onnx_models.py does once per variant (each into its own folder under --work_dir):
+  all_int8     every node INT8 (--min_agreement 0), the reference for speed
+  prefix       whole leading stages in FP32 until the agreement holds (--float_selection prefix)
+  sensitivity  the blocks whose FP32 copy brings INT8 closest to FP32, until the agreement holds (the default)
+  auto         sensitivity with --calibrate_method auto (minmax, percentile, entropy: the fewest FP32 nodes)
+  qat          sensitivity, then quantization-aware tuning (--qat_epochs) when over --max_float_share float
+then times PyTorch eager, ONNX FP32 and every INT8 file in alternating fresh processes (deploy.benchmarking) and
+prints one table: share of nodes in FP32, validation and test agreement with FP32, test accuracy and balanced
+accuracy, size, batch-1 and batch-32 p50 latency and speed-up over ONNX FP32, with the CPU it ran on.
+
+Example (docs/measurements_speed.md, "INT8: FP32로 남길 부분 고르기"):
+    python -m benchmarks.int8_float_selection --model_path <run folder> --work_dir /tmp/int8_selection
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from configs import BenchmarkOptions, ExportOptions, QuantOptions
+from deploy.benchmarking import load_test_images, time_frameworks
+from deploy.machine import describe_machine, machine_info
+from deploy.onnx_export import export_run
+from runs.export_dir import ExportDir
+from runs.run_info import read_run_info
+from utils.logging_setup import setup_logging
+
+VARIANTS = {
+    "all_int8": {"min_agreement": 0.0},
+    "prefix": {"float_selection": "prefix"},
+    "sensitivity": {},
+    "auto": {"calibrate_method": "auto"},
+    "qat": {"qat_epochs": 2},
+}
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("INT8 per float-selection method, timed in one run", add_help=add_help)
+    parser.add_argument("--model_path", required=True, help="run folder written by main.py")
+    parser.add_argument("--work_dir", required=True, help="folder for one export per variant (created)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}")
+    parser.add_argument("--qat_epochs", type=int, default=2, help="passes of quantization-aware tuning (qat)")
+    parser.add_argument("--calib_images", type=int, default=200)
+    parser.add_argument("--batch_sizes", default="1,32")
+    parser.add_argument("--iterations", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="0 = all cores")
+    parser.add_argument("--skip_timing", action="store_true", help="export and score only")
+    parser.add_argument("--reuse_exports", action="store_true",
+                        help="time the exports an earlier call left in --work_dir instead of exporting again")
+    return parser
+
+
+def main(args: argparse.Namespace) -> list[dict]:
+    setup_logging()
+    run, work = Path(args.model_path), Path(args.work_dir)
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = set(names) - set(VARIANTS)
+    if unknown:
+        raise SystemExit(f"error: --variants: unknown {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    reports = {}
+    for name in names:
+        saved = work / name / "selection_report.json"
+        if args.reuse_exports and saved.is_file():
+            reports[name] = json.loads(saved.read_text())
+            continue
+        options = {"calib_images": args.calib_images, **VARIANTS[name]}
+        if name == "qat":
+            options["qat_epochs"] = args.qat_epochs
+        settings = ExportOptions(quant=QuantOptions(**options))
+        reports[name] = export_run(run, ExportDir(work / name), settings)
+        saved.write_text(json.dumps(reports[name], indent=1, default=str))
+    timing: dict[str, dict] = {}
+    machine = machine_info(args.threads)
+    if not args.skip_timing:
+        bench = BenchmarkOptions(batch_sizes=args.batch_sizes, iterations=args.iterations, rounds=args.rounds,
+                                 threads=args.threads, warmup=5)
+        info = read_run_info(run)
+        images, labels, _ = load_test_images(run, info, None, 0)
+        frameworks = {"pytorch": None, "onnx_fp32": str(ExportDir(work / names[0]).fp32),
+                      **{name: str(ExportDir(work / name).int8) for name in names}}
+        for row in time_frameworks(run, frameworks, images, labels, info.model_name, bench, "cpu"):
+            timing.setdefault(row["framework"], {})[row["batch_size"]] = row
+    rows = []
+    fp32 = timing.get("onnx_fp32", {})
+    for name in names:
+        report, timed = reports[name], timing.get(name, {})
+        row = {"variant": name, "calibrate_method": report["calibrate_method"],
+               "float_nodes": report["int8_float_nodes"], "graph_nodes": report["graph_nodes"],
+               "float_share": round(report["int8_float_share"], 3),
+               "float_blocks": ",".join(report["int8_float_units"]) or (
+                   f"{report['int8_float_stages']} stages" if report["int8_float_stages"] else "-"),
+               "val_agreement": report["val_top1_agreement"], "test_agreement": report["int8_top1_agreement"],
+               "test_accuracy": report["int8_accuracy"], "fp32_test_accuracy": report["fp32_accuracy"],
+               "size_ratio": round(report["int8_size_ratio"], 3), "qat_kept": report.get("qat", {}).get("kept"),
+               "qat_seconds": report.get("qat", {}).get("seconds")}
+        for batch, timed_row in timed.items():
+            row[f"b{batch}_p50_ms"] = timed_row["p50_ms"]
+            row[f"b{batch}_vs_fp32"] = round(fp32[batch]["p50_ms"] / timed_row["p50_ms"], 2)
+            row["test_balanced_accuracy"] = timed_row["test_balanced_accuracy"]
+        rows.append(row)
+    print(f"machine: {describe_machine(machine)}")
+    for batch, fp32_row in fp32.items():
+        torch_row = timing["pytorch"][batch]
+        print(f"batch {batch}: PyTorch eager p50 {torch_row['p50_ms']} ms, ONNX FP32 p50 {fp32_row['p50_ms']} ms; "
+              f"FP32 test accuracy {fp32_row['test_accuracy']}, balanced {fp32_row['test_balanced_accuracy']}")
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    print(",".join(columns))
+    for row in rows:
+        print(",".join("" if row.get(c) is None else str(row.get(c)) for c in columns))
+    return rows
+
+
+if __name__ == "__main__":
+    logging.captureWarnings(True)
+    main(get_args_parser().parse_args())
