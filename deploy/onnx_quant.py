@@ -232,7 +232,8 @@ def _sensitivity_search(trials: _Trials, units: list[FloatUnit], start_nodes: li
                         ) -> tuple[list[str], list[str], list[dict[str, Any]], list[dict[str, Any]]]:
     """Start from ``start_nodes`` in FP32 and the rest INT8; if ``target`` is missed, measure for each block how far
     keeping it in FP32 (alone, beside the start) lowers the divergence from FP32 on the validation images, then keep
-    the blocks in that order, the most useful first, until the agreement holds (else the best attempt).
+    the blocks in that order, the most useful first, until the agreement holds (else the best attempt); then give
+    back to INT8 the blocks the agreement turns out not to need (``_prune``).
 
     Returns (FP32 node names, FP32 block names, attempts, the sensitivity of every block)."""
     float_nodes, float_units = list(start_nodes), []
@@ -263,12 +264,39 @@ def _sensitivity_search(trials: _Trials, units: list[FloatUnit], start_nodes: li
         logger.info("INT8 with %s in FP32 (%d nodes): same top-1 as FP32 on %.4f (KL %.4f)", ", ".join(float_units),
                     len(float_nodes), agreement, kl)
         if agreement >= target:
-            return float_nodes, float_units, attempts, sensitivity
+            float_units = _prune(trials, by_name, start_nodes, float_units, sensitivity, target, attempts)
+            return _nodes_of(start_nodes, float_units, by_name), float_units, attempts, sensitivity
     best = max(attempts, key=lambda a: (a["val_top1_agreement"], -a["float_nodes"]))
     float_units = best["float_units"]
-    float_nodes = [*start_nodes, *(n for name in float_units for n in by_name[name].nodes if n not in start_nodes)]
+    float_nodes = _nodes_of(start_nodes, float_units, by_name)
     trials.write(float_nodes)
     return float_nodes, float_units, attempts, sensitivity
+
+
+def _nodes_of(start_nodes: list[str], units: list[str], by_name: dict[str, FloatUnit]) -> list[str]:
+    started = set(start_nodes)
+    return [*start_nodes, *(n for name in units for n in by_name[name].nodes if n not in started)]
+
+
+def _prune(trials: _Trials, by_name: dict[str, FloatUnit], start_nodes: list[str], float_units: list[str],
+           sensitivity: list[dict[str, Any]], target: float, attempts: list[dict[str, Any]]) -> list[str]:
+    """Give back to INT8 every FP32 block the agreement does not need, the least useful first: blocks that were
+    added before the one that crossed the target may have moved nothing on the validation answers. Leaves the
+    trials' target holding the quantized model of the returned blocks."""
+    gain = {entry["unit"]: entry["kl_reduction"] for entry in sensitivity}
+    kept = list(float_units)
+    for unit in sorted(float_units[:-1], key=lambda name: gain[name]) if len(float_units) > 1 else []:
+        candidate = [name for name in kept if name != unit]
+        agreement, kl = trials.score(_nodes_of(start_nodes, candidate, by_name))
+        attempts.append({"float_units": list(candidate), "float_nodes": len(_nodes_of(start_nodes, candidate,
+                                                                                       by_name)),
+                         "val_top1_agreement": agreement, "val_kl": kl, "pruned": unit})
+        if agreement >= target:
+            kept = candidate
+            logger.info("INT8: %s back to INT8, agreement still %.4f", unit, agreement)
+    if len(float_units) > 1:  # the last trial may have been a rejected candidate
+        trials.write(_nodes_of(start_nodes, kept, by_name))
+    return kept
 
 
 def _median_latency_ms(path: str, batch: np.ndarray, runs: int, threads: int) -> float:

@@ -91,7 +91,7 @@ def test_onnx_on_cuda_needs_the_gpu_wheel_and_says_so_once_when_it_falls_back_to
 def _row(framework, p50, p95, medians):
     return {"model": "m", "framework": framework, "runs_on": "cpu", "batch_size": 1, "threads": 2, "size_mb": 1.0,
             "mean_ms": p50, "std_ms": 0.0, "p50_ms": p50, "p95_ms": p95, "images_per_s": 1000 / p50,
-            "speedup_vs_pytorch": 1.0, "size_reduction_vs_pytorch": 1.0, "test_accuracy": 1.0,
+            "speedup_vs_pytorch": 1.0, "size_reduction_vs_pytorch": 1.0, "test_accuracy": 1.0, "test_balanced_accuracy": 1.0,
             "top1_agreement_with_pytorch": 1.0, "round_p50_ms": medians}
 
 

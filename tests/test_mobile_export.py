@@ -175,7 +175,7 @@ def test_inference_backend_ort_scores_a_labelled_folder_with_the_phone_model(mob
     columns = [c for c in next(iter(phone.values())) if c.startswith("prob_")]
     # The same INT8 model: the ARM-optimised graph may round a little differently, never by a class.
     assert all(phone[f]["predicted_label"] == desktop[f]["predicted_label"] for f in phone)
-    assert max(abs(float(phone[f][c]) - float(desktop[f][c])) for f in phone for c in columns) <= 1e-2
+    assert max(abs(float(phone[f][c]) - float(desktop[f][c])) for f in phone for c in columns) <= 5e-2
     assert report["ort_int8_top1_agreement"] >= 0.99
     with pytest.raises(UserError, match="--backend ort runs an ORT-format file"):
         inference.main(inference.parse_args([
