@@ -117,7 +117,8 @@ def test_the_fragile_block_stays_fp32_and_nothing_else(fragile, tmp_path):
 
 
 def test_blocks_the_agreement_does_not_need_go_back_to_int8(fragile, tmp_path, monkeypatch):
-    # Scripted: blocks.0 lowers the divergence most but moves no answer; only blocks.2 in FP32 reaches the target.
+    # Scripted: no block alone brings answers back; blocks.2 and blocks.3 together do. blocks.0 lowers the divergence
+    # most, so it is kept first, and turns out not to be needed.
     model, fp32, _, _ = fragile
     prepped = tmp_path / "prepped.onnx"
     onnx_quant.prepare_for_quantization(fp32, prepped)
@@ -126,20 +127,38 @@ def test_blocks_the_agreement_does_not_need_go_back_to_int8(fragile, tmp_path, m
 
     def scripted(self, float_nodes):
         real_score(self, float_nodes)  # the file is still written and scored
-        float_nodes = set(float_nodes)
-        agreement = 0.995 if units["blocks.2"] <= float_nodes else 0.9
-        return agreement, 0.1 - 0.05 * (units["blocks.0"] <= float_nodes) - 0.01 * (units["blocks.2"] <= float_nodes)
+        kept = {name for name, nodes in units.items() if nodes <= set(float_nodes)}
+        agreement = 0.995 if {"blocks.2", "blocks.3"} <= kept else 0.9
+        return agreement, 0.1 - 0.05 * ("blocks.0" in kept) - 0.02 * ("blocks.2" in kept) - 0.01 * ("blocks.3" in kept)
 
     monkeypatch.setattr(onnx_quant._Trials, "score", scripted)
     report = _quantize(fragile, tmp_path / "int8.onnx")
-    assert [s["unit"] for s in report["sensitivity"][:2]] == ["blocks.0", "blocks.2"]
+    assert [s["unit"] for s in report["sensitivity"][:3]] == ["blocks.0", "blocks.2", "blocks.3"]
     assert [a["float_units"] for a in report["agreement_attempts"]] == [
-        [], ["blocks.0"], ["blocks.0", "blocks.2"], ["blocks.2"]]
-    assert report["agreement_attempts"][-1]["pruned"] == "blocks.0"
-    assert report["int8_float_units"] == ["blocks.2"] and report["int8_float_nodes"] == 2
+        [], ["blocks.0"], ["blocks.0", "blocks.2"], ["blocks.0", "blocks.2", "blocks.3"],
+        ["blocks.0", "blocks.3"], ["blocks.2", "blocks.3"]]
+    assert [a.get("pruned") for a in report["agreement_attempts"][-2:]] == ["blocks.2", "blocks.0"]
+    assert report["int8_float_units"] == ["blocks.2", "blocks.3"] and report["int8_float_nodes"] == 4
     convs = _int8_convs(tmp_path / "int8.onnx")  # the file holds the pruned choice, not the last trial
-    assert [name for name, q in convs.items() if not q] == ["/blocks/blocks.2/conv_a/Conv",
-                                                            "/blocks/blocks.2/conv_b/Conv"]
+    assert sorted(name for name, q in convs.items() if not q) == [
+        f"/blocks/blocks.{i}/conv_{c}/Conv" for i in (2, 3) for c in "ab"]
+
+
+def test_a_block_that_alone_brings_the_answers_back_is_chosen_over_bigger_divergence_gains(fragile, tmp_path,
+                                                                                          monkeypatch):
+    model, fp32, _, _ = fragile
+    prepped = tmp_path / "prepped.onnx"
+    onnx_quant.prepare_for_quantization(fp32, prepped)
+    units = {u.name: set(u.nodes) for u in onnx_quant.quantization_units(onnx.load(str(prepped)).graph)}
+
+    def scripted(self, float_nodes):
+        self.write(float_nodes)
+        kept = {name for name, nodes in units.items() if nodes <= set(float_nodes)}
+        return (0.995 if "blocks.3" in kept else 0.9), 0.1 - 0.05 * ("blocks.0" in kept) - 0.001 * ("blocks.3" in kept)
+
+    monkeypatch.setattr(onnx_quant._Trials, "score", scripted)
+    report = _quantize(fragile, tmp_path / "int8.onnx")
+    assert report["int8_float_units"] == ["blocks.3"] and len(report["agreement_attempts"]) == 2
 
 
 def test_the_prefix_rule_would_keep_every_stage_before_it(fragile, tmp_path):
