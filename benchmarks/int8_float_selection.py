@@ -7,6 +7,8 @@ Exports the run as quantize_onnx_models.py does once per variant (each into its 
   auto         sensitivity with --calibrate_method auto (minmax, percentile, entropy: the fewest FP32 nodes)
   qat          sensitivity, then quantization-aware tuning (--qat_epochs) in every case (--max_float_share 0);
                the tuned file is kept only if it needs fewer FP32 nodes or agrees more
+  random_calib, calib_100, calib_400
+               sensitivity with calibration images drawn in proportion to the classes, or 100 / 400 of them
 then times PyTorch eager, ONNX FP32 and every INT8 file in alternating fresh processes (deploy.benchmarking) and
 prints one table: share of nodes in FP32, validation and test agreement with FP32, test accuracy and balanced
 accuracy, size, batch-1 and batch-32 p50 latency and speed-up over ONNX FP32, with the CPU it ran on.
@@ -37,14 +39,20 @@ VARIANTS = {
     "auto": {"calibrate_method": "auto"},
     # --max_float_share 0: tune even where post-training INT8 already meets the share, to measure what tuning brings
     "qat": {"qat_epochs": 2, "max_float_share": 0.0},
+    # calibration images: drawn in proportion to the classes instead of balanced, and half / double the default count
+    "random_calib": {"calib_sampling": "random"},
+    "calib_100": {"calib_images": 100},
+    "calib_400": {"calib_images": 400},
 }
+DEFAULT_VARIANTS = ("all_int8", "prefix", "sensitivity", "auto", "qat")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("INT8 per float-selection method, timed in one run", add_help=add_help)
     parser.add_argument("--model_path", required=True, help="run folder written by main.py")
     parser.add_argument("--work_dir", required=True, help="folder for one export per variant (created)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                        help=f"comma-separated, from {', '.join(VARIANTS)}")
     parser.add_argument("--qat_epochs", type=int, default=2, help="passes of quantization-aware tuning (qat)")
     parser.add_argument("--calib_images", type=int, default=200)
     parser.add_argument("--batch_sizes", default="1,32")
@@ -70,7 +78,7 @@ def main(args: argparse.Namespace) -> list[dict]:
         if args.reuse_exports and saved.is_file():
             reports[name] = json.loads(saved.read_text())
             continue
-        options = {"calib_images": args.calib_images, **VARIANTS[name]}
+        options = {"calib_images": args.calib_images, **VARIANTS[name]}  # a variant's own count wins
         if name == "qat":
             options["qat_epochs"] = args.qat_epochs
         settings = ExportOptions(quant=QuantOptions(**options))
