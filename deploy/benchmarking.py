@@ -14,8 +14,8 @@ from typing import Any, Optional
 import numpy as np
 
 from configs import BenchmarkOptions
-from evaluation.metrics import balanced_accuracy
 from deploy.machine import describe_machine, machine_info
+from evaluation.metrics import balanced_accuracy
 from runs.export_dir import ExportDir, other_source_run
 from runs.run_folder import RunDir
 from runs.run_info import RunInfo, read_run_info

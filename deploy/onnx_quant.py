@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,16 +148,22 @@ def _entropy_ranges(prepped_path: Path, reader: Optional[CalibrationReader], cac
 QUANTIZED_OP_TYPES = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "Sigmoid", "HardSigmoid",
                                 "HardSwish", "GlobalAveragePool", "AveragePool", "MaxPool", "Concat", "Softmax",
                                 "Resize", "LayerNormalization", "Split", "Where"})
-_INDEXED_MODULE = re.compile(r".+\.\d+")
 
 
 def unit_of(node_name: str) -> str:
-    """The block a node belongs to, from the module path torch.onnx writes into node names: the deepest indexed
-    module ('/blocks/blocks.2/blocks.2.0/conv_pw/Conv' -> 'blocks.2.0', a timm block; 'layer1.0' in a ResNet),
-    else the top module ('/conv_head/Conv' -> 'conv_head'); a node without a path is a unit of its own."""
+    """The block a node belongs to, from the module path torch.onnx writes into node names: the chain of indexed
+    containers from the top ('/blocks/blocks.2/blocks.2.0/conv_dw/conv_dw.1/Conv' -> 'blocks.2.0', a timm block;
+    'layer1.0' in a ResNet; a padding wrapper inside a block stays in the block), else the top module
+    ('/conv_head/Conv' -> 'conv_head'); a node without a path is a unit of its own."""
     parts = [part for part in node_name.split("/") if part][:-1]
-    indexed = [part for part in parts if _INDEXED_MODULE.fullmatch(part)]
-    return indexed[-1] if indexed else (parts[0] if parts else node_name)
+    if not parts:
+        return node_name
+    unit = parts[0]
+    for part in parts[1:]:
+        if not (part.startswith(unit + ".") and part[len(unit) + 1:].isdigit()):
+            break
+        unit = part
+    return unit
 
 
 @dataclass(frozen=True)

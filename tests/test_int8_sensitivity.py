@@ -101,6 +101,9 @@ def test_units_are_the_blocks_named_in_the_graph():
     assert onnx_quant.unit_of("/blocks/blocks.2/blocks.2.0/conv_pw/Conv") == "blocks.2.0"
     assert onnx_quant.unit_of("/layer1/layer1.0/conv1/Conv") == "layer1.0"
     assert onnx_quant.unit_of("/conv_head/Conv") == "conv_head"
+    # A strided convolution wrapped with its constant padding (Sequential(pad, conv)) stays in its own block.
+    assert onnx_quant.unit_of("/blocks/blocks.3/blocks.3.0/conv_dw/conv_dw.1/Conv") == "blocks.3.0"
+    assert onnx_quant.unit_of("/blocks/blocks.3/blocks.3.1/conv_dw/Conv") == "blocks.3.1"
     assert onnx_quant.unit_of("Conv_17") == "Conv_17"
 
 
