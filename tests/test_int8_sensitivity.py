@@ -137,10 +137,13 @@ def test_blocks_the_agreement_does_not_need_go_back_to_int8(fragile, tmp_path, m
     monkeypatch.setattr(onnx_quant._Trials, "score", scripted)
     report = _quantize(fragile, tmp_path / "int8.onnx")
     assert [s["unit"] for s in report["sensitivity"][:3]] == ["blocks.0", "blocks.2", "blocks.3"]
-    assert [a["float_units"] for a in report["agreement_attempts"]] == [
+    attempts = report["agreement_attempts"]
+    assert [a["float_units"] for a in attempts[:6]] == [
         [], ["blocks.0"], ["blocks.0", "blocks.2"], ["blocks.0", "blocks.2", "blocks.3"],
         ["blocks.0", "blocks.3"], ["blocks.2", "blocks.3"]]
-    assert [a.get("pruned") for a in report["agreement_attempts"][-2:]] == ["blocks.2", "blocks.0"]
+    assert [a.get("pruned") for a in attempts[4:6]] == ["blocks.2", "blocks.0"]
+    # Then each of the kept blocks' nodes is tried back in INT8; here every one of them is needed.
+    assert sorted(a["pruned"] for a in attempts[6:]) == sorted(units["blocks.2"] | units["blocks.3"])
     assert report["int8_float_units"] == ["blocks.2", "blocks.3"] and report["int8_float_nodes"] == 4
     convs = _int8_convs(tmp_path / "int8.onnx")  # the file holds the pruned choice, not the last trial
     assert sorted(name for name, q in convs.items() if not q) == [
@@ -161,7 +164,26 @@ def test_a_block_that_alone_brings_the_answers_back_is_chosen_over_bigger_diverg
 
     monkeypatch.setattr(onnx_quant._Trials, "score", scripted)
     report = _quantize(fragile, tmp_path / "int8.onnx")
-    assert report["int8_float_units"] == ["blocks.3"] and len(report["agreement_attempts"]) == 2
+    assert report["int8_float_units"] == ["blocks.3"] and report["int8_float_nodes"] == 2
+    assert [a["float_units"] for a in report["agreement_attempts"][:2]] == [[], ["blocks.3"]]
+
+
+def test_a_node_the_agreement_does_not_need_goes_back_to_int8_even_inside_a_kept_block(fragile, tmp_path,
+                                                                                        monkeypatch):
+    model, fp32, _, _ = fragile
+    prepped = tmp_path / "prepped.onnx"
+    onnx_quant.prepare_for_quantization(fp32, prepped)
+    conv_a = next(n.name for n in onnx.load(str(prepped)).graph.node if n.name.startswith("/blocks/blocks.3/conv_a"))
+
+    def scripted(self, float_nodes):  # only blocks.3's first convolution matters
+        self.write(float_nodes)
+        return (0.995 if conv_a in float_nodes else 0.9), 0.1 - 0.05 * (conv_a in float_nodes)
+
+    monkeypatch.setattr(onnx_quant._Trials, "score", scripted)
+    report = _quantize(fragile, tmp_path / "int8.onnx")
+    assert report["int8_float_node_names"] == [conv_a] and report["int8_float_units"] == ["blocks.3"]
+    convs = _int8_convs(tmp_path / "int8.onnx")
+    assert [name for name, q in convs.items() if not q] == [conv_a]
 
 
 def test_the_prefix_rule_would_keep_every_stage_before_it(fragile, tmp_path):
