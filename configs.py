@@ -52,7 +52,7 @@ CAM_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eige
 QUANTIZE_CHOICES = ("int8", "none")
 EXPORT_TARGETS = ("onnx", "ort")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "auto")  # auto: each of the three, the fewest float nodes
-FLOAT_SELECTIONS = ("sensitivity", "prefix")
+FLOAT_SELECTIONS = ("prefix", "sensitivity")
 CALIB_SAMPLINGS = ("balanced", "random")
 
 EXPORT_DIR = "onnx_models"  # quantize_onnx_models.py's output folder, where inference and benchmark look by default
@@ -496,10 +496,11 @@ class QuantOptions(Options):
                                            "and keep the one that reaches --min_agreement with the fewest FP32 nodes",
                                  CALIBRATION_METHODS)
     float_selection: str = _opt(
-        "sensitivity", "which parts stay FP32 when INT8 misses --min_agreement: sensitivity = measure on the "
-                       "validation images how far keeping each block in FP32 brings INT8's answers back to FP32's and "
-                       "keep the most useful blocks until the agreement holds; prefix = whole leading stages, one more "
-                       "at a time", FLOAT_SELECTIONS)
+        "prefix", "which parts stay FP32 when INT8 misses --min_agreement: prefix = whole leading stages, one more at "
+                  "a time (on real photos it kept the most FP32 answers on images the search never saw); "
+                  "sensitivity = the blocks, then nodes, whose FP32 copy brings the validation answers back, until "
+                  "the agreement holds (a far smaller FP32 part, but it fits the validation images: fewer answers "
+                  "kept on new ones)", FLOAT_SELECTIONS)
     keep_float_stages: Union[str, int] = _opt(
         "auto", "leading stages (timm feature levels) left in FP32 in the INT8 model from the start; auto: those up "
                 "to stride 8 for SiLU/hard-swish models, whose quantized activations cost more than the INT8 "

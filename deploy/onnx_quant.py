@@ -533,8 +533,8 @@ def warn_mostly_float(report: dict[str, Any], n_stages: int) -> None:
         fewest = attempts[0]
         why = (f"for --min_agreement {report['min_agreement']:.2f} (with {fewest['float_nodes']} float nodes INT8 "
                f"gave FP32's answer on {fewest['val_top1_agreement']:.4f} of the validation images); for a smaller, "
-               f"faster file try --qat_epochs 2 or --calibrate_method auto, or accept fewer agreeing answers with "
-               f"--min_agreement")
+               f"faster file try --float_selection sensitivity (keeps fewer answers on new photos) or --qat_epochs "
+               f"2, or accept fewer agreeing answers with --min_agreement")
     else:
         why = "as --keep_float_stages asked; lower it for a smaller, faster file"
     logger.warning("!!! %s keeps %d of %d nodes (%.0f%%) in FP32 and is %.0f%% of the FP32 file: %s stay FP32 %s, "

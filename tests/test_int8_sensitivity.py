@@ -87,7 +87,8 @@ def no_latency_timing(monkeypatch):
 
 def _quantize(fragile, target: Path, **options):
     model, fp32, data, test = fragile
-    settings = QuantOptions(**{"calib_images": 64, "keep_float_stages": 0, **options})
+    settings = QuantOptions(**{"calib_images": 64, "keep_float_stages": 0, "float_selection": "sensitivity",
+                               **options})
     return onnx_quant.quantize_verified(fp32, target, model.feature_info, {}, settings, test, data)
 
 

@@ -64,18 +64,29 @@ def test_gated_model_starts_with_its_stride_8_stages_in_float(exported):
     output, report = exported
     # test_efficientnet has SiLU activations and feature levels blocks.0-4 at strides 2, 4, 8, 16, 32.
     assert report["gated_activations"] > 0
-    assert report["float_selection"] == "sensitivity" and report["agreement_attempts"][0]["float_units"] == []
-    assert report["int8_float_stages"] == 3 and report["int8_float_until"] == "blocks.2"
+    assert report["float_selection"] == "prefix" and report["agreement_attempts"][0]["float_stages"] == 3
+    stages = report["int8_float_stages"]
+    assert stages >= 3 and report["int8_float_until"] == f"blocks.{stages - 1}"
     meta = read_onnx_metadata(output / "clf_model_int8.onnx")
-    assert meta["float_stages"] == "3" and meta["float_nodes"] == str(report["int8_float_nodes"])
+    assert meta["float_stages"] == str(stages) and meta["float_nodes"] == str(report["int8_float_nodes"])
     convs = _quantized_convs(output / "clf_model_int8.onnx")
-    float_prefixes = ("/conv_stem/",) + tuple(f"/blocks/blocks.{i}/" for i in range(3))
+    float_prefixes = ("/conv_stem/",) + tuple(f"/blocks/blocks.{i}/" for i in range(stages))
     early = [q for name, q in convs.items() if name.startswith(float_prefixes)]
-    # Later blocks are INT8 unless the sensitivity search kept them (they are named in the report then).
-    late = [q for name, q in convs.items() if not name.startswith(float_prefixes)
-            and onnx_quant.unit_of(name) not in report["int8_float_units"]]
+    late = [q for name, q in convs.items() if not name.startswith(float_prefixes)]
     assert early and not any(early)
     assert late and all(late)  # conv_head at least
+
+
+def test_the_sensitivity_search_runs_through_the_script(tiny_run, tmp_path):
+    report = qom.main(qom.get_args_parser().parse_args([
+        "--skip_segmentation", "--model_path", str(tiny_run), "--output_dir", str(tmp_path), "--calib_images", "16",
+        "--float_selection", "sensitivity", "--min_agreement", "1.0"]))
+    assert report["float_selection"] == "sensitivity" and report["int8_float_stages"] == 3  # auto start kept
+    assert report["agreement_attempts"][0]["float_units"] == []
+    if report["agreement_attempts"][0]["val_top1_agreement"] < 1.0:  # the search ran: every block was measured
+        assert report["sensitivity"] and all("kl_reduction" in entry for entry in report["sensitivity"])
+    meta = read_onnx_metadata(tmp_path / "clf_model_int8.onnx")
+    assert meta["float_units"] == ",".join(report["int8_float_units"])
 
 
 def test_agreement_guard_adds_float_stages_until_int8_gives_fp32_answers(tiny_run, tmp_path, monkeypatch):
