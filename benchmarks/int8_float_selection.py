@@ -102,7 +102,7 @@ def main(args: argparse.Namespace) -> list[dict]:
         row = {"variant": name, "calibrate_method": report["calibrate_method"],
                "float_nodes": report["int8_float_nodes"], "graph_nodes": report["graph_nodes"],
                "float_share": round(report["int8_float_share"], 3),
-               "float_blocks": ",".join(report["int8_float_units"]) or (
+               "float_blocks": "+".join(report["int8_float_units"]) or (
                    f"{report['int8_float_stages']} stages" if report["int8_float_stages"] else "-"),
                "val_agreement": report["val_top1_agreement"], "test_agreement": report["int8_top1_agreement"],
                "test_accuracy": report["int8_accuracy"], "fp32_test_accuracy": report["fp32_accuracy"],
