@@ -28,7 +28,7 @@ from configs import ExportOptions
 from dataloaders.inference_data import load_preprocessed
 from dataloaders.transforms import build_eval_transform, decode_min_side
 from deploy.mobile import export_mobile
-from deploy.onnx_quant import CalibrationData, ReferenceSet, quantize_verified, warn_mostly_float
+from deploy.onnx_quant import CalibrationData, ReferenceSet, int8_rank, quantize_verified, warn_mostly_float
 from prediction.predictors import onnx_probs
 from runs.checkpoint import load_run_model
 from runs.export_dir import ExportDir
@@ -187,17 +187,11 @@ def export_run(run_dir: Path, export: ExportDir, settings: ExportOptions) -> dic
     return report
 
 
-def _int8_rank(result: dict[str, Any], min_agreement: float) -> tuple:
-    """Smaller is better: reaching the agreement first, then the fewest FP32 nodes, then the higher agreement."""
-    agreement = result["val_top1_agreement"] if result["val_top1_agreement"] is not None else 1.0
-    return agreement < min_agreement, result["int8_float_nodes"], -agreement
-
-
 def _quantize_after_tuning(model: torch.nn.Module, input_size: Sequence[int], fp32_path: Path, export: ExportDir,
                            levels: list[dict[str, Any]], metadata: dict[str, str], settings: ExportOptions,
                            test: ReferenceSet, data: CalibrationData, ptq: dict[str, Any]) -> dict[str, Any]:
     """Post-training INT8 kept more than --max_float_share in FP32: fine-tune a copy for quantization, quantize it
-    the same way, and keep it in place of the post-training file when it ranks better (``_int8_rank``)."""
+    the same way, and keep it in place of the post-training file when it ranks better (``int8_rank``)."""
     from deploy.qat import finetune_for_int8
 
     quant = settings.quant
@@ -216,7 +210,8 @@ def _quantize_after_tuning(model: torch.nn.Module, input_size: Sequence[int], fp
         qat = quantize_verified(tuned_fp32, candidate, levels, {**metadata, "qat_epochs": str(quant.qat_epochs)},
                                 quant, test, data, delivered_fp32=fp32_path)
         summary["tuned"] = {k: qat[k] for k in summary["post_training"]}
-        keep = _int8_rank(qat, quant.min_agreement) < _int8_rank(ptq, quant.min_agreement)
+        keep = (int8_rank(qat["int8_float_nodes"], qat["val_top1_agreement"], quant.min_agreement)
+                < int8_rank(ptq["int8_float_nodes"], ptq["val_top1_agreement"], quant.min_agreement))
         summary["kept"] = "tuned" if keep else "post_training"
         logger.info("quantization-aware tuning took %.0f s: %d FP32 nodes, validation agreement %.4f (post-training: "
                     "%d, %.4f); keeping the %s file", tuned.seconds, qat["int8_float_nodes"],

@@ -264,8 +264,7 @@ def _sensitivity_search(trials: _Trials, units: list[FloatUnit], start_nodes: li
     by_name = {unit.name: unit for unit in candidates}
     for entry in sensitivity:
         float_units.append(entry["unit"])
-        float_nodes = [*float_nodes, *(n for n in by_name[entry["unit"]].nodes if n not in started)]
-        started.update(float_nodes)
+        float_nodes = _nodes_of(start_nodes, float_units, by_name)
         agreement, kl = trials.score(float_nodes)
         attempts.append({"float_units": list(float_units), "float_nodes": len(float_nodes),
                          "val_top1_agreement": agreement, "val_kl": kl})
@@ -320,10 +319,10 @@ def _prune(trials: _Trials, by_name: dict[str, FloatUnit], start_nodes: list[str
     kept = list(float_units)
     for unit in sorted(float_units[:-1], key=lambda name: gain[name]) if len(float_units) > 1 else []:
         candidate = [name for name in kept if name != unit]
-        agreement, kl = trials.score(_nodes_of(start_nodes, candidate, by_name))
-        attempts.append({"float_units": list(candidate), "float_nodes": len(_nodes_of(start_nodes, candidate,
-                                                                                       by_name)),
-                         "val_top1_agreement": agreement, "val_kl": kl, "pruned": unit})
+        nodes = _nodes_of(start_nodes, candidate, by_name)
+        agreement, kl = trials.score(nodes)
+        attempts.append({"float_units": list(candidate), "float_nodes": len(nodes), "val_top1_agreement": agreement,
+                         "val_kl": kl, "pruned": unit})
         if agreement >= target:
             kept = candidate
             logger.info("INT8: %s back to INT8, agreement still %.4f", unit, agreement)
@@ -414,6 +413,13 @@ def _select(trials: _Trials, graph, levels: list[dict[str, Any]], float_stages: 
             "sensitivity": sensitivity}
 
 
+def int8_rank(float_nodes: int, val_agreement: Optional[float], min_agreement: float) -> tuple:
+    """Orders candidate INT8 files, smaller first: reaching the agreement, then the fewest FP32 nodes, then the
+    higher agreement (a file checked on no validation image counts as agreeing)."""
+    agreement = 1.0 if val_agreement is None else val_agreement
+    return agreement < min_agreement, float_nodes, -agreement
+
+
 def _best_agreement(choice: dict[str, Any]) -> float:
     return max((a["val_top1_agreement"] for a in choice["attempts"]), default=1.0)
 
@@ -464,8 +470,8 @@ def quantize_verified(fp32_path: Path, int8_target: Path, feature_levels: list[d
                 logger.info("calibration %s: %d FP32 nodes, validation agreement %.4f", method,
                             len(choices[method]["float_nodes"]), _best_agreement(choices[method]))
         # Reaching the agreement first, then the fewest FP32 nodes, then the higher agreement; minmax wins ties.
-        method = min(methods, key=lambda m: (_best_agreement(choices[m]) < settings.min_agreement,
-                                             len(choices[m]["float_nodes"]), -_best_agreement(choices[m])))
+        method = min(methods, key=lambda m: int8_rank(len(choices[m]["float_nodes"]), _best_agreement(choices[m]),
+                                                      settings.min_agreement))  # minmax first among equals
         chosen = choices[method]
         float_nodes = chosen["float_nodes"]
         with atomic_path(int8_target) as int8_tmp:
