@@ -8,7 +8,7 @@ DEMO_DATA := data/demo_dataset
 DEMO_SAVE := save_results
 DEMO_MODEL := efficientnet_lite0
 
-.PHONY: venv test test-fast demo demo-fast demo-after-training demo-data clean-demo
+.PHONY: venv test test-fast test-browser demo demo-fast demo-after-training demo-data clean-demo
 
 $(INSTALLED): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,13 @@ test: $(INSTALLED)
 
 test-fast: $(INSTALLED)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+
+# serve.py's page in headless Chromium (Debian's chromium and chromedriver, Selenium in .venv); a screenshot of the
+# answered page goes to docs/serve_page.png.
+test-browser: $(INSTALLED)
+	command -v chromedriver >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver fonts-noto-cjk)
+	$(PY) -c "import selenium" 2>/dev/null || $(PY) -m pip install --quiet --disable-pip-version-check "selenium>=4.20"
+	HF_HUB_OFFLINE=1 SKINCLF_SCREENSHOT=docs/serve_page.png $(PY) -m pytest -q --browser tests/test_serve_browser.py
 
 $(DEMO_DATA)/trainset: | $(INSTALLED)
 	$(PY) -m data.synthetic_lesions --output $(DEMO_DATA)

@@ -423,8 +423,8 @@ class ScheduleSpec:
 
 # --- option groups that library functions take -----------------------------------------------------------------------
 @dataclass(frozen=True)
-class PredictionOptions(Options):
-    """How to classify (prediction.engine): the flags inference.py and inference_with_segmentation.py share."""
+class AnswerOptions(Options):
+    """How the model answers one image (prediction.engine, serving): shared by both inference scripts and serve.py."""
 
     weights: str = WEIGHTS.field()
     backend: str = _opt("torch", "run the classifier with PyTorch, ONNX Runtime (an .onnx file) or ONNX Runtime "
@@ -436,7 +436,6 @@ class PredictionOptions(Options):
     device: str = DEVICE.field()
     tta: Optional[bool] = TTA.field()
     topk: int = _opt(1, "also list the k most likely classes per image in the JSON", **at_least(1))
-    generate_gradcam: bool = _opt(False, "save a Grad-CAM overlay per image")
     cam_method: str = _opt("gradcam", "pytorch-grad-cam method", CAM_METHODS)
     reduced_decode: bool = REDUCED_DECODE.field()
     overlay_max_side: int = _opt(1024, "Grad-CAM overlays of larger photos are written with the longer side shrunk "
@@ -449,6 +448,13 @@ class PredictionOptions(Options):
         super().__post_init__()
         parse_operating_points(self.operating_point)
         parse_abstain(self.abstain)
+
+
+@dataclass(frozen=True)
+class PredictionOptions(AnswerOptions):
+    """How to classify a folder (prediction.engine): the flags inference.py and inference_with_segmentation.py share."""
+
+    generate_gradcam: bool = _opt(False, "save a Grad-CAM overlay per image")
 
 
 @dataclass(frozen=True)
@@ -681,6 +687,45 @@ class AuditConfig(Options):
     @property
     def output_folder(self) -> Path:
         return Path(self.output) if self.output else Path("audit_results") / Path(self.data_dir).resolve().name
+
+
+@dataclass(frozen=True)
+class ServeOptions(Options):
+    """How serve.py listens, batches and guards (serving.app, serving.batching)."""
+
+    host: str = _opt("127.0.0.1", "address to listen on; 127.0.0.1 answers this machine only, 0.0.0.0 every network "
+                                  "interface (then give --api_key_file)")
+    port: int = _opt(8000, "TCP port", **between(1, 65535))
+    api_key_file: Optional[str] = _opt(None, "file holding the API key (one line); /v1/ requests must then send it "
+                                             "as the X-API-Key header")
+    max_batch_size: int = _opt(16, "images classified together in one forward pass at most (micro-batching)",
+                               **at_least(1))
+    max_wait_ms: float = _opt(5.0, "how long the first image of a batch waits for others to join it",
+                              **between(0, 10000))
+    queue_size: int = _opt(256, "images waiting for the model at most; past that requests get 503 with Retry-After",
+                           **at_least(1))
+    request_timeout_s: float = _opt(30.0, "a request still unanswered after this many seconds gets 504",
+                                    **between(0, 3600, low_open=True))
+    max_upload_mb: float = _opt(20.0, "largest request body in MB (all images of a request together); larger gets 413",
+                                **between(0, 1024, low_open=True))
+    max_images_per_request: int = _opt(16, "images one request may carry", **at_least(1))
+    explain: Optional[bool] = _opt(None, "serve /v1/explain (Grad-CAM from the run's PyTorch weights); default: "
+                                         "when --model_path is a run folder")
+    threads: int = _opt(0, "intra-op threads of the model; 0 = all cores", **at_least(0))
+    graceful_timeout_s: float = _opt(30.0, "on Ctrl-C or SIGTERM, wait this long for requests in flight to finish",
+                                     **at_least(0))
+
+
+@dataclass(frozen=True)
+class ServeConfig(Options):
+    """serve.py."""
+
+    model_path: str = _opt(None, "run folder written by main.py (latest = the newest finished run), or an export "
+                                 "folder written by quantize_onnx_models.py (serves its INT8 model, else FP32)",
+                           required=True)
+    answer: AnswerOptions = _group(AnswerOptions)
+    serve: ServeOptions = _group(ServeOptions)
+    config: Optional[str] = CONFIG.field()
 
 
 @dataclass(frozen=True)

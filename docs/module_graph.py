@@ -25,7 +25,7 @@ BEGIN, END = "<!-- module-graph:begin (docs/module_graph.py --write) -->", "<!--
 
 # Lowest first. custom_models holds users' own architectures (it imports only torch and timm). configs.py is a module, not a package: the options schema that every layer above may read.
 LAYERS = ["utils", "custom_models", "evaluation", "configs", "dataloaders", "runs", "segmentation", "prediction",
-          "torch_trainer", "deploy", "experiments"]
+          "serving", "torch_trainer", "deploy", "experiments"]
 RANK = {name: i for i, name in enumerate(LAYERS)}
 
 

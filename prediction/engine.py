@@ -14,7 +14,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 from PIL import Image
 
-from configs import PredictionOptions
+from configs import AnswerOptions, PredictionOptions
 from dataloaders.image_io import load_rgb
 from dataloaders.inference_data import collect_inference_images, make_inference_loader
 from dataloaders.transforms import build_eval_transform, decode_min_side
@@ -83,21 +83,24 @@ class GradcamWriter:
         shutil.rmtree(self.staging, ignore_errors=True)
 
 
-def build_predictor(options: PredictionOptions, run_dir: Path, info: RunInfo, device):
-    """The classifier (PyTorch or ONNX Runtime) and, where Grad-CAM or the torch backend needs it, the PyTorch model."""
+def build_predictor(options: AnswerOptions, run_dir: Path, info: RunInfo, device, torch_model: bool = False,
+                    default_onnx: Optional[Path] = None, threads: int = 0):
+    """The classifier (PyTorch or ONNX Runtime) and, where the torch backend or ``torch_model`` (Grad-CAM) needs it,
+    the PyTorch model. ``default_onnx``: the file for --backend onnx when --onnx_model is not given."""
     model = None
-    if options.backend == "torch" or options.generate_gradcam:
+    if options.backend == "torch" or torch_model:
         model, _ = load_run_model(run_dir, options.weights)
         model.to(device)
     if options.backend != "torch":  # onnx or ort: ONNX Runtime runs both file formats
-        default = DEFAULT_ONNX_MODEL if options.backend == "onnx" else DEFAULT_EXPORT.root / ExportDir.INT8_ORT_NAME
+        default = ((default_onnx or DEFAULT_ONNX_MODEL) if options.backend == "onnx"
+                   else DEFAULT_EXPORT.root / ExportDir.INT8_ORT_NAME)
         onnx_path = Path(options.onnx_model) if options.onnx_model else default
         if options.backend == "ort" and onnx_path.suffix.lower() != ".ort":
             raise UserError(f"--backend ort runs an ORT-format file (.ort, written by quantize_onnx_models.py "
                             f"--targets onnx,ort), not {onnx_path}; for an .onnx file use --backend onnx")
         if onnx_path.is_file():
             warn_if_other_run(onnx_path, run_dir)  # first: it explains a mismatch the predictor then refuses
-        predictor = OnnxPredictor(onnx_path, info.n_class, device, input_size=info.preprocessing.input_size)
+        predictor = OnnxPredictor(onnx_path, info.n_class, device, threads, input_size=info.preprocessing.input_size)
         return predictor, model
     return TorchPredictor(model, device), model
 
@@ -148,7 +151,7 @@ def write_outputs(output_dir: Path, rows: list[dict], skipped: list[dict], class
 
 
 def open_run(model_path: str | Path, batch_size: int, topk: int,
-             options: Optional[PredictionOptions] = None) -> tuple[Path, RunInfo]:
+             options: Optional[AnswerOptions] = None) -> tuple[Path, RunInfo]:
     """The run folder and its contract; ``options``' --operating_point/--abstain replace the run's thresholds, chosen
     on the run's held-out predictions."""
     if batch_size < 1 or topk < 1:
@@ -172,7 +175,7 @@ class BatchClassifier:
 
     def __init__(self, options: PredictionOptions, run_dir: Path, info: RunInfo, output_dir: Path):
         self.device = select_device(options.device)
-        self.predictor, model = build_predictor(options, run_dir, info, self.device)
+        self.predictor, model = build_predictor(options, run_dir, info, self.device, options.generate_gradcam)
         self.class_names = info.class_names
         self.topk = options.topk
         self.tta = info.tta if options.tta is None else options.tta

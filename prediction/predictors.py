@@ -42,6 +42,7 @@ class OnnxPredictor:
                  input_size: Optional[tuple[int, int, int]] = None):
         """``input_size`` (channels, height, width): the run's, checked against the file's fixed input shape."""
         path = Path(path)
+        self.path = path
         self.session = create_session(path, device.type, threads,
                                       missing_hint="export one with quantize_onnx_models.py or pass --onnx_model FILE")
         model_input = self.session.get_inputs()[0]

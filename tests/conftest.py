@@ -25,6 +25,21 @@ from data.synthetic_lesions import generate_dataset  # noqa: E402
 TINY_MODEL = "test_efficientnet_gn"
 
 
+def pytest_addoption(parser):
+    parser.addoption("--browser", action="store_true",
+                     help="also run the tests that drive headless Chromium (make test-browser)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Browser tests run only when asked: a fresh machine has no browser, and they must fail, not skip, without one."""
+    if config.getoption("--browser"):
+        return
+    kept = [item for item in items if "browser" not in item.keywords]
+    if len(kept) != len(items):
+        config.hook.pytest_deselected(items=[item for item in items if "browser" in item.keywords])
+        items[:] = kept
+
+
 @pytest.fixture(scope="session")
 def lesion_dataset(tmp_path_factory) -> Path:
     return generate_dataset(tmp_path_factory.mktemp("lesions") / "demo_dataset", n_train=64, n_test=16,

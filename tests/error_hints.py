@@ -16,7 +16,7 @@ from types import FrameType
 from typing import Optional
 
 SCRIPTS = ("main", "inference", "inference_with_segmentation", "face_segmentation", "quantize_onnx_models",
-           "benchmark", "audit_dataset", "run_experiments")
+           "benchmark", "audit_dataset", "run_experiments", "serve")
 # Flags of other programs that a message may name: torchrun's.
 OTHER_PROGRAMS = {"--nproc_per_node"}
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_]*")

@@ -15,12 +15,13 @@ import inference_with_segmentation
 import main
 import quantize_onnx_models
 import run_experiments
+import serve
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {"main": main, "inference": inference, "inference_with_segmentation": inference_with_segmentation,
            "face_segmentation": face_segmentation, "quantize_onnx_models": quantize_onnx_models,
-           "benchmark": benchmark, "run_experiments": run_experiments, "audit_dataset": audit_dataset}
-RUN_FOLDER_SCRIPTS = ("inference", "inference_with_segmentation", "quantize_onnx_models", "benchmark")
+           "benchmark": benchmark, "run_experiments": run_experiments, "audit_dataset": audit_dataset, "serve": serve}
+RUN_FOLDER_SCRIPTS = ("inference", "inference_with_segmentation", "quantize_onnx_models", "benchmark", "serve")
 
 
 def _tracked_python_files() -> list[Path]:

@@ -30,7 +30,7 @@ SCHEMAS = {"main": configs.TrainConfig, "inference": configs.InferenceConfig,
            "inference_with_segmentation": configs.SegmentedInferenceConfig,
            "face_segmentation": configs.FaceSegmentationConfig, "quantize_onnx_models": configs.ExportConfig,
            "benchmark": configs.BenchmarkConfig, "audit_dataset": configs.AuditConfig,
-           "run_experiments": configs.SweepOptions}
+           "run_experiments": configs.SweepOptions, "serve": configs.ServeConfig}
 
 # Appended when a command really runs: the tests' tiny model and sizes (argparse keeps the last value of a flag).
 TINY = {

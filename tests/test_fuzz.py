@@ -18,6 +18,7 @@ import inference_with_segmentation
 import main
 import quantize_onnx_models
 import run_experiments
+import serve
 from configs import TrainConfig, from_namespace
 from dataloaders.datasets import ImageSamples
 from dataloaders.discovery import Sample
@@ -84,7 +85,7 @@ def test_random_valid_images_load_as_rgb_and_mutations_never_crash(tmp_path, wid
 CONFIG_OF = {"main": [TrainConfig], "run_experiments": [TrainConfig, configs.SweepOptions],
              "inference": [configs.InferenceConfig], "inference_with_segmentation": [configs.SegmentedInferenceConfig],
              "face_segmentation": [configs.FaceSegmentationConfig], "quantize_onnx_models": [configs.ExportConfig],
-             "benchmark": [configs.BenchmarkConfig]}
+             "benchmark": [configs.BenchmarkConfig], "serve": [configs.ServeConfig]}
 
 PARSERS = {
     "main": main.parse_args,
@@ -94,6 +95,7 @@ PARSERS = {
     "quantize_onnx_models": lambda argv: quantize_onnx_models.get_args_parser().parse_args(argv),
     "benchmark": lambda argv: benchmark.get_args_parser().parse_args(argv),
     "run_experiments": run_experiments.parse_args,
+    "serve": serve.parse_args,
 }
 
 
@@ -102,7 +104,8 @@ def _flags(name):
               "inference_with_segmentation": inference_with_segmentation.get_args_parser,
               "face_segmentation": face_segmentation.get_args_parser,
               "quantize_onnx_models": quantize_onnx_models.get_args_parser,
-              "benchmark": benchmark.get_args_parser, "run_experiments": run_experiments.get_args_parser}[name]()
+              "benchmark": benchmark.get_args_parser, "run_experiments": run_experiments.get_args_parser,
+              "serve": serve.get_args_parser}[name]()
     return sorted(o for a in parser._actions for o in a.option_strings if o.startswith("--"))
 
 
