@@ -44,6 +44,11 @@ TINY = {
     "quantize_onnx_models": ["--calib_images", "16"],
     "benchmark": ["--iterations", "2", "--warmup", "1", "--rounds", "1", "--threads", "1", "--batch_sizes", "1"],
 }
+# serve.py's routes by method, read from its source (a documented curl command must name one)
+SERVED_ROUTES = {"get": set(), "post": set()}
+for _method, _path in re.findall(r'@app\.(get|post)\("([^"]+)"', (ROOT / "serving" / "app.py").read_text()):
+    SERVED_ROUTES[_method].add(_path)
+SERVED_ROUTES["get"].add("/openapi.json")
 # A model the tests can build offline in seconds, unless the command names an own one (custom_models/).
 TINY_MODEL = "test_efficientnet_gn"
 PLACEHOLDER = "__placeholder__"
@@ -107,7 +112,7 @@ def split_command(command: DocCommand) -> tuple[str, list[str]]:
     while words and (re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0]) or words[0] == "time"):  # VAR=1, time
         words = words[1:]
     program = words[0]
-    if program in ("make", "source", "."):
+    if program in ("make", "source", ".", "curl", "docker"):
         return ("source" if program == "." else program), words[1:]
     if program == "torchrun":
         script = next(i for i, word in enumerate(words) if word.endswith(".py"))
@@ -163,6 +168,15 @@ def test_every_documented_command_parses_and_validates(command, stand_ins, monke
         return
     if name == "source":
         assert argv == [".venv/bin/activate"] and "-m venv $(VENV)" in (ROOT / "Makefile").read_text()
+        return
+    if name == "curl":  # a request to serve.py: the route must exist with that method
+        url = next(word for word in argv if word.startswith("http"))
+        method = "post" if any(word in ("-F", "--form") for word in argv) else "get"
+        path = "/" + url.split("/", 3)[3] if url.count("/") >= 3 else "/"
+        assert path in SERVED_ROUTES[method], f"{command.where}: serve.py has no {method.upper()} {path}"
+        return
+    if name == "docker":
+        assert argv[0] in ("build", "run") and (ROOT / "Dockerfile").is_file(), command.where
         return
     argv = substitute(argv, stand_ins)
     monkeypatch.chdir(ROOT)  # commands are written for the repository root

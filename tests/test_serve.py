@@ -399,3 +399,33 @@ def test_the_load_benchmark_reports_every_level_and_memory(tiny_run, photos, tmp
     assert results["batching"]["images"] >= 150 + sum(level["ok"] for level in results["levels"])
     assert json.loads((tmp_path / "load.json").read_text())["levels"][1]["clients"] == 4
     assert "| 4 |" in capsys.readouterr().out
+
+
+def test_the_dockerfile_runs_serve_with_flags_it_accepts_and_bakes_in_no_data():
+    """No docker here: the image is validated instead of built. Its command must parse and pass the options schema,
+    its files exist, its port and health check match the service, and data, runs and models stay out of it."""
+    import shlex
+
+    from configs import ServeConfig, from_namespace
+
+    text = (ROOT / "Dockerfile").read_text(encoding="utf-8").replace("\\\n", " ")
+    instructions = [line.split(None, 1) for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    by_name = {}
+    for name, rest in instructions:
+        by_name.setdefault(name, []).append(rest.strip())
+    assert re.fullmatch(r"python:3\.(1[0-9])-slim", by_name["FROM"][0])
+    for source in (words.split()[0] for words in by_name["COPY"]):
+        assert source == "." or (ROOT / source).is_file(), source
+    assert by_name["USER"] == ["skinclf"]  # not root
+    command = json.loads(by_name["CMD"][0])
+    assert command[:2] == ["python", "serve.py"]
+    args = serve.parse_args(command[2:])
+    cfg = from_namespace(ServeConfig, args)
+    assert cfg.serve.api_key_file and cfg.serve.host == "0.0.0.0"  # every interface, so never without a key
+    assert by_name["EXPOSE"] == [str(cfg.serve.port)]
+    health = shlex.split(by_name["HEALTHCHECK"][0])
+    assert f"http://127.0.0.1:{cfg.serve.port}/readyz" in " ".join(health)
+    ignored = set((ROOT / ".dockerignore").read_text(encoding="utf-8").split())
+    assert {".venv", "save_results", "onnx_models", "data/*_dataset", "*.pth", "*.onnx"} <= ignored
+    assert not any((ROOT / pattern).is_dir() and pattern in ("dataloaders", "serving", "experiments")
+                   for pattern in ignored)
