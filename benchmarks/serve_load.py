@@ -124,6 +124,7 @@ async def _load(url: str, photos: list[tuple[str, bytes]], clients: int, seconds
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     setup_logging()
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request would drown the results
     photo_paths = list_images(Path(args.images))[: args.max_images]
     photos = [(f"photo_{i}.jpg", p.read_bytes()) for i, p in enumerate(photo_paths)]
     answer_flags = {k: v for k, v in (("backend", args.backend), ("onnx_model", args.onnx_model)) if v}

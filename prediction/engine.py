@@ -98,7 +98,7 @@ def build_predictor(options: AnswerOptions, run_dir: Path, info: RunInfo, device
         if options.backend == "ort" and onnx_path.suffix.lower() != ".ort":
             raise UserError(f"--backend ort runs an ORT-format file (.ort, written by quantize_onnx_models.py "
                             f"--targets onnx,ort), not {onnx_path}; for an .onnx file use --backend onnx")
-        if onnx_path.is_file():
+        if onnx_path.is_file() and onnx_path.parent.resolve() != run_dir.resolve():  # an export folder's own file
             warn_if_other_run(onnx_path, run_dir)  # first: it explains a mismatch the predictor then refuses
         predictor = OnnxPredictor(onnx_path, info.n_class, device, threads, input_size=info.preprocessing.input_size)
         return predictor, model

@@ -172,7 +172,7 @@ def create_app(model: ServedModel, options: ServeOptions, api_key: Optional[str]
                              "run_id": model.run_dir.name, "request_id": request.state.request_id,
                              "results": results})
 
-    async def _classify(files: list[UploadFile], explain: bool) -> list[dict[str, Any]]:
+    async def _decode_all(files: list[UploadFile]) -> tuple[list[dict[str, Any]], list[tuple[int, Decoded]]]:
         results: list[dict[str, Any]] = []
         decoded: list[tuple[int, Decoded]] = []
         for index, upload in enumerate(files):
@@ -186,6 +186,11 @@ def create_app(model: ServedModel, options: ServeOptions, api_key: Optional[str]
                 decoded.append((index, await run_in_threadpool(model.decode, await upload.read())))
             except ImageRejected as err:
                 entry["error"] = str(err)
+        return results, decoded
+
+    async def _classify(files: list[UploadFile], explain: bool) -> list[dict[str, Any]]:
+        with batcher.expecting(len(files)):
+            results, decoded = await _decode_all(files)
         if decoded:
             answers = await batcher.submit([d.tensor for _, d in decoded])
             loop = asyncio.get_running_loop()

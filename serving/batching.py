@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -45,7 +46,8 @@ class MicroBatcher:
     """``await submit(items)`` returns ``run_batch(items of several requests)``'s answers for these items, in order.
 
     ``run_batch`` is called on a single worker thread (the model is not shared between threads), with at most
-    ``max_batch_size`` items, after the first item of the batch waited at most ``max_wait_s`` for others."""
+    ``max_batch_size`` items, after the first item of the batch waited at most ``max_wait_s`` for others, and only
+    while others are on their way (``expecting``): a lone request is not kept waiting for company that is not coming."""
 
     def __init__(self, run_batch: Callable[[list[Any]], Sequence[Any]], max_batch_size: int, max_wait_s: float,
                  queue_size: int, executor: Optional[concurrent.futures.ThreadPoolExecutor] = None):
@@ -58,6 +60,7 @@ class MicroBatcher:
         self._queue: Optional[asyncio.Queue[_Waiting]] = None
         self._worker: Optional[asyncio.Task] = None
         self._seconds_per_image = 0.05  # updated from measured batches; only used for Retry-After
+        self._incoming = 0  # images of requests still being decoded, which will be submitted shortly
 
     @property
     def running(self) -> bool:
@@ -83,6 +86,15 @@ class MicroBatcher:
         except asyncio.CancelledError:
             pass
         self._worker = None
+
+    @contextlib.contextmanager
+    def expecting(self, count: int):
+        """Around a request's decoding: ``count`` images are coming, worth waiting for."""
+        self._incoming += count
+        try:
+            yield
+        finally:
+            self._incoming -= count
 
     async def submit(self, items: list[Any]) -> list[Any]:
         """All of a request's items are queued or none (a half-queued request would waste the model's time)."""
@@ -114,7 +126,7 @@ class MicroBatcher:
             except asyncio.QueueEmpty:
                 pass
             left = deadline - time.perf_counter()
-            if left <= 0:
+            if left <= 0 or self._incoming <= 0:
                 break
             try:
                 batch.append(await asyncio.wait_for(self._queue.get(), left))
