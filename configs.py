@@ -700,7 +700,8 @@ class ServeOptions(Options):
                                              "as the X-API-Key header")
     max_batch_size: int = _opt(16, "images classified together in one forward pass at most (micro-batching)",
                                **at_least(1))
-    max_wait_ms: float = _opt(5.0, "how long the first image of a batch waits for others to join it",
+    max_wait_ms: float = _opt(5.0, "how long the first image of a batch waits for others to join it (only while "
+                                   "other requests are still decoding theirs)",
                               **between(0, 10000))
     queue_size: int = _opt(256, "images waiting for the model at most; past that requests get 503 with Retry-After",
                            **at_least(1))
