@@ -46,11 +46,11 @@ REFIT_SCHEDULES = ("compressed", "replay")
 MONITORS = ("val_balanced_acc", "val_loss")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 WEIGHT_CHOICES = ("final", "best", "last")
-BACKENDS = ("torch", "onnx", "ort")
+BACKENDS = ("torch", "onnx", "ort", "executorch")
 CAM_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eigencam", "eigengradcam", "scorecam",
                "ablationcam")
 QUANTIZE_CHOICES = ("int8", "none")
-EXPORT_TARGETS = ("onnx", "ort")
+EXPORT_TARGETS = ("onnx", "ort", "executorch")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "auto")  # auto: each of the three, the fewest float nodes
 FLOAT_SELECTIONS = ("prefix", "sensitivity")
 CALIB_SAMPLINGS = ("balanced", "random")
@@ -427,12 +427,14 @@ class AnswerOptions(Options):
     """How the model answers one image (prediction.engine, serving): shared by both inference scripts and serve.py."""
 
     weights: str = WEIGHTS.field()
-    backend: str = _opt("torch", "run the classifier with PyTorch, ONNX Runtime (an .onnx file) or ONNX Runtime "
-                                 "Mobile's format (an .ort file from quantize_onnx_models.py --targets onnx,ort: "
-                                 "check a phone model on a labelled folder before shipping it)", BACKENDS)
-    onnx_model: Optional[str] = _opt(None, "exported classifier for --backend onnx or ort (default: "
+    backend: str = _opt("torch", "run the classifier with PyTorch, ONNX Runtime (an .onnx file), ONNX Runtime "
+                                 "Mobile's format (an .ort file) or ExecuTorch (a .pte file); the phone formats come "
+                                 "from quantize_onnx_models.py --targets onnx,ort,executorch: check a phone model on a "
+                                 "labelled folder before shipping it", BACKENDS)
+    onnx_model: Optional[str] = _opt(None, "exported classifier for --backend onnx, ort or executorch (default: "
                                            "onnx_models/clf_model.onnx for onnx, onnx_models/clf_model_int8.ort "
-                                           "for ort)", aliases=("--model_file",))
+                                           "for ort, onnx_models/clf_model_int8.pte for executorch)",
+                                     aliases=("--model_file",))
     device: str = DEVICE.field()
     tta: Optional[bool] = TTA.field()
     topk: int = _opt(1, "also list the k most likely classes per image in the JSON", **at_least(1))
@@ -534,8 +536,9 @@ class ExportOptions(Options):
     quantize: str = _opt("int8", "also write the verified INT8 model (int8) or only FP32 (none)", QUANTIZE_CHOICES)
     targets: str = _opt("onnx", "comma-separated formats to write: onnx (always), ort = ONNX Runtime Mobile's ORT "
                                 "format (.ort, verified against the .onnx) with required_operators.config for a "
-                                "reduced Android/iOS build and mobile_manifest.json (preprocessing, classes, "
-                                "thresholds for an app)",
+                                "reduced Android/iOS build, executorch = ExecuTorch programs for XNNPACK (.pte, "
+                                "FP32 and INT8, verified by ExecuTorch's runtime); either also writes "
+                                "mobile_manifest.json (preprocessing, classes, thresholds for an app)",
                         check=lambda v: isinstance(v, str) and bool(v.strip()) and set(
                             t.strip() for t in v.split(",")) <= set(EXPORT_TARGETS),
                         rule=f"comma-separated, from {', '.join(EXPORT_TARGETS)}")

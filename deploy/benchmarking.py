@@ -54,7 +54,7 @@ def benchmark_run(run_dir: Path, export: ExportDir, settings: BenchmarkOptions) 
     frameworks: dict[str, Optional[str]] = {"pytorch": None}
     for name, path in export.classifiers().items():
         frameworks[name] = str(path)
-        source = other_source_run(path, run_dir)
+        source = other_source_run(path, run_dir) if path.suffix != ".pte" else None  # a .pte carries no metadata
         if source:
             logger.warning("!!! %s was exported from %s, not from %s; the comparison is between different "
                            "models", path.name, source, run_dir)
@@ -187,6 +187,16 @@ def _worker(framework: str, model_file: Optional[str], run_dir: str, images: np.
         size_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
         predictor = TorchPredictor(model, torch.device(device))  # exactly what inference.py --backend torch runs
         runs_on = device
+
+        def run(batch: np.ndarray) -> np.ndarray:
+            return predictor.logits(torch.from_numpy(batch))
+    elif framework.startswith("executorch"):
+        from prediction.predictors import ExecuTorchPredictor
+        from runs.run_info import read_run_info
+
+        predictor = ExecuTorchPredictor(model_file, read_run_info(run_dir).n_class)  # one image per call, on the CPU
+        size_bytes = Path(model_file).stat().st_size
+        runs_on = "cpu"
 
         def run(batch: np.ndarray) -> np.ndarray:
             return predictor.logits(torch.from_numpy(batch))

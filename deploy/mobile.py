@@ -18,7 +18,7 @@ import math
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -110,13 +110,19 @@ def preprocessing_steps(info: RunInfo) -> dict[str, Any]:
 
 
 def write_mobile_manifest(export: ExportDir, info: RunInfo, models: dict[str, Path], input_name: str,
-                          output_name: str, source_run: Path) -> Path:
-    """mobile_manifest.json: the files with their checksums, the input, the preprocessing and the decisions."""
+                          output_name: str, source_run: Path, executorch_models: Optional[dict[str, Path]] = None
+                          ) -> Path:
+    """mobile_manifest.json: the files with their checksums, the input, the preprocessing and the decisions.
+    ``models``: the ORT-format files by precision; ``executorch_models``: the .pte files (one input, batch 1)."""
     _, height, width = info.preprocessing.input_size
+    runtimes = (["ONNX Runtime Mobile (ORT format)"] if models else []) + (
+        ["ExecuTorch (XNNPACK delegate)"] if executorch_models else [])
     manifest = {
-        "schema_version": MANIFEST_SCHEMA_VERSION, "runtime": "ONNX Runtime Mobile (ORT format)",
+        "schema_version": MANIFEST_SCHEMA_VERSION, "runtime": " and ".join(runtimes),
         "models": {precision: _file_entry(path) for precision, path in models.items()},
-        "required_operators": ExportDir.ORT_OPERATORS_NAME,
+        **({"required_operators": ExportDir.ORT_OPERATORS_NAME} if models else {}),
+        **({"executorch_models": {precision: _file_entry(path) for precision, path in executorch_models.items()}}
+           if executorch_models else {}),
         "input": {"name": input_name, "shape": [1, 3, height, width], "dtype": "float32"},
         "preprocessing": preprocessing_steps(info),
         "output": {"name": output_name, "kind": "logits", "classes": info.class_names},
@@ -138,13 +144,16 @@ def write_mobile_manifest(export: ExportDir, info: RunInfo, models: dict[str, Pa
 
 
 def export_mobile(export: ExportDir, info: RunInfo, images, n_class: int, source_run: Path,
-                  min_agreement: float) -> dict[str, Any]:
-    """ORT-format twins of every exported classifier, each verified on ``images`` (INT8: top-1 agreement with the
-    INT8 .onnx of at least ``min_agreement``), and the manifest."""
+                  min_agreement: float, ort: bool = True) -> dict[str, Any]:
+    """With ``ort``, ORT-format twins of every exported classifier, each verified on ``images`` (INT8: top-1
+    agreement with the INT8 .onnx of at least ``min_agreement``); then the manifest, naming the ExecuTorch programs
+    too when they were written."""
     from utils.onnx_runtime import create_session
 
     onnx_files = [path for path in (export.fp32, export.int8) if path.is_file()]
     report: dict[str, Any] = {}
+    pte = {precision: path for precision, path in (("fp32", export.fp32_pte), ("int8", export.int8_pte))
+           if path.is_file()}
 
     def verify(onnx_path: Path, ort_path: Path) -> None:
         precision = "int8" if onnx_path == export.int8 else "fp32"
@@ -157,9 +166,9 @@ def export_mobile(export: ExportDir, info: RunInfo, images, n_class: int, source
                     onnx_path.name, checked["top1_agreement"], len(images), checked["max_prob_diff"],
                     ort_path.stat().st_size / 2**20)
 
-    written = convert_to_ort(onnx_files, export, verify)
-    session = create_session(written[0])
+    written = convert_to_ort(onnx_files, export, verify) if ort else []
+    session = create_session(written[0] if written else export.fp32)
     write_mobile_manifest(export, info, {("int8" if p == export.int8 else "fp32"): o
                                          for p, o in zip(onnx_files, written)},
-                          session.get_inputs()[0].name, session.get_outputs()[0].name, source_run)
+                          session.get_inputs()[0].name, session.get_outputs()[0].name, source_run, pte)
     return report

@@ -27,6 +27,7 @@ from torch import nn
 from configs import ExportOptions
 from dataloaders.inference_data import load_preprocessed
 from dataloaders.transforms import build_eval_transform, decode_min_side
+from deploy.executorch_export import export_executorch
 from deploy.mobile import export_mobile
 from deploy.onnx_quant import CalibrationData, ReferenceSet, int8_rank, quantize_verified, warn_mostly_float
 from prediction.predictors import onnx_probs
@@ -161,6 +162,7 @@ def export_run(run_dir: Path, export: ExportDir, settings: ExportOptions) -> dic
         write_onnx_metadata(fp32_tmp, metadata)
         check_onnx_model(fp32_tmp)
         report.update(_verify_fp32(fp32_tmp, test))
+        data = None
         if settings.quantize == "int8":
             has_val = run.split_csv("val").is_file()
             val = run.split("val", settings.data_dir) if has_val else []
@@ -175,13 +177,15 @@ def export_run(run_dir: Path, export: ExportDir, settings: ExportOptions) -> dic
                                                      levels, metadata, settings, test, data, report))
     if settings.quantize == "none":
         # An INT8 file from an earlier export would otherwise be benchmarked and deployed beside the new FP32 one.
-        for older in (export.int8, export.root / export.INT8_ORT_NAME):
+        for older in (export.int8, export.root / export.INT8_ORT_NAME, export.int8_pte):
             if older.exists():
                 older.unlink()
                 logger.info("removed the older %s from %s", older.name, export.root)
-    if "ort" in settings.target_list:
+    if "executorch" in settings.target_list:
+        report.update(export_executorch(model, info.preprocessing.input_size, export, test, data, settings.quant))
+    if "ort" in settings.target_list or "executorch" in settings.target_list:
         report.update(export_mobile(export, info, test.images, test.torch_probs.shape[1], run_dir,
-                                    settings.quant.min_agreement))
+                                    settings.quant.min_agreement, ort="ort" in settings.target_list))
     write_run_info(export.root, info)
     _log_export(report, len(levels), settings.quant.max_float_share)
     return report

@@ -4,6 +4,7 @@ rows, Grad-CAM overlays and the output files (predictions.csv/.json, skipped.csv
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import shutil
 import time
@@ -28,7 +29,7 @@ from evaluation.decisions import (
 )
 from prediction.gradcam import GRADCAM_SUFFIX, GradCamExplainer, explained_overlay, overlay_caption
 from prediction.labelled_scoring import ReferenceLabels, score_labelled_folder
-from prediction.predictors import OnnxPredictor, TorchPredictor, predict_proba
+from prediction.predictors import ExecuTorchPredictor, OnnxPredictor, TorchPredictor, predict_proba
 from runs.checkpoint import load_run_model
 from runs.export_dir import DEFAULT_EXPORT, ExportDir, other_source_run
 from runs.run_folder import RunDir
@@ -91,6 +92,14 @@ def build_predictor(options: AnswerOptions, run_dir: Path, info: RunInfo, device
     if options.backend == "torch" or torch_model:
         model, _ = load_run_model(run_dir, options.weights)
         model.to(device)
+    if options.backend == "executorch":
+        path = Path(options.onnx_model) if options.onnx_model else DEFAULT_EXPORT.int8_pte
+        if path.suffix.lower() != ".pte":
+            raise UserError(f"--backend executorch runs an ExecuTorch program (.pte, written by "
+                            f"quantize_onnx_models.py --targets onnx,executorch), not {path}")
+        if path.is_file():
+            warn_if_other_pte(path, run_dir)
+        return ExecuTorchPredictor(path, info.n_class), model
     if options.backend != "torch":  # onnx or ort: ONNX Runtime runs both file formats
         default = ((default_onnx or DEFAULT_ONNX_MODEL) if options.backend == "onnx"
                    else DEFAULT_EXPORT.root / ExportDir.INT8_ORT_NAME)
@@ -111,6 +120,21 @@ def warn_if_other_run(onnx_path: Path, run_dir: Path) -> None:
     if source:
         logger.warning("!!! %s was exported from %s, not from --model_path %s; its answers are that run's",
                        onnx_path, source, run_dir)
+
+
+def warn_if_other_pte(pte_path: Path, run_dir: Path) -> None:
+    """A .pte carries no metadata: its export folder's class_info.json (and manifest) says which run it came from."""
+    copied = pte_path.parent / RunDir.CLASS_INFO
+    manifest = pte_path.parent / ExportDir.MOBILE_MANIFEST_NAME
+    if pte_path.parent.resolve() == run_dir.resolve() or not (copied.is_file() and manifest.is_file()):
+        return
+    try:
+        source = json.loads(manifest.read_text(encoding="utf-8")).get("source_run")
+    except (OSError, ValueError):
+        return
+    if source and Path(source).resolve() != run_dir.resolve():
+        logger.warning("!!! %s was exported from %s, not from --model_path %s; its answers are that run's",
+                       pte_path, source, run_dir)
 
 
 def prediction_row(relative: str, probs: np.ndarray, class_names: list[str], topk: int) -> dict[str, Any]:

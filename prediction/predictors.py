@@ -64,6 +64,34 @@ class OnnxPredictor:
         return np.log(np.clip(out, 1e-12, None)) if self.outputs_probabilities else out
 
 
+class ExecuTorchPredictor:
+    """Runs an ExecuTorch program (.pte, from quantize_onnx_models.py --targets executorch) with ExecuTorch's own
+    runtime and its XNNPACK kernels; the program takes one image, so a batch is run image by image."""
+
+    def __init__(self, path: str | Path, n_class: int):
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"{path} not found; export one with quantize_onnx_models.py --targets onnx,executorch")
+        try:
+            from executorch.runtime import Runtime
+        except ImportError as err:
+            raise UserError(f"running {path} needs the executorch package ({err}); install requirements.txt") from err
+        self.path = path
+        try:
+            self.method = Runtime.get().load_program(path).load_method("forward")
+        except Exception as err:  # noqa: BLE001 - the runtime raises RuntimeError/ValueError on a bad file
+            raise UserError(f"{path} is not an ExecuTorch program this runtime can load ({err}); export it again "
+                            f"with quantize_onnx_models.py --targets onnx,executorch") from err
+        self.n_class = n_class
+
+    def logits(self, images: torch.Tensor) -> np.ndarray:
+        rows = [self.method.execute([image[None].contiguous()])[0] for image in images.float()]
+        out = torch.cat([torch.as_tensor(row).reshape(1, -1) for row in rows]).numpy()
+        if out.shape[1] != self.n_class:
+            raise UserError(f"{self.path} outputs {out.shape[1]} classes but the run folder records {self.n_class}")
+        return out
+
+
 def predict_proba(predictor: Any, images: torch.Tensor, tta: bool = False, temperature: float = 1.0,
                   batch_size: int = 0) -> np.ndarray:
     """Softmax probabilities of ``logits / temperature`` (the run's fitted temperature scaling); with ``tta`` the

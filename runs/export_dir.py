@@ -28,6 +28,9 @@ class ExportDir:
     INT8_ORT_NAME = "clf_model_int8.ort"
     ORT_OPERATORS_NAME = "required_operators.config"
     MOBILE_MANIFEST_NAME = "mobile_manifest.json"
+    # --targets executorch: ExecuTorch programs lowered to XNNPACK (batch 1).
+    FP32_PTE_NAME = "clf_model.pte"
+    INT8_PTE_NAME = "clf_model_int8.pte"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
@@ -48,10 +51,19 @@ class ExportDir:
     def report(self) -> Path:
         return self.root / self.REPORT_NAME
 
+    @property
+    def fp32_pte(self) -> Path:
+        return self.root / self.FP32_PTE_NAME
+
+    @property
+    def int8_pte(self) -> Path:
+        return self.root / self.INT8_PTE_NAME
+
     def classifiers(self) -> dict[str, Path]:
         """The exported classifiers present, by benchmark framework name."""
         found = (("onnx_fp32", self.fp32), ("onnx_int8", self.int8), ("ort_fp32", self.root / self.FP32_ORT_NAME),
-                 ("ort_int8", self.root / self.INT8_ORT_NAME))
+                 ("ort_int8", self.root / self.INT8_ORT_NAME), ("executorch_fp32", self.fp32_pte),
+                 ("executorch_int8", self.int8_pte))
         return {name: path for name, path in found if path.is_file()}
 
     def benchmark_file(self, suffix: str) -> Path:
@@ -72,7 +84,8 @@ class ExportDir:
 
     def written(self) -> list[Path]:
         names = (self.FP32_NAME, self.INT8_NAME, self.CLASS_INFO_NAME, self.SEG_NAME, self.FP32_ORT_NAME,
-                 self.INT8_ORT_NAME, self.ORT_OPERATORS_NAME, self.MOBILE_MANIFEST_NAME)
+                 self.INT8_ORT_NAME, self.ORT_OPERATORS_NAME, self.MOBILE_MANIFEST_NAME, self.FP32_PTE_NAME,
+                 self.INT8_PTE_NAME)
         return [self.root / name for name in names if (self.root / name).exists()]
 
 

@@ -22,7 +22,7 @@ from dataloaders.transforms import build_eval_transform, decode_min_side
 from evaluation.decisions import flags_and_decision
 from prediction.engine import build_predictor, open_run, prediction_row
 from prediction.gradcam import GradCamExplainer, explained_overlay, overlay_caption
-from prediction.predictors import OnnxPredictor, predict_proba
+from prediction.predictors import ExecuTorchPredictor, OnnxPredictor, predict_proba
 from runs.export_dir import ExportDir
 from runs.run_folder import RunDir, resolve_model_path
 from utils.device import select_device
@@ -80,7 +80,7 @@ class ServedModel:
         self.predictor, model = build_predictor(options, self.run_dir, self.info, self.device,
                                                 torch_model=self.explains, default_onnx=export_model,
                                                 threads=threads)
-        self.model_file = (self.predictor.path if isinstance(self.predictor, OnnxPredictor)
+        self.model_file = (self.predictor.path if isinstance(self.predictor, (OnnxPredictor, ExecuTorchPredictor))
                            else RunDir(self.run_dir).checkpoint(options.weights, self.info.weights))
         self.tta = self.info.tta if options.tta is None else options.tta
         self.transform = build_eval_transform(self.info.preprocessing)

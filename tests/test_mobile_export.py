@@ -182,3 +182,85 @@ def test_inference_backend_ort_scores_a_labelled_folder_with_the_phone_model(mob
             "--model_path", str(tiny_run), "--inference_folder", str(lesion_dataset / "testset"),
             "--inference_output", str(tmp_path / "wrong"), "--backend", "ort", "--model_file",
             str(out / "clf_model_int8.onnx"), "--num_workers", "0"]))
+
+
+# --- ExecuTorch (.pte, XNNPACK) ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pte_export(tiny_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pte")
+    # --min_agreement 0: the tiny GroupNorm model loses answers in INT8; the guard itself is tested below
+    report = qom.main(qom.parse_args(["--model_path", str(tiny_run), "--output_dir", str(out), "--targets",
+                                      "onnx,executorch", "--calib_images", "16", "--min_agreement", "0"]))
+    return out, report
+
+
+@pytest.mark.slow
+def test_executorch_programs_are_verified_and_named_in_the_manifest(pte_export, tiny_run):
+    out, report = pte_export
+    assert report["pte_fp32_max_prob_diff"] <= 1e-4 and report["pte_fp32_accuracy"] == report["torch_accuracy"]
+    assert report["pte_int8_written"] and 0 <= report["pte_int8_top1_agreement"] <= 1
+    manifest = json.loads((out / "mobile_manifest.json").read_text())
+    assert manifest["runtime"] == "ExecuTorch (XNNPACK delegate)" and manifest["models"] == {}
+    for precision, name in (("fp32", "clf_model.pte"), ("int8", "clf_model_int8.pte")):
+        entry = manifest["executorch_models"][precision]
+        assert entry["file"] == name and (out / name).stat().st_size == entry["bytes"]
+    assert (out / "clf_model_int8.pte").stat().st_size < (out / "clf_model.pte").stat().st_size
+    assert manifest["output"]["classes"] == json.loads((tiny_run / "class_info.json").read_text())["class_names"]
+    assert not list(out.glob(".pte-*")) and not list(out.glob("*.ort"))
+
+
+@pytest.mark.slow
+def test_inference_backend_executorch_answers_as_pytorch(pte_export, tiny_run, lesion_dataset, tmp_path):
+    out, _ = pte_export
+    scored = {}
+    for backend, extra in (("executorch", ["--model_file", str(out / "clf_model.pte")]), ("torch", [])):
+        summary = inference.main(inference.parse_args([
+            "--model_path", str(tiny_run), "--inference_folder", str(lesion_dataset / "testset"),
+            "--inference_output", str(tmp_path / backend), "--backend", backend, *extra, "--labels_from_folders",
+            "--num_workers", "0"]))
+        assert summary["predicted"] == 48
+        scored[backend] = {row["filename"]: row for row in csv.DictReader(open(tmp_path / backend / "predictions.csv"))}
+    columns = [c for c in next(iter(scored["torch"].values())) if c.startswith("prob_")]
+    assert max(abs(float(scored["executorch"][f][c]) - float(row[c]))
+               for f, row in scored["torch"].items() for c in columns) <= 1e-4
+    with pytest.raises(UserError, match="--backend executorch runs an ExecuTorch program"):
+        inference.main(inference.parse_args([
+            "--model_path", str(tiny_run), "--inference_folder", str(lesion_dataset / "testset"),
+            "--inference_output", str(tmp_path / "wrong"), "--backend", "executorch", "--model_file",
+            str(out / "clf_model.onnx"), "--num_workers", "0"]))
+
+
+@pytest.mark.slow
+def test_benchmark_times_the_executorch_programs(pte_export, tiny_run):
+    out, _ = pte_export
+    rows = benchmark.main(benchmark.parse_args([
+        "--model_path", str(tiny_run), "--onnx_model_dir", str(out), "--iterations", "2", "--warmup", "1",
+        "--batch_sizes", "1", "--threads", "1", "--rounds", "1"]))
+    by_name = {row["framework"]: row for row in rows}
+    assert {"pytorch", "onnx_fp32", "onnx_int8", "executorch_fp32", "executorch_int8"} <= set(by_name)
+    assert by_name["executorch_fp32"]["top1_agreement_with_pytorch"] == 1.0
+    assert by_name["executorch_int8"]["size_mb"] < by_name["executorch_fp32"]["size_mb"]
+
+
+@pytest.mark.slow
+def test_an_executorch_program_that_answers_differently_is_refused(tiny_run, tmp_path, monkeypatch, caplog):
+    from prediction import predictors
+
+    real = predictors.ExecuTorchPredictor.logits
+    monkeypatch.setattr(predictors.ExecuTorchPredictor, "logits", lambda self, images: real(self, images)[:, ::-1])
+    out = tmp_path / "refused"
+    with pytest.raises(UserError, match="clf_model.pte disagrees with PyTorch.*no .pte file was written"):
+        qom.main(qom.parse_args(["--model_path", str(tiny_run), "--output_dir", str(out), "--targets",
+                                 "onnx,executorch", "--quantize", "none"]))
+    assert not list(out.glob("*.pte")) and not list(out.glob(".pte-*"))
+    monkeypatch.undo()
+    # INT8 below --min_agreement: the FP32 program stays, the INT8 one is not written, and the log says why
+    report = qom.main(qom.parse_args(["--model_path", str(tiny_run), "--output_dir", str(tmp_path / "strict"),
+                                      "--targets", "onnx,executorch", "--calib_images", "4", "--min_agreement", "1",
+                                      "--calib_sampling", "random"]))
+    if report["pte_int8_written"]:  # the tiny model happened to keep every answer: nothing to refuse
+        assert report.get("pte_int8_val_top1_agreement", report["pte_int8_top1_agreement"]) == 1.0
+    else:
+        assert not (tmp_path / "strict" / "clf_model_int8.pte").exists()
+        assert "clf_model_int8.pte not written" in caplog.text
+    assert (tmp_path / "strict" / "clf_model.pte").is_file()

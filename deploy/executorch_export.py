@@ -1,0 +1,128 @@
+"""Phones, PyTorch-native: ExecuTorch programs (``.pte``) lowered to the XNNPACK delegate, FP32 and INT8, each run by
+ExecuTorch's own runtime on the run's test photos before it is kept.
+
+INT8 uses PT2E with XNNPACK's quantizer (symmetric, per-channel weights), calibrated on the same training photos as the
+ONNX INT8 model (``onnx_quant.calibration_images``), and must give the FP32 model's top-1 on ``--min_agreement`` of the
+validation photos, as the ONNX INT8 file must. The programs take one image (batch 1), as an app classifies one photo.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from configs import QuantOptions
+from deploy.onnx_quant import CalibrationData, ReferenceSet, calibration_images
+from prediction.predictors import ExecuTorchPredictor, predict_proba
+from runs.export_dir import ExportDir
+from utils.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+PTE_PROB_TOLERANCE = 1e-4  # FP32: the same bound as the FP32 ONNX export's check against PyTorch
+
+
+def executorch_missing() -> Optional[str]:
+    """Why ExecuTorch cannot export here, or None."""
+    try:
+        import executorch.exir  # noqa: F401
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner  # noqa: F401
+    except Exception as err:  # noqa: BLE001 - an ImportError or a broken native extension both mean "not usable"
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def _lower(module: torch.nn.Module, example: torch.Tensor) -> bytes:
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    program = torch.export.export(module, (example,))
+    return to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch().buffer
+
+
+def _quantized(model: torch.nn.Module, example: torch.Tensor, calibration: Sequence[torch.Tensor]) -> torch.nn.Module:
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    prepared = prepare_pt2e(torch.export.export(model, (example,)).module(), quantizer)
+    with torch.no_grad():
+        for image in calibration:
+            prepared(image[None])
+    return convert_pt2e(prepared)
+
+
+def _probs(path: Path, images: torch.Tensor, n_class: int) -> np.ndarray:
+    return predict_proba(ExecuTorchPredictor(path, n_class), images)
+
+
+def export_executorch(model: torch.nn.Module, input_size: Sequence[int], export: ExportDir, test: ReferenceSet,
+                      data: Optional[CalibrationData], quant: QuantOptions) -> dict[str, Any]:
+    """clf_model.pte (FP32) and, with ``data``, clf_model_int8.pte, each verified by ExecuTorch's runtime; a file
+    that fails its check is not written (FP32: an error; INT8: a warning, the other files stay)."""
+    missing = executorch_missing()
+    if missing:
+        raise UserError(f"--targets executorch needs the executorch package ({missing}); install the project's "
+                        f"requirements.txt or leave executorch out of --targets")
+    model = model.eval()
+    example = torch.zeros(1, *input_size)
+    n_class = test.torch_probs.shape[1]
+    report: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(dir=export.root, prefix=".pte-") as work:
+        fp32 = Path(work) / ExportDir.FP32_PTE_NAME
+        fp32.write_bytes(_lower(model, example))
+        probs = _probs(fp32, test.images, n_class)
+        max_diff = float(np.abs(probs - test.torch_probs).max())
+        same_top1 = bool((probs.argmax(1) == test.torch_probs.argmax(1)).all())
+        if max_diff > PTE_PROB_TOLERANCE or not same_top1:
+            raise UserError(f"{fp32.name} disagrees with PyTorch on the test images (max |prob diff| {max_diff:.2e}, "
+                            f"same top-1: {same_top1}); no .pte file was written")
+        report.update(pte_fp32_max_prob_diff=max_diff, pte_fp32_accuracy=float((probs.argmax(1) == test.labels).mean()),
+                      pte_fp32_size_mb=round(fp32.stat().st_size / 2**20, 2))
+        logger.info("%s: PyTorch's answers on %d test images (max |prob diff| %.1e), %.1f MB", fp32.name,
+                    len(test.images), max_diff, fp32.stat().st_size / 2**20)
+        os.replace(fp32, export.fp32_pte)
+        if data is not None:
+            report.update(_export_int8(model, example, export, test, data, quant, Path(work)))
+    return report
+
+
+def _export_int8(model: torch.nn.Module, example: torch.Tensor, export: ExportDir, test: ReferenceSet,
+                 data: CalibrationData, quant: QuantOptions, work: Path) -> dict[str, Any]:
+    n_class = test.torch_probs.shape[1]
+    chosen = calibration_images(data.train_paths, data.train_labels, quant.calib_images, quant.calib_sampling)
+    calibration = data.load_batch(chosen)
+    int8 = work / ExportDir.INT8_PTE_NAME
+    int8.write_bytes(_lower(_quantized(model, example, calibration), example))
+    report: dict[str, Any] = {"pte_int8_size_mb": round(int8.stat().st_size / 2**20, 2)}
+    if len(data.val_images):
+        with torch.inference_mode():
+            val_fp32 = torch.cat([model(data.val_images[i:i + 32]) for i in range(0, len(data.val_images), 32)])
+        val_int8 = _probs(int8, data.val_images, n_class)
+        report["pte_int8_val_top1_agreement"] = float((val_int8.argmax(1) == val_fp32.argmax(1).numpy()).mean())
+    probs = _probs(int8, test.images, n_class)
+    report["pte_int8_top1_agreement"] = float((probs.argmax(1) == test.torch_probs.argmax(1)).mean())
+    report["pte_int8_accuracy"] = float((probs.argmax(1) == test.labels).mean())
+    agreement = report.get("pte_int8_val_top1_agreement", report["pte_int8_top1_agreement"])
+    if agreement < quant.min_agreement:
+        logger.warning("!!! %s not written: it gives the FP32 model's top-1 on %.4f of the %s images, below "
+                       "--min_agreement %.2f; use %s on the phone", int8.name, agreement,
+                       "validation" if "pte_int8_val_top1_agreement" in report else "test", quant.min_agreement,
+                       ExportDir.FP32_PTE_NAME)
+        report["pte_int8_written"] = False
+        return report
+    os.replace(int8, export.int8_pte)
+    report["pte_int8_written"] = True
+    logger.info("%s: FP32's top-1 on %.4f of the validation images and %.4f of the test images (accuracy %.4f), "
+                "%.1f MB", int8.name, agreement, report["pte_int8_top1_agreement"], report["pte_int8_accuracy"],
+                report["pte_int8_size_mb"])
+    return report
