@@ -254,13 +254,26 @@ def test_an_executorch_program_that_answers_differently_is_refused(tiny_run, tmp
                                  "onnx,executorch", "--quantize", "none"]))
     assert not list(out.glob("*.pte")) and not list(out.glob(".pte-*"))
     monkeypatch.undo()
-    # INT8 below --min_agreement: the FP32 program stays, the INT8 one is not written, and the log says why
+    # INT8 below --min_agreement: more leading stages stay FP32 until it holds, else the file is not written
     report = qom.main(qom.parse_args(["--model_path", str(tiny_run), "--output_dir", str(tmp_path / "strict"),
                                       "--targets", "onnx,executorch", "--calib_images", "4", "--min_agreement", "1",
                                       "--calib_sampling", "random"]))
-    if report["pte_int8_written"]:  # the tiny model happened to keep every answer: nothing to refuse
-        assert report.get("pte_int8_val_top1_agreement", report["pte_int8_top1_agreement"]) == 1.0
+    if report["pte_int8_written"]:
+        assert report["pte_int8_check_agreement"] == 1.0
     else:
         assert not (tmp_path / "strict" / "clf_model_int8.pte").exists()
-        assert "clf_model_int8.pte not written" in caplog.text
+        assert "clf_model_int8.pte not written" in caplog.text and report["pte_int8_float_stages"] >= 1
     assert (tmp_path / "strict" / "clf_model.pte").is_file()
+
+
+def test_leading_stages_are_the_modules_before_and_in_a_stage_without_their_containers():
+    import timm
+
+    from deploy.executorch_export import leading_modules
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=3)
+    stages = [level["module"] for level in model.feature_info]
+    kept = leading_modules(model, stages[1])
+    assert stages[:2] == ["blocks.0", "blocks.1"] and kept[:2] == ["conv_stem", "bn1"]
+    assert "blocks.0" in kept and "blocks.1" in kept and "blocks" not in kept and "blocks.2" not in kept
+    assert not any(name.startswith(("blocks.2", "conv_head", "classifier")) for name in kept)
