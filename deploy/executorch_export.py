@@ -5,8 +5,8 @@ INT8 uses PT2E with XNNPACK's quantizer (symmetric, per-channel weights), calibr
 ONNX INT8 model (``onnx_quant.calibration_images``), and must give the FP32 model's top-1 on ``--min_agreement`` of the
 validation photos, as the ONNX INT8 file must. Where the whole model in INT8 misses that, the leading stages stay FP32,
 one more at a time, as the ONNX INT8 export's default does (on DermNet photos all-INT8 Lite0 kept 83% of the
-validation answers, with its first two stages in FP32 all of them). The programs take one image (batch 1), as an app classifies one
-photo.
+validation answers, with its first two stages in FP32 all of them). The programs take one image (batch 1), as an
+app classifies one photo.
 """
 
 from __future__ import annotations
