@@ -188,7 +188,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     single = results["levels"][0]["p50_ms"] if results["levels"] else float("nan")
     print(f"\n{describe_machine(results['machine'])}; offline {offline['images_per_s']:.1f} images/s "
           f"({offline['images']} photos)")
-    print("| clients | requests/s | vs offline | p50 ms | p95 ms | p99 ms | p95 / 1-client p50 | 503 | other failures |")
+    print("| clients | requests/s | vs offline | p50 ms | p95 ms | p99 ms | p95 / 1-client p50 | 503 "
+          "| other failures |")
     print("|---|---|---|---|---|---|---|---|---|")
     for level in results["levels"]:
         print(f"| {level['clients']} | {level['throughput_per_s']:.1f} | {level['vs_offline']:.2f}x | "

@@ -187,7 +187,8 @@ def test_api_key(tiny_run, photos, tmp_path):
         assert client.post("/v1/predict", files=upload(photos, ["benign_0.jpg"])).status_code == 401
         assert client.get("/v1/model", headers={"X-API-Key": "k" * 23 + "x"}).status_code == 401
         assert client.get("/v1/model", headers={"X-API-Key": key}).status_code == 200
-        ok = client.post("/v1/predict", files=upload(photos, ["benign_0.jpg"]), headers={"Authorization": f"Bearer {key}"})
+        ok = client.post("/v1/predict", files=upload(photos, ["benign_0.jpg"]),
+                         headers={"Authorization": f"Bearer {key}"})
         assert ok.status_code == 200 and ok.json()["results"][0]["ok"]
         assert client.get("/healthz").status_code == 200 and client.get("/").status_code == 200
         assert client.post("/v1/explain", files=upload(photos, ["benign_0.jpg"]),
@@ -234,7 +235,7 @@ def test_an_export_folder_serves_its_int8_model_as_inference_does(tiny_run, phot
         assert client.post("/v1/explain", files=upload(photos, names[:1])).status_code == 501
 
 
-# --- micro-batching ------------------------------------------------------------------------------------------------------
+# --- micro-batching ---------------------------------------------------------------------------------------------------
 def test_concurrent_requests_share_a_forward_pass_in_order():
     calls = []
 
@@ -310,7 +311,7 @@ def test_a_cancelled_request_is_not_run():
     assert seen == ["busy", "kept"]
 
 
-# --- the real server ----------------------------------------------------------------------------------------------------
+# --- the real server --------------------------------------------------------------------------------------------------
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
