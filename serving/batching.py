@@ -61,6 +61,7 @@ class MicroBatcher:
         self._worker: Optional[asyncio.Task] = None
         self._seconds_per_image = 0.05  # updated from measured batches; only used for Retry-After
         self._incoming = 0  # images of requests still being decoded, which will be submitted shortly
+        self._batch_running = False  # a batch is on the model thread: stop() lets it finish
 
     @property
     def running(self) -> bool:
@@ -75,10 +76,11 @@ class MicroBatcher:
         self._worker = asyncio.get_running_loop().create_task(self._work(), name="micro-batcher")
 
     async def stop(self) -> None:
-        """Answer what is queued, then stop the worker (the server stops taking requests before this)."""
+        """Answer what is queued and the batch being run, then stop the worker (the server stops taking requests
+        before this)."""
         if self._worker is None:
             return
-        while self._queue is not None and not self._queue.empty() and self.running:
+        while (self._batch_running or (self._queue is not None and not self._queue.empty())) and self.running:
             await asyncio.sleep(0.01)
         self._worker.cancel()
         try:
@@ -141,6 +143,7 @@ class MicroBatcher:
             if not batch:
                 continue
             start = time.perf_counter()
+            self._batch_running = True
             try:
                 answers = await loop.run_in_executor(self.executor, self.run_batch, [entry.item for entry in batch])
             except Exception as err:  # noqa: BLE001 - the requests of this batch fail, the service goes on
@@ -149,6 +152,8 @@ class MicroBatcher:
                     if not entry.future.done():
                         entry.future.set_exception(err)
                 continue
+            finally:
+                self._batch_running = False
             seconds = time.perf_counter() - start
             self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * seconds / len(batch)
             self.stats.batches += 1

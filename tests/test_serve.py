@@ -480,3 +480,21 @@ def test_a_lone_request_does_not_wait_for_company():
     alone, second, stats = asyncio.run(scenario())
     assert alone < 1.0 and second == ["second"]
     assert stats.batches == 2 and stats.largest_batch == 2  # "first" waited and went with "second"
+
+
+def test_stopping_lets_the_running_batch_and_the_queue_finish():
+    def slow(items):
+        time.sleep(0.3)
+        return items
+
+    async def scenario():
+        batcher = MicroBatcher(slow, max_batch_size=1, max_wait_s=0, queue_size=8)
+        batcher.start()
+        running = asyncio.ensure_future(batcher.submit(["running"]))
+        queued = asyncio.ensure_future(batcher.submit(["queued"]))
+        await asyncio.sleep(0.05)  # "running" is on the model thread, "queued" waits
+        await batcher.stop()
+        # without waiting for the batch on the model thread, "queued" would never be answered
+        return await asyncio.wait_for(running, 5), await asyncio.wait_for(queued, 5), batcher.running
+
+    assert asyncio.run(scenario()) == (["running"], ["queued"], False)
