@@ -54,7 +54,7 @@ def benchmark_run(run_dir: Path, export: ExportDir, settings: BenchmarkOptions) 
     frameworks: dict[str, Optional[str]] = {"pytorch": None}
     for name, path in export.classifiers().items():
         frameworks[name] = str(path)
-        source = other_source_run(path, run_dir) if path.suffix != ".pte" else None  # a .pte carries no metadata
+        source = other_source_run(path, run_dir)
         if source:
             logger.warning("!!! %s was exported from %s, not from %s; the comparison is between different "
                            "models", path.name, source, run_dir)

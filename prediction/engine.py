@@ -4,7 +4,6 @@ rows, Grad-CAM overlays and the output files (predictions.csv/.json, skipped.csv
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import shutil
 import time
@@ -97,8 +96,8 @@ def build_predictor(options: AnswerOptions, run_dir: Path, info: RunInfo, device
         if path.suffix.lower() != ".pte":
             raise UserError(f"--backend executorch runs an ExecuTorch program (.pte, written by "
                             f"quantize_onnx_models.py --targets onnx,executorch), not {path}")
-        if path.is_file():
-            warn_if_other_pte(path, run_dir)
+        if path.is_file() and path.parent.resolve() != run_dir.resolve():  # an export folder's own file
+            warn_if_other_run(path, run_dir)
         return ExecuTorchPredictor(path, info.n_class), model
     if options.backend != "torch":  # onnx or ort: ONNX Runtime runs both file formats
         default = ((default_onnx or DEFAULT_ONNX_MODEL) if options.backend == "onnx"
@@ -114,27 +113,12 @@ def build_predictor(options: AnswerOptions, run_dir: Path, info: RunInfo, device
     return TorchPredictor(model, device), model
 
 
-def warn_if_other_run(onnx_path: Path, run_dir: Path) -> None:
-    """An ONNX file exported from another run folder gives that run's answers under this run's class names."""
-    source = other_source_run(onnx_path, run_dir)
+def warn_if_other_run(model_path: Path, run_dir: Path) -> None:
+    """An exported file from another run folder gives that run's answers under this run's class names."""
+    source = other_source_run(model_path, run_dir)
     if source:
         logger.warning("!!! %s was exported from %s, not from --model_path %s; its answers are that run's",
-                       onnx_path, source, run_dir)
-
-
-def warn_if_other_pte(pte_path: Path, run_dir: Path) -> None:
-    """A .pte carries no metadata: its export folder's class_info.json (and manifest) says which run it came from."""
-    copied = pte_path.parent / RunDir.CLASS_INFO
-    manifest = pte_path.parent / ExportDir.MOBILE_MANIFEST_NAME
-    if pte_path.parent.resolve() == run_dir.resolve() or not (copied.is_file() and manifest.is_file()):
-        return
-    try:
-        source = json.loads(manifest.read_text(encoding="utf-8")).get("source_run")
-    except (OSError, ValueError):
-        return
-    if source and Path(source).resolve() != run_dir.resolve():
-        logger.warning("!!! %s was exported from %s, not from --model_path %s; its answers are that run's",
-                       pte_path, source, run_dir)
+                       model_path, source, run_dir)
 
 
 def prediction_row(relative: str, probs: np.ndarray, class_names: list[str], topk: int) -> dict[str, Any]:

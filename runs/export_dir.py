@@ -3,6 +3,7 @@ every file name in it is known here and nowhere else."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -92,8 +93,22 @@ class ExportDir:
 DEFAULT_EXPORT = ExportDir()
 
 
-def other_source_run(onnx_path: str | Path, run_dir: str | Path) -> Optional[str]:
-    """The run folder an ONNX file was exported from, when that is not ``run_dir`` (None when it is, or unknown):
+def recorded_source_run(model_path: str | Path) -> Optional[str]:
+    """The run folder an exported classifier names as its source: ONNX and ORT files in their metadata; an ExecuTorch
+    program has none, so its export folder's mobile_manifest.json says it."""
+    model_path = Path(model_path)
+    if model_path.suffix.lower() != ".pte":
+        return read_onnx_metadata(model_path).get("source_run")
+    try:
+        manifest = json.loads((model_path.parent / ExportDir.MOBILE_MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    source = manifest.get("source_run") if isinstance(manifest, dict) else None
+    return source if isinstance(source, str) else None
+
+
+def other_source_run(model_path: str | Path, run_dir: str | Path) -> Optional[str]:
+    """The run folder an exported classifier came from, when that is not ``run_dir`` (None when it is, or unknown):
     such a file gives that run's answers under this run's class names."""
-    source = read_onnx_metadata(onnx_path).get("source_run")
+    source = recorded_source_run(model_path)
     return source if source and Path(source).resolve() != Path(run_dir).resolve() else None

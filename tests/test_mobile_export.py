@@ -277,3 +277,26 @@ def test_leading_stages_are_the_modules_before_and_in_a_stage_without_their_cont
     assert stages[:2] == ["blocks.0", "blocks.1"] and kept[:2] == ["conv_stem", "bn1"]
     assert "blocks.0" in kept and "blocks.1" in kept and "blocks" not in kept and "blocks.2" not in kept
     assert not any(name.startswith(("blocks.2", "conv_head", "classifier")) for name in kept)
+
+
+@pytest.mark.slow
+def test_a_pte_from_another_run_is_named_by_its_manifest(pte_export, tiny_run, lesion_dataset, tmp_path, caplog):
+    import shutil
+
+    out, _ = pte_export
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(out / "clf_model.pte", elsewhere / "clf_model.pte")
+    manifest = json.loads((out / "mobile_manifest.json").read_text())
+    (elsewhere / "mobile_manifest.json").write_text(json.dumps({**manifest, "source_run": str(tmp_path / "other")}))
+    inference.main(inference.parse_args([
+        "--model_path", str(tiny_run), "--inference_folder", str(lesion_dataset / "testset" / "benign"),
+        "--inference_output", str(tmp_path / "scored"), "--backend", "executorch", "--model_file",
+        str(elsewhere / "clf_model.pte"), "--num_workers", "0"]))
+    assert "was exported from" in caplog.text and str(tmp_path / "other") in caplog.text
+    caplog.clear()
+    inference.main(inference.parse_args([
+        "--model_path", str(tiny_run), "--inference_folder", str(lesion_dataset / "testset" / "benign"),
+        "--inference_output", str(tmp_path / "own"), "--backend", "executorch", "--model_file",
+        str(out / "clf_model.pte"), "--num_workers", "0"]))
+    assert "was exported from" not in caplog.text  # its own manifest names this run
