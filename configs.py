@@ -34,7 +34,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("cosine", "step", "none")
 LOSSES = ("ce", "focal")
 CLASS_WEIGHTS = ("none", "auto")
-SAMPLERS = ("auto", "random", "balanced")
+SAMPLERS = ("auto", "random", "balanced", "softened")
 EVAL_CROPS = ("center", "squash", "letterbox")
 LEAK_POLICIES = ("warn", "drop", "error")
 INPUT_KINDS = ("full_image", "skin_region")
@@ -259,7 +259,14 @@ class TrainConfig:
                                       "frequency n/(K*count)", CLASS_WEIGHTS)
     sampler: str = _opt("auto", "training batches: random shuffling, balanced = a weighted sampler that draws "
                                 "every class equally often, auto = balanced when the largest training class has at "
-                                "least 1.5x the images of the smallest", SAMPLERS)
+                                "least 1.5x the images of the smallest; softened = each class drawn in proportion "
+                                "to its image count to the power --sampler_power", SAMPLERS)
+    sampler_power: float = _opt(0.5, "--sampler softened: a class is drawn in proportion to count**power (0 = "
+                                     "balanced, 1 = random; 0.5 = square-root sampling)", **between(0, 1))
+    logit_adjustment: float = _opt(0.0, "logit-adjusted loss (Menon et al. 2021): training adds tau * log(class "
+                                        "prior) to the logits, so the plain logits the model outputs favour no "
+                                        "class for being frequent; tau (1.0 in the paper), 0 = off",
+                                   **between(0, 3))
     model_ema: bool = _opt(True, "evaluate, save and export an exponential moving average of the weights (timm "
                                  "ModelEmaV3 with warm-up, so it also works for short fine-tunes)")
     model_ema_decay: float = _opt(0.998, "EMA decay ceiling (the warm-up starts lower)",

@@ -155,6 +155,16 @@ def train_main(data_dir: Path, model_name: str, img_size: int, epochs: int, seed
                for name in VARIANTS}}
 
 
+def source_commit() -> str:
+    """The commit of the code that trains (with ``+dirty`` when it has uncommitted changes), for the results table."""
+    def git(*arguments: str) -> str:
+        done = subprocess.run(["git", *arguments], cwd=ROOT, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 # --------------------------------------------------------------------------------------------------------------------
 def points(differences: pd.Series) -> str:
     """Per-seed differences (fractions) as 'mean ± sd' in points; the sd of a single seed is shown as 0."""
@@ -277,7 +287,8 @@ def main(args: argparse.Namespace) -> None:
     baseline = pd.read_csv(args.baseline_results) if args.baseline_results else None
     main_name = "main" + (f"[{args.tag}]" if args.tag else "")
     machine = machine_info()
-    print(f"machine: {describe_machine(machine)}", flush=True)
+    commit = source_commit()
+    print(f"machine: {describe_machine(machine)}; code {commit}", flush=True)
     for data_dir in map(Path, args.data_dir):
         for seed in args.seeds:
             for method in args.methods:
@@ -295,7 +306,8 @@ def main(args: argparse.Namespace) -> None:
                 row = {"dataset": data_dir.name, "method": name, "seed": seed, "model": args.model_name,
                        "img_size": args.img_size, "epochs": args.epochs, "main_args": args.main_args
                        if method == "main" else "", **row, "cpu_model": machine["cpu_model"],
-                       "cpu_isa": machine["cpu_isa"], "threads": machine["threads"], "torch": machine["torch"]}
+                       "cpu_isa": machine["cpu_isa"], "threads": machine["threads"], "torch": machine["torch"],
+                       "commit": commit}
                 print("   " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()
                                         if isinstance(v, float) and not math.isnan(v)), flush=True)
                 results = pd.concat([results, pd.DataFrame([row])], ignore_index=True)

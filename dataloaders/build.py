@@ -39,8 +39,16 @@ def make_loader(samples: list[Sample], transform: Callable, batch_size: int, num
     )
 
 
+def class_frequency_sampler(labels: list[int], generator: torch.Generator, power: float = 0.0
+                            ) -> WeightedRandomSampler:
+    """Draws class ``k`` with probability proportional to ``count_k ** power`` (with replacement; one epoch = as many
+    draws as training images): ``power`` 0 draws every class equally often (balanced), 1 is the natural frequency,
+    0.5 square-root sampling. Each image of a class is equally likely, so a small class's few images repeat more."""
+    counts = torch.bincount(torch.as_tensor(labels)).double()
+    weights = counts.pow(power - 1.0)[torch.as_tensor(labels)]
+    return WeightedRandomSampler(weights, num_samples=len(labels), replacement=True, generator=generator)
+
+
 def balanced_sampler(labels: list[int], generator: torch.Generator) -> WeightedRandomSampler:
     """Draws every class equally often (with replacement), one epoch = as many draws as training images."""
-    counts = torch.bincount(torch.as_tensor(labels))
-    weights = 1.0 / counts[torch.as_tensor(labels)].double()
-    return WeightedRandomSampler(weights, num_samples=len(labels), replacement=True, generator=generator)
+    return class_frequency_sampler(labels, generator, power=0.0)

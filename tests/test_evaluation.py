@@ -1,6 +1,8 @@
 """Clinical metrics, imbalance options, temperature scaling, and the reports that carry them."""
 
 import json
+import types
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -8,10 +10,13 @@ import pytest
 import torch
 
 import inference
+from configs import TrainConfig
 from dataloaders.build import balanced_sampler
+from dataloaders.discovery import Sample
 from evaluation.calibration import apply_temperature, fit_temperature
 from evaluation.metrics import classification_metrics, expected_calibration_error
-from torch_trainer.losses import FocalLoss, build_criterion, inverse_frequency_weights
+from torch_trainer import phase
+from torch_trainer.losses import FocalLoss, LogitAdjustedLoss, build_criterion, inverse_frequency_weights
 from utils.errors import UserError
 
 
@@ -61,13 +66,13 @@ def _imbalanced_problem(seed=0):
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
-def _minority_recall(loss: str, class_weights: str, sampler: str) -> float:
+def _minority_recall(loss: str, class_weights: str, sampler: str, logit_adjustment: float = 0.0) -> float:
     """Train a logistic regression with the project's loss/sampler builders; recall of the 5% class."""
     x, y = _imbalanced_problem()
     torch.manual_seed(0)
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    criterion = build_criterion(loss, class_weights, [950, 50], 0.0, 2.0)
+    criterion = build_criterion(loss, class_weights, [950, 50], 0.0, 2.0, logit_adjustment)
     generator = torch.Generator().manual_seed(0)
     for _ in range(30):
         order = (torch.tensor(list(balanced_sampler(y.tolist(), generator))) if sampler == "balanced"
@@ -84,8 +89,50 @@ def _minority_recall(loss: str, class_weights: str, sampler: str) -> float:
 def test_balanced_options_raise_minority_recall():
     plain = _minority_recall("ce", "none", "random")
     assert plain < 0.4  # plain cross-entropy mostly ignores the 5% class
-    for options in [("ce", "auto", "random"), ("ce", "none", "balanced"), ("focal", "auto", "random")]:
+    for options in [("ce", "auto", "random"), ("ce", "none", "balanced"), ("focal", "auto", "random"),
+                    ("ce", "none", "random", 1.0)]:
         assert _minority_recall(*options) > plain + 0.3, options
+
+
+def _training_draws(monkeypatch, counts: list[int], *flags: str) -> np.ndarray:
+    """Class frequencies of the batches main.py's training phase draws for a set with these class counts."""
+    monkeypatch.setattr(phase, "build_train_transform", lambda *a, **k: None)
+    cfg = TrainConfig.from_dict({"num_workers": 0, **dict(zip(flags[::2], flags[1::2]))})
+    ctx = types.SimpleNamespace(cfg=cfg, dist_info=phase.DistInfo(), device=torch.device("cpu"),
+                                info=types.SimpleNamespace(preprocessing=None, n_class=len(counts)),
+                                image_decoder=None, train_image_decoder=None)
+    samples = [Sample(Path(f"{k}_{i}.jpg"), k) for k, count in enumerate(counts) for i in range(count)]
+    loader, _ = phase._train_loader(ctx, samples, torch.Generator().manual_seed(0))
+    drawn = [samples[i].label for _ in range(20) for i in iter(loader.sampler or range(len(samples)))]
+    return np.bincount(drawn, minlength=len(counts)) / len(drawn)
+
+
+@pytest.mark.parametrize("flags, expected_share", [
+    (("sampler", "random"), [400 / 500, 100 / 500]),
+    (("sampler", "balanced"), [0.5, 0.5]),
+    (("sampler", "softened", "sampler_power", 0.5), [20 / 30, 10 / 30]),  # sqrt(400) : sqrt(100)
+    (("sampler", "softened", "sampler_power", 0.0), [0.5, 0.5]),
+])
+def test_training_batches_draw_classes_as_the_sampler_says(monkeypatch, flags, expected_share):
+    assert _training_draws(monkeypatch, [400, 100], *flags) == pytest.approx(expected_share, abs=0.02)
+
+
+def test_logit_adjustment_shifts_the_training_logits_by_the_log_prior():
+    counts, tau = [300, 100, 50, 50], 1.0
+    samples = [Sample(Path(f"{k}_{i}.jpg"), k) for k, count in enumerate(counts) for i in range(count)]
+    logits, targets = torch.randn(8, 4), torch.randint(0, 4, (8,))
+    prior = torch.tensor(counts, dtype=torch.float32) / sum(counts)
+    expected = torch.nn.functional.cross_entropy(logits + tau * prior.log(), targets, label_smoothing=0.1)
+    adjusted = phase._train_criterion(TrainConfig.from_dict({"logit_adjustment": tau}), samples, 4)
+    plain = phase._train_criterion(TrainConfig.from_dict({}), samples, 4)
+    assert isinstance(adjusted, LogitAdjustedLoss)
+    assert adjusted(logits, targets).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert plain(logits, targets).item() != pytest.approx(expected.item(), rel=1e-3)
+    # with mixup's soft targets the same offsets apply
+    soft = torch.nn.functional.one_hot(targets, 4).float()
+    mixed = phase._train_criterion(TrainConfig.from_dict({"logit_adjustment": tau, "mixup": 0.2}), samples, 4)
+    assert mixed(logits, soft).item() == pytest.approx(
+        torch.nn.functional.cross_entropy(logits + tau * prior.log(), targets).item(), rel=1e-5)
 
 
 def test_temperature_scaling_recovers_overconfidence():

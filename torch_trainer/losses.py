@@ -1,4 +1,5 @@
-"""Training losses for imbalanced skin-disease data: weighted cross-entropy and focal loss, both with smoothing."""
+"""Training losses for imbalanced skin-disease data: weighted cross-entropy and focal loss, both with smoothing, and
+the logit adjustment that wraps either."""
 
 from __future__ import annotations
 
@@ -40,9 +41,32 @@ class FocalLoss(nn.Module):
         return per_class.sum(1).mean()
 
 
+class LogitAdjustedLoss(nn.Module):
+    """Menon et al. (2021), "Long-tail learning via logit adjustment": the wrapped loss sees ``logits + tau * log
+    prior``. A frequent class gets its head start added during training only, so the model's own logits (what
+    evaluation, calibration and export use) learn to do without it: their argmax approximates the balanced-error
+    optimum instead of favouring frequent classes. Works with hard and soft (mixup) targets alike."""
+
+    def __init__(self, base: nn.Module, class_counts: Sequence[int], tau: float):
+        super().__init__()
+        self.base = base
+        counts = torch.as_tensor(class_counts, dtype=torch.float32).clamp(min=1)
+        self.register_buffer("offsets", tau * torch.log(counts / counts.sum()), persistent=False)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.base(logits + self.offsets.to(logits.device, logits.dtype), targets)
+
+
 def build_criterion(loss: str, class_weights: str, class_counts: Sequence[int], label_smoothing: float,
-                    focal_gamma: float) -> nn.Module:
+                    focal_gamma: float, logit_adjustment: float = 0.0) -> nn.Module:
     weights = inverse_frequency_weights(class_counts) if class_weights == "auto" else None
     if loss == "focal":
-        return FocalLoss(weights, focal_gamma, label_smoothing)
-    return nn.CrossEntropyLoss(weight=weights, label_smoothing=label_smoothing)
+        criterion: nn.Module = FocalLoss(weights, focal_gamma, label_smoothing)
+    else:
+        criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=label_smoothing)
+    return adjust_logits(criterion, class_counts, logit_adjustment)
+
+
+def adjust_logits(criterion: nn.Module, class_counts: Sequence[int], tau: float) -> nn.Module:
+    """``criterion`` itself for ``tau`` 0, else wrapped in the logit adjustment."""
+    return LogitAdjustedLoss(criterion, class_counts, tau) if tau else criterion

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from configs import TrainConfig
-from dataloaders.build import balanced_sampler, make_loader
+from dataloaders.build import class_frequency_sampler, make_loader
 from dataloaders.discovery import Sample
 from dataloaders.transforms import build_train_transform
 from evaluation.metrics import EvalResult, macro_auc
@@ -26,7 +26,7 @@ from runs.checkpoint import load_checkpoint, save_checkpoint
 from runs.run_folder import RunDir, append_log_row, truncate_log
 from runs.run_info import RunInfo
 from torch_trainer.distributed import DistInfo, gather_evaluation, reduce_train_stats
-from torch_trainer.losses import build_criterion
+from torch_trainer.losses import adjust_logits, build_criterion
 from torch_trainer.optim import build_optimizer, build_scheduler
 from torch_trainer.trainer import EarlyStopping, FitHooks, FitState, Precision, Trainee, TrainStats, fit
 from utils.device import prefers_channels_last
@@ -81,7 +81,8 @@ def fold_files(run: RunDir, fold: int) -> PhaseFiles:
 
 
 def resolve_sampler(cfg: TrainConfig, labels: list[int], n_class: int, distributed: bool) -> str:
-    """``random`` or ``balanced``: ``auto`` balances an imbalanced training set (not yet under torchrun)."""
+    """``random``, ``balanced`` or ``softened``: ``auto`` balances an imbalanced training set (not yet under
+    torchrun)."""
     if cfg.sampler != "auto":
         return cfg.sampler
     counts = [labels.count(k) for k in range(n_class)]
@@ -194,7 +195,8 @@ def _train_loader(ctx: PhaseContext, samples: list[Sample], generator: torch.Gen
         sampler = DistributedSampler(samples, dist_info.world_size, dist_info.rank, shuffle=True,
                                      seed=cfg.random_state)
     else:
-        sampler = balanced_sampler(labels, generator) if choice == "balanced" else None
+        power = {"balanced": 0.0, "softened": cfg.sampler_power}.get(choice)
+        sampler = class_frequency_sampler(labels, generator, power) if power is not None else None
     loader = make_loader(samples, transform, cfg.batch_size, cfg.num_workers, train=True, generator=generator,
                          pin_memory=ctx.device.type == "cuda", decoder=ctx.train_image_decoder or ctx.image_decoder,
                          sampler=sampler)
@@ -210,13 +212,15 @@ def _val_loader(ctx: PhaseContext, samples: list[Sample]):
 
 
 def _train_criterion(cfg: TrainConfig, samples: list[Sample], n_class: int):
+    labels = [sample.label for sample in samples]
+    counts = [labels.count(k) for k in range(n_class)]
     if cfg.mixup or cfg.cutmix:
         from timm.loss import SoftTargetCrossEntropy
 
-        return SoftTargetCrossEntropy()  # Mixup already smoothed the labels
-    labels = [sample.label for sample in samples]
-    return build_criterion(cfg.loss, cfg.class_weights, [labels.count(k) for k in range(n_class)],
-                           cfg.label_smoothing, cfg.focal_gamma)
+        # Mixup already smoothed the labels
+        return adjust_logits(SoftTargetCrossEntropy(), counts, cfg.logit_adjustment)
+    return build_criterion(cfg.loss, cfg.class_weights, counts, cfg.label_smoothing, cfg.focal_gamma,
+                           cfg.logit_adjustment)
 
 
 def _resume(files: PhaseFiles, ctx: PhaseContext, model: torch.nn.Module, trainee: Trainee, stopper: EarlyStopping,

@@ -97,8 +97,9 @@ def run_training(cfg: TrainConfig, on_run_dir: Optional[Callable[[Path], None]] 
     """Train one run (one process, or every rank under torchrun); ``on_run_dir`` hears the run folder as soon as it
     exists. Returns ``{"run_dir", "test_metrics", "epochs_run"}``."""
     if launched_by_torchrun():
-        if cfg.sampler == "balanced":
-            raise UserError("--sampler balanced is not supported under torchrun yet; use --class_weights auto")
+        if cfg.sampler in ("balanced", "softened"):
+            raise UserError(f"--sampler {cfg.sampler} is not supported under torchrun yet; use --class_weights auto "
+                            "or --logit_adjustment 1.0")
         dist_info, device = init_distributed(cfg.device)
     else:
         dist_info, device = DistInfo(), select_device(cfg.device)
