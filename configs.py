@@ -257,15 +257,19 @@ class TrainConfig:
     focal_gamma: float = _opt(2.0, "focal loss focusing parameter (0 = cross-entropy)", **at_least(0))
     class_weights: str = _opt("none", "per-class loss weights (focal: alpha): none, or auto = inverse class "
                                       "frequency n/(K*count)", CLASS_WEIGHTS)
-    sampler: str = _opt("auto", "training batches: random shuffling, balanced = a weighted sampler that draws "
-                                "every class equally often, auto = balanced when the largest training class has at "
-                                "least 1.5x the images of the smallest; softened = each class drawn in proportion "
-                                "to its image count to the power --sampler_power", SAMPLERS)
+    sampler: str = _opt("auto", "training batches: random shuffling; balanced = a weighted sampler that draws "
+                                "every class equally often; softened = each class drawn in proportion to its image "
+                                "count to the power --sampler_power; auto = when the largest training class has "
+                                "at least 1.5x the images of the smallest: random batches with --logit_adjustment "
+                                "1.0 if the imbalance is under 4x and a class has fewer than 80 images, else "
+                                "balanced (random batches and no addition when --logit_adjustment or "
+                                "--class_weights auto is given)", SAMPLERS)
     sampler_power: float = _opt(0.5, "--sampler softened: a class is drawn in proportion to count**power (0 = "
                                      "balanced, 1 = random; 0.5 = square-root sampling)", **between(0, 1))
     logit_adjustment: float = _opt(0.0, "logit-adjusted loss (Menon et al. 2021): training adds tau * log(class "
                                         "prior) to the logits, so the plain logits the model outputs favour no "
-                                        "class for being frequent; tau (1.0 in the paper), 0 = off",
+                                        "class for being frequent; tau (1.0 in the paper), 0 = off (--sampler "
+                                        "auto turns it on for some imbalanced sets; see --sampler)",
                                    **between(0, 3))
     model_ema: bool = _opt(True, "evaluate, save and export an exponential moving average of the weights (timm "
                                  "ModelEmaV3 with warm-up, so it also works for short fine-tunes)")

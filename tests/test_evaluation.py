@@ -102,7 +102,9 @@ def _training_draws(monkeypatch, counts: list[int], *flags: str) -> np.ndarray:
                                 info=types.SimpleNamespace(preprocessing=None, n_class=len(counts)),
                                 image_decoder=None, train_image_decoder=None)
     samples = [Sample(Path(f"{k}_{i}.jpg"), k) for k, count in enumerate(counts) for i in range(count)]
-    loader, _ = phase._train_loader(ctx, samples, torch.Generator().manual_seed(0))
+    imbalance = phase.resolve_imbalance(cfg.sampler, cfg.sampler_power, cfg.logit_adjustment, cfg.class_weights,
+                                        counts, distributed=False)
+    loader, _ = phase._train_loader(ctx, samples, torch.Generator().manual_seed(0), imbalance)
     drawn = [samples[i].label for _ in range(20) for i in iter(loader.sampler or range(len(samples)))]
     return np.bincount(drawn, minlength=len(counts)) / len(drawn)
 
@@ -123,14 +125,16 @@ def test_logit_adjustment_shifts_the_training_logits_by_the_log_prior():
     logits, targets = torch.randn(8, 4), torch.randint(0, 4, (8,))
     prior = torch.tensor(counts, dtype=torch.float32) / sum(counts)
     expected = torch.nn.functional.cross_entropy(logits + tau * prior.log(), targets, label_smoothing=0.1)
-    adjusted = phase._train_criterion(TrainConfig.from_dict({"logit_adjustment": tau}), samples, 4)
-    plain = phase._train_criterion(TrainConfig.from_dict({}), samples, 4)
+    config = TrainConfig.from_dict({"logit_adjustment": tau, "sampler": "random"})
+    chosen = phase.resolve_imbalance("random", 0.5, tau, "none", counts, distributed=False)
+    adjusted = phase._train_criterion(config, samples, 4, chosen.logit_adjustment)
+    plain = phase._train_criterion(TrainConfig.from_dict({"sampler": "random"}), samples, 4, 0.0)
     assert isinstance(adjusted, LogitAdjustedLoss)
     assert adjusted(logits, targets).item() == pytest.approx(expected.item(), rel=1e-5)
     assert plain(logits, targets).item() != pytest.approx(expected.item(), rel=1e-3)
     # with mixup's soft targets the same offsets apply
     soft = torch.nn.functional.one_hot(targets, 4).float()
-    mixed = phase._train_criterion(TrainConfig.from_dict({"logit_adjustment": tau, "mixup": 0.2}), samples, 4)
+    mixed = phase._train_criterion(TrainConfig.from_dict({"mixup": 0.2}), samples, 4, tau)
     assert mixed(logits, soft).item() == pytest.approx(
         torch.nn.functional.cross_entropy(logits + tau * prior.log(), targets).item(), rel=1e-5)
 

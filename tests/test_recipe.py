@@ -1,6 +1,7 @@
 """The training recipe: refit on every labelled image, EMA weights delivered, guarded calibration, sampler auto."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from runs.checkpoint import load_run_model
 from runs.run_folder import RunDir
 from tests.conftest import TINY_MODEL, interrupt_after_checkpoint, train_args
 from torch_trainer import phase, training
+from torch_trainer.losses import LogitAdjustedLoss
 from utils.errors import UserError
 
 
@@ -146,12 +148,57 @@ def test_calibration_guard_warns_about_a_small_calibration_set(caplog):
     assert "only 60 calibration images" in caplog.text
 
 
-def test_sampler_auto_balances_only_imbalanced_training_sets():
-    cfg = TrainConfig(data_dir="x")
-    assert phase.resolve_sampler(cfg, [0] * 30 + [1] * 10, 2, distributed=False) == "balanced"
-    assert phase.resolve_sampler(cfg, [0] * 12 + [1] * 10, 2, distributed=False) == "random"
-    assert phase.resolve_sampler(cfg, [0] * 30 + [1] * 10, 2, distributed=True) == "random"
-    assert phase.resolve_sampler(TrainConfig(data_dir="x", sampler="random"), [0] * 30 + [1], 2, False) == "random"
+LA = phase.AUTO_LOGIT_ADJUSTMENT
+
+
+@pytest.mark.parametrize("counts, flags, distributed, expected", [
+    # --sampler auto: the rule, by the class counts of all labelled training images
+    ([100, 100], {}, False, ("random", None, 0.0)),
+    ([140, 100], {}, False, ("random", None, 0.0)),  # 1.4x: not corrected
+    ([40, 30], {}, False, ("random", None, 0.0)),  # few images, but balanced
+    ([238, 145, 130, 126, 112, 102], {}, False, ("balanced", 0.0, 0.0)),  # dermnet_a: 2.3x, >= 80 a class
+    ([150, 100], {}, False, ("balanced", 0.0, 0.0)),
+    ([150, 79], {}, False, ("random", None, LA)),  # a class under 80 images
+    ([76, 34, 63, 75, 52, 66, 58, 74, 74, 66, 58, 49], {}, False, ("random", None, LA)),  # dermnet_c: 2.2x
+    ([42, 314, 89, 300, 236, 382, 158, 114], {}, False, ("balanced", 0.0, 0.0)),  # isic_9class: 9.1x
+    ([79, 239], {}, False, ("random", None, LA)),  # 3.0x
+    ([79, 316], {}, False, ("balanced", 0.0, 0.0)),  # 4.0x: strong imbalance
+    ([821, 772], {}, False, ("random", None, 0.0)),  # isic_binary: 1.06x
+    ([150, 100], {}, True, ("random", None, LA)),  # torchrun has no weighted sampler yet
+    ([300, 100], {"logit_adjustment": 0.5}, False, ("random", None, 0.5)),  # the user's tau, no stacking
+    ([300, 50], {"class_weights": "auto"}, False, ("random", None, 0.0)),  # the user's weights, no stacking
+    # a named sampler is used as named, with or without imbalance
+    ([300, 50], {"sampler": "random"}, False, ("random", None, 0.0)),
+    ([100, 100], {"sampler": "balanced"}, False, ("balanced", 0.0, 0.0)),
+    ([300, 100], {"sampler": "softened", "sampler_power": 0.3}, False, ("softened", 0.3, 0.0)),
+    ([300, 100], {"sampler": "balanced", "logit_adjustment": 1.0}, False, ("balanced", 0.0, 1.0)),
+])
+def test_sampler_auto_rule_by_class_counts(counts, flags, distributed, expected):
+    options = {"sampler": "auto", "sampler_power": 0.5, "logit_adjustment": 0.0, "class_weights": "none", **flags}
+    chosen = phase.resolve_imbalance(options["sampler"], options["sampler_power"], options["logit_adjustment"],
+                                     options["class_weights"], counts, distributed)
+    assert (chosen.sampler, chosen.sampler_power, chosen.logit_adjustment) == expected
+
+
+@pytest.mark.slow
+def test_sampler_auto_trains_an_imbalanced_set_with_the_logit_adjusted_loss(lesion_dataset, tmp_path, monkeypatch):
+    data = tmp_path / "imbalanced"
+    shutil.copytree(lesion_dataset, data)
+    for path in sorted((data / "trainset" / "normal").iterdir())[::2]:  # half of one class: 2x imbalance
+        path.unlink()
+    losses = []
+    real_criterion = phase._train_criterion
+
+    def spying_criterion(cfg, samples, n_class, logit_adjustment):
+        losses.append(real_criterion(cfg, samples, n_class, logit_adjustment))
+        return losses[-1]
+
+    monkeypatch.setattr(phase, "_train_criterion", spying_criterion)
+    result = train(train_args(data, tmp_path / "runs", "--epochs", "1"))
+    recorded = result["test_metrics"]["imbalance"]
+    assert recorded["sampler"] == "random" and recorded["class_ratio"] >= 1.5
+    assert recorded["logit_adjustment"] == phase.AUTO_LOGIT_ADJUSTMENT
+    assert isinstance(losses[0], LogitAdjustedLoss) and float(losses[0].offsets.max()) > float(losses[0].offsets.min())
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -185,8 +232,8 @@ def test_mixup_cutmix_and_layer_decay_change_what_training_does(lesion_dataset, 
     targets_seen, rates_seen = [], []
     real_criterion, real_optimizer = phase._train_criterion, phase.build_optimizer
 
-    def spying_criterion(cfg, samples, n_class):
-        criterion = real_criterion(cfg, samples, n_class)
+    def spying_criterion(cfg, samples, n_class, logit_adjustment):
+        criterion = real_criterion(cfg, samples, n_class, logit_adjustment)
 
         def loss(logits, targets):
             targets_seen.append(targets.detach().clone())
@@ -221,7 +268,7 @@ def test_without_mixup_the_loss_sees_class_indices_and_one_learning_rate():
     from torch_trainer.optim import build_optimizer
 
     cfg = TrainConfig(model_name=TINY_MODEL)
-    criterion = phase._train_criterion(cfg, [], 3)
+    criterion = phase._train_criterion(cfg, [], 3, 0.0)
     assert isinstance(criterion, torch.nn.Module) and phase.build_mixup(cfg, 3) is None
     optimizer = build_optimizer(timm.create_model(TINY_MODEL, num_classes=3), cfg.optimizer_spec())
     assert {g.get("lr_scale", 1.0) for g in optimizer.param_groups} == {1.0}

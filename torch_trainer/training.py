@@ -205,7 +205,7 @@ def train(cfg: TrainConfig, run: RunDir, device: torch.device, splits: DataSplit
     eval_decoder, train_decoder = training_image_decoders(info, cfg.resolved_data_dir, cfg.min_crop_scale,
                                                           cfg.cache_images, cfg.cache_dir)
     ctx = PhaseContext(cfg, run, device, info, eval_decoder, build_eval_transform(pre), tracker, dist_info,
-                       train_decoder)
+                       train_decoder, phase.class_counts(splits.train + splits.val, len(splits.class_names)))
     try:
         selection, refit = _select_and_refit(ctx, splits, model)
         if not dist_info.is_main:
@@ -389,6 +389,7 @@ def _finish_training(ctx: PhaseContext, model: torch.nn.Module, splits: DataSpli
     delivered = load_checkpoint(run.refit_ckpt) if refit is not None else best
     test, variants = _test_with_variants(ctx, model, splits, score, delivered, temperature)
     weights_name = RunDir.REFIT_CKPT if refit is not None else RunDir.BEST_CKPT
+    trained = refit or selection[0]  # the phase whose weights are delivered
     info = ctx.info.updated(weights=weights_name, temperature=temperature, tta=cfg.tta,
                             calibration=calibration.to_dict() if calibration else None,
                             refit={"epochs": refit.planned_epochs, "images": refit.images} if refit else None,
@@ -414,6 +415,7 @@ def _finish_training(ctx: PhaseContext, model: torch.nn.Module, splits: DataSpli
                "refit_schedule": cfg.refit_schedule if refit else None, "tta": cfg.tta, "loss": test.loss,
                "temperature": temperature, "calibration": calibration.to_dict() if calibration else None,
                "training_seconds": seconds, "variants": variants,
+               "imbalance": trained.imbalance.to_dict() if trained.imbalance else None,
                **({"decisions": decisions} if decisions else {})},
         uncalibrated_probs=test.probs if cfg.calibrate else None, groups=test_groups, subgroups=subgroups)
     write_test_predictions(run, splits, test, temperature)
