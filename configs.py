@@ -261,9 +261,8 @@ class TrainConfig:
                                 "every class equally often; softened = each class drawn in proportion to its image "
                                 "count to the power --sampler_power; auto = when the largest training class has "
                                 "at least 1.5x the images of the smallest: random batches with --logit_adjustment "
-                                "1.0 if the imbalance is under 4x and a class has fewer than 80 images, else "
-                                "balanced (random batches and no addition when --logit_adjustment or "
-                                "--class_weights auto is given)", SAMPLERS)
+                                "1.0 if a class has fewer than 80 images, else balanced (random batches and no "
+                                "addition when --logit_adjustment or --class_weights auto is given)", SAMPLERS)
     sampler_power: float = _opt(0.5, "--sampler softened: a class is drawn in proportion to count**power (0 = "
                                      "balanced, 1 = random; 0.5 = square-root sampling)", **between(0, 1))
     logit_adjustment: float = _opt(0.0, "logit-adjusted loss (Menon et al. 2021): training adds tau * log(class "
