@@ -165,8 +165,8 @@ class PhaseContext:
     dist_info: DistInfo = field(default_factory=DistInfo)
     # Training crops need more decoded pixels than evaluation (see transforms.decode_min_side); None: image_decoder.
     train_image_decoder: Optional[Callable] = None
-    # Images per class over train + validation: what --sampler auto decides by (None: each phase's own images).
-    labelled_class_counts: Optional[list[int]] = None
+    # The run's one imbalance choice, made from all labelled training images (None: each phase decides from its own).
+    imbalance: Optional[ImbalanceHandling] = None
 
 
 def run_phase(files: PhaseFiles, ctx: PhaseContext, model: torch.nn.Module, train_samples: list[Sample],
@@ -185,11 +185,11 @@ def run_phase(files: PhaseFiles, ctx: PhaseContext, model: torch.nn.Module, trai
                                                      if ctx.device.type == "cuda" else None)
            if dist_info.enabled else model)
     generator = torch.Generator()
-    # One choice for every phase of the run (from all labelled training images), so the refit trains like the
-    # selection phase; the sampler's weights and the loss's prior come from each phase's own images.
-    imbalance = resolve_imbalance(cfg.sampler, cfg.sampler_power, cfg.logit_adjustment, cfg.class_weights,
-                                  ctx.labelled_class_counts or class_counts(train_samples, ctx.info.n_class),
-                                  dist_info.enabled)
+    # The run's choice holds for every phase, so the refit trains like the selection phase; the sampler's weights and
+    # the loss's prior come from each phase's own images.
+    imbalance = ctx.imbalance or resolve_imbalance(cfg.sampler, cfg.sampler_power, cfg.logit_adjustment,
+                                                   cfg.class_weights, class_counts(train_samples, ctx.info.n_class),
+                                                   dist_info.enabled)
     train_loader, sampler = _train_loader(ctx, train_samples, generator, imbalance)
     val_loader = _val_loader(ctx, val_samples) if val_samples is not None else None
     trainee = Trainee(net, _train_criterion(cfg, train_samples, ctx.info.n_class, imbalance.logit_adjustment),

@@ -204,8 +204,11 @@ def train(cfg: TrainConfig, run: RunDir, device: torch.device, splits: DataSplit
                                 cfg.wandb_project, run.name)
     eval_decoder, train_decoder = training_image_decoders(info, cfg.resolved_data_dir, cfg.min_crop_scale,
                                                           cfg.cache_images, cfg.cache_dir)
+    imbalance = phase.resolve_imbalance(cfg.sampler, cfg.sampler_power, cfg.logit_adjustment, cfg.class_weights,
+                                        phase.class_counts(splits.train + splits.val, len(splits.class_names)),
+                                        dist_info.enabled)
     ctx = PhaseContext(cfg, run, device, info, eval_decoder, build_eval_transform(pre), tracker, dist_info,
-                       train_decoder, phase.class_counts(splits.train + splits.val, len(splits.class_names)))
+                       train_decoder, imbalance)
     try:
         selection, refit = _select_and_refit(ctx, splits, model)
         if not dist_info.is_main:
