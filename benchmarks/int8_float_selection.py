@@ -3,10 +3,11 @@
 Exports the run as quantize_onnx_models.py does once per variant (each into its own folder under --work_dir):
   all_int8     every node INT8 (--min_agreement 0), the reference for speed
   prefix       whole leading stages in FP32 until the agreement holds (--float_selection prefix)
-  sensitivity  the blocks whose FP32 copy brings INT8 closest to FP32, until the agreement holds (the default)
+  sensitivity  the blocks whose FP32 copy brings INT8 closest to FP32, until the agreement holds
   auto         sensitivity with --calibrate_method auto (minmax, percentile, entropy: the fewest FP32 nodes)
   qat          sensitivity, then quantization-aware tuning (--qat_epochs) in every case (--max_float_share 0);
                the tuned file is kept only if it needs fewer FP32 nodes or agrees more
+  qat_all_int8 the tuning's own effect: every node INT8 before and after tuning (both files' figures in the table)
   random_calib, calib_100, calib_400
                sensitivity with calibration images drawn in proportion to the classes, or 100 / 400 of them
 then times PyTorch eager, ONNX FP32 and every INT8 file in alternating fresh processes (deploy.benchmarking) and
@@ -32,17 +33,20 @@ from runs.export_dir import ExportDir
 from runs.run_info import read_run_info
 from utils.logging_setup import setup_logging
 
+_SEARCH = {"float_selection": "sensitivity"}  # named, not left to QuantOptions' default (prefix)
 VARIANTS = {
     "all_int8": {"min_agreement": 0.0},
     "prefix": {"float_selection": "prefix"},
-    "sensitivity": {},
-    "auto": {"calibrate_method": "auto"},
+    "sensitivity": _SEARCH,
+    "auto": {**_SEARCH, "calibrate_method": "auto"},
     # --max_float_share 0: tune even where post-training INT8 already meets the share, to measure what tuning brings
-    "qat": {"qat_epochs": 2, "max_float_share": 0.0},
+    "qat": {**_SEARCH, "qat_epochs": 2, "max_float_share": 0.0},
+    # the tuning's own effect: post-training and tuned files both all INT8, the one agreeing more is kept
+    "qat_all_int8": {"qat_epochs": 2, "max_float_share": 0.0, "min_agreement": 0.0},
     # calibration images: drawn in proportion to the classes instead of balanced, and half / double the default count
-    "random_calib": {"calib_sampling": "random"},
-    "calib_100": {"calib_images": 100},
-    "calib_400": {"calib_images": 400},
+    "random_calib": {**_SEARCH, "calib_sampling": "random"},
+    "calib_100": {**_SEARCH, "calib_images": 100},
+    "calib_400": {**_SEARCH, "calib_images": 400},
 }
 DEFAULT_VARIANTS = ("all_int8", "prefix", "sensitivity", "auto", "qat")
 
@@ -79,7 +83,7 @@ def main(args: argparse.Namespace) -> list[dict]:
             reports[name] = json.loads(saved.read_text())
             continue
         options = {"calib_images": args.calib_images, **VARIANTS[name]}  # a variant's own count wins
-        if name == "qat":
+        if name.startswith("qat"):
             options["qat_epochs"] = args.qat_epochs
         settings = ExportOptions(quant=QuantOptions(**options))
         reports[name] = export_run(run, ExportDir(work / name), settings)
@@ -108,6 +112,10 @@ def main(args: argparse.Namespace) -> list[dict]:
                "test_accuracy": report["int8_accuracy"], "fp32_test_accuracy": report["fp32_accuracy"],
                "size_ratio": round(report["int8_size_ratio"], 3), "qat_kept": report.get("qat", {}).get("kept"),
                "qat_seconds": report.get("qat", {}).get("seconds")}
+        for side in ("post_training", "tuned"):  # both files of a tuning, whichever was kept
+            for key in ("int8_float_nodes", "val_top1_agreement", "int8_top1_agreement", "int8_accuracy"):
+                if side in report.get("qat", {}):
+                    row[f"qat_{side}_{key.removeprefix('int8_')}"] = report["qat"][side][key]
         for batch, timed_row in timed.items():
             row[f"b{batch}_p50_ms"] = timed_row["p50_ms"]
             row[f"b{batch}_vs_fp32"] = round(fp32[batch]["p50_ms"] / timed_row["p50_ms"], 2)

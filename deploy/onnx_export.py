@@ -29,7 +29,14 @@ from dataloaders.inference_data import load_preprocessed
 from dataloaders.transforms import build_eval_transform, decode_min_side
 from deploy.executorch_export import export_executorch
 from deploy.mobile import export_mobile
-from deploy.onnx_quant import CalibrationData, ReferenceSet, int8_rank, quantize_verified, warn_mostly_float
+from deploy.onnx_quant import (
+    CalibrationData,
+    ReferenceSet,
+    calibration_images,
+    int8_rank,
+    quantize_verified,
+    warn_mostly_float,
+)
 from prediction.predictors import onnx_probs
 from runs.checkpoint import load_run_model
 from runs.export_dir import ExportDir
@@ -197,18 +204,25 @@ def _quantize_after_tuning(model: torch.nn.Module, input_size: Sequence[int], fp
                            test: ReferenceSet, data: CalibrationData, ptq: dict[str, Any]) -> dict[str, Any]:
     """Post-training INT8 kept more than --max_float_share in FP32: fine-tune a copy for quantization, quantize it
     the same way, and keep it in place of the post-training file when it ranks better (``int8_rank``)."""
-    from deploy.qat import finetune_for_int8
+    from deploy.qat import finetune_for_int8, ort_activation_grids
 
     quant = settings.quant
     logger.info("INT8 keeps %.0f%% of the nodes in FP32 (over --max_float_share %.0f%%): quantization-aware tuning "
                 "for %d passes over %d training images", 100 * ptq["int8_float_share"], 100 * quant.max_float_share,
                 quant.qat_epochs, len(data.train_paths))
-    tuned = finetune_for_int8(model, data.train_paths, data.load_batch, quant.qat_epochs)
-    summary = {"epochs": quant.qat_epochs, "seconds": round(tuned.seconds, 1), "steps": tuned.steps,
-               "train_kl": tuned.final_kl,
-               "post_training": {k: ptq[k] for k in ("int8_float_nodes", "int8_float_share", "val_top1_agreement",
-                                                     "int8_top1_agreement", "int8_accuracy")}}
     with tempfile.TemporaryDirectory(dir=export.root, prefix=".qat-") as work:
+        # The tuning rounds what an all-INT8 file of this model rounds, on the grids the post-training choice's
+        # calibration method gives it.
+        calibration = calibration_images(data.train_paths, data.train_labels, quant.calib_images,
+                                         quant.calib_sampling)
+        grids = ort_activation_grids(model, fp32_path, calibration, data.load_batch, ptq["calibrate_method"],
+                                     Path(work))
+        tuned = finetune_for_int8(model, data.train_paths, data.load_batch, quant.qat_epochs, grids)
+        summary = {"epochs": quant.qat_epochs, "seconds": round(tuned.seconds, 1), "steps": tuned.steps,
+                   "train_kl": tuned.final_kl, "simulated_activations": tuned.simulated_activations,
+                   "post_training": {k: ptq[k] for k in ("int8_float_nodes", "int8_float_share",
+                                                         "val_top1_agreement", "int8_top1_agreement",
+                                                         "int8_accuracy")}}
         tuned_fp32 = Path(work) / "tuned_fp32.onnx"
         export_fp32(tuned.model, list(input_size), tuned_fp32, settings.opset)
         candidate = Path(work) / "int8.onnx"

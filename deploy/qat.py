@@ -1,13 +1,19 @@
 """Quantization-aware fine-tuning for the ONNX Runtime INT8 export.
 
-A copy of the delivered model is fine-tuned for a few passes over the training images while every convolution and
-linear layer sees its weights and its input the way ONNX Runtime's QDQ INT8 model will: weights rounded per output
-channel to signed 8 bits, inputs rounded per tensor to unsigned 8 bits over their observed range (straight-through
-gradients, torch's own fake-quantize ops). Its teacher is the FP32 model itself: the loss is the KL divergence from
-the FP32 model's answers, which is what the export's agreement guard measures, so no labels are needed and the
-tuned model learns to give FP32's answers under INT8 rounding rather than to chase the training labels further.
-The tuned weights stay float: the result is exported and quantized by the same ONNX Runtime path and checked by the
-same guard as the post-training INT8 file.
+A copy of the delivered model is fine-tuned for a few passes over the training images while it computes the way
+ONNX Runtime's QDQ INT8 file will: weights rounded per output channel to signed 8 bits, and every activation that
+the INT8 file rounds (convolution and activation outputs, residual sums, the pooled features, the logits) rounded to
+the same unsigned 8-bit grid, at the same place in the network (straight-through gradients, torch's own
+fake-quantize ops). The places and grids are not guessed from the PyTorch modules: the FP32 file is quantized once
+with ONNX Runtime (every node INT8, the export's calibration method and images), each QuantizeLinear's tensor is
+computed by ONNX Runtime and found by value among the PyTorch modules' inputs and outputs, and its scale and zero
+point are read from the file. Batch normalisation is not folded: per-channel symmetric rounding of a convolution's
+weights gives the same grid before and after multiplying each output channel by its normalisation factor.
+
+The teacher is the FP32 model itself: the loss is the KL divergence from the FP32 model's answers, which is what the
+export's agreement guard measures, so no labels are needed and the tuned model learns to give FP32's answers under
+INT8 rounding rather than to chase the training labels further. The tuned weights stay float: the result is exported
+and quantized by the same ONNX Runtime path (calibrated anew) and checked by the same guard as the post-training file.
 
 Why not PyTorch's PT2E flow: it now lives in torchao and lowers to ExecuTorch's kernels, not to the QDQ ONNX file
 that ONNX Runtime runs here; rounding the same tensors the same way needs only two core torch ops.
@@ -15,6 +21,7 @@ that ONNX Runtime runs here; rounding the same tensors the same way needs only t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -22,8 +29,9 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -32,7 +40,24 @@ logger = logging.getLogger(__name__)
 
 WEIGHT_QMAX = 127  # symmetric int8 weights, as ONNX Runtime's QInt8 per-channel weights
 ACTIVATION_QMAX = 255  # uint8 activations, as QUInt8
-RANGE_MOMENTUM = 0.99  # running min/max of each input, as PyTorch's moving-average observers
+# ONNX Runtime renames a graph output it quantizes (the logits) to <name> + this suffix inside the QDQ file.
+QUANTIZED_OUTPUT_SUFFIX = "_QuantizeLinear_Input"
+# A PyTorch tensor is the ONNX tensor when no element differs by more than this share of the tensor's largest
+# magnitude (float32 rounding through folded batch norm stays far below it; a different tensor far above).
+MATCH_TOLERANCE = 1e-3
+
+
+@dataclass(frozen=True)
+class ActivationGrid:
+    """One activation the INT8 file rounds: its ONNX name, where the PyTorch model computes it, and its uint8 grid."""
+
+    tensor: str
+    module: str  # qualified module name; "" is the model itself
+    # "output": the module's result; "input": its first argument; "gate": the sigmoid inside a SiLU module, which
+    # the ONNX file computes as Sigmoid then Mul and rounds in between.
+    position: str
+    scale: float
+    zero_point: int
 
 
 class _WeightFakeQuant(nn.Module):
@@ -44,28 +69,163 @@ class _WeightFakeQuant(nn.Module):
         return torch.fake_quantize_per_channel_affine(weight, scale, zero, 0, -WEIGHT_QMAX, WEIGHT_QMAX)
 
 
-class _InputFakeQuant:
-    """Forward pre-hook: rounds a layer's input to uint8 over its running min/max (zero kept exact)."""
+def _round_to(grid: ActivationGrid, x: torch.Tensor) -> torch.Tensor:
+    return torch.fake_quantize_per_tensor_affine(x, grid.scale, grid.zero_point, 0, ACTIVATION_QMAX)
 
-    def __init__(self):
-        self.low, self.high = None, None
 
-    def observe(self, x: torch.Tensor) -> None:
-        low, high = float(x.detach().min()), float(x.detach().max())
-        if self.low is None:
-            self.low, self.high = low, high
-        else:
-            self.low = RANGE_MOMENTUM * self.low + (1 - RANGE_MOMENTUM) * low
-            self.high = RANGE_MOMENTUM * self.high + (1 - RANGE_MOMENTUM) * high
+@contextlib.contextmanager
+def simulated_int8(model: nn.Module, grids: Sequence[ActivationGrid]) -> Iterator[nn.Module]:
+    """Inside the block ``model`` computes as the INT8 file does (weights of every convolution and linear layer
+    and the activations in ``grids`` rounded); on leaving, its layers are plain float again (tuned weights kept)."""
+    modules = dict(model.named_modules())
+    layers = [m for m in modules.values() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    hooks, gated = [], []
+    try:
+        for layer in layers:
+            parametrize.register_parametrization(layer, "weight", _WeightFakeQuant())
+        for grid in grids:
+            module = modules[grid.module]
+            if grid.position == "gate":
+                # An instance attribute shadows SiLU.forward until the block ends (deleted below).
+                module.forward = lambda x, g=grid: x * _round_to(g, torch.sigmoid(x))
+                gated.append(module)
+            elif grid.position == "output":
+                hooks.append(module.register_forward_hook(lambda _m, _i, out, g=grid: _round_to(g, out)))
+            else:
+                hooks.append(module.register_forward_pre_hook(
+                    lambda _m, inputs, g=grid: (_round_to(g, inputs[0]), *inputs[1:])))
+        yield model
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for module in gated:
+            del module.forward
+        for layer in layers:
+            if parametrize.is_parametrized(layer, "weight"):
+                parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
 
-    def __call__(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]):
-        x = inputs[0]
-        if module.training or self.low is None:
-            self.observe(x)
-        low, high = min(self.low, 0.0), max(self.high, 0.0)
-        scale = max(high - low, 1e-8) / ACTIVATION_QMAX
-        zero_point = int(round(-low / scale))
-        return (torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, ACTIVATION_QMAX), *inputs[1:])
+
+def int8_activation_grids(int8_path: Path) -> dict[str, tuple[float, int]]:
+    """Every activation a QDQ file rounds (the input of each QuantizeLinear that is not a weight): its FP32 tensor's
+    name and its (scale, zero point)."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(int8_path)).graph
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    grids = {}
+    for node in graph.node:
+        if node.op_type != "QuantizeLinear" or node.input[0] in constants:
+            continue
+        name = node.input[0].removesuffix(QUANTIZED_OUTPUT_SUFFIX)
+        grids[name] = (float(constants[node.input[1]]), int(constants[node.input[2]]))
+    return grids
+
+
+def _onnx_tensors(fp32_path: Path, names: Sequence[str], images: torch.Tensor) -> dict[str, np.ndarray]:
+    """The values of the named tensors of an FP32 file for ``images`` (each made a graph output for one run)."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(fp32_path))
+    graph_inputs = {i.name for i in model.graph.input}
+    present = {o.name for o in model.graph.output}
+    for name in names:
+        if name not in present and name not in graph_inputs:
+            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    feed = {model.graph.input[0].name: images.numpy()}
+    values = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
+    values.update({name: array for name, array in feed.items()})
+    return {name: values[name] for name in names if name in values}
+
+
+def locate_activations(model: nn.Module, fp32_path: Path, grids: dict[str, tuple[float, int]],
+                       images: torch.Tensor) -> tuple[list[ActivationGrid], list[str]]:
+    """Find where ``model`` computes each tensor of ``grids`` (ONNX names from ``fp32_path``, the model's export):
+    the module whose output (else input) has the tensor's values for ``images``. A tensor several modules pass on
+    unchanged goes to the outermost module's output, so every consumer of it sees the rounding, as in the INT8 file.
+    Returns the located grids and the names of tensors no module computes."""
+    gate_of = _silu_gates(fp32_path, list(grids))
+    values = _onnx_tensors(fp32_path, [*grids, *gate_of.values()], images)
+    silu_modules = {name for name, module in model.named_modules() if isinstance(module, nn.SiLU)}
+    targets: dict[int, list[tuple[str, np.ndarray, float]]] = {}  # by element count
+    for tensor in grids:
+        target = values.get(gate_of.get(tensor, tensor))  # a SiLU's gate is found by the SiLU's output
+        if target is not None:
+            targets.setdefault(target.size, []).append((tensor, target.ravel(),
+                                                        MATCH_TOLERANCE * (float(np.abs(target).max()) + 1e-6)))
+    matches: dict[str, list[tuple[bool, int, str, str]]] = {tensor: [] for tensor in grids}
+
+    def compare(module: str, position: str, value) -> None:
+        # Compared as the forward runs, not kept: every module's input and output of a 192 px batch would take GBs.
+        if not torch.is_tensor(value):
+            return
+        flat = value.detach().numpy().ravel()  # before any in-place activation overwrites it
+        # Rounding is elementwise, so a reshaped copy (pooled [N, C, 1, 1] against [N, C]) is the same rounding.
+        for tensor, target, tolerance in targets.get(flat.size, ()):
+            if tensor in gate_of and (position != "output" or module not in silu_modules):
+                continue
+            if float(np.abs(flat - target).max()) <= tolerance:
+                matches[tensor].append((position != "output", len(module), module, position))
+
+    hooks = []
+    for name, module in model.named_modules():
+        hooks.append(module.register_forward_pre_hook(
+            lambda _m, inputs, n=name: compare(n, "input", inputs[0]) if inputs else None))
+        hooks.append(module.register_forward_hook(lambda _m, _i, out, n=name: compare(n, "output", out)))
+    try:
+        with torch.no_grad():
+            model.eval()(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    located, missing = [], []
+    for tensor, (scale, zero_point) in grids.items():
+        if not matches[tensor]:
+            missing.append(tensor)
+            continue
+        _, _, module, position = min(matches[tensor])
+        located.append(ActivationGrid(tensor, module, "gate" if tensor in gate_of else position, scale, zero_point))
+    return located, missing
+
+
+def _silu_gates(fp32_path: Path, names: Sequence[str]) -> dict[str, str]:
+    """Of ``names``, the Sigmoid outputs that gate their own input (x * sigmoid(x): a SiLU), each with the Mul's
+    output tensor, by which the SiLU module is found."""
+    import onnx
+
+    graph = onnx.load(str(fp32_path)).graph
+    sigmoid_input = {node.output[0]: node.input[0] for node in graph.node if node.op_type == "Sigmoid"}
+    gates = {}
+    for node in graph.node:
+        if node.op_type != "Mul":
+            continue
+        for gate, other in (node.input[:2], node.input[1::-1]):
+            if gate in names and sigmoid_input.get(gate) == other:
+                gates[gate] = node.output[0]
+    return gates
+
+
+def ort_activation_grids(model: nn.Module, fp32_path: Path, calibration: list[Path],
+                         load_batch: Callable[[list[Path]], torch.Tensor], method: str, work: Path
+                         ) -> list[ActivationGrid]:
+    """Quantize ``fp32_path`` (the export of ``model``) with every node INT8 as the export would, and locate each
+    rounded activation and its grid in ``model``. Tensors no module computes are named in a warning: the tuning
+    then simulates fewer roundings than the file has."""
+    from deploy.onnx_quant import CalibrationReader, prepare_for_quantization, quantize_int8
+
+    prepped, int8 = work / "qat-reference-fp32.onnx", work / "qat-reference-int8.onnx"
+    prepare_for_quantization(fp32_path, prepped)
+    quantize_int8(prepped, int8, CalibrationReader(calibration, lambda paths: load_batch(paths).numpy()), method)
+    grids = int8_activation_grids(int8)
+    located, missing = locate_activations(model, prepped, grids, load_batch(calibration[:4]))
+    if missing:
+        logger.warning("quantization-aware tuning: %d of %d rounded activations of the INT8 file were not found in "
+                       "the PyTorch model and are not simulated (%s)", len(missing), len(grids),
+                       ", ".join(missing[:5]))
+    logger.info("quantization-aware tuning simulates %d rounded activations (%s calibration)", len(located), method)
+    return located
 
 
 @dataclass
@@ -74,54 +234,48 @@ class QatResult:
     seconds: float
     steps: int
     final_kl: float  # mean KL from the FP32 answers over the last pass, in nats
+    simulated_activations: int
 
 
 def finetune_for_int8(model: nn.Module, images: list[Path], load_batch: Callable[[list[Path]], torch.Tensor],
-                      epochs: int, lr: float = 1e-4, batch_size: int = 16, seed: int = 0) -> QatResult:
-    """Fine-tune a copy of ``model`` for ``epochs`` passes over ``images`` under simulated INT8 (see the module
-    docstring), taught by ``model``'s own answers. ``model`` is left unchanged."""
+                      epochs: int, grids: Sequence[ActivationGrid], lr: float = 1e-4, batch_size: int = 16,
+                      seed: int = 0) -> QatResult:
+    """Fine-tune a copy of ``model`` for ``epochs`` passes over ``images`` under simulated INT8 (``grids``: see the
+    module docstring), taught by ``model``'s own answers. ``model`` is left unchanged."""
     started = time.perf_counter()
     torch.manual_seed(seed)
     teacher = model.eval()
     student = copy.deepcopy(model)
-    layers = [m for m in student.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    hooks = []
-    for layer in layers:
-        parametrize.register_parametrization(layer, "weight", _WeightFakeQuant())
-        hooks.append(layer.register_forward_pre_hook(_InputFakeQuant()))
     # BatchNorm statistics and dropout stay as delivered: the tuning adjusts weights to the rounding, not to a new
-    # data distribution (and batches of 16 would give noisy statistics).
+    # data distribution (and batches of 16 would give noisy statistics); the grids stay those of the delivered
+    # model's calibration, and the export calibrates the tuned model anew.
     student.eval()
-    for layer in layers:
-        layer.train()  # the input observers follow the ranges while tuning
-    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     order = random.Random(seed)
     batches_per_epoch = math.ceil(len(images) / batch_size)
     total_steps = max(1, epochs * batches_per_epoch)
     step, last_pass = 0, []
-    for epoch in range(epochs):
-        shuffled = order.sample(images, len(images))
-        last_pass = []
-        for i in range(0, len(shuffled), batch_size):
-            x = load_batch(shuffled[i:i + batch_size])
-            flip = torch.rand(len(x)) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(3), x)
-            with torch.no_grad():
-                target = teacher(x).log_softmax(1)
-            loss = nn.functional.kl_div(student(x).log_softmax(1), target, log_target=True, reduction="batchmean")
-            for group in optimizer.param_groups:  # cosine decay to zero over the whole tuning
-                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            last_pass.append(float(loss))
-        logger.info("quantization-aware tuning: pass %d/%d, KL from FP32 %.4f", epoch + 1, epochs,
-                    sum(last_pass) / max(len(last_pass), 1))
-    for hook in hooks:
-        hook.remove()
-    for layer in layers:
-        parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
+    with simulated_int8(student, grids):
+        optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+        for epoch in range(epochs):
+            shuffled = order.sample(images, len(images))
+            last_pass = []
+            for i in range(0, len(shuffled), batch_size):
+                x = load_batch(shuffled[i:i + batch_size])
+                flip = torch.rand(len(x)) < 0.5
+                x = torch.where(flip[:, None, None, None], x.flip(3), x)
+                with torch.no_grad():
+                    target = teacher(x).log_softmax(1)
+                loss = nn.functional.kl_div(student(x).log_softmax(1), target, log_target=True,
+                                            reduction="batchmean")
+                for group in optimizer.param_groups:  # cosine decay to zero over the whole tuning
+                    group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                last_pass.append(loss.item())
+            logger.info("quantization-aware tuning: pass %d/%d, KL from FP32 %.4f", epoch + 1, epochs,
+                        sum(last_pass) / max(len(last_pass), 1))
     student.eval()
     return QatResult(student, time.perf_counter() - started, step,
-                     sum(last_pass) / len(last_pass) if last_pass else float("nan"))
+                     sum(last_pass) / len(last_pass) if last_pass else float("nan"), len(grids))

@@ -252,13 +252,51 @@ def test_the_guard_keeps_the_best_attempt_and_says_so_when_no_choice_reaches_the
     assert any("!!! INT8 agrees with FP32 on at most 0.5000" in r.getMessage() for r in caplog.records)
 
 
+def _qat_setup(tmp_path):
+    """A FragileNet with a milder outlier (INT8 changes some answers but not all), its FP32 export, images, and the
+    grids of its all-INT8 ONNX Runtime file located in the PyTorch model."""
+    from deploy.qat import ort_activation_grids
+
+    model = FragileNet(outlier=100).eval()
+    generator = torch.Generator().manual_seed(1)
+    train, val = _images(256, generator), _images(100, generator)
+    export_fp32(model, [3, 32, 32], tmp_path / "delivered.onnx", 17)
+    grids = ort_activation_grids(model, tmp_path / "delivered.onnx", list(range(64)), lambda rows: train[list(rows)],
+                                 "minmax", tmp_path)
+    return model, train, val, grids
+
+
+def test_the_tuning_rounds_what_the_int8_file_rounds_on_its_grids(tmp_path):
+    from deploy.qat import int8_activation_grids, simulated_int8
+    from prediction.predictors import onnx_probs
+
+    model, _, val, grids = _qat_setup(tmp_path)
+    reference = tmp_path / "qat-reference-int8.onnx"
+    in_file = int8_activation_grids(reference)
+    # Every rounded activation of the file is found: the input, each convolution's output, the pooled features
+    # (a module's input here) and the logits (the model's own output).
+    assert {g.tensor for g in grids} == set(in_file) and len(grids) == 12
+    assert {("", "input"), ("", "output"), ("classifier", "input")} <= {(g.module, g.position) for g in grids}
+    assert all((g.scale, g.zero_point) == in_file[g.tensor] for g in grids)
+    ort_int8 = onnx_probs(reference, val, N_CLASS)
+    with torch.no_grad():
+        fp32 = model(val).softmax(1).numpy()
+        with simulated_int8(model, grids):
+            simulated = model(val).softmax(1).numpy()
+        after = model(val).softmax(1).numpy()
+    # The simulation gives ONNX Runtime's INT8 answers, not FP32's: its error is a small part of INT8's own.
+    int8_error = np.abs(fp32 - ort_int8).mean()
+    assert (fp32.argmax(1) != ort_int8.argmax(1)).any()
+    assert np.abs(simulated - ort_int8).mean() < 0.05 * int8_error, (np.abs(simulated - ort_int8).mean(), int8_error)
+    assert (simulated.argmax(1) == ort_int8.argmax(1)).all()
+    np.testing.assert_array_equal(after, fp32)  # leaving the simulation leaves plain float layers
+
+
 def test_quantization_aware_tuning_brings_the_int8_answers_closer_to_fp32(tmp_path):
     from deploy.qat import finetune_for_int8
 
-    model = FragileNet(outlier=100).eval()
+    model, train, val, grids = _qat_setup(tmp_path)
     original = {k: v.clone() for k, v in model.state_dict().items()}
-    generator = torch.Generator().manual_seed(1)
-    train, val = _images(256, generator), _images(100, generator)
     with torch.no_grad():
         fp32_probs = model(val).softmax(1).numpy()
     calibration = onnx_quant.CalibrationReader(list(range(64)), lambda rows: train[list(rows)].numpy())
@@ -272,10 +310,46 @@ def test_quantization_aware_tuning_brings_the_int8_answers_closer_to_fp32(tmp_pa
         return onnx_quant.agreement_and_divergence(tmp_path / f"{name}_int8.onnx", val, fp32_probs)[1]
 
     before = all_int8_kl(model, "delivered")
-    tuned = finetune_for_int8(model, list(range(256)), lambda rows: train[list(rows)], epochs=3, lr=1e-3)
+    tuned = finetune_for_int8(model, list(range(256)), lambda rows: train[list(rows)], 3, grids, lr=1e-3)
     after = all_int8_kl(tuned.model, "tuned")  # still measured against the delivered model's FP32 answers
     assert after < 0.75 * before, (before, after)
-    assert tuned.steps == 3 * 16 and tuned.seconds > 0
+    assert tuned.steps == 3 * 16 and tuned.seconds > 0 and tuned.simulated_activations == len(grids)
     assert all(torch.equal(original[k], v) for k, v in model.state_dict().items())  # the delivered model is intact
     assert not any(parametrize.is_parametrized(m) for m in tuned.model.modules())
-    assert not any(m._forward_pre_hooks for m in tuned.model.modules())  # plain float layers, ready to export
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in tuned.model.modules())  # ready to export
+
+
+class _SiluNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.act = nn.SiLU(inplace=True)
+        self.head = nn.Linear(8, N_CLASS)
+
+    def forward(self, x):
+        return self.head(self.act(self.conv(x)).mean((2, 3)))
+
+
+def test_a_silu_is_rounded_between_its_sigmoid_and_its_product_as_in_the_int8_file(tmp_path):
+    # ONNX computes SiLU as Sigmoid then Mul and the INT8 file rounds the sigmoid: no PyTorch module returns it.
+    from deploy.qat import ort_activation_grids, simulated_int8
+    from prediction.predictors import onnx_probs
+
+    model = _SiluNet().eval()
+    images = _images(80, torch.Generator().manual_seed(2))
+    export_fp32(model, [3, 32, 32], tmp_path / "silu.onnx", 17)
+    grids = ort_activation_grids(model, tmp_path / "silu.onnx", list(range(40)), lambda rows: images[list(rows)],
+                                 "minmax", tmp_path)
+    assert [(g.module, g.position) for g in grids if g.position == "gate"] == [("act", "gate")]
+    ort_int8 = onnx_probs(tmp_path / "qat-reference-int8.onnx", images[40:], N_CLASS)
+    with torch.no_grad():
+        fp32 = model(images[40:]).softmax(1).numpy()
+        with simulated_int8(model, grids):
+            simulated = model(images[40:]).softmax(1).numpy()
+            without_gate = [g for g in grids if g.position != "gate"]
+        with simulated_int8(model, without_gate):
+            ungated = model(images[40:]).softmax(1).numpy()
+    assert "forward" not in vars(model.act)  # SiLU's own forward is back
+    assert np.abs(simulated - ort_int8).mean() < 0.5 * np.abs(ungated - ort_int8).mean()
+    assert np.abs(simulated - ort_int8).mean() < 0.1 * np.abs(fp32 - ort_int8).mean()

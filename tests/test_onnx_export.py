@@ -151,6 +151,7 @@ def test_quantization_aware_tuning_runs_when_too_much_stays_float_and_its_file_p
         "--qat_epochs", "1", "--max_float_share", "0"]))
     qat = report["qat"]
     assert qat["epochs"] == 1 and qat["steps"] > 0 and qat["seconds"] > 0
+    assert qat["simulated_activations"] > 10  # the rounded activations of the all-INT8 file, found in the model
     for side in ("post_training", "tuned"):  # both files went through the agreement guard on validation images
         assert 0.0 <= qat[side]["val_top1_agreement"] <= 1.0 and qat[side]["int8_float_nodes"] >= 0
     meta = read_onnx_metadata(tmp_path / "clf_model_int8.onnx")
