@@ -534,7 +534,8 @@ class QuantOptions(Options):
     qat_epochs: int = _opt(0, "quantization-aware fine-tuning: when post-training INT8 needs more than "
                               "--max_float_share of the nodes in FP32, fine-tune a copy of the model this many passes "
                               "over the training images with simulated INT8 (taught by the FP32 model's answers), "
-                              "quantize that and keep whichever file needs fewer FP32 nodes; 0 = off", **at_least(0))
+                              "quantize that and keep whichever file needs fewer FP32 nodes (with --max_float_share "
+                              "0: tune in every case); 0 = off", **at_least(0))
 
 
 @dataclass(frozen=True)

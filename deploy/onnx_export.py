@@ -179,7 +179,9 @@ def export_run(run_dir: Path, export: ExportDir, settings: ExportOptions) -> dic
                                    else torch.empty(0), lambda paths: load_preprocessed(paths, transform, decoder),
                                    [s.label for s in train])
             report.update(quantize_verified(fp32_tmp, export.int8, levels, metadata, settings.quant, test, data))
-            if settings.quant.qat_epochs and report["int8_float_share"] > settings.quant.max_float_share:
+            quant = settings.quant
+            # --max_float_share 0 tunes in every case, also when all nodes are INT8 already (better agreement).
+            if quant.qat_epochs and (report["int8_float_share"] > quant.max_float_share or not quant.max_float_share):
                 report.update(_quantize_after_tuning(model, info.preprocessing.input_size, fp32_tmp, export,
                                                      levels, metadata, settings, test, data, report))
     if settings.quantize == "none":
