@@ -209,7 +209,7 @@ def _quantize_after_tuning(model: torch.nn.Module, input_size: Sequence[int], fp
     from deploy.qat import finetune_for_int8, ort_activation_grids
 
     quant = settings.quant
-    logger.info("INT8 keeps %.0f%% of the nodes in FP32 (over --max_float_share %.0f%%): quantization-aware tuning "
+    logger.info("INT8 keeps %.0f%% of the nodes in FP32 (--max_float_share %.0f%%): quantization-aware tuning "
                 "for %d passes over %d training images", 100 * ptq["int8_float_share"], 100 * quant.max_float_share,
                 quant.qat_epochs, len(data.train_paths))
     with tempfile.TemporaryDirectory(dir=export.root, prefix=".qat-") as work:

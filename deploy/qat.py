@@ -238,10 +238,14 @@ class QatResult:
 
 
 def finetune_for_int8(model: nn.Module, images: list[Path], load_batch: Callable[[list[Path]], torch.Tensor],
-                      epochs: int, grids: Sequence[ActivationGrid], lr: float = 1e-4, batch_size: int = 16,
+                      epochs: int, grids: Sequence[ActivationGrid], lr: float = 1e-5, batch_size: int = 16,
                       seed: int = 0) -> QatResult:
     """Fine-tune a copy of ``model`` for ``epochs`` passes over ``images`` under simulated INT8 (``grids``: see the
-    module docstring), taught by ``model``'s own answers. ``model`` is left unchanged."""
+    module docstring), taught by ``model``'s own answers. ``model`` is left unchanged.
+
+    ``lr``: on a DermNet Lite0 model, AdamW at 1e-4 raised the simulated INT8's KL from FP32 on validation photos
+    from 0.011 to 0.12 within 5 steps (every weight moves by about lr per step); 1e-5 halved it (0.006), 1e-6 barely
+    moved it in 10 steps."""
     started = time.perf_counter()
     torch.manual_seed(seed)
     teacher = model.eval()
