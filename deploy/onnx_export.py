@@ -204,8 +204,9 @@ def export_run(run_dir: Path, export: ExportDir, settings: ExportOptions) -> dic
 def _quantize_after_tuning(model: torch.nn.Module, input_size: Sequence[int], fp32_path: Path, export: ExportDir,
                            levels: list[dict[str, Any]], metadata: dict[str, str], settings: ExportOptions,
                            test: ReferenceSet, data: CalibrationData, ptq: dict[str, Any]) -> dict[str, Any]:
-    """Post-training INT8 kept more than --max_float_share in FP32: fine-tune a copy for quantization, quantize it
-    the same way, and keep it in place of the post-training file when it ranks better (``int8_rank``)."""
+    """Post-training INT8 kept more than --max_float_share in FP32 (or that share is 0): fine-tune a copy for
+    quantization, quantize it the same way, and keep it in place of the post-training file when it ranks better
+    (``int8_rank``)."""
     from deploy.qat import finetune_for_int8, ort_activation_grids
 
     quant = settings.quant
