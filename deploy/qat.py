@@ -125,7 +125,8 @@ def int8_activation_grids(int8_path: Path) -> dict[str, tuple[float, int]]:
 def _onnx_tensors(fp32_path: Path, names: Sequence[str], images: torch.Tensor) -> dict[str, np.ndarray]:
     """The values of the named tensors of an FP32 file for ``images`` (each made a graph output for one run)."""
     import onnx
-    import onnxruntime as ort
+
+    from utils.onnx_runtime import create_session
 
     model = onnx.load(str(fp32_path))
     graph_inputs = {i.name for i in model.graph.input}
@@ -133,7 +134,7 @@ def _onnx_tensors(fp32_path: Path, names: Sequence[str], images: torch.Tensor) -
     for name in names:
         if name not in present and name not in graph_inputs:
             model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = create_session(model.SerializeToString(), "cpu")
     feed = {model.graph.input[0].name: images.numpy()}
     values = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
     values.update({name: array for name, array in feed.items()})
