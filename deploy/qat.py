@@ -122,13 +122,14 @@ def int8_activation_grids(int8_path: Path) -> dict[str, tuple[float, int]]:
     return grids
 
 
-def _onnx_tensors(fp32_path: Path, names: Sequence[str], images: torch.Tensor) -> dict[str, np.ndarray]:
-    """The values of the named tensors of an FP32 file for ``images`` (each made a graph output for one run)."""
+def _onnx_tensors(model, names: Sequence[str], images: torch.Tensor) -> dict[str, np.ndarray]:
+    """The values of the named tensors of a loaded FP32 ONNX model for ``images`` (each made a graph output for one
+    run)."""
     import onnx
 
     from utils.onnx_runtime import create_session
 
-    model = onnx.load(str(fp32_path))
+    model = copy.deepcopy(model)  # the caller's graph keeps its outputs
     graph_inputs = {i.name for i in model.graph.input}
     present = {o.name for o in model.graph.output}
     for name in names:
@@ -147,8 +148,11 @@ def locate_activations(model: nn.Module, fp32_path: Path, grids: dict[str, tuple
     the module whose output (else input) has the tensor's values for ``images``. A tensor several modules pass on
     unchanged goes to the outermost module's output, so every consumer of it sees the rounding, as in the INT8 file.
     Returns the located grids and the names of tensors no module computes."""
-    gate_of = _silu_gates(fp32_path, list(grids))
-    values = _onnx_tensors(fp32_path, [*grids, *gate_of.values()], images)
+    import onnx
+
+    fp32 = onnx.load(str(fp32_path))  # read once for both uses below
+    gate_of = _silu_gates(fp32.graph, list(grids))
+    values = _onnx_tensors(fp32, [*grids, *gate_of.values()], images)
     silu_modules = {name for name, module in model.named_modules() if isinstance(module, nn.SiLU)}
     targets: dict[int, list[tuple[str, np.ndarray, float]]] = {}  # by element count
     for tensor in grids:
@@ -191,12 +195,9 @@ def locate_activations(model: nn.Module, fp32_path: Path, grids: dict[str, tuple
     return located, missing
 
 
-def _silu_gates(fp32_path: Path, names: Sequence[str]) -> dict[str, str]:
+def _silu_gates(graph, names: Sequence[str]) -> dict[str, str]:
     """Of ``names``, the Sigmoid outputs that gate their own input (x * sigmoid(x): a SiLU), each with the Mul's
     output tensor, by which the SiLU module is found."""
-    import onnx
-
-    graph = onnx.load(str(fp32_path)).graph
     sigmoid_input = {node.output[0]: node.input[0] for node in graph.node if node.op_type == "Sigmoid"}
     gates = {}
     for node in graph.node:
