@@ -192,7 +192,7 @@ def export_run(run_dir: Path, export: ExportDir, settings: ExportOptions) -> dic
                 logger.info("removed the older %s from %s", older.name, export.root)
     if "executorch" in settings.target_list:
         report.update(export_executorch(model, info.preprocessing.input_size, export, test, data, settings.quant,
-                                        [level["module"] for level in levels]))
+                                        [level["module"] for level in levels], report.get("int8_float_node_names", ())))
     if "ort" in settings.target_list or "executorch" in settings.target_list:
         report.update(export_mobile(export, info, test.images, test.torch_probs.shape[1], run_dir,
                                     settings.quant.min_agreement, ort="ort" in settings.target_list))

@@ -13,6 +13,7 @@ from torch.nn.utils import parametrize
 
 from configs import QuantOptions
 from deploy import onnx_quant
+from deploy.executorch_export import executorch_missing
 from deploy.onnx_export import export_fp32
 from utils.onnx_runtime import read_onnx_metadata
 
@@ -190,6 +191,28 @@ def test_a_node_the_agreement_does_not_need_goes_back_to_int8_even_inside_a_kept
 def test_the_prefix_rule_would_keep_every_stage_before_it(fragile, tmp_path):
     report = _quantize(fragile, tmp_path / "int8.onnx", float_selection="prefix")
     assert report["int8_float_stages"] == 3 and report["int8_float_nodes"] > 2  # stem and blocks 0-2
+
+
+@pytest.mark.skipif(executorch_missing() is not None, reason="executorch is not installed")
+def test_the_phone_int8_program_keeps_in_fp32_the_block_the_onnx_file_keeps(fragile, tmp_path):
+    from deploy.executorch_export import export_executorch, onnx_float_modules
+    from runs.export_dir import ExportDir
+
+    model, _, data, test = fragile
+    onnx_report = _quantize(fragile, tmp_path / "int8.onnx")
+    assert onnx_float_modules(model, onnx_report["int8_float_node_names"]) == ["blocks.2"]
+    quant = QuantOptions(calib_images=64, min_agreement=0.99)
+    stages = [level["module"] for level in model.feature_info]
+    (tmp_path / "pte").mkdir()
+    report = export_executorch(model, [3, 32, 32], ExportDir(tmp_path / "pte"), test, data, quant, stages,
+                               onnx_report["int8_float_node_names"])
+    # XNNPACK's quantizer rounds the outlier activation as ONNX Runtime does, and the ONNX file's one FP32 block is
+    # enough; without that choice the program would fall back to whole leading stages (stem and blocks 0-2, as
+    # test_the_prefix_rule_would_keep_every_stage_before_it shows for the ONNX file).
+    assert report["pte_int8_onnx_float_modules"] == ["blocks.2"]
+    assert report["pte_int8_written"] and report["pte_int8_check_agreement"] >= 0.99
+    assert report["pte_int8_float_modules"] == ["blocks.2"] and report["pte_int8_float_stages"] == 0
+    assert report["pte_int8_top1_agreement"] >= 0.96
 
 
 def _activation_scales(path: Path) -> dict[str, float]:
