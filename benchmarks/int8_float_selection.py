@@ -5,6 +5,9 @@ Exports the run as quantize_onnx_models.py does once per variant (each into its 
   prefix       whole leading stages in FP32 until the agreement holds (--float_selection prefix)
   sensitivity  the blocks whose FP32 copy brings INT8 closest to FP32, until the agreement holds
   auto         sensitivity with --calibrate_method auto (minmax, percentile, entropy: the fewest FP32 nodes)
+  percentile, entropy
+               sensitivity with that calibration alone (sensitivity itself calibrates by minmax), so each method's
+               test agreement is in the table, not only the one auto keeps
   qat          sensitivity, then quantization-aware tuning (--qat_epochs) in every case (--max_float_share 0);
                the tuned file is kept only if it needs fewer FP32 nodes or agrees more
   qat_all_int8 the tuning's own effect: every node INT8 before and after tuning (both files' figures in the table)
@@ -39,6 +42,8 @@ VARIANTS = {
     "prefix": {"float_selection": "prefix"},
     "sensitivity": _SEARCH,
     "auto": {**_SEARCH, "calibrate_method": "auto"},
+    "percentile": {**_SEARCH, "calibrate_method": "percentile"},
+    "entropy": {**_SEARCH, "calibrate_method": "entropy"},
     # --max_float_share 0: tune even where post-training INT8 already meets the share, to measure what tuning brings
     "qat": {**_SEARCH, "qat_epochs": 2, "max_float_share": 0.0},
     # the tuning's own effect: post-training and tuned files both all INT8, the one agreeing more is kept
@@ -108,6 +113,7 @@ def main(args: argparse.Namespace) -> list[dict]:
                "float_share": round(report["int8_float_share"], 3),
                "float_blocks": "+".join(report["int8_float_units"]) or (
                    f"{report['int8_float_stages']} stages" if report["int8_float_stages"] else "-"),
+               "val_agreement_before_search": (report.get("agreement_attempts") or [{}])[0].get("val_top1_agreement"),
                "val_agreement": report["val_top1_agreement"], "test_agreement": report["int8_top1_agreement"],
                "test_accuracy": report["int8_accuracy"], "fp32_test_accuracy": report["fp32_accuracy"],
                "size_ratio": round(report["int8_size_ratio"], 3), "qat_kept": report.get("qat", {}).get("kept"),
