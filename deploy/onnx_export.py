@@ -178,7 +178,15 @@ def export_run(run_dir: Path, export: ExportDir, settings: ExportOptions) -> dic
                                    load_preprocessed([s.path for s in val], transform, decoder) if val
                                    else torch.empty(0), lambda paths: load_preprocessed(paths, transform, decoder),
                                    [s.label for s in train])
-            report.update(quantize_verified(fp32_tmp, export.int8, levels, metadata, settings.quant, test, data))
+            held_out = _held_out_checkpoint(run, info.weights, settings.weights) if len(data.val_images) else None
+            chosen_on = None
+            if held_out is not None and settings.quant.min_agreement > 0:
+                chosen_on = _choice_on_held_out_checkpoint(run_dir, list(info.preprocessing.input_size), levels,
+                                                           settings, test, data, export.root)
+            report.update(quantize_verified(fp32_tmp, export.int8, levels, metadata, settings.quant, test, data,
+                                            chosen_on=chosen_on))
+            if chosen_on is not None:
+                report["int8_chosen_on"] = held_out.name
             quant = settings.quant
             # --max_float_share 0 tunes in every case, also when all nodes are INT8 already (better agreement).
             if quant.qat_epochs and (report["int8_float_share"] > quant.max_float_share or not quant.max_float_share):
@@ -199,6 +207,34 @@ def export_run(run_dir: Path, export: ExportDir, settings: ExportOptions) -> dic
     write_run_info(export.root, info)
     _log_export(report, len(levels), settings.quant.max_float_share)
     return report
+
+
+def _held_out_checkpoint(run: RunDir, delivered: str, weights: str) -> Optional[Path]:
+    """model_best.pth when the exported weights were refit on every labelled image (validation included): the
+    checkpoint whose validation answers are honest about new photos."""
+    if run.checkpoint(weights, delivered).name != RunDir.REFIT_CKPT:
+        return None
+    best = run.checkpoint("best", delivered)
+    return best if best.is_file() else None
+
+
+def _choice_on_held_out_checkpoint(run_dir: Path, input_size: list[int], levels: list[dict[str, Any]],
+                                   settings: ExportOptions, test: ReferenceSet, data: CalibrationData,
+                                   scratch_parent: Path) -> dict[str, Any]:
+    """The FP32 nodes and calibration method that meet --min_agreement for the run's checkpoint selected before
+    the refit, on validation images it never trained on (``quantize_verified``'s ``chosen_on``)."""
+    model, _ = load_run_model(run_dir, "best")
+    with torch.inference_mode():
+        probs = np.concatenate([model(test.images[i:i + 32]).softmax(1).numpy()
+                                for i in range(0, len(test.images), 32)])
+    logger.info("INT8: the refit model trained on the validation images, so the FP32 nodes are chosen on %s (the "
+                "checkpoint selected before the refit) and used as they are for the delivered model",
+                RunDir.BEST_CKPT)
+    with tempfile.TemporaryDirectory(dir=scratch_parent, prefix=".held-out-") as work:
+        fp32 = Path(work) / "held_out_fp32.onnx"
+        export_fp32(model, input_size, fp32, settings.opset)
+        return quantize_verified(fp32, Path(work) / "held_out_int8.onnx", levels, {}, settings.quant,
+                                 ReferenceSet(test.images, test.labels, probs), data)
 
 
 def _quantize_after_tuning(model: torch.nn.Module, input_size: Sequence[int], fp32_path: Path, export: ExportDir,

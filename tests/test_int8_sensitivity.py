@@ -121,6 +121,32 @@ def test_the_fragile_block_stays_fp32_and_nothing_else(fragile, tmp_path):
     assert all(q for name, q in convs.items() if not name.startswith("/blocks/blocks.2/"))
 
 
+def test_a_choice_made_on_another_checkpoint_is_used_as_it_is(fragile, tmp_path):
+    # The run's checkpoint selected before a refit chooses (here the fragile block 2 net); the delivered model, whose
+    # own fragile block is 1, gets exactly that choice and calibration, with no search of its own.
+    chosen = _quantize(fragile, tmp_path / "held_out.onnx", calibrate_method="percentile")
+    assert chosen["int8_float_units"] == ["blocks.2"]
+    _, _, data, test = fragile
+    delivered = FragileNet(fragile=1).eval()
+    export_fp32(delivered, [3, 32, 32], tmp_path / "delivered_fp32.onnx", 17)
+    with torch.no_grad():
+        probs = delivered(test.images).softmax(1).numpy()
+    settings = QuantOptions(calib_images=64, keep_float_stages=0, float_selection="sensitivity")
+    report = onnx_quant.quantize_verified(tmp_path / "delivered_fp32.onnx", tmp_path / "int8.onnx",
+                                          delivered.feature_info, {}, settings,
+                                          onnx_quant.ReferenceSet(test.images, test.labels, probs), data,
+                                          chosen_on=chosen)
+    assert report["int8_float_node_names"] == chosen["int8_float_node_names"]
+    assert report["calibrate_method"] == "percentile" and report["int8_float_units"] == ["blocks.2"]
+    assert report["val_top1_agreement"] == chosen["val_top1_agreement"]
+    assert report["agreement_attempts"] == chosen["agreement_attempts"]
+    # its own block 1 stays INT8 and loses answers: measured and reported, not searched away
+    assert report["seen_val_top1_agreement"] < 0.99
+    convs = _int8_convs(tmp_path / "int8.onnx")
+    assert not any(q for name, q in convs.items() if name.startswith("/blocks/blocks.2/"))
+    assert all(q for name, q in convs.items() if name.startswith("/blocks/blocks.1/"))
+
+
 def test_blocks_the_agreement_does_not_need_go_back_to_int8(fragile, tmp_path, monkeypatch):
     # Scripted: no block alone brings answers back; blocks.2 and blocks.3 together do. blocks.0 lowers the divergence
     # most, so it is kept first, and turns out not to be needed.

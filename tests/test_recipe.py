@@ -85,6 +85,37 @@ def test_refit_trains_on_train_plus_validation_and_is_the_delivered_model(refit_
 
 
 @pytest.mark.slow
+def test_int8_of_a_refit_run_is_chosen_on_the_checkpoint_that_never_saw_the_validation_images(refit_run, tmp_path,
+                                                                                              monkeypatch):
+    import quantize_onnx_models as qom
+    from deploy import onnx_export, onnx_quant
+
+    run_dir, _ = refit_run
+    calls = []
+    real = onnx_quant.quantize_verified
+
+    def spy(fp32_path, *args, **kwargs):
+        calls.append((Path(fp32_path).name, kwargs.get("chosen_on")))
+        report = real(fp32_path, *args, **kwargs)
+        calls[-1] += (report,)
+        return report
+
+    monkeypatch.setattr(onnx_export, "quantize_verified", spy)
+    report = qom.main(qom.parse_args(["--model_path", str(run_dir), "--output_dir", str(tmp_path / "export"),
+                                      "--calib_images", "16", "--min_agreement", "0.9"]))
+    (held_out_file, held_out_given, held_out), (delivered_file, given, _) = calls
+    assert held_out_file == "held_out_fp32.onnx" and held_out_given is None
+    assert given is held_out and report["int8_chosen_on"] == RunDir.BEST_CKPT
+    assert report["int8_float_node_names"] == held_out["int8_float_node_names"]
+    assert report["val_top1_agreement"] == held_out["val_top1_agreement"] and "seen_val_top1_agreement" in report
+    assert not list((tmp_path / "export").glob(".held-out-*"))
+    # the held-out file's agreement is with model_best.pth's own answers, which differ from the delivered model's
+    best, _ = load_run_model(run_dir, "best")
+    delivered, _ = load_run_model(run_dir)
+    assert any(not torch.equal(a, b) for a, b in zip(best.state_dict().values(), delivered.state_dict().values()))
+
+
+@pytest.mark.slow
 def test_ema_weights_are_what_gets_saved_evaluated_and_exported(refit_run):
     run_dir, _ = refit_run
     for name in (RunDir.BEST_CKPT, RunDir.REFIT_CKPT):
