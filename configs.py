@@ -52,7 +52,7 @@ CAM_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eige
 QUANTIZE_CHOICES = ("int8", "none")
 EXPORT_TARGETS = ("onnx", "ort", "executorch")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "auto")  # auto: each of the three, the fewest float nodes
-FLOAT_SELECTIONS = ("prefix", "sensitivity")
+FLOAT_SELECTIONS = ("prefix", "sensitivity", "divergence")
 CALIB_SAMPLINGS = ("balanced", "random")
 
 EXPORT_DIR = "onnx_models"  # quantize_onnx_models.py's output folder, where inference and benchmark look by default
@@ -518,7 +518,9 @@ class QuantOptions(Options):
                   "a time (on real photos it kept the most FP32 answers on images the search never saw); "
                   "sensitivity = the blocks, then nodes, whose FP32 copy brings the validation answers back, until "
                   "the agreement holds (a far smaller FP32 part, but it fits the validation images: fewer answers "
-                  "kept on new ones)", FLOAT_SELECTIONS)
+                  "kept on new ones); divergence = the same search with the blocks ordered by how far their FP32 "
+                  "copy lowers the divergence of all validation answers from FP32's, not by the few answers it "
+                  "turns back", FLOAT_SELECTIONS)
     keep_float_stages: Union[str, int] = _opt(
         "auto", "leading stages (timm feature levels) left in FP32 in the INT8 model from the start; auto: those up "
                 "to stride 8 for SiLU/hard-swish models, whose quantized activations cost more than the INT8 "

@@ -4,6 +4,7 @@ Exports the run as quantize_onnx_models.py does once per variant (each into its 
   all_int8     every node INT8 (--min_agreement 0), the reference for speed
   prefix       whole leading stages in FP32 until the agreement holds (--float_selection prefix)
   sensitivity  the blocks whose FP32 copy brings INT8 closest to FP32, until the agreement holds
+  divergence   the same search, blocks ordered by the divergence from FP32 alone (--float_selection divergence)
   auto         sensitivity with --calibrate_method auto (minmax, percentile, entropy: the fewest FP32 nodes)
   percentile, entropy
                sensitivity with that calibration alone (sensitivity itself calibrates by minmax), so each method's
@@ -41,6 +42,7 @@ VARIANTS = {
     "all_int8": {"min_agreement": 0.0},
     "prefix": {"float_selection": "prefix"},
     "sensitivity": _SEARCH,
+    "divergence": {"float_selection": "divergence"},
     "auto": {**_SEARCH, "calibrate_method": "auto"},
     "percentile": {**_SEARCH, "calibrate_method": "percentile"},
     "entropy": {**_SEARCH, "calibrate_method": "entropy"},

@@ -233,13 +233,14 @@ def _prefix_search(trials: _Trials, graph, levels: list[dict[str, Any]], first_s
     return nodes_for(best["float_stages"]), best["float_stages"], attempts
 
 
-def _sensitivity_search(trials: _Trials, units: list[FloatUnit], start_nodes: list[str], target: float
+def _sensitivity_search(trials: _Trials, units: list[FloatUnit], start_nodes: list[str], target: float,
+                        by_divergence: bool = False
                         ) -> tuple[list[str], list[str], list[dict[str, Any]], list[dict[str, Any]]]:
     """Start from ``start_nodes`` in FP32 and the rest INT8; if ``target`` is missed, measure for each block what
     keeping it in FP32 (alone, beside the start) does on the validation images: how many answers agree with FP32
     and how far the divergence from FP32 falls. Keep the blocks in that order, the most useful first, until the
     agreement holds (else the best attempt); then give back to INT8 the blocks the agreement turns out not to need
-    (``_prune``).
+    (``_prune``). ``by_divergence``: order the blocks by the divergence alone (--float_selection divergence).
 
     Returns (FP32 node names, FP32 block names, attempts, the sensitivity of every block)."""
     float_nodes, float_units = list(start_nodes), []
@@ -258,7 +259,10 @@ def _sensitivity_search(trials: _Trials, units: list[FloatUnit], start_nodes: li
                             "val_top1_agreement_when_float": unit_agreement, "kl_reduction": kl - unit_kl})
     # Answers brought back first (a block that alone reaches the target ends the search with the fewest nodes),
     # then the divergence, which still ranks blocks when a small validation split moves by whole images.
-    sensitivity.sort(key=lambda s: (-s["val_top1_agreement_when_float"], -s["kl_reduction"], s["nodes"]))
+    # --float_selection divergence ranks by the divergence alone: it moves with every validation answer, where the
+    # count of answers turned back moves with the few near ties of this split (a ranking that may not carry over).
+    sensitivity.sort(key=lambda s: (-s["kl_reduction"], s["nodes"]) if by_divergence else
+                     (-s["val_top1_agreement_when_float"], -s["kl_reduction"], s["nodes"]))
     logger.info("INT8 sensitivity (KL from FP32 %.4f with everything INT8): %s", kl, ", ".join(
         f"{s['unit']} {s['kl_reduction']:+.4f}" for s in sensitivity[:6]))
     by_name = {unit.name: unit for unit in candidates}
@@ -408,7 +412,8 @@ def _select(trials: _Trials, graph, levels: list[dict[str, Any]], float_stages: 
         return {"float_nodes": nodes, "float_stages": stages, "float_units": [], "attempts": attempts,
                 "sensitivity": []}
     nodes, units, attempts, sensitivity = _sensitivity_search(trials, quantization_units(graph), start_nodes,
-                                                              settings.min_agreement)
+                                                              settings.min_agreement,
+                                                              settings.float_selection == "divergence")
     return {"float_nodes": nodes, "float_stages": float_stages, "float_units": units, "attempts": attempts,
             "sensitivity": sensitivity}
 

@@ -194,6 +194,13 @@ def test_a_block_that_alone_brings_the_answers_back_is_chosen_over_bigger_diverg
     report = _quantize(fragile, tmp_path / "int8.onnx")
     assert report["int8_float_units"] == ["blocks.3"] and report["int8_float_nodes"] == 2
     assert [a["float_units"] for a in report["agreement_attempts"][:2]] == [[], ["blocks.3"]]
+    # --float_selection divergence ranks by the divergence alone: blocks.0 first, then blocks.3 crosses the target,
+    # and blocks.0, not needed for the agreement, goes back to INT8
+    report = _quantize(fragile, tmp_path / "int8_divergence.onnx", float_selection="divergence")
+    assert [s["unit"] for s in report["sensitivity"][:2]] == ["blocks.0", "blocks.3"]
+    assert [a["float_units"] for a in report["agreement_attempts"][:4]] == [
+        [], ["blocks.0"], ["blocks.0", "blocks.3"], ["blocks.3"]]
+    assert report["int8_float_units"] == ["blocks.3"]
 
 
 def test_a_node_the_agreement_does_not_need_goes_back_to_int8_even_inside_a_kept_block(fragile, tmp_path,
