@@ -158,7 +158,7 @@ def export_run(run_dir: Path, export: ExportDir, settings: ExportOptions) -> dic
         test_samples = test_samples[: settings.verify_images]
     images = load_preprocessed([s.path for s in test_samples], transform, decoder)
     with torch.inference_mode():
-        torch_probs = np.concatenate([model(images[i:i + 32]).softmax(1).numpy() for i in range(0, len(images), 32)])
+        torch_probs = _softmax_in_batches(model, images)
     test = ReferenceSet(images, np.array([s.label for s in test_samples]), torch_probs)
     export.root.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"source_run": str(run_dir), "verify_images": len(test_samples),
@@ -225,8 +225,7 @@ def _choice_on_held_out_checkpoint(run_dir: Path, input_size: list[int], levels:
     the refit, on validation images it never trained on (``quantize_verified``'s ``chosen_on``)."""
     model, _ = load_run_model(run_dir, "best")
     with torch.inference_mode():
-        probs = np.concatenate([model(test.images[i:i + 32]).softmax(1).numpy()
-                                for i in range(0, len(test.images), 32)])
+        probs = _softmax_in_batches(model, test.images)
     logger.info("INT8: the refit model trained on the validation images, so the FP32 nodes are chosen on %s (the "
                 "checkpoint selected before the refit) and used as they are for the delivered model",
                 RunDir.BEST_CKPT)
@@ -234,7 +233,12 @@ def _choice_on_held_out_checkpoint(run_dir: Path, input_size: list[int], levels:
         fp32 = Path(work) / "held_out_fp32.onnx"
         export_fp32(model, input_size, fp32, settings.opset)
         return quantize_verified(fp32, Path(work) / "held_out_int8.onnx", levels, {}, settings.quant,
-                                 ReferenceSet(test.images, test.labels, probs), data)
+                                 ReferenceSet(test.images, test.labels, probs), data, timed=False)
+
+
+def _softmax_in_batches(model: nn.Module, images: torch.Tensor, batch_size: int = 32) -> np.ndarray:
+    return np.concatenate([model(images[i:i + batch_size]).softmax(1).numpy()
+                           for i in range(0, len(images), batch_size)])
 
 
 def _quantize_after_tuning(model: torch.nn.Module, input_size: Sequence[int], fp32_path: Path, export: ExportDir,

@@ -421,11 +421,12 @@ def _select(trials: _Trials, graph, levels: list[dict[str, Any]], float_stages: 
 def _taken_over(trials: _Trials, chosen_on: dict[str, Any], validate: bool) -> dict[str, Any]:
     """Another checkpoint's choice of FP32 nodes, written to the trials' target and scored once for the record."""
     nodes = list(chosen_on["int8_float_node_names"])
-    trials.write(nodes)
     attempts = []
     if validate:
-        agreement, kl = agreement_and_divergence(trials.target, trials.val_images, trials.val_fp32_probs)
+        agreement, kl = trials.score(nodes)
         attempts.append({"float_nodes": len(nodes), "val_top1_agreement": agreement, "val_kl": kl})
+    else:
+        trials.write(nodes)
     return {"float_nodes": nodes, "float_stages": chosen_on["int8_float_stages"],
             "float_units": list(chosen_on["int8_float_units"]), "attempts": attempts,
             "sensitivity": chosen_on["sensitivity"]}
@@ -445,7 +446,7 @@ def _best_agreement(choice: dict[str, Any]) -> float:
 def quantize_verified(fp32_path: Path, int8_target: Path, feature_levels: list[dict[str, Any]],
                       metadata: dict[str, str], settings: QuantOptions, test: ReferenceSet,
                       data: CalibrationData, delivered_fp32: Optional[Path] = None,
-                      chosen_on: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+                      chosen_on: Optional[dict[str, Any]] = None, timed: bool = True) -> dict[str, Any]:
     """Quantize the verified FP32 file to ``int8_target`` (atomically), keeping the parts that need it in FP32 until
     the INT8 model gives FP32's top-1 on ``settings.min_agreement`` of the validation images; then measure its test
     agreement, accuracy, size and batch-1 speed against FP32.
@@ -458,7 +459,8 @@ def quantize_verified(fp32_path: Path, int8_target: Path, feature_levels: list[d
     them as it learned them (seen: 97% right on validation against 64% on test, no answer within 0.05 of the
     runner-up), so its own validation agreement cannot tell which INT8 rounding costs answers on new photos; the
     checkpoint selected before the refit never trained on them. The validation agreement of this model is still
-    measured and reported (``seen_val_top1_agreement``)."""
+    measured and reported (``seen_val_top1_agreement``). ``timed=False`` skips the batch-1 latency of a file that
+    is only a means to choose (its ``*_batch1_ms`` are None)."""
     import onnx
 
     from prediction.predictors import onnx_probs
@@ -512,7 +514,7 @@ def quantize_verified(fp32_path: Path, int8_target: Path, feature_levels: list[d
             check_onnx_model(int8_tmp)
             int8_probs = onnx_probs(int8_tmp, test.images, n_class)
             fp32_ms, int8_ms = compare_latency([delivered_fp32, int8_tmp], test.images[:1].numpy(),
-                                               os.cpu_count() or 1)
+                                               os.cpu_count() or 1) if timed else (None, None)
             stages = chosen["float_stages"]
             result = {"int8_top1_agreement": float((int8_probs.argmax(1) == test.torch_probs.argmax(1)).mean()),
                       "int8_accuracy": float((int8_probs.argmax(1) == test.labels).mean()),
