@@ -530,6 +530,11 @@ class QuantOptions(Options):
                                       "FP32 model's top-1 class; below it more of the model stays FP32 (see "
                                       "--float_selection) until it does; 0 turns the check off", **between(0, 1),
                                 metavar="0..1")
+    check_views: int = _opt(1, "views of each validation image the agreement check scores: 1 = the image as the "
+                               "model sees it; up to 8 adds its mirror, shifted and zoomed copies, so the check and "
+                               "the search of FP32 parts count the near ties of more inputs than a small "
+                               "validation split holds (the search takes as many times longer)", **between(1, 8),
+                          metavar="1..8")
     max_float_share: float = _opt(0.10, "share of the graph's nodes that may stay FP32 before the INT8 file counts "
                                         "as mostly float: the export warns, and --qat_epochs (when set) fine-tunes "
                                         "for quantization instead", **between(0, 1), metavar="0..1")

@@ -14,6 +14,8 @@ Exports the run as quantize_onnx_models.py does once per variant (each into its 
   qat_all_int8 the tuning's own effect: every node INT8 before and after tuning (both files' figures in the table)
   random_calib, calib_100, calib_400
                sensitivity with calibration images drawn in proportion to the classes, or 100 / 400 of them
+  views_4, views_8, prefix_views_8, divergence_views_8
+               that search with the agreement checked on 4 or 8 views of every validation image (--check_views)
 then times PyTorch eager, ONNX FP32 and every INT8 file in alternating fresh processes (deploy.benchmarking) and
 prints one table: share of nodes in FP32, validation and test agreement with FP32, test accuracy and balanced
 accuracy, size, batch-1 and batch-32 p50 latency and speed-up over ONNX FP32, with the CPU it ran on.
@@ -54,6 +56,11 @@ VARIANTS = {
     "random_calib": {**_SEARCH, "calib_sampling": "random"},
     "calib_100": {**_SEARCH, "calib_images": 100},
     "calib_400": {**_SEARCH, "calib_images": 400},
+    # the agreement check and the search on 4 / 8 views of every validation image (--check_views)
+    "views_4": {**_SEARCH, "check_views": 4},
+    "views_8": {**_SEARCH, "check_views": 8},
+    "prefix_views_8": {"float_selection": "prefix", "check_views": 8},
+    "divergence_views_8": {"float_selection": "divergence", "check_views": 8},
 }
 DEFAULT_VARIANTS = ("all_int8", "prefix", "sensitivity", "auto", "qat")
 

@@ -33,6 +33,7 @@ from deploy.onnx_quant import (
     CalibrationData,
     ReferenceSet,
     calibration_images,
+    check_views,
     int8_rank,
     quantize_verified,
     warn_mostly_float,
@@ -175,8 +176,8 @@ def export_run(run_dir: Path, export: ExportDir, settings: ExportOptions) -> dic
             val = run.split("val", settings.data_dir) if has_val else []
             train = run.split("train", settings.data_dir)
             data = CalibrationData([s.path for s in train],
-                                   load_preprocessed([s.path for s in val], transform, decoder) if val
-                                   else torch.empty(0), lambda paths: load_preprocessed(paths, transform, decoder),
+                                   check_views(load_preprocessed([s.path for s in val], transform, decoder),
+                                               settings.quant.check_views) if val else torch.empty(0), lambda paths: load_preprocessed(paths, transform, decoder),
                                    [s.label for s in train])
             held_out = _held_out_checkpoint(run, info.weights, settings.weights) if len(data.val_images) else None
             chosen_on = None

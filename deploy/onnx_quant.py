@@ -378,6 +378,39 @@ class CalibrationData:
     train_labels: Optional[list[int]] = None  # for class-balanced calibration
 
 
+# Each view: (mirrored, vertical and horizontal shift as a share of the side, zoom). Small changes a camera or a
+# crop makes anyway, so a view's FP32 answer is as honest about new photos as the image's, with its own near ties.
+CHECK_VIEWS = ((False, 0.0, 0.0, 1.0), (True, 0.0, 0.0, 1.0), (False, 0.04, 0.04, 1.0), (True, -0.04, -0.04, 1.0),
+               (False, 0.0, 0.0, 1.1), (True, 0.0, 0.0, 1.1), (False, 0.04, -0.04, 1.0), (True, -0.04, 0.04, 1.0))
+
+
+def check_views(images: torch.Tensor, views: int) -> torch.Tensor:
+    """The first ``views`` of CHECK_VIEWS of every preprocessed image (N, C, H, W), view after view: the agreement
+    check's inputs. Shifts pad by reflection, zoom crops the centre and resizes it back, all on the model's input
+    tensor, so nothing is decoded again."""
+    import torch.nn.functional as F
+
+    if views <= 1 or not len(images):
+        return images
+    height, width = images.shape[-2:]
+    out = []
+    for mirrored, down, right, zoom in CHECK_VIEWS[:views]:
+        view = images.flip(-1) if mirrored else images
+        dy, dx = round(down * height), round(right * width)
+        if dy or dx:
+            pad = (abs(dx), abs(dx), abs(dy), abs(dy))
+            padded = F.pad(view, pad, mode="reflect")
+            top, left = abs(dy) - dy, abs(dx) - dx
+            view = padded[..., top:top + height, left:left + width]
+        if zoom != 1.0:
+            crop_h, crop_w = round(height / zoom), round(width / zoom)
+            top, left = (height - crop_h) // 2, (width - crop_w) // 2
+            view = F.interpolate(view[..., top:top + crop_h, left:left + crop_w], size=(height, width),
+                                 mode="bilinear", align_corners=False, antialias=False)
+        out.append(view.contiguous())
+    return torch.cat(out)
+
+
 def calibration_images(paths: list[Path], labels: Optional[list[int]], count: int, sampling: str,
                        seed: int = 0) -> list[Path]:
     """``count`` training images (seeded): ``balanced`` takes them from every class in turn, so a class with few
@@ -528,6 +561,7 @@ def quantize_verified(fp32_path: Path, int8_target: Path, feature_levels: list[d
                       "graph_nodes": total_nodes, "int8_float_share": len(float_nodes) / total_nodes,
                       "calibrate_method": method, "calib_sampling": settings.calib_sampling,
                       "calib_images": len(calib), "min_agreement": settings.min_agreement,
+                      "check_views": settings.check_views, "check_images": len(data.val_images) if validate else 0,
                       "agreement_attempts": chosen["attempts"], "sensitivity": chosen["sensitivity"],
                       "val_top1_agreement": _best_agreement(chosen) if validate else None}
             if chosen_on is not None:

@@ -287,6 +287,18 @@ def test_auto_calibration_compares_the_methods_and_keeps_the_fewest_float_nodes(
     assert read_onnx_metadata(tmp_path / "int8.onnx")["calibrate_method"] == report["calibrate_method"]
 
 
+def test_check_views_are_the_image_mirrored_shifted_and_zoomed():
+    images = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).reshape(2, 3, 32, 32)
+    assert onnx_quant.check_views(images, 1) is images
+    views = onnx_quant.check_views(images, 8).reshape(8, 2, 3, 32, 32)
+    assert torch.equal(views[0], images) and torch.equal(views[1], images.flip(-1))
+    shift = round(0.04 * 32)  # view 2: moved down and right by 4% of the side, the edge filled by reflection
+    assert torch.equal(views[2][..., shift:, shift:], images[..., :-shift, :-shift])
+    assert not torch.equal(views[4], images)  # zoomed in
+    assert all(v.shape == images.shape for v in views)
+    assert len({v.sum().item() + v[..., 0, 0].sum().item() for v in views}) == 8  # eight different views
+
+
 def test_balanced_calibration_takes_every_class_alike():
     paths = [Path(f"{i}.jpg") for i in range(100)]
     labels = [0] * 90 + [1] * 6 + [2] * 4

@@ -113,6 +113,28 @@ def test_agreement_guard_adds_float_stages_until_int8_gives_fp32_answers(tiny_ru
     assert all(0.0 <= m <= 1.0 for m in measured)
 
 
+def test_check_views_multiply_the_images_the_guard_scores(tiny_run, tmp_path, monkeypatch):
+    # --check_views 3: every validation image is scored as itself, mirrored and shifted, so the guard and the search
+    # count three times the near ties; switched off, the scored count would be the split's size.
+    from runs.run_folder import RunDir
+
+    scored = []
+    real = onnx_quant.agreement_and_divergence
+
+    def counting(path, images, reference_probs):
+        scored.append(len(images))
+        return real(path, images, reference_probs)
+
+    monkeypatch.setattr(onnx_quant, "agreement_and_divergence", counting)
+    report = qom.main(qom.get_args_parser().parse_args(["--skip_segmentation", "--model_path", str(tiny_run),
+                                                        "--output_dir", str(tmp_path), "--calib_images", "16",
+                                                        "--keep_float_stages", "0", "--min_agreement", "0.5",
+                                                        "--check_views", "3"]))
+    n_val = len(RunDir(tiny_run).split("val"))
+    assert n_val > 0 and report["check_views"] == 3
+    assert report["check_images"] == 3 * n_val and scored and set(scored) == {3 * n_val}
+
+
 def test_agreement_guard_keeps_the_best_attempt_when_none_passes(tiny_run, tmp_path, monkeypatch):
     # Scripted agreements, so the "none passed" path runs whatever the tiny model's real numbers are.
     scripted = iter([0.90, 0.97, 0.95, 0.96, 0.93, 0.97])
