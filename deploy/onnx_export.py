@@ -175,10 +175,10 @@ def export_run(run_dir: Path, export: ExportDir, settings: ExportOptions) -> dic
             has_val = run.split_csv("val").is_file()
             val = run.split("val", settings.data_dir) if has_val else []
             train = run.split("train", settings.data_dir)
-            data = CalibrationData([s.path for s in train],
-                                   check_views(load_preprocessed([s.path for s in val], transform, decoder),
-                                               settings.quant.check_views) if val else torch.empty(0), lambda paths: load_preprocessed(paths, transform, decoder),
-                                   [s.label for s in train])
+            val_images = (check_views(load_preprocessed([s.path for s in val], transform, decoder),
+                                      settings.quant.check_views) if val else torch.empty(0))
+            data = CalibrationData([s.path for s in train], val_images,
+                                   lambda paths: load_preprocessed(paths, transform, decoder), [s.label for s in train])
             held_out = _held_out_checkpoint(run, info.weights, settings.weights) if len(data.val_images) else None
             chosen_on = None
             if held_out is not None and settings.quant.min_agreement > 0:
