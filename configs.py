@@ -539,10 +539,12 @@ class QuantOptions(Options):
                                         "as mostly float: the export warns, and --qat_epochs (when set) fine-tunes "
                                         "for quantization instead", **between(0, 1), metavar="0..1")
     qat_epochs: int = _opt(0, "quantization-aware fine-tuning: when post-training INT8 needs more than "
-                              "--max_float_share of the nodes in FP32, fine-tune a copy of the model this many passes "
-                              "over the training images with simulated INT8 (taught by the FP32 model's answers), "
-                              "quantize that and keep whichever file needs fewer FP32 nodes (with --max_float_share "
-                              "0: tune in every case); 0 = off", **at_least(0))
+                              "--max_float_share of the nodes in FP32, fine-tune a copy of the model for this many "
+                              "passes over mirrored, shifted and zoomed training images with simulated "
+                              "INT8 (taught by the FP32 model's answers), keep the pass whose simulated INT8 agrees "
+                              "best with FP32 on the agreement check's images (the delivered weights if none), "
+                              "quantize that and keep whichever file needs fewer FP32 nodes (with "
+                              "--max_float_share 0: tune in every case); 0 = off", **at_least(0))
 
 
 @dataclass(frozen=True)

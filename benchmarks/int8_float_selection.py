@@ -12,6 +12,8 @@ Exports the run as quantize_onnx_models.py does once per variant (each into its 
   qat          sensitivity, then quantization-aware tuning (--qat_epochs) in every case (--max_float_share 0);
                the tuned file is kept only if it needs fewer FP32 nodes or agrees more
   qat_all_int8 the tuning's own effect: every node INT8 before and after tuning (both files' figures in the table)
+  qat_all_int8_views_8, qat_views_8
+               qat_all_int8 and qat with the best pass and the search judged on 8 views of every validation image
   random_calib, calib_100, calib_400
                sensitivity with calibration images drawn in proportion to the classes, or 100 / 400 of them
   views_4, views_8, prefix_views_8, divergence_views_8
@@ -52,6 +54,10 @@ VARIANTS = {
     "qat": {**_SEARCH, "qat_epochs": 2, "max_float_share": 0.0},
     # the tuning's own effect: post-training and tuned files both all INT8, the one agreeing more is kept
     "qat_all_int8": {"qat_epochs": 2, "max_float_share": 0.0, "min_agreement": 0.0},
+    # the same, its best pass chosen on 8 views of every validation image
+    "qat_all_int8_views_8": {"qat_epochs": 2, "max_float_share": 0.0, "min_agreement": 0.0, "check_views": 8},
+    # the sensitivity search on 8 views, then tuning in every case (the file needing fewer FP32 nodes is kept)
+    "qat_views_8": {**_SEARCH, "qat_epochs": 2, "max_float_share": 0.0, "check_views": 8},
     # calibration images: drawn in proportion to the classes instead of balanced, and half / double the default count
     "random_calib": {**_SEARCH, "calib_sampling": "random"},
     "calib_100": {**_SEARCH, "calib_images": 100},
@@ -126,7 +132,8 @@ def main(args: argparse.Namespace) -> list[dict]:
                "val_agreement": report["val_top1_agreement"], "test_agreement": report["int8_top1_agreement"],
                "test_accuracy": report["int8_accuracy"], "fp32_test_accuracy": report["fp32_accuracy"],
                "size_ratio": round(report["int8_size_ratio"], 3), "qat_kept": report.get("qat", {}).get("kept"),
-               "qat_seconds": report.get("qat", {}).get("seconds")}
+               "qat_seconds": report.get("qat", {}).get("seconds"),
+               "qat_best_pass": report.get("qat", {}).get("best_pass")}
         for side in ("post_training", "tuned"):  # both files of a tuning, whichever was kept
             for key in ("int8_float_nodes", "val_top1_agreement", "int8_top1_agreement", "int8_accuracy"):
                 if side in report.get("qat", {}):

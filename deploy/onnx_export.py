@@ -261,16 +261,22 @@ def _quantize_after_tuning(model: torch.nn.Module, input_size: Sequence[int], fp
                                          quant.calib_sampling)
         grids = ort_activation_grids(model, fp32_path, calibration, data.load_batch, ptq["calibrate_method"],
                                      Path(work))
-        tuned = finetune_for_int8(model, data.train_paths, data.load_batch, quant.qat_epochs, grids)
+        tuned = finetune_for_int8(model, data.train_paths, data.load_batch, quant.qat_epochs, grids,
+                                  check_images=data.val_images)
         summary = {"epochs": quant.qat_epochs, "seconds": round(tuned.seconds, 1), "steps": tuned.steps,
                    "train_kl": tuned.final_kl, "simulated_activations": tuned.simulated_activations,
+                   "best_pass": tuned.best_pass, "passes": tuned.passes,
                    "post_training": {k: ptq[k] for k in ("int8_float_nodes", "int8_float_share",
                                                          "val_top1_agreement", "int8_top1_agreement",
                                                          "int8_accuracy")}}
+        if not tuned.best_pass:
+            logger.info("quantization-aware tuning took %.0f s and never raised the simulated INT8 agreement on the "
+                        "%d check images: keeping the post-training file", tuned.seconds, len(data.val_images))
+            return {"qat": {**summary, "kept": "post_training"}}
         tuned_fp32 = Path(work) / "tuned_fp32.onnx"
         export_fp32(tuned.model, list(input_size), tuned_fp32, settings.opset)
         candidate = Path(work) / "int8.onnx"
-        qat = quantize_verified(tuned_fp32, candidate, levels, {**metadata, "qat_epochs": str(quant.qat_epochs)},
+        qat = quantize_verified(tuned_fp32, candidate, levels, {**metadata, "qat_epochs": str(tuned.best_pass)},
                                 quant, test, data, delivered_fp32=fp32_path)
         summary["tuned"] = {k: qat[k] for k in summary["post_training"]}
         keep = (int8_rank(qat["int8_float_nodes"], qat["val_top1_agreement"], quant.min_agreement)

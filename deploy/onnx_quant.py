@@ -386,29 +386,31 @@ CHECK_VIEWS = ((False, 0.0, 0.0, 1.0), (True, 0.0, 0.0, 1.0), (False, 0.04, 0.04
 
 def check_views(images: torch.Tensor, views: int) -> torch.Tensor:
     """The first ``views`` of CHECK_VIEWS of every preprocessed image (N, C, H, W), view after view: the agreement
-    check's inputs. Shifts pad by reflection, zoom crops the centre and resizes it back, all on the model's input
-    tensor, so nothing is decoded again."""
-    import torch.nn.functional as F
-
+    check's inputs. Made on the model's input tensor (``view_of``), so nothing is decoded again."""
     if views <= 1 or not len(images):
         return images
+    return torch.cat([view_of(images, *view) for view in CHECK_VIEWS[:views]])
+
+
+def view_of(images: torch.Tensor, mirrored: bool, down: float, right: float, zoom: float) -> torch.Tensor:
+    """``images`` (N, C, H, W) mirrored, shifted by ``down`` and ``right`` shares of the side (the edge padded by
+    reflection, so no black band a camera never makes) and zoomed into the centre by ``zoom`` (resized back)."""
+    import torch.nn.functional as F
+
     height, width = images.shape[-2:]
-    out = []
-    for mirrored, down, right, zoom in CHECK_VIEWS[:views]:
-        view = images.flip(-1) if mirrored else images
-        dy, dx = round(down * height), round(right * width)
-        if dy or dx:
-            pad = (abs(dx), abs(dx), abs(dy), abs(dy))
-            padded = F.pad(view, pad, mode="reflect")
-            top, left = abs(dy) - dy, abs(dx) - dx
-            view = padded[..., top:top + height, left:left + width]
-        if zoom != 1.0:
-            crop_h, crop_w = round(height / zoom), round(width / zoom)
-            top, left = (height - crop_h) // 2, (width - crop_w) // 2
-            view = F.interpolate(view[..., top:top + crop_h, left:left + crop_w], size=(height, width),
-                                 mode="bilinear", align_corners=False, antialias=False)
-        out.append(view.contiguous())
-    return torch.cat(out)
+    view = images.flip(-1) if mirrored else images
+    dy, dx = round(down * height), round(right * width)
+    if dy or dx:
+        pad = (abs(dx), abs(dx), abs(dy), abs(dy))
+        padded = F.pad(view, pad, mode="reflect")
+        top, left = abs(dy) - dy, abs(dx) - dx
+        view = padded[..., top:top + height, left:left + width]
+    if zoom != 1.0:
+        crop_h, crop_w = round(height / zoom), round(width / zoom)
+        top, left = (height - crop_h) // 2, (width - crop_w) // 2
+        view = F.interpolate(view[..., top:top + crop_h, left:left + crop_w], size=(height, width),
+                             mode="bilinear", align_corners=False, antialias=False)
+    return view.contiguous()
 
 
 def calibration_images(paths: list[Path], labels: Optional[list[int]], count: int, sampling: str,

@@ -382,9 +382,61 @@ def test_quantization_aware_tuning_brings_the_int8_answers_closer_to_fp32(tmp_pa
     after = all_int8_kl(tuned.model, "tuned")  # still measured against the delivered model's FP32 answers
     assert after < 0.75 * before, (before, after)
     assert tuned.steps == 3 * 16 and tuned.seconds > 0 and tuned.simulated_activations == len(grids)
+    assert tuned.best_pass == 3 and tuned.passes == []  # no check images: every pass, nothing to choose by
     assert all(torch.equal(original[k], v) for k, v in model.state_dict().items())  # the delivered model is intact
     assert not any(parametrize.is_parametrized(m) for m in tuned.model.modules())
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in tuned.model.modules())  # ready to export
+
+
+def test_the_tuning_hands_back_its_best_pass_on_the_check_images_or_the_delivered_weights(tmp_path):
+    from deploy.qat import finetune_for_int8, simulated_int8
+
+    model, train, _, grids = _qat_setup(tmp_path)
+    check = _images(600, torch.Generator().manual_seed(5))
+    delivered = {k: v.clone() for k, v in model.state_dict().items()}
+    load = lambda rows: train[list(rows)]  # noqa: E731
+
+    def simulated(net: nn.Module) -> tuple[float, float]:
+        with torch.no_grad():
+            fp32 = model(check).log_softmax(1)
+            with simulated_int8(net, grids):
+                out = net(check).log_softmax(1)
+        return ((out.argmax(1) == fp32.argmax(1)).double().mean().item(),
+                nn.functional.kl_div(out, fp32, log_target=True, reduction="batchmean").item())
+
+    tuned = finetune_for_int8(model, list(range(256)), load, 4, grids, lr=1e-3, check_images=check)
+    assert [p["pass"] for p in tuned.passes] == [0, 1, 2, 3, 4] and tuned.steps == 4 * 16
+    best = tuned.passes[tuned.best_pass]
+    assert tuned.best_pass >= 1 and best["val_agreement"] > tuned.passes[0]["val_agreement"]
+    assert all((best["val_agreement"], -best["val_kl"]) >= (p["val_agreement"], -p["val_kl"]) for p in tuned.passes)
+    # The model handed back is the best pass's: its simulated INT8 gives that pass's figures.
+    agreement, kl = simulated(tuned.model)
+    assert agreement == best["val_agreement"] and kl == pytest.approx(best["val_kl"], rel=1e-4)
+    assert not any(parametrize.is_parametrized(m) for m in tuned.model.modules())
+
+    # A step size that wrecks the model: no pass beats the delivered weights, which come back unchanged.
+    wrecked = finetune_for_int8(model, list(range(256)), load, 2, grids, lr=1.0, check_images=check)
+    assert wrecked.best_pass == 0 and len(wrecked.passes) == 3
+    assert all(p["val_agreement"] < wrecked.passes[0]["val_agreement"] for p in wrecked.passes[1:])
+    assert all(torch.equal(delivered[k], v) for k, v in wrecked.model.state_dict().items())
+    assert all(torch.equal(delivered[k], v) for k, v in model.state_dict().items())
+
+
+def test_the_tuning_trains_on_mirrored_shifted_and_zoomed_views():
+    from deploy.qat import TRAIN_VIEW_SHIFT, random_views
+
+    # Smooth images, so a view shifted by a pixel or two still looks like its image and a mirrored one does not.
+    coarse = torch.randn(32, 3, 6, 6, generator=torch.Generator().manual_seed(3))
+    images = nn.functional.interpolate(coarse, size=(32, 32), mode="bilinear", align_corners=False)
+    views = random_views(images, torch.Generator().manual_seed(0))
+    assert views.shape == images.shape
+    assert torch.equal(views, random_views(images, torch.Generator().manual_seed(0)))  # seeded
+    # Every image gets its own view, none the image itself, yet each stays mostly the image (a small shift or zoom).
+    assert all(not torch.equal(v, i) for v, i in zip(views, images))
+    same = [torch.corrcoef(torch.stack([v.flatten(), i.flatten()]))[0, 1] for v, i in zip(views, images)]
+    mirrored = [torch.corrcoef(torch.stack([v.flatten(), i.flip(-1).flatten()]))[0, 1] for v, i in zip(views, images)]
+    assert 0 < sum(a > b for a, b in zip(same, mirrored)) < 32  # some mirrored, some not
+    assert 0 < TRAIN_VIEW_SHIFT <= 0.1
 
 
 class _SiluNet(nn.Module):

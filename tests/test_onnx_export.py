@@ -172,14 +172,18 @@ def test_quantization_aware_tuning_runs_when_too_much_stays_float_and_its_file_p
     # The tiny SiLU model starts with three stages in FP32, over --max_float_share 0: tuning must run.
     report = qom.main(qom.get_args_parser().parse_args([
         "--skip_segmentation", "--model_path", str(tiny_run), "--output_dir", str(tmp_path), "--calib_images", "16",
-        "--qat_epochs", "1", "--max_float_share", "0"]))
+        "--qat_epochs", "3", "--max_float_share", "0"]))
     qat = report["qat"]
-    assert qat["epochs"] == 1 and qat["steps"] > 0 and qat["seconds"] > 0
+    assert qat["epochs"] == 3 and qat["steps"] > 0 and qat["seconds"] > 0
     assert qat["simulated_activations"] > 10  # the rounded activations of the all-INT8 file, found in the model
+    # Every pass was judged on the run's validation images under simulated INT8; a pass beat the delivered weights
+    # (on this run), so its weights were quantized and checked.
+    assert [p["pass"] for p in qat["passes"]] == [0, 1, 2, 3] and qat["best_pass"] >= 1
+    assert qat["passes"][qat["best_pass"]]["val_agreement"] > qat["passes"][0]["val_agreement"]
     for side in ("post_training", "tuned"):  # both files went through the agreement guard on validation images
         assert 0.0 <= qat[side]["val_top1_agreement"] <= 1.0 and qat[side]["int8_float_nodes"] >= 0
     meta = read_onnx_metadata(tmp_path / "clf_model_int8.onnx")
-    assert meta.get("qat_epochs") == ("1" if qat["kept"] == "tuned" else None)
+    assert meta.get("qat_epochs") == (str(qat["best_pass"]) if qat["kept"] == "tuned" else None)
     assert report["int8_float_nodes"] == qat[qat["kept"]]["int8_float_nodes"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the tuning's scratch files are gone
 
