@@ -565,7 +565,10 @@ def quantize_verified(fp32_path: Path, int8_target: Path, feature_levels: list[d
                       "calib_images": len(calib), "min_agreement": settings.min_agreement,
                       "check_views": settings.check_views, "check_images": len(data.val_images) if validate else 0,
                       "agreement_attempts": chosen["attempts"], "sensitivity": chosen["sensitivity"],
-                      "val_top1_agreement": _best_agreement(chosen) if validate else None}
+                      # The written file's own agreement, measured again: pruning ends on the last candidate that
+                      # held the target, which can agree on fewer images than the search's best attempt.
+                      "val_top1_agreement": (agreement_and_divergence(int8_tmp, data.val_images, val_fp32_probs)[0]
+                                             if validate else None)}
             if chosen_on is not None:
                 # The guard's figures are the held-out checkpoint's; this model's own are on images it trained on.
                 result.update(val_top1_agreement=chosen_on["val_top1_agreement"],

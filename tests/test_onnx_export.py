@@ -137,7 +137,8 @@ def test_check_views_multiply_the_images_the_guard_scores(tiny_run, tmp_path, mo
 
 def test_agreement_guard_keeps_the_best_attempt_when_none_passes(tiny_run, tmp_path, monkeypatch):
     # Scripted agreements, so the "none passed" path runs whatever the tiny model's real numbers are.
-    scripted = iter([0.90, 0.97, 0.95, 0.96, 0.93, 0.97])
+    # The last is the written file measured again.
+    scripted = iter([0.90, 0.97, 0.95, 0.96, 0.93, 0.97, 0.97])
     monkeypatch.setattr(onnx_quant, "agreement_and_divergence", lambda *_: (next(scripted), 0.1))
     report = qom.main(qom.get_args_parser().parse_args(["--skip_segmentation", "--model_path", str(tiny_run),
                                                         "--output_dir", str(tmp_path), "--calib_images", "16",
@@ -145,6 +146,7 @@ def test_agreement_guard_keeps_the_best_attempt_when_none_passes(tiny_run, tmp_p
                                                         "--float_selection", "prefix"]))
     assert [a["float_stages"] for a in report["agreement_attempts"]] == [0, 1, 2, 3, 4, 5]
     assert report["int8_float_stages"] == 1 and report["int8_float_until"] == "blocks.0"  # first of the two 0.97s
+    assert report["val_top1_agreement"] == 0.97 and next(scripted, None) is None
     assert read_onnx_metadata(tmp_path / "clf_model_int8.onnx")["float_stages"] == "1"
     convs = _quantized_convs(tmp_path / "clf_model_int8.onnx")
     assert not any(q for name, q in convs.items() if name.startswith(("/conv_stem/", "/blocks/blocks.0/")))
@@ -154,7 +156,7 @@ def test_agreement_guard_keeps_the_best_attempt_when_none_passes(tiny_run, tmp_p
 def test_int8_file_that_stays_mostly_float_says_so_and_names_the_all_int8_agreement(tiny_run, tmp_path,
                                                                                      monkeypatch, caplog):
     # A model with many close calls (seen on 8-class ISIC): only every stage in FP32 reaches the agreement asked for.
-    scripted = iter([0.90, 0.92, 0.93, 0.94, 0.95, 0.995])
+    scripted = iter([0.90, 0.92, 0.93, 0.94, 0.95, 0.995, 0.995])  # the last: the written file measured again
     monkeypatch.setattr(onnx_quant, "agreement_and_divergence", lambda *_: (next(scripted), 0.1))
     with caplog.at_level(logging.WARNING):
         report = qom.main(qom.get_args_parser().parse_args([
