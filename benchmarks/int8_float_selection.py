@@ -19,8 +19,10 @@ Exports the run as quantize_onnx_models.py does once per variant (each into its 
   views_4, views_8, prefix_views_8, divergence_views_8
                that search with the agreement checked on 4 or 8 views of every validation image (--check_views)
 then times PyTorch eager, ONNX FP32 and every INT8 file in alternating fresh processes (deploy.benchmarking) and
-prints one table: share of nodes in FP32, validation and test agreement with FP32, test accuracy and balanced
-accuracy, size, batch-1 and batch-32 p50 latency and speed-up over ONNX FP32, with the CPU it ran on.
+prints one table: share of nodes in FP32, validation and test agreement with FP32, how far INT8 moves FP32's lead of
+the top-1 class over the runner-up on the test images (median, 90th percentile; beside the share of near ties),
+test accuracy and balanced accuracy, size, batch-1 and batch-32 p50 latency and speed-up over ONNX FP32, with the
+CPU it ran on.
 
 Example (docs/measurements_speed.md, "INT8: FP32로 남길 부분 고르기"):
     python -m benchmarks.int8_float_selection --model_path <run folder> --work_dir /tmp/int8_selection
@@ -32,6 +34,9 @@ import argparse
 import json
 import logging
 from pathlib import Path
+
+import numpy as np
+import torch
 
 from configs import BenchmarkOptions, ExportOptions, QuantOptions
 from deploy.benchmarking import load_test_images, time_frameworks
@@ -69,6 +74,7 @@ VARIANTS = {
     "divergence_views_8": {"float_selection": "divergence", "check_views": 8},
 }
 DEFAULT_VARIANTS = ("all_int8", "prefix", "sensitivity", "auto", "qat")
+NEAR_TIE = 0.05  # a lead of the top-1 class over the runner-up under this (probability) counts as a near tie
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -110,11 +116,12 @@ def main(args: argparse.Namespace) -> list[dict]:
         saved.write_text(json.dumps(reports[name], indent=1, default=str))
     timing: dict[str, dict] = {}
     machine = machine_info(args.threads)
+    info = read_run_info(run)
+    images, labels, _ = load_test_images(run, info, None, 0)
+    near_tie_share, gap_shifts = _gap_shifts(work, names, images, info.n_class)
     if not args.skip_timing:
         bench = BenchmarkOptions(batch_sizes=args.batch_sizes, iterations=args.iterations, rounds=args.rounds,
                                  threads=args.threads, warmup=5)
-        info = read_run_info(run)
-        images, labels, _ = load_test_images(run, info, None, 0)
         frameworks = {"pytorch": None, "onnx_fp32": str(ExportDir(work / names[0]).fp32),
                       **{name: str(ExportDir(work / name).int8) for name in names}}
         for row in time_frameworks(run, frameworks, images, labels, info.model_name, bench, "cpu"):
@@ -134,6 +141,7 @@ def main(args: argparse.Namespace) -> list[dict]:
                "size_ratio": round(report["int8_size_ratio"], 3), "qat_kept": report.get("qat", {}).get("kept"),
                "qat_seconds": report.get("qat", {}).get("seconds"),
                "qat_best_pass": report.get("qat", {}).get("best_pass")}
+        row.update(gap_shifts[name])
         for side in ("post_training", "tuned"):  # both files of a tuning, whichever was kept
             for key in ("int8_float_nodes", "val_top1_agreement", "int8_top1_agreement", "int8_accuracy"):
                 if side in report.get("qat", {}):
@@ -144,6 +152,8 @@ def main(args: argparse.Namespace) -> list[dict]:
             row["test_balanced_accuracy"] = timed_row["test_balanced_accuracy"]
         rows.append(row)
     print(f"machine: {describe_machine(machine)}")
+    print(f"test images whose FP32 top-1 leads the runner-up by less than {NEAR_TIE} probability: "
+          f"{100 * near_tie_share:.1f}%")
     for batch, fp32_row in fp32.items():
         torch_row = timing["pytorch"][batch]
         print(f"batch {batch}: PyTorch eager p50 {torch_row['p50_ms']} ms, ONNX FP32 p50 {fp32_row['p50_ms']} ms; "
@@ -153,6 +163,29 @@ def main(args: argparse.Namespace) -> list[dict]:
     for row in rows:
         print(",".join("" if row.get(c) is None else str(row.get(c)) for c in columns))
     return rows
+
+
+def _gap_shifts(work: Path, names: list[str], images: np.ndarray, n_class: int
+                ) -> tuple[float, dict[str, dict[str, float]]]:
+    """How far each INT8 file moves FP32's lead of the top-1 class over the runner-up on the test images (median
+    and 90th percentile, in probability), and the share of test images FP32 answers by a lead under NEAR_TIE: an
+    answer flips where the first reaches the second, so the two together say how much smaller INT8's error must
+    get to keep a given share of answers."""
+    from prediction.predictors import onnx_probs
+
+    batch = torch.from_numpy(images)
+    fp32 = onnx_probs(ExportDir(work / names[0]).fp32, batch, n_class)
+    rows = np.arange(len(fp32))
+    ranked = np.argsort(fp32, 1)
+    first, second = ranked[:, -1], ranked[:, -2]
+    lead = fp32[rows, first] - fp32[rows, second]
+    shifts = {}
+    for name in names:
+        int8 = onnx_probs(ExportDir(work / name).int8, batch, n_class)
+        shift = np.abs(int8[rows, first] - int8[rows, second] - lead)
+        shifts[name] = {"test_gap_shift_median": round(float(np.median(shift)), 4),
+                        "test_gap_shift_p90": round(float(np.quantile(shift, 0.9)), 4)}
+    return float(np.mean(lead < NEAR_TIE)), shifts
 
 
 if __name__ == "__main__":
