@@ -279,8 +279,12 @@ def _quantize_after_tuning(model: torch.nn.Module, input_size: Sequence[int], fp
         qat = quantize_verified(tuned_fp32, candidate, levels, {**metadata, "qat_epochs": str(tuned.best_pass)},
                                 quant, test, data, delivered_fp32=fp32_path)
         summary["tuned"] = {k: qat[k] for k in summary["post_training"]}
-        keep = (int8_rank(qat["int8_float_nodes"], qat["val_top1_agreement"], quant.min_agreement)
-                < int8_rank(ptq["int8_float_nodes"], ptq["val_top1_agreement"], quant.min_agreement))
+        tuned_rank = int8_rank(qat["int8_float_nodes"], qat["val_top1_agreement"], quant.min_agreement)
+        post_rank = int8_rank(ptq["int8_float_nodes"], ptq["val_top1_agreement"], quant.min_agreement)
+        # With the guard off (--min_agreement 0) neither file is scored on the validation images, so equal ranks
+        # say nothing; the tuning's own simulated check, which found a pass better than the delivered weights, does.
+        unchecked = qat["val_top1_agreement"] is None and ptq["val_top1_agreement"] is None
+        keep = tuned_rank < post_rank or (tuned_rank == post_rank and unchecked)
         summary["kept"] = "tuned" if keep else "post_training"
         logger.info("quantization-aware tuning took %.0f s: %d FP32 nodes, validation agreement %.4f (post-training: "
                     "%d, %.4f); keeping the %s file", tuned.seconds, qat["int8_float_nodes"],

@@ -190,6 +190,19 @@ def test_quantization_aware_tuning_runs_when_too_much_stays_float_and_its_file_p
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the tuning's scratch files are gone
 
 
+def test_with_the_guard_off_the_tuned_file_is_kept_when_its_simulated_check_beat_the_delivered_weights(tiny_run,
+                                                                                                       tmp_path):
+    # --min_agreement 0 scores neither file on the validation images: the pass the tuning chose there decides.
+    report = qom.main(qom.get_args_parser().parse_args([
+        "--skip_segmentation", "--model_path", str(tiny_run), "--output_dir", str(tmp_path), "--calib_images", "16",
+        "--qat_epochs", "3", "--max_float_share", "0", "--min_agreement", "0", "--keep_float_stages", "0"]))
+    qat = report["qat"]
+    assert qat["best_pass"] >= 1 and qat["post_training"]["val_top1_agreement"] is None
+    assert qat["kept"] == "tuned"
+    assert read_onnx_metadata(tmp_path / "clf_model_int8.onnx")["qat_epochs"] == str(qat["best_pass"])
+    assert report["int8_top1_agreement"] == qat["tuned"]["int8_top1_agreement"]
+
+
 def test_keep_float_stages_zero_quantizes_every_conv_and_too_many_is_a_clear_error(tiny_run, tmp_path):
     report = qom.main(qom.get_args_parser().parse_args(["--skip_segmentation", "--model_path", str(tiny_run),
                                                         "--output_dir", str(tmp_path / "all"), "--calib_images", "16",
