@@ -263,12 +263,14 @@ class QatResult:
     best_pass: int  # the pass whose weights ``model`` holds; 0 = tuning never beat the delivered weights
 
 
-def _simulated_check(student: nn.Module, images: torch.Tensor, fp32_log_probs: torch.Tensor,
-                     batch_size: int = 64) -> tuple[float, float]:
-    """Top-1 agreement with FP32 and mean KL from FP32's answers of ``student`` (already under simulation)."""
+def _log_probs(net: nn.Module, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     with torch.no_grad():
-        log_probs = torch.cat([student(images[i:i + batch_size]).log_softmax(1)
-                               for i in range(0, len(images), batch_size)])
+        return torch.cat([net(images[i:i + batch_size]).log_softmax(1) for i in range(0, len(images), batch_size)])
+
+
+def _simulated_check(student: nn.Module, images: torch.Tensor, fp32_log_probs: torch.Tensor) -> tuple[float, float]:
+    """Top-1 agreement with FP32 and mean KL from FP32's answers of ``student`` (already under simulation)."""
+    log_probs = _log_probs(student, images)
     agreement = (log_probs.argmax(1) == fp32_log_probs.argmax(1)).double().mean().item()
     kl = nn.functional.kl_div(log_probs, fp32_log_probs, log_target=True, reduction="batchmean").item()
     return agreement, kl
@@ -304,10 +306,7 @@ def finetune_for_int8(model: nn.Module, images: list[Path], load_batch: Callable
     total_steps = max(1, epochs * batches_per_epoch)
     step, last_pass, passes, best_pass, best_state = 0, [], [], 0, None
     checking = check_images is not None and len(check_images) > 0
-    if checking:
-        with torch.no_grad():
-            fp32_log_probs = torch.cat([teacher(check_images[i:i + 64]).log_softmax(1)
-                                        for i in range(0, len(check_images), 64)])
+    fp32_log_probs = _log_probs(teacher, check_images) if checking else None
     with simulated_int8(student, grids):
         if checking:
             agreement, kl = _simulated_check(student, check_images, fp32_log_probs)
@@ -326,7 +325,7 @@ def finetune_for_int8(model: nn.Module, images: list[Path], load_batch: Callable
                     target = teacher(x).log_softmax(1)
                 loss = nn.functional.kl_div(student(x).log_softmax(1), target, log_target=True,
                                             reduction="batchmean")
-                for group in optimizer.param_groups:  # cosine decay to zero over the longest tuning
+                for group in optimizer.param_groups:  # cosine decay to zero over the whole tuning
                     group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
