@@ -513,6 +513,9 @@ class QuantOptions(Options):
                                            "(full range), entropy or percentile (clip outliers); auto = try all three "
                                            "and keep the one that reaches --min_agreement with the fewest FP32 nodes",
                                  CALIBRATION_METHODS)
+    bias_correction: bool = _opt(True, "move the bias of each INT8 convolution by the mean shift that rounding its "
+                                       "weights causes in its output on the calibration images (True/False); nodes "
+                                       "left in FP32 keep their own bias")
     float_selection: str = _opt(
         "prefix", "which parts stay FP32 when INT8 misses --min_agreement: prefix = whole leading stages, one more at "
                   "a time (on real photos it kept the most FP32 answers on images the search never saw); "

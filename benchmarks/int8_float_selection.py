@@ -14,6 +14,8 @@ Exports the run as quantize_onnx_models.py does once per variant (each into its 
   qat_all_int8 the tuning's own effect: every node INT8 before and after tuning (both files' figures in the table)
   qat_all_int8_views_8, qat_views_8
                qat_all_int8 and qat with the best pass and the search judged on 8 views of every validation image
+  all_int8_no_bc, sensitivity_no_bc, views_8_no_bc
+               all_int8, sensitivity and views_8 without bias correction (--bias_correction False)
   random_calib, calib_100, calib_400
                sensitivity with calibration images drawn in proportion to the classes, or 100 / 400 of them
   views_4, views_8, prefix_views_8, divergence_views_8
@@ -21,6 +23,7 @@ Exports the run as quantize_onnx_models.py does once per variant (each into its 
 then times PyTorch eager, ONNX FP32 and every INT8 file in alternating fresh processes (deploy.benchmarking) and
 prints one table: share of nodes in FP32, validation and test agreement with FP32, how far INT8 moves FP32's lead of
 the top-1 class over the runner-up on the test images (median, 90th percentile; beside the share of near ties),
+agreement and KL divergence from FP32 on 8 views of every test image,
 test accuracy and balanced accuracy, size, batch-1 and batch-32 p50 latency and speed-up over ONNX FP32, with the
 CPU it ran on.
 
@@ -42,6 +45,7 @@ from configs import BenchmarkOptions, ExportOptions, QuantOptions
 from deploy.benchmarking import load_test_images, time_frameworks
 from deploy.machine import describe_machine, machine_info
 from deploy.onnx_export import export_run
+from deploy.onnx_quant import agreement_and_divergence, check_views
 from runs.export_dir import ExportDir
 from runs.run_info import read_run_info
 from utils.logging_setup import setup_logging
@@ -63,6 +67,10 @@ VARIANTS = {
     "qat_all_int8_views_8": {"qat_epochs": 2, "max_float_share": 0.0, "min_agreement": 0.0, "check_views": 8},
     # the sensitivity search on 8 views, then tuning in every case (the file needing fewer FP32 nodes is kept)
     "qat_views_8": {**_SEARCH, "qat_epochs": 2, "max_float_share": 0.0, "check_views": 8},
+    # the same without bias correction (--bias_correction False): what the correction brings
+    "all_int8_no_bc": {"min_agreement": 0.0, "bias_correction": False},
+    "sensitivity_no_bc": {**_SEARCH, "bias_correction": False},
+    "views_8_no_bc": {**_SEARCH, "check_views": 8, "bias_correction": False},
     # calibration images: drawn in proportion to the classes instead of balanced, and half / double the default count
     "random_calib": {**_SEARCH, "calib_sampling": "random"},
     "calib_100": {**_SEARCH, "calib_images": 100},
@@ -74,6 +82,7 @@ VARIANTS = {
     "divergence_views_8": {"float_selection": "divergence", "check_views": 8},
 }
 DEFAULT_VARIANTS = ("all_int8", "prefix", "sensitivity", "auto", "qat")
+TEST_VIEWS = 8
 NEAR_TIE = 0.05  # a lead of the top-1 class over the runner-up under this (probability) counts as a near tie
 
 
@@ -138,7 +147,8 @@ def main(args: argparse.Namespace) -> list[dict]:
                "val_agreement_before_search": (report.get("agreement_attempts") or [{}])[0].get("val_top1_agreement"),
                "val_agreement": report["val_top1_agreement"], "test_agreement": report["int8_top1_agreement"],
                "test_accuracy": report["int8_accuracy"], "fp32_test_accuracy": report["fp32_accuracy"],
-               "size_ratio": round(report["int8_size_ratio"], 3), "qat_kept": report.get("qat", {}).get("kept"),
+               "size_ratio": round(report["int8_size_ratio"], 3),
+               "bias_corrected_nodes": report.get("int8_bias_corrected"), "qat_kept": report.get("qat", {}).get("kept"),
                "qat_seconds": report.get("qat", {}).get("seconds"),
                "qat_best_pass": report.get("qat", {}).get("best_pass")}
         row.update(gap_shifts[name])
@@ -179,12 +189,18 @@ def _gap_shifts(work: Path, names: list[str], images: np.ndarray, n_class: int
     ranked = np.argsort(fp32, 1)
     first, second = ranked[:, -1], ranked[:, -2]
     lead = fp32[rows, first] - fp32[rows, second]
+    # 8 views of every test image: eight times the inputs for the agreement on photos no choice was made on.
+    views = check_views(batch, TEST_VIEWS)
+    fp32_views = onnx_probs(ExportDir(work / names[0]).fp32, views, n_class)
     shifts = {}
     for name in names:
         int8 = onnx_probs(ExportDir(work / name).int8, batch, n_class)
         shift = np.abs(int8[rows, first] - int8[rows, second] - lead)
+        views_agreement, views_kl = agreement_and_divergence(ExportDir(work / name).int8, views, fp32_views)
         shifts[name] = {"test_gap_shift_median": round(float(np.median(shift)), 4),
-                        "test_gap_shift_p90": round(float(np.quantile(shift, 0.9)), 4)}
+                        "test_gap_shift_p90": round(float(np.quantile(shift, 0.9)), 4),
+                        f"test_views_{TEST_VIEWS}_agreement": round(views_agreement, 4),
+                        f"test_views_{TEST_VIEWS}_kl": round(views_kl, 5)}
     return float(np.mean(lead < NEAR_TIE)), shifts
 
 

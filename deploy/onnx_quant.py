@@ -199,12 +199,20 @@ class _Trials:
     each result on the validation images against FP32."""
 
     def __init__(self, prepped: Path, target: Path, reader: CalibrationReader, method: str, cache: Path,
-                 val_images: torch.Tensor, val_fp32_probs: Optional[np.ndarray]):
+                 val_images: torch.Tensor, val_fp32_probs: Optional[np.ndarray],
+                 bias_shifts: Optional[dict[str, np.ndarray]] = None):
         self.prepped, self.target, self.reader, self.method, self.cache = prepped, target, reader, method, cache
         self.val_images, self.val_fp32_probs = val_images, val_fp32_probs
+        self.bias_shifts = bias_shifts or {}
 
     def write(self, float_nodes: Sequence[str]) -> None:
-        quantize_int8(self.prepped, self.target, None if self.cache.exists() else self.reader, self.method,
+        source = self.prepped
+        if self.bias_shifts:  # the INT8 nodes of this choice get corrected biases, its FP32 nodes keep their own
+            from deploy.bias_correction import write_corrected
+
+            source = self.target.with_name(self.target.stem + "-bias-corrected.onnx")
+            write_corrected(self.prepped, source, self.bias_shifts, float_nodes)
+        quantize_int8(source, self.target, None if self.cache.exists() else self.reader, self.method,
                       sorted(set(float_nodes)), self.cache)
 
     def score(self, float_nodes: Sequence[str]) -> tuple[float, float]:
@@ -467,6 +475,19 @@ def _taken_over(trials: _Trials, chosen_on: dict[str, Any], validate: bool) -> d
             "sensitivity": chosen_on["sensitivity"]}
 
 
+def _weight_rounding_shifts(prepped: Path, work: Path, calib: list[Path],
+                            load_batch: Callable[[list[Path]], torch.Tensor]) -> dict[str, np.ndarray]:
+    """Per INT8 Conv/Gemm node the mean output shift its rounded weights cause (deploy.bias_correction), with the
+    weights rounded by ONNX Runtime itself: every node quantized once (weights do not depend on the activation
+    ranges, so a few calibration images do)."""
+    from deploy.bias_correction import weight_rounding_shifts
+
+    rounded = work / "weights-int8.onnx"
+    quantize_int8(prepped, rounded, CalibrationReader(calib[:8], lambda paths: load_batch(paths).numpy()), "minmax")
+    batches = (load_batch(calib[i:i + 16]).numpy() for i in range(0, len(calib), 16))
+    return weight_rounding_shifts(prepped, rounded, batches)
+
+
 def int8_rank(float_nodes: int, val_agreement: Optional[float], min_agreement: float) -> tuple:
     """Orders candidate INT8 files, smaller first: reaching the agreement, then the fewest FP32 nodes, then the
     higher agreement (a file checked on no validation image counts as agreeing)."""
@@ -524,11 +545,13 @@ def quantize_verified(fp32_path: Path, int8_target: Path, feature_levels: list[d
         prepare_for_quantization(fp32_path, prepped)
         graph = onnx.load(str(prepped)).graph
         total_nodes = len(graph.node)
+        shifts = (_weight_rounding_shifts(prepped, Path(work), calib, data.load_batch) if settings.bias_correction
+                  else {})
         choices = {}
         for method in methods:
             reader = CalibrationReader(calib, lambda paths: data.load_batch(paths).numpy())
             trials = _Trials(prepped, Path(work) / f"int8-{method}.onnx", reader, method,
-                             Path(work) / f"ranges-{method}.json", data.val_images, val_fp32_probs)
+                             Path(work) / f"ranges-{method}.json", data.val_images, val_fp32_probs, shifts)
             choice = (_select(trials, graph, feature_levels, float_stages, settings, validate) if chosen_on is None
                       else _taken_over(trials, chosen_on, validate))
             choices[method] = {**choice, "path": trials.target}
@@ -561,6 +584,7 @@ def quantize_verified(fp32_path: Path, int8_target: Path, feature_levels: list[d
                       "int8_float_units": chosen["float_units"], "int8_float_nodes": len(float_nodes),
                       "int8_float_node_names": sorted(float_nodes),
                       "graph_nodes": total_nodes, "int8_float_share": len(float_nodes) / total_nodes,
+                      "int8_bias_corrected": sum(1 for node in shifts if node not in set(float_nodes)),
                       "calibrate_method": method, "calib_sampling": settings.calib_sampling,
                       "calib_images": len(calib), "min_agreement": settings.min_agreement,
                       "check_views": settings.check_views, "check_images": len(data.val_images) if validate else 0,
