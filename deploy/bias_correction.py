@@ -132,7 +132,7 @@ def weight_rounding_shifts(prepped_path: Path, int8_path: Path, batches: Iterabl
 def write_corrected(prepped_path: Path, target: Path, shifts: dict[str, np.ndarray],
                     keep_float: Sequence[str]) -> int:
     """A copy of ``prepped_path`` at ``target`` in which every node of ``shifts`` not kept in FP32 has its bias
-    moved against its shift (a bias is added where the node has none). Returns how many nodes were corrected."""
+    moved against its shift. Returns how many nodes were corrected."""
     import onnx
     from onnx import numpy_helper
 
@@ -149,16 +149,19 @@ def write_corrected(prepped_path: Path, target: Path, shifts: dict[str, np.ndarr
         if node.name not in shifts or node.name in floats:
             continue
         shift = shifts[node.name]
-        has_bias = len(node.input) > 2 and node.input[2] in constants and uses[node.input[2]] == 1
-        if len(node.input) > 2 and node.input[2] and not has_bias:
-            continue  # a bias computed by the graph or shared with another node: left as it is
-        bias = (numpy_helper.to_array(constants[node.input[2]]) if has_bias
+        named = len(node.input) > 2 and bool(node.input[2])
+        if named and node.input[2] not in constants:
+            continue  # a bias the graph computes: left as it is
+        bias = (numpy_helper.to_array(constants[node.input[2]]) if named
                 else np.zeros(shift.shape, dtype=np.float32))
         if bias.shape != shift.shape:
             continue
+        # A bias of this node alone is replaced in place; one shared with other nodes (the exporter merges equal
+        # constants, e.g. zero biases) or missing gets a new initializer of this node's own.
+        own = named and uses[node.input[2]] == 1
         new = numpy_helper.from_array((bias.astype(np.float64) - shift).astype(bias.dtype),
-                                      node.input[2] if has_bias else f"{node.name}.corrected_bias")
-        if has_bias:
+                                      node.input[2] if own else f"{node.name}.corrected_bias")
+        if own:
             constants[node.input[2]].CopyFrom(new)
         else:
             graph.initializer.append(new)

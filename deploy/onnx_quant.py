@@ -204,6 +204,7 @@ class _Trials:
         self.prepped, self.target, self.reader, self.method, self.cache = prepped, target, reader, method, cache
         self.val_images, self.val_fp32_probs = val_images, val_fp32_probs
         self.bias_shifts = bias_shifts or {}
+        self.bias_corrected = 0  # nodes whose bias the last written file has corrected
 
     def write(self, float_nodes: Sequence[str]) -> None:
         source = self.prepped
@@ -211,7 +212,7 @@ class _Trials:
             from deploy.bias_correction import write_corrected
 
             source = self.target.with_name(self.target.stem + "-bias-corrected.onnx")
-            write_corrected(self.prepped, source, self.bias_shifts, float_nodes)
+            self.bias_corrected = write_corrected(self.prepped, source, self.bias_shifts, float_nodes)
         quantize_int8(source, self.target, None if self.cache.exists() else self.reader, self.method,
                       sorted(set(float_nodes)), self.cache)
 
@@ -554,7 +555,7 @@ def quantize_verified(fp32_path: Path, int8_target: Path, feature_levels: list[d
                              Path(work) / f"ranges-{method}.json", data.val_images, val_fp32_probs, shifts)
             choice = (_select(trials, graph, feature_levels, float_stages, settings, validate) if chosen_on is None
                       else _taken_over(trials, chosen_on, validate))
-            choices[method] = {**choice, "path": trials.target}
+            choices[method] = {**choice, "path": trials.target, "bias_corrected": trials.bias_corrected}
             if len(methods) > 1:
                 logger.info("calibration %s: %d FP32 nodes, validation agreement %.4f", method,
                             len(choices[method]["float_nodes"]), _best_agreement(choices[method]))
@@ -584,7 +585,7 @@ def quantize_verified(fp32_path: Path, int8_target: Path, feature_levels: list[d
                       "int8_float_units": chosen["float_units"], "int8_float_nodes": len(float_nodes),
                       "int8_float_node_names": sorted(float_nodes),
                       "graph_nodes": total_nodes, "int8_float_share": len(float_nodes) / total_nodes,
-                      "int8_bias_corrected": sum(1 for node in shifts if node not in set(float_nodes)),
+                      "int8_bias_corrected": chosen["bias_corrected"],
                       "calibrate_method": method, "calib_sampling": settings.calib_sampling,
                       "calib_images": len(calib), "min_agreement": settings.min_agreement,
                       "check_views": settings.check_views, "check_images": len(data.val_images) if validate else 0,

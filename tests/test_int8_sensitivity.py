@@ -125,6 +125,8 @@ def test_the_fragile_block_stays_fp32_and_nothing_else(fragile, tmp_path):
     convs = _int8_convs(tmp_path / "int8.onnx")
     assert not any(q for name, q in convs.items() if name.startswith("/blocks/blocks.2/"))
     assert all(q for name, q in convs.items() if not name.startswith("/blocks/blocks.2/"))
+    # the biases of the INT8 convolutions and the classifier are corrected, those of the FP32 block are not
+    assert report["int8_bias_corrected"] == sum(convs.values()) + 1
 
 
 def test_a_choice_made_on_another_checkpoint_is_used_as_it_is(fragile, tmp_path):
