@@ -32,15 +32,16 @@ def _dequantized_weights(int8_path: Path) -> dict[str, np.ndarray]:
 
     graph = onnx.load(str(int8_path)).graph
     constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    weights = {node.input[1] for node in graph.node if node.op_type in CORRECTED_OPS and len(node.input) > 1}
     dequantized = {}
     for node in graph.node:
-        if node.op_type != "DequantizeLinear" or node.input[0] not in constants:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in constants or node.output[0] not in weights:
             continue
         values = constants[node.input[0]].astype(np.float64)
         scale = constants[node.input[1]].astype(np.float64)
         zero = constants[node.input[2]].astype(np.float64) if len(node.input) > 2 else np.zeros_like(scale)
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-        if scale.ndim:  # per channel along `axis`
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)  # ONNX's default axis is 1
+        if scale.ndim and values.ndim > axis:  # per channel along `axis`
             shape = [1] * values.ndim
             shape[axis] = -1
             scale, zero = scale.reshape(shape), zero.reshape(shape)
