@@ -69,6 +69,16 @@ def _logits(path: Path, images: torch.Tensor) -> np.ndarray:
     return session.run(None, {session.get_inputs()[0].name: images.numpy()})[0]
 
 
+def _all_int8(model: nn.Module, images: torch.Tensor, work: Path) -> tuple[Path, Path]:
+    """The model's FP32 graph prepared for quantization, and its every-node INT8 file calibrated on ``images``."""
+    export_fp32(model, list(images.shape[1:]), work / "fp32.onnx", 17)
+    prepped, int8 = work / "prepped.onnx", work / "int8.onnx"
+    onnx_quant.prepare_for_quantization(work / "fp32.onnx", prepped)
+    reader = onnx_quant.CalibrationReader(list(range(len(images))), lambda rows: images[rows].numpy())
+    onnx_quant.quantize_int8(prepped, int8, reader, "minmax")
+    return prepped, int8
+
+
 @pytest.fixture(autouse=True)
 def no_latency_timing(monkeypatch):
     monkeypatch.setattr(onnx_quant, "compare_latency", lambda paths, *args, **kwargs: [1.0] * len(paths))
@@ -98,12 +108,8 @@ def test_the_measured_shift_is_the_mean_output_change_of_the_rounded_weights(tmp
     # Padding, stride and groups as ONNX Runtime runs them: the shift equals the mean change of each layer's output
     # when only its weights are replaced by the rounded ones (the layers are linear in their weights).
     model = _StridedDepthwise().eval()
-    export_fp32(model, [6, SIDE, SIDE], tmp_path / "fp32.onnx", 17)
-    prepped, int8 = tmp_path / "prepped.onnx", tmp_path / "int8.onnx"
-    onnx_quant.prepare_for_quantization(tmp_path / "fp32.onnx", prepped)
     images = _positive_images(20, 6, 2)
-    onnx_quant.quantize_int8(prepped, int8, onnx_quant.CalibrationReader(list(range(20)),
-                                                                          lambda rows: images[rows].numpy()), "minmax")
+    prepped, int8 = _all_int8(model, images, tmp_path)
     shifts = weight_rounding_shifts(prepped, int8, (images[i:i + 8].numpy() for i in range(0, 20, 8)))
     rounded = _dequantized_weights(int8)
     assert len(shifts) == 2
@@ -118,13 +124,8 @@ def test_the_measured_shift_is_the_mean_output_change_of_the_rounded_weights(tmp
 
 
 def test_a_node_kept_in_fp32_keeps_its_own_bias(tmp_path):
-    model = _DriftNet().eval()
-    export_fp32(model, [3, SIDE, SIDE], tmp_path / "fp32.onnx", 17)
-    prepped, int8 = tmp_path / "prepped.onnx", tmp_path / "int8.onnx"
-    onnx_quant.prepare_for_quantization(tmp_path / "fp32.onnx", prepped)
     images = _positive_images(16, 3, 3)
-    onnx_quant.quantize_int8(prepped, int8, onnx_quant.CalibrationReader(list(range(16)),
-                                                                          lambda rows: images[rows].numpy()), "minmax")
+    prepped, int8 = _all_int8(_DriftNet().eval(), images, tmp_path)
     shifts = weight_rounding_shifts(prepped, int8, [images.numpy()])
     stem = next(name for name in shifts if "conv_stem" in name)
     classifier = next(name for name in shifts if name != stem)
