@@ -569,7 +569,8 @@ def quantize_verified(fp32_path: Path, int8_target: Path, feature_levels: list[d
             write_onnx_metadata(int8_tmp, {**metadata, "precision": "int8", "float_stages": str(chosen["float_stages"]),
                                            "float_nodes": str(len(float_nodes)),
                                            "float_units": ",".join(chosen["float_units"]),
-                                           "calibrate_method": method})
+                                           "calibrate_method": method,
+                                           "bias_corrected_nodes": str(chosen["bias_corrected"])})
             check_onnx_model(int8_tmp)
             int8_probs = onnx_probs(int8_tmp, test.images, n_class)
             fp32_ms, int8_ms = compare_latency([delivered_fp32, int8_tmp], test.images[:1].numpy(),

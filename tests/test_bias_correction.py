@@ -15,6 +15,7 @@ from configs import QuantOptions
 from deploy import onnx_quant
 from deploy.bias_correction import _dequantized_weights, weight_rounding_shifts, write_corrected
 from deploy.onnx_export import export_fp32
+from utils.onnx_runtime import read_onnx_metadata
 
 N_CLASS = 4
 SIDE = 16
@@ -99,6 +100,7 @@ def test_bias_correction_takes_out_the_mean_shift_that_rounding_the_weights_caus
                                               _data(train))
         # the stem and the classifier (a Gemm) are corrected; nothing without the option
         assert report["int8_bias_corrected"] == (2 if corrected else 0)
+        assert read_onnx_metadata(target)["bias_corrected_nodes"] == str(report["int8_bias_corrected"])
         drift[corrected] = np.abs((_logits(target, test) - _logits(tmp_path / "fp32.onnx", test)).mean(0)).max()
     assert drift[False] > 0.02  # the rounding moves the logits' mean
     assert drift[True] < drift[False] / 5
