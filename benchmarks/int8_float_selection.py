@@ -14,8 +14,8 @@ Exports the run as quantize_onnx_models.py does once per variant (each into its 
   qat_all_int8 the tuning's own effect: every node INT8 before and after tuning (both files' figures in the table)
   qat_all_int8_views_8, qat_views_8
                qat_all_int8 and qat with the best pass and the search judged on 8 views of every validation image
-  all_int8_no_bc, sensitivity_no_bc, views_8_no_bc
-               all_int8, sensitivity and views_8 without bias correction (--bias_correction False)
+  all_int8_no_bc, prefix_no_bc, sensitivity_no_bc, views_8_no_bc
+               those variants without bias correction (--bias_correction False)
   random_calib, calib_100, calib_400
                sensitivity with calibration images drawn in proportion to the classes, or 100 / 400 of them
   views_4, views_8, prefix_views_8, divergence_views_8
@@ -69,6 +69,7 @@ VARIANTS = {
     "qat_views_8": {**_SEARCH, "qat_epochs": 2, "max_float_share": 0.0, "check_views": 8},
     # the same without bias correction (--bias_correction False): what the correction brings
     "all_int8_no_bc": {"min_agreement": 0.0, "bias_correction": False},
+    "prefix_no_bc": {"float_selection": "prefix", "bias_correction": False},
     "sensitivity_no_bc": {**_SEARCH, "bias_correction": False},
     "views_8_no_bc": {**_SEARCH, "check_views": 8, "bias_correction": False},
     # calibration images: drawn in proportion to the classes instead of balanced, and half / double the default count
