@@ -12,7 +12,6 @@ inputs are those of the FP32 graph on the calibration images. A node left in FP3
 
 from __future__ import annotations
 
-import copy
 import logging
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -62,18 +61,11 @@ def _attribute(node, name: str, default):
 def _mean_inputs(model, node_inputs: dict[str, str], batches: Iterable[np.ndarray]) -> dict[str, np.ndarray]:
     """Per node, its input tensor averaged over the images (kept per position: a convolution's padding makes the
     border's mean output differ from the inside's)."""
-    import onnx
+    from utils.onnx_runtime import session_with_outputs
 
-    from utils.onnx_runtime import create_session
-
-    model = copy.deepcopy(model)  # the caller's graph keeps its outputs
     graph_input = model.graph.input[0].name
-    present = {o.name for o in model.graph.output}
     wanted = sorted(set(node_inputs.values()))
-    for name in wanted:
-        if name not in present and name != graph_input:
-            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    session = create_session(model.SerializeToString(), "cpu")
+    session = session_with_outputs(model, wanted)
     names = [o.name for o in session.get_outputs()]
     sums: dict[str, np.ndarray] = {}
     count = 0

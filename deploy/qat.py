@@ -129,17 +129,9 @@ def int8_activation_grids(int8_path: Path) -> dict[str, tuple[float, int]]:
 def _onnx_tensors(model, names: Sequence[str], images: torch.Tensor) -> dict[str, np.ndarray]:
     """The values of the named tensors of a loaded FP32 ONNX model for ``images`` (each made a graph output for one
     run)."""
-    import onnx
+    from utils.onnx_runtime import session_with_outputs
 
-    from utils.onnx_runtime import create_session
-
-    model = copy.deepcopy(model)  # the caller's graph keeps its outputs
-    graph_inputs = {i.name for i in model.graph.input}
-    present = {o.name for o in model.graph.output}
-    for name in names:
-        if name not in present and name not in graph_inputs:
-            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    session = create_session(model.SerializeToString(), "cpu")
+    session = session_with_outputs(model, names)
     feed = {model.graph.input[0].name: images.numpy()}
     values = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
     values.update({name: array for name, array in feed.items()})

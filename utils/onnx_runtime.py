@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from utils.device import onnx_providers
 from utils.errors import UserError
@@ -35,6 +35,23 @@ def create_session(path: str | Path | bytes, device: str = "cpu", threads: int =
     except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types
         name = "(in-memory model)" if isinstance(path, bytes) else path
         raise UserError(f"cannot load {what} {name}: {str(err).splitlines()[0]}") from err
+
+
+def session_with_outputs(model: Any, names: Iterable[str]) -> Any:
+    """A CPU session of a loaded ONNX model that also returns the named intermediate tensors (each made a graph
+    output of a copy: the caller's graph keeps its outputs). The graph input is not an output; feed it back
+    yourself where a name refers to it."""
+    import copy
+
+    import onnx
+
+    model = copy.deepcopy(model)
+    inputs = {i.name for i in model.graph.input}
+    present = {o.name for o in model.graph.output}
+    for name in dict.fromkeys(names):
+        if name not in present and name not in inputs:
+            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    return create_session(model.SerializeToString(), "cpu")
 
 
 def read_onnx_metadata(path: str | Path) -> dict[str, str]:
