@@ -39,7 +39,7 @@ def _dequantized_weights(int8_path: Path) -> dict[str, np.ndarray]:
         values = constants[node.input[0]].astype(np.float64)
         scale = constants[node.input[1]].astype(np.float64)
         zero = constants[node.input[2]].astype(np.float64) if len(node.input) > 2 else np.zeros_like(scale)
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)  # ONNX's default axis is 1
+        axis = _attribute(node, "axis", 1)  # ONNX's default axis is 1
         if scale.ndim and values.ndim > axis:  # per channel along `axis`
             shape = [1] * values.ndim
             shape[axis] = -1
