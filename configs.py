@@ -516,6 +516,10 @@ class QuantOptions(Options):
     bias_correction: bool = _opt(True, "move the bias of each INT8 convolution by the mean shift that rounding its "
                                        "weights causes in its output on the calibration images (True/False); nodes "
                                        "left in FP32 keep their own bias")
+    pixel_exact_input: bool = _opt(True, "move the INT8 input's grid by half a step so that every 8-bit pixel value "
+                                         "is quantized exactly, and the first convolution's bias back (True/False); "
+                                         "applies when every channel has the same mean and std (EfficientNet-Lite: "
+                                         "0.5), where the calibrated grid rounds every pixel by half a step")
     float_selection: str = _opt(
         "prefix", "which parts stay FP32 when INT8 misses --min_agreement: prefix = whole leading stages, one more at "
                   "a time (on real photos it kept the most FP32 answers on images the search never saw); "

@@ -16,6 +16,8 @@ Exports the run as quantize_onnx_models.py does once per variant (each into its 
                qat_all_int8 and qat with the best pass and the search judged on 8 views of every validation image
   all_int8_no_bc, prefix_no_bc, sensitivity_no_bc, views_8_no_bc
                those variants without bias correction (--bias_correction False)
+  all_int8_no_grid, prefix_no_grid, sensitivity_no_grid
+               those variants with the input on its calibrated grid (--pixel_exact_input False)
   random_calib, calib_100, calib_400
                sensitivity with calibration images drawn in proportion to the classes, or 100 / 400 of them
   views_4, views_8, prefix_views_8, divergence_views_8
@@ -72,6 +74,10 @@ VARIANTS = {
     "prefix_no_bc": {"float_selection": "prefix", "bias_correction": False},
     "sensitivity_no_bc": {**_SEARCH, "bias_correction": False},
     "views_8_no_bc": {**_SEARCH, "check_views": 8, "bias_correction": False},
+    # the same with the input quantized on its calibrated grid (--pixel_exact_input False)
+    "all_int8_no_grid": {"min_agreement": 0.0, "pixel_exact_input": False},
+    "prefix_no_grid": {"float_selection": "prefix", "pixel_exact_input": False},
+    "sensitivity_no_grid": {**_SEARCH, "pixel_exact_input": False},
     # calibration images: drawn in proportion to the classes instead of balanced, and half / double the default count
     "random_calib": {**_SEARCH, "calib_sampling": "random"},
     "calib_100": {**_SEARCH, "calib_images": 100},
@@ -149,7 +155,8 @@ def main(args: argparse.Namespace) -> list[dict]:
                "val_agreement": report["val_top1_agreement"], "test_agreement": report["int8_top1_agreement"],
                "test_accuracy": report["int8_accuracy"], "fp32_test_accuracy": report["fp32_accuracy"],
                "size_ratio": round(report["int8_size_ratio"], 3),
-               "bias_corrected_nodes": report.get("int8_bias_corrected"), "qat_kept": report.get("qat", {}).get("kept"),
+               "bias_corrected_nodes": report.get("int8_bias_corrected"),
+               "input_on_pixel_grid": report.get("int8_input_on_pixel_grid"), "qat_kept": report.get("qat", {}).get("kept"),
                "qat_seconds": report.get("qat", {}).get("seconds"),
                "qat_best_pass": report.get("qat", {}).get("best_pass")}
         row.update(gap_shifts[name])

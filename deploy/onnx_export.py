@@ -178,7 +178,8 @@ def export_run(run_dir: Path, export: ExportDir, settings: ExportOptions) -> dic
             val_images = (check_views(load_preprocessed([s.path for s in val], transform, decoder),
                                       settings.quant.check_views) if val else torch.empty(0))
             data = CalibrationData([s.path for s in train], val_images,
-                                   lambda paths: load_preprocessed(paths, transform, decoder), [s.label for s in train])
+                                   lambda paths: load_preprocessed(paths, transform, decoder), [s.label for s in train],
+                                   (info.preprocessing.mean, info.preprocessing.std))
             held_out = _held_out_checkpoint(run, info.weights, settings.weights) if len(data.val_images) else None
             chosen_on = None
             if held_out is not None and settings.quant.min_agreement > 0:

@@ -200,11 +200,14 @@ class _Trials:
 
     def __init__(self, prepped: Path, target: Path, reader: CalibrationReader, method: str, cache: Path,
                  val_images: torch.Tensor, val_fp32_probs: Optional[np.ndarray],
-                 bias_shifts: Optional[dict[str, np.ndarray]] = None):
+                 bias_shifts: Optional[dict[str, np.ndarray]] = None,
+                 pixel_grid: Optional[tuple[Sequence[float], Sequence[float]]] = None):
         self.prepped, self.target, self.reader, self.method, self.cache = prepped, target, reader, method, cache
         self.val_images, self.val_fp32_probs = val_images, val_fp32_probs
         self.bias_shifts = bias_shifts or {}
         self.bias_corrected = 0  # nodes whose bias the last written file has corrected
+        self.pixel_grid = pixel_grid  # (mean, std) to put the input's grid on the pixel values, or None
+        self.input_on_pixel_grid = False  # whether the last written file's input grid holds every pixel value
 
     def write(self, float_nodes: Sequence[str]) -> None:
         source = self.prepped
@@ -215,6 +218,10 @@ class _Trials:
             self.bias_corrected = write_corrected(self.prepped, source, self.bias_shifts, float_nodes)
         quantize_int8(source, self.target, None if self.cache.exists() else self.reader, self.method,
                       sorted(set(float_nodes)), self.cache)
+        if self.pixel_grid is not None:
+            from deploy.input_grid import align_input_grid
+
+            self.input_on_pixel_grid = align_input_grid(self.target, *self.pixel_grid)
 
     def score(self, float_nodes: Sequence[str]) -> tuple[float, float]:
         self.write(float_nodes)
@@ -385,6 +392,8 @@ class CalibrationData:
     val_images: torch.Tensor  # the agreement check's images (may be empty)
     load_batch: Callable[[list[Path]], torch.Tensor]
     train_labels: Optional[list[int]] = None  # for class-balanced calibration
+    # The per-channel mean and std load_batch normalises 8-bit pixels with (deploy.input_grid), if known.
+    normalisation: Optional[tuple[Sequence[float], Sequence[float]]] = None
 
 
 # Each view: (mirrored, vertical and horizontal shift as a share of the side, zoom). Small changes a camera or a
@@ -552,10 +561,12 @@ def quantize_verified(fp32_path: Path, int8_target: Path, feature_levels: list[d
         for method in methods:
             reader = CalibrationReader(calib, lambda paths: data.load_batch(paths).numpy())
             trials = _Trials(prepped, Path(work) / f"int8-{method}.onnx", reader, method,
-                             Path(work) / f"ranges-{method}.json", data.val_images, val_fp32_probs, shifts)
+                             Path(work) / f"ranges-{method}.json", data.val_images, val_fp32_probs, shifts,
+                             data.normalisation if settings.pixel_exact_input else None)
             choice = (_select(trials, graph, feature_levels, float_stages, settings, validate) if chosen_on is None
                       else _taken_over(trials, chosen_on, validate))
-            choices[method] = {**choice, "path": trials.target, "bias_corrected": trials.bias_corrected}
+            choices[method] = {**choice, "path": trials.target, "bias_corrected": trials.bias_corrected,
+                               "input_on_pixel_grid": trials.input_on_pixel_grid}
             if len(methods) > 1:
                 logger.info("calibration %s: %d FP32 nodes, validation agreement %.4f", method,
                             len(choices[method]["float_nodes"]), _best_agreement(choices[method]))
@@ -570,7 +581,8 @@ def quantize_verified(fp32_path: Path, int8_target: Path, feature_levels: list[d
                                            "float_nodes": str(len(float_nodes)),
                                            "float_units": ",".join(chosen["float_units"]),
                                            "calibrate_method": method,
-                                           "bias_corrected_nodes": str(chosen["bias_corrected"])})
+                                           "bias_corrected_nodes": str(chosen["bias_corrected"]),
+                                           "input_on_pixel_grid": str(chosen["input_on_pixel_grid"]).lower()})
             check_onnx_model(int8_tmp)
             int8_probs = onnx_probs(int8_tmp, test.images, n_class)
             fp32_ms, int8_ms = compare_latency([delivered_fp32, int8_tmp], test.images[:1].numpy(),
@@ -587,6 +599,7 @@ def quantize_verified(fp32_path: Path, int8_target: Path, feature_levels: list[d
                       "int8_float_node_names": sorted(float_nodes),
                       "graph_nodes": total_nodes, "int8_float_share": len(float_nodes) / total_nodes,
                       "int8_bias_corrected": chosen["bias_corrected"],
+                      "int8_input_on_pixel_grid": chosen["input_on_pixel_grid"],
                       "calibrate_method": method, "calib_sampling": settings.calib_sampling,
                       "calib_images": len(calib), "min_agreement": settings.min_agreement,
                       "check_views": settings.check_views, "check_images": len(data.val_images) if validate else 0,
