@@ -11,6 +11,7 @@ from torch import nn
 from benchmarks.int8_rounding_alternatives import _quantized_nodes, adaround, sequential_mean
 from deploy import onnx_quant
 from deploy.onnx_export import export_fp32
+from tests.test_bias_correction import _DriftNet  # a stem whose weights all round the same way
 from utils.onnx_runtime import session_with_outputs
 
 SIDE = 12
@@ -28,24 +29,6 @@ class _OutlierStem(nn.Module):
         with torch.no_grad():
             self.conv_stem.weight.normal_(0, 2.0 / 127)
             self.conv_stem.weight[:, 0, 1, 1] = 1.0
-
-    def forward(self, x):
-        return self.classifier(self.conv_stem(x).mean((2, 3)))
-
-
-class _DriftNet(nn.Module):
-    """A stem whose weights all round the same way (one large weight per channel sets the step, the others sit at
-    0.4 of it), so INT8 moves every output channel's mean."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv_stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.classifier = nn.Linear(8, 4)
-        torch.manual_seed(0)
-        with torch.no_grad():
-            self.conv_stem.weight.fill_(0.4 / 127)
-            for channel in range(8):
-                self.conv_stem.weight[channel, channel % 3, channel % 3, (channel + 1) % 3] = 1.0
 
     def forward(self, x):
         return self.classifier(self.conv_stem(x).mean((2, 3)))
