@@ -34,13 +34,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from deploy.bias_correction import _attribute
+from deploy.bias_correction import move_quantized_bias, output_mean_shift
 from deploy.machine import describe_machine, machine_info
 from deploy.onnx_quant import agreement_and_divergence, calibration_images, check_views
 from runs.export_dir import ExportDir
 from runs.run_folder import RunDir
 from runs.run_info import read_run_info
 from utils.logging_setup import setup_logging
+from utils.onnx_runtime import node_attribute, session_with_outputs
 
 logger = logging.getLogger(__name__)
 METHODS = ("adaround", "sequential_mean", "sequential_mean_linear")
@@ -100,13 +101,13 @@ def _replace(constants: dict[str, Any], name: str, values: np.ndarray) -> None:
 def _matrix(node, weight: np.ndarray) -> np.ndarray:
     """The weight as (output channels, inputs per output): a Conv's kernel flattened, a Gemm's B as out x in."""
     if node.op_type == "Gemm":
-        return weight if _attribute(node, "transB", 0) else weight.T
+        return weight if node_attribute(node, "transB", 0) else weight.T
     return weight.reshape(weight.shape[0], -1)
 
 
 def _unmatrix(node, matrix: np.ndarray, shape: tuple) -> np.ndarray:
     if node.op_type == "Gemm":
-        return matrix if _attribute(node, "transB", 0) else matrix.T
+        return matrix if node_attribute(node, "transB", 0) else matrix.T
     return matrix.reshape(shape)
 
 
@@ -115,11 +116,11 @@ def _patches(node, x: torch.Tensor, positions: int, rng: np.random.Generator) ->
     input rows as they are)."""
     if node.op_type == "Gemm":
         return x.reshape(len(x), -1)
-    kernel = tuple(_attribute(node, "kernel_shape", None))
-    pads = list(_attribute(node, "pads", [0, 0, 0, 0]))
+    kernel = tuple(node_attribute(node, "kernel_shape", None))
+    pads = list(node_attribute(node, "pads", [0, 0, 0, 0]))
     x = F.pad(x, (pads[1], pads[3], pads[0], pads[2]))
-    unfolded = F.unfold(x, kernel, dilation=tuple(_attribute(node, "dilations", [1, 1])),
-                        stride=tuple(_attribute(node, "strides", [1, 1])))  # N, C*kh*kw, L
+    unfolded = F.unfold(x, kernel, dilation=tuple(node_attribute(node, "dilations", [1, 1])),
+                        stride=tuple(node_attribute(node, "strides", [1, 1])))  # N, C*kh*kw, L
     count = min(positions, unfolded.shape[2])
     chosen = torch.from_numpy(np.stack([rng.choice(unfolded.shape[2], count, replace=False) for _ in range(len(x))]))
     rows = torch.gather(unfolded, 2, chosen[:, None, :].expand(-1, unfolded.shape[1], -1))
@@ -167,8 +168,6 @@ def _learned_rounding(rows: torch.Tensor, weight: torch.Tensor, scale: torch.Ten
 def adaround(fp32_model, int8_model, calib: np.ndarray, positions: int, steps: int, rounding_weight: float
              ) -> tuple[Any, dict[str, float]]:
     """A copy of the QDQ model with learned weight rounding and the bias moved by the new rounding's mean shift."""
-    from utils.onnx_runtime import session_with_outputs
-
     model = copy.deepcopy(int8_model)
     constants = {t.name: t for t in model.graph.initializer}
     fp32_constants = {t.name: t for t in fp32_model.graph.initializer}
@@ -199,39 +198,23 @@ def adaround(fp32_model, int8_model, calib: np.ndarray, positions: int, steps: i
         scale = scale.reshape(-1, 1) if scale.ndim else scale
         if node.fp32.op_type == "Gemm" and scale.ndim and scale.shape[0] != weight.shape[0]:
             scale = scale.reshape(1, -1)
-        groups = _attribute(node.fp32, "group", 1) if node.fp32.op_type == "Conv" else 1
+        groups = node_attribute(node.fp32, "group", 1) if node.fp32.op_type == "Conv" else 1
         x = torch.cat(rows[i]).float()
         low, high = (-128, 127) if stored.dtype == np.int8 else (0, 255)
         learned = _learned_rounding(x, weight, scale, low, high, groups, steps, rounding_weight, seed=i)
         target = _output(x, weight, groups)
         before = float(((_output(x, nearest * scale, groups) - target) ** 2).mean())
         after = float(((_output(x, learned * scale, groups) - target) ** 2).mean())
+        change = _unmatrix(node.fp32, ((learned - nearest) * scale).double().numpy(), fp32_weight.shape)
+        shift = output_mean_shift(node.fp32, change, (mean_inputs[i] / len(calib)).numpy())
         error_before += before
-        if after >= before:  # keep the nearest rounding where learning did not help on these rows
-            error_after += before
+        if after >= before or shift is None:  # keep the nearest rounding where learning did not help on these rows
+            error_after += before  # (or where the bias could not follow the new rounding)
             continue
         error_after += after
         _replace(constants, int8_name, _unmatrix(node.fp32, learned.numpy(), stored.shape).astype(stored.dtype))
-        change = ((learned - nearest) * scale).double()
-        mean_input = mean_inputs[i] / len(calib)
-        if node.fp32.op_type == "Gemm":
-            shift = change @ mean_input.reshape(-1)
-        else:
-            pads = list(_attribute(node.fp32, "pads", [0, 0, 0, 0]))
-            padded = F.pad(mean_input[None], (pads[1], pads[3], pads[0], pads[2]))
-            shift = F.conv2d(padded, change.reshape(fp32_weight.shape), None,
-                             tuple(_attribute(node.fp32, "strides", [1, 1])), 0,
-                             tuple(_attribute(node.fp32, "dilations", [1, 1])), groups).mean((0, 2, 3))
-        _move_bias(constants, node, shift.numpy())
+        move_quantized_bias(constants, node.bias_dq, shift)
     return model, {"layer_error_nearest": error_before, "layer_error_learned": error_after}
-
-
-def _move_bias(constants: dict[str, Any], node: _QuantizedNode, shift: np.ndarray) -> None:
-    """Subtract ``shift`` (float, per output channel) from the node's int32 bias, in the bias's own scale."""
-    bias_name, scale_name = node.bias_dq.input[0], node.bias_dq.input[1]
-    bias = _array(constants, bias_name).astype(np.int64)
-    scale = _array(constants, scale_name).astype(np.float64)
-    _replace(constants, bias_name, (bias - np.round(shift / scale)).astype(np.int32))
 
 
 def sequential_mean(fp32_model, int8_model, calib: np.ndarray, linear_only: bool) -> Any:
@@ -246,8 +229,6 @@ def sequential_mean(fp32_model, int8_model, calib: np.ndarray, linear_only: bool
     if linear_only:  # ONNX Runtime folds a ReLU6 into its node's output range: ask the FP32 graph
         activated = _activation_inputs(fp32_model)
         nodes = [n for n in nodes if n.fp32.output[0] not in activated]
-    from utils.onnx_runtime import session_with_outputs
-
     graph_input = fp32_model.graph.input[0].name
     reference = session_with_outputs(fp32_model, [n.fp32.output[0] for n in nodes])
     fp32_means = _channel_means(reference, graph_input, calib)
@@ -273,7 +254,7 @@ def sequential_mean(fp32_model, int8_model, calib: np.ndarray, linear_only: bool
             out = session.run([node.int8.output[0]], feeds)[0].astype(np.float64)
             sums = sums + (out.mean((2, 3)) if out.ndim == 4 else out).sum(0)
             count += len(out)
-        _move_bias(constants, node, sums / count - fp32_means[node.fp32.output[0]])
+        move_quantized_bias(constants, node.bias_dq, sums / count - fp32_means[node.fp32.output[0]])
     return model
 
 

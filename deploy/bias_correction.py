@@ -19,12 +19,14 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 import torch
 
+from utils.onnx_runtime import node_attribute
+
 logger = logging.getLogger(__name__)
 
 CORRECTED_OPS = ("Conv", "Gemm")
 
 
-def _dequantized_weights(int8_path: Path) -> dict[str, np.ndarray]:
+def dequantized_weights(int8_path: Path) -> dict[str, np.ndarray]:
     """The weight each Conv/Gemm of a QDQ file computes with, dequantized from its int8 initializer, by node name."""
     import onnx
     from onnx import numpy_helper
@@ -39,7 +41,7 @@ def _dequantized_weights(int8_path: Path) -> dict[str, np.ndarray]:
         values = constants[node.input[0]].astype(np.float64)
         scale = constants[node.input[1]].astype(np.float64)
         zero = constants[node.input[2]].astype(np.float64) if len(node.input) > 2 else np.zeros_like(scale)
-        axis = _attribute(node, "axis", 1)  # ONNX's default axis is 1
+        axis = node_attribute(node, "axis", 1)  # ONNX's default axis is 1
         if scale.ndim and values.ndim > axis:  # per channel along `axis`
             shape = [1] * values.ndim
             shape[axis] = -1
@@ -47,15 +49,6 @@ def _dequantized_weights(int8_path: Path) -> dict[str, np.ndarray]:
         dequantized[node.output[0]] = (values - zero) * scale
     return {node.name: dequantized[node.input[1]] for node in graph.node
             if node.op_type in CORRECTED_OPS and len(node.input) > 1 and node.input[1] in dequantized}
-
-
-def _attribute(node, name: str, default):
-    import onnx
-
-    for attribute in node.attribute:
-        if attribute.name == name:
-            return onnx.helper.get_attribute_value(attribute)
-    return default
 
 
 def _mean_inputs(model, node_inputs: dict[str, str], batches: Iterable[np.ndarray]) -> dict[str, np.ndarray]:
@@ -78,21 +71,22 @@ def _mean_inputs(model, node_inputs: dict[str, str], batches: Iterable[np.ndarra
     return {node: sums[tensor] / max(count, 1) for node, tensor in node_inputs.items()}
 
 
-def _output_mean_shift(node, weight_error: np.ndarray, mean_input: np.ndarray) -> Optional[np.ndarray]:
+def output_mean_shift(node, weight_error: np.ndarray, mean_input: np.ndarray) -> Optional[np.ndarray]:
     """The mean over positions of the node's output change that ``weight_error`` causes for ``mean_input`` (per
     output channel), or None for a node whose geometry is not read here (auto_pad, transposed operands)."""
     if node.op_type == "Gemm":
-        if _attribute(node, "transA", 0) or mean_input.ndim != 1:
+        if node_attribute(node, "transA", 0) or mean_input.ndim != 1:
             return None
-        shift = weight_error @ mean_input if _attribute(node, "transB", 0) else mean_input @ weight_error
-        return _attribute(node, "alpha", 1.0) * shift / _attribute(node, "beta", 1.0)
-    if _attribute(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or mean_input.ndim != 3:
+        shift = weight_error @ mean_input if node_attribute(node, "transB", 0) else mean_input @ weight_error
+        return node_attribute(node, "alpha", 1.0) * shift / node_attribute(node, "beta", 1.0)
+    if node_attribute(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or mean_input.ndim != 3:
         return None
-    pads = list(_attribute(node, "pads", [0, 0, 0, 0]))
+    pads = list(node_attribute(node, "pads", [0, 0, 0, 0]))
     x = torch.nn.functional.pad(torch.from_numpy(mean_input)[None], (pads[1], pads[3], pads[0], pads[2]))
     out = torch.nn.functional.conv2d(x, torch.from_numpy(weight_error), None,
-                                     tuple(_attribute(node, "strides", [1, 1])), 0,
-                                     tuple(_attribute(node, "dilations", [1, 1])), _attribute(node, "group", 1))
+                                     tuple(node_attribute(node, "strides", [1, 1])), 0,
+                                     tuple(node_attribute(node, "dilations", [1, 1])),
+                                     node_attribute(node, "group", 1))
     return out.mean((0, 2, 3)).numpy()
 
 
@@ -104,7 +98,7 @@ def weight_rounding_shifts(prepped_path: Path, int8_path: Path, batches: Iterabl
 
     model = onnx.load(str(prepped_path))
     constants = {t.name: t for t in model.graph.initializer}
-    rounded = _dequantized_weights(int8_path)
+    rounded = dequantized_weights(int8_path)
     nodes = {node.name: node for node in model.graph.node
              if node.name in rounded and node.op_type in CORRECTED_OPS and node.input[1] in constants}
     means = _mean_inputs(model, {name: node.input[0] for name, node in nodes.items()}, batches)
@@ -113,13 +107,24 @@ def weight_rounding_shifts(prepped_path: Path, int8_path: Path, batches: Iterabl
         weight = numpy_helper.to_array(constants[node.input[1]]).astype(np.float64)
         if rounded[name].shape != weight.shape:
             continue
-        shift = _output_mean_shift(node, rounded[name] - weight, means[name])
+        shift = output_mean_shift(node, rounded[name] - weight, means[name])
         if shift is not None:
             shifts[name] = shift
     skipped = len(nodes) - len(shifts)
     logger.info("bias correction: the mean output shift of %d INT8 Conv/Gemm nodes measured on the calibration "
                 "images%s", len(shifts), f" ({skipped} skipped: geometry not read)" if skipped else "")
     return shifts
+
+
+def move_quantized_bias(constants: dict, bias_dequantize, shift: np.ndarray) -> None:
+    """In a QDQ graph whose initializers by name are ``constants``: subtract ``shift`` (float, per output channel)
+    from the int32 bias that the DequantizeLinear node ``bias_dequantize`` reads, in that bias's own scale."""
+    from onnx import numpy_helper
+
+    name = bias_dequantize.input[0]
+    bias = numpy_helper.to_array(constants[name]).astype(np.int64)
+    scale = numpy_helper.to_array(constants[bias_dequantize.input[1]]).astype(np.float64)
+    constants[name].CopyFrom(numpy_helper.from_array((bias - np.round(shift / scale)).astype(np.int32), name))
 
 
 def write_corrected(prepped_path: Path, target: Path, shifts: dict[str, np.ndarray],

@@ -43,6 +43,8 @@ def align_input_grid(int8_path: Path, mean: Sequence[float], std: Sequence[float
     import onnx
     from onnx import helper, numpy_helper
 
+    from deploy.bias_correction import dequantized_weights, move_quantized_bias
+
     step = pixel_step(mean, std)
     if step is None:
         return False
@@ -60,6 +62,7 @@ def align_input_grid(int8_path: Path, mean: Sequence[float], std: Sequence[float
         logger.debug("input grid left as calibrated: scale %.6g, pixel step %.6g", scale, step)
         return False
     producers = {out: node for node in graph.node for out in node.output}
+    int8_weights = dequantized_weights(int8_path)  # by node name, as each convolution computes with them
     dequantizers = [n for n in graph.node if n.input and n.input[0] == quantize.output[0]]
     convs = []
     for dequantize in dequantizers:
@@ -67,12 +70,11 @@ def align_input_grid(int8_path: Path, mean: Sequence[float], std: Sequence[float
         if dequantize.op_type != "DequantizeLinear" or len(dequantize.input) < 3 or not readers:
             return False
         for conv in readers:
-            weight = producers.get(conv.input[1]) if conv.op_type == "Conv" else None
-            bias = producers.get(conv.input[2]) if weight is not None and len(conv.input) > 2 else None
-            if (conv.input[0] != dequantize.output[0] or bias is None or weight.op_type != "DequantizeLinear"
-                    or bias.op_type != "DequantizeLinear" or _axis(weight) != 0):
+            bias = producers.get(conv.input[2]) if conv.op_type == "Conv" and len(conv.input) > 2 else None
+            if (conv.input[0] != dequantize.output[0] or conv.name not in int8_weights or bias is None
+                    or bias.op_type != "DequantizeLinear"):
                 return False
-            convs.append((conv, weight, bias))
+            convs.append((conv, bias))
     if not convs:
         return False
     # p maps to x / scale = p - 255 mean; with the zero point z = floor(255 mean) and the input moved by
@@ -92,34 +94,8 @@ def align_input_grid(int8_path: Path, mean: Sequence[float], std: Sequence[float
         graph.node.insert(list(graph.node).index(quantize),
                           helper.make_node("Add", [input_name, OFFSET_NAME], [shifted], name=OFFSET_NAME + "_Add"))
         quantize.input[0] = shifted
-        for conv, weight, bias in convs:
-            _take_back(constants, weight, bias, offset)
+        for conv, bias in convs:
+            weights = int8_weights[conv.name]
+            move_quantized_bias(constants, bias, offset * weights.reshape(len(weights), -1).sum(1))
     onnx.save(model, str(int8_path))
     return True
-
-
-def _axis(node) -> int:
-    from onnx import helper
-
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 1)  # ONNX's default
-
-
-def _take_back(constants: dict, weight_dq, bias_dq, offset: float) -> None:
-    """Move the convolution's int32 bias by minus ``offset`` times the sum of each output channel's (int8) weights."""
-    from onnx import numpy_helper
-
-    def array(name: str) -> np.ndarray:
-        return numpy_helper.to_array(constants[name]).astype(np.float64)
-
-    weights = array(weight_dq.input[0])
-    scales = array(weight_dq.input[1])
-    zeros = array(weight_dq.input[2]) if len(weight_dq.input) > 2 else np.zeros_like(scales)
-    shape = (-1,) + (1,) * (weights.ndim - 1)
-    if scales.ndim:
-        scales, zeros = scales.reshape(shape), zeros.reshape(shape)
-    shift = offset * ((weights - zeros) * scales).reshape(len(weights), -1).sum(1)
-    bias_name = bias_dq.input[0]
-    bias = numpy_helper.to_array(constants[bias_name]).astype(np.int64)
-    bias_scale = array(bias_dq.input[1])
-    constants[bias_name].CopyFrom(numpy_helper.from_array((bias - np.round(shift / bias_scale)).astype(np.int32),
-                                                          bias_name))

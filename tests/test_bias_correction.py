@@ -13,7 +13,7 @@ from torch import nn
 
 from configs import QuantOptions
 from deploy import onnx_quant
-from deploy.bias_correction import _dequantized_weights, weight_rounding_shifts, write_corrected
+from deploy.bias_correction import dequantized_weights, weight_rounding_shifts, write_corrected
 from deploy.onnx_export import export_fp32
 from utils.onnx_runtime import read_onnx_metadata
 
@@ -113,7 +113,7 @@ def test_the_measured_shift_is_the_mean_output_change_of_the_rounded_weights(tmp
     images = _positive_images(20, 6, 2)
     prepped, int8 = _all_int8(model, images, tmp_path)
     shifts = weight_rounding_shifts(prepped, int8, (images[i:i + 8].numpy() for i in range(0, 20, 8)))
-    rounded = _dequantized_weights(int8)
+    rounded = dequantized_weights(int8)
     assert len(shifts) == 2
     for name, shift in shifts.items():
         layer = model.conv_dw if "conv_dw" in name else model.conv_pw

@@ -54,6 +54,16 @@ def session_with_outputs(model: Any, names: Iterable[str]) -> Any:
     return create_session(model.SerializeToString(), "cpu")
 
 
+def node_attribute(node: Any, name: str, default: Any) -> Any:
+    """The value of an ONNX node's attribute ``name``, or ``default`` where the node does not set it."""
+    import onnx
+
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return onnx.helper.get_attribute_value(attribute)
+    return default
+
+
 def read_onnx_metadata(path: str | Path) -> dict[str, str]:
     """The metadata_props of an ONNX file, or of an ORT-format file (quantize_onnx_models.py --targets ort), which
     only ONNX Runtime reads."""
