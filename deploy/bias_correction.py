@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -26,12 +26,13 @@ logger = logging.getLogger(__name__)
 CORRECTED_OPS = ("Conv", "Gemm")
 
 
-def dequantized_weights(int8_path: Path) -> dict[str, np.ndarray]:
-    """The weight each Conv/Gemm of a QDQ file computes with, dequantized from its int8 initializer, by node name."""
+def dequantized_weights(int8: Path | Any) -> dict[str, np.ndarray]:
+    """The weight each Conv/Gemm of a QDQ file (a path, or the model already loaded) computes with, dequantized from
+    its int8 initializer, by node name."""
     import onnx
     from onnx import numpy_helper
 
-    graph = onnx.load(str(int8_path)).graph
+    graph = (int8 if isinstance(int8, onnx.ModelProto) else onnx.load(str(int8))).graph
     constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     weights = {node.input[1] for node in graph.node if node.op_type in CORRECTED_OPS and len(node.input) > 1}
     dequantized = {}

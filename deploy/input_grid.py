@@ -62,7 +62,7 @@ def align_input_grid(int8_path: Path, mean: Sequence[float], std: Sequence[float
         logger.debug("input grid left as calibrated: scale %.6g, pixel step %.6g", scale, step)
         return False
     producers = {out: node for node in graph.node for out in node.output}
-    int8_weights = dequantized_weights(int8_path)  # by node name, as each convolution computes with them
+    int8_weights = dequantized_weights(model)  # by node name, as each convolution computes with them
     dequantizers = [n for n in graph.node if n.input and n.input[0] == quantize.output[0]]
     convs = []
     for dequantize in dequantizers:
