@@ -54,6 +54,7 @@ EXPORT_TARGETS = ("onnx", "ort", "executorch")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "auto")  # auto: each of the three, the fewest float nodes
 FLOAT_SELECTIONS = ("prefix", "sensitivity", "divergence")
 CALIB_SAMPLINGS = ("balanced", "random")
+INT8_TARGET_CPUS = ("any", "vnni")
 
 EXPORT_DIR = "onnx_models"  # quantize_onnx_models.py's output folder, where inference and benchmark look by default
 NUM_WORKERS_HELP = ("DataLoader worker processes that decode images, capped at the CPU count; 0 decodes in the main "
@@ -520,6 +521,14 @@ class QuantOptions(Options):
                                          "is quantized exactly, and the first convolution's bias back (True/False); "
                                          "applies when every channel has the same mean and std (EfficientNet-Lite: "
                                          "0.5), where the calibrated grid rounds every pixel by half a step")
+    int8_target_cpu: str = _opt(
+        "any", "CPUs on which the INT8 file must give the answers the export checked: any = the weights of the "
+               "convolutions and matrix products that ONNX Runtime runs on its u8s8 matrix kernels get 7 bits "
+               "(reduce_range), because x86 CPUs without VNNI (AVX2; AVX-512 without VNNI) add pairs of uint8 x int8 "
+               "products in 16 bits, which 8-bit weights overflow; depthwise convolutions keep 8 bits (their kernel "
+               "adds in 32 bits); vnni = 8-bit weights everywhere, a little more precise, for CPUs with VNNI or AMX "
+               "(Intel Xeon since Cascade Lake, Core since Ice Lake; AMD since Zen 4) and ARM: on a CPU without VNNI "
+               "its answers change (inference warns)", INT8_TARGET_CPUS)
     float_selection: str = _opt(
         "prefix", "which parts stay FP32 when INT8 misses --min_agreement: prefix = whole leading stages, one more at "
                   "a time (on real photos it kept the most FP32 answers on images the search never saw); "

@@ -18,6 +18,9 @@ Exports the run as quantize_onnx_models.py does once per variant (each into its 
                those variants without bias correction (--bias_correction False)
   all_int8_no_grid, prefix_no_grid, sensitivity_no_grid
                those variants with the input on its calibrated grid (--pixel_exact_input False)
+  all_int8_vnni, prefix_vnni, sensitivity_vnni
+               those variants with 8-bit weights everywhere (--int8_target_cpu vnni; the others: 7-bit weights for
+               the matrix kernels, which cannot saturate on x86 CPUs without VNNI)
   random_calib, calib_100, calib_400
                sensitivity with calibration images drawn in proportion to the classes, or 100 / 400 of them
   views_4, views_8, prefix_views_8, divergence_views_8
@@ -25,7 +28,8 @@ Exports the run as quantize_onnx_models.py does once per variant (each into its 
 then times PyTorch eager, ONNX FP32 and every INT8 file in alternating fresh processes (deploy.benchmarking) and
 prints one table: share of nodes in FP32, validation and test agreement with FP32, how far INT8 moves FP32's lead of
 the top-1 class over the runner-up on the test images (median, 90th percentile; beside the share of near ties),
-agreement and KL divergence from FP32 on 8 views of every test image,
+agreement and KL divergence from FP32 on 8 views of every test image, with this CPU's INT8 kernels and with the
+file's QDQ graph run operation by operation (what it computes on a CPU whose kernels do not saturate),
 test accuracy and balanced accuracy, size, batch-1 and batch-32 p50 latency and speed-up over ONNX FP32, with the
 CPU it ran on.
 
@@ -47,7 +51,7 @@ from configs import BenchmarkOptions, ExportOptions, QuantOptions
 from deploy.benchmarking import load_test_images, time_frameworks
 from deploy.machine import describe_machine, machine_info
 from deploy.onnx_export import export_run
-from deploy.onnx_quant import agreement_and_divergence, check_views
+from deploy.onnx_quant import agreement_and_divergence, agreement_and_kl, check_views
 from runs.export_dir import ExportDir
 from runs.run_info import read_run_info
 from utils.logging_setup import setup_logging
@@ -78,6 +82,10 @@ VARIANTS = {
     "all_int8_no_grid": {"min_agreement": 0.0, "pixel_exact_input": False},
     "prefix_no_grid": {"float_selection": "prefix", "pixel_exact_input": False},
     "sensitivity_no_grid": {**_SEARCH, "pixel_exact_input": False},
+    # the same with 8-bit weights everywhere (--int8_target_cpu vnni): saturates on x86 CPUs without VNNI
+    "all_int8_vnni": {"min_agreement": 0.0, "int8_target_cpu": "vnni"},
+    "prefix_vnni": {"float_selection": "prefix", "int8_target_cpu": "vnni"},
+    "sensitivity_vnni": {**_SEARCH, "int8_target_cpu": "vnni"},
     # calibration images: drawn in proportion to the classes instead of balanced, and half / double the default count
     "random_calib": {**_SEARCH, "calib_sampling": "random"},
     "calib_100": {**_SEARCH, "calib_images": 100},
@@ -156,7 +164,8 @@ def main(args: argparse.Namespace) -> list[dict]:
                "test_accuracy": report["int8_accuracy"], "fp32_test_accuracy": report["fp32_accuracy"],
                "size_ratio": round(report["int8_size_ratio"], 3),
                "bias_corrected_nodes": report.get("int8_bias_corrected"),
-               "input_on_pixel_grid": report.get("int8_input_on_pixel_grid"), "qat_kept": report.get("qat", {}).get("kept"),
+               "input_on_pixel_grid": report.get("int8_input_on_pixel_grid"),
+               "target_cpu": report.get("int8_target_cpu", "vnni"), "qat_kept": report.get("qat", {}).get("kept"),
                "qat_seconds": report.get("qat", {}).get("seconds"),
                "qat_best_pass": report.get("qat", {}).get("best_pass")}
         row.update(gap_shifts[name])
@@ -205,12 +214,28 @@ def _gap_shifts(work: Path, names: list[str], images: np.ndarray, n_class: int
         int8 = onnx_probs(ExportDir(work / name).int8, batch, n_class)
         shift = np.abs(int8[rows, first] - int8[rows, second] - lead)
         views_agreement, views_kl = agreement_and_divergence(ExportDir(work / name).int8, views, fp32_views)
+        unfused_agreement, unfused_kl = _agreement_unfused(ExportDir(work / name).int8, views, fp32_views)
         shifts[name] = {"test_gap_shift_median": round(float(np.median(shift)), 4),
                         "test_gap_shift_p90": round(float(np.quantile(shift, 0.9)), 4),
                         f"test_views_{TEST_VIEWS}_agreement": round(views_agreement, 4),
-                        f"test_views_{TEST_VIEWS}_kl": round(views_kl, 5)}
+                        f"test_views_{TEST_VIEWS}_kl": round(views_kl, 5),
+                        f"test_views_{TEST_VIEWS}_agreement_unfused": round(unfused_agreement, 4),
+                        f"test_views_{TEST_VIEWS}_kl_unfused": round(unfused_kl, 5)}
     return float(np.mean(lead < NEAR_TIE)), shifts
 
+
+
+def _agreement_unfused(path: Path, images: torch.Tensor, reference_probs: np.ndarray) -> tuple[float, float]:
+    """agreement_and_divergence of the file's QDQ graph run operation by operation (float convolutions of the
+    dequantized integers): what the file computes on a CPU whose INT8 kernels do not saturate (VNNI, AMX, ARM)."""
+    from prediction.predictors import softmax
+    from utils.onnx_runtime import create_session
+
+    session = create_session(path, optimize=False)
+    name = session.get_inputs()[0].name
+    logits = np.concatenate([session.run(None, {name: images[i:i + 32].numpy()})[0]
+                             for i in range(0, len(images), 32)])
+    return agreement_and_kl(softmax(logits), reference_probs)
 
 if __name__ == "__main__":
     logging.captureWarnings(True)

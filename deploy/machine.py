@@ -10,26 +10,9 @@ import os
 import platform
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
-# /proc/cpuinfo flag -> the name people know, in rising order of what INT8/FP32 kernels can use.
-ISA_FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_vnni": "AVX-512 VNNI", "avx_vnni": "AVX-VNNI",
-             "avx512_bf16": "AVX-512 BF16", "amx_tile": "AMX", "amx_int8": "AMX-INT8"}
-
-
-def _cpuinfo() -> tuple[str, set[str]]:
-    model, flags = platform.processor() or platform.machine(), set()
-    path = Path("/proc/cpuinfo")
-    if path.is_file():
-        for line in path.read_text(errors="replace").splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key == "model name" and model in ("", platform.machine(), platform.processor()):
-                model = value.strip()
-            elif key in ("flags", "Features") and not flags:
-                flags = set(value.split())
-    return model, flags
+from utils.cpu import cpu_model_and_flags, isa_summary
 
 
 def machine_info(threads: int | None = None) -> dict[str, Any]:
@@ -37,10 +20,10 @@ def machine_info(threads: int | None = None) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    model, flags = _cpuinfo()
+    model, flags = cpu_model_and_flags()
     info: dict[str, Any] = {
         "cpu_model": model,
-        "cpu_isa": " ".join(name for flag, name in ISA_FLAGS.items() if flag in flags) or "unknown",
+        "cpu_isa": isa_summary(flags),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_count": os.cpu_count() or 1,
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,

@@ -263,7 +263,7 @@ def _quantize_after_tuning(model: torch.nn.Module, input_size: Sequence[int], fp
         grids = ort_activation_grids(model, fp32_path, calibration, data.load_batch, ptq["calibrate_method"],
                                      Path(work))
         tuned = finetune_for_int8(model, data.train_paths, data.load_batch, quant.qat_epochs, grids,
-                                  check_images=data.val_images)
+                                  check_images=data.val_images, target_cpu=quant.int8_target_cpu)
         summary = {"epochs": quant.qat_epochs, "seconds": round(tuned.seconds, 1), "steps": tuned.steps,
                    "train_kl": tuned.final_kl, "simulated_activations": tuned.simulated_activations,
                    "best_pass": tuned.best_pass, "passes": tuned.passes,

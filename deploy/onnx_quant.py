@@ -24,6 +24,8 @@ import torch
 
 from configs import QuantOptions
 from runs.export_dir import ExportDir
+from utils.cpu import cpu_description
+from utils.onnx_runtime import node_attribute
 
 logger = logging.getLogger(__name__)
 
@@ -91,10 +93,38 @@ def prepare_for_quantization(fp32_path: Path, prepped_path: Path) -> None:
     quant_pre_process(str(fp32_path), str(prepped_path))
 
 
+def depthwise_weights(model_path: Path) -> list[str]:
+    """Weight initializers of the depthwise convolutions (one input and one output channel per group): ONNX Runtime
+    runs those on a kernel of their own that adds in 32 bits, every other convolution on its matrix kernels."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    shapes = {init.name: list(init.dims) for init in graph.initializer}
+    found = []
+    for node in graph.node:
+        group = node_attribute(node, "group", 1) if node.op_type == "Conv" else 1
+        shape = shapes.get(node.input[1]) if len(node.input) > 1 else None
+        if group > 1 and shape and len(shape) == 4 and shape[0] == group and shape[1] == 1:
+            found.append(node.input[1])
+    return found
+
+
+def seven_bit_overrides(model_path: Path) -> dict[str, list[dict[str, Any]]]:
+    """quantize_static's per-tensor overrides that keep the depthwise weights on 8 bits when every other weight is
+    quantized with ``reduce_range`` (7 bits)."""
+    return {name: [{"axis": 0, "reduce_range": False}] for name in depthwise_weights(model_path)}
+
+
 def quantize_int8(prepped_path: Path, int8_path: Path, reader: Optional[CalibrationReader], method: str,
-                  keep_float: Sequence[str] = (), calibration_cache: Optional[Path] = None) -> int:
+                  keep_float: Sequence[str] = (), calibration_cache: Optional[Path] = None,
+                  target_cpu: str = "any") -> int:
     """QDQ static quantization of a pre-processed model (``prepare_for_quantization``) into ``int8_path``; the nodes
     named in ``keep_float`` stay FP32.
+
+    ``target_cpu`` "any": the weights that ONNX Runtime's uint8 x int8 matrix kernels read get 7 bits (-64..64), so
+    that on x86 CPUs without VNNI, whose VPMADDUBSW adds each pair of products in 16 bits and saturates there
+    (255 x (127 + 127) overflows, 255 x (64 + 64) does not), the file computes what it computes everywhere else;
+    depthwise weights keep 8 bits. "vnni": 8-bit weights everywhere (QuantOptions.int8_target_cpu).
 
     With ``calibration_cache`` the activation ranges are computed once and reused by later calls (which may then pass
     no reader), as long as those keep at least the same nodes in float. Returns how many nodes were kept in float."""
@@ -112,12 +142,15 @@ def quantize_int8(prepped_path: Path, int8_path: Path, reader: Optional[Calibrat
             with tempfile.TemporaryDirectory() as scratch:
                 calibration_cache = calibration_cache or Path(scratch) / "ranges.json"
                 _entropy_ranges(prepped_path, reader, calibration_cache)
-                return quantize_int8(prepped_path, int8_path, None, method, keep_float, calibration_cache)
+                return quantize_int8(prepped_path, int8_path, None, method, keep_float, calibration_cache,
+                                     target_cpu)
+        seven_bits = target_cpu == "any"
         # uint8 activations with int8 weights use the VNNI u8s8 kernels; int8 activations ran slower than FP32.
         quantize_static(str(prepped_path), str(int8_path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=seven_bits,
                         calibrate_method=methods[method], nodes_to_exclude=list(keep_float),
-                        calibration_cache_path=calibration_cache)
+                        calibration_cache_path=calibration_cache,
+                        extra_options={"TensorQuantOverrides": seven_bit_overrides(prepped_path)} if seven_bits else {})
     finally:
         logging.disable(logging.NOTSET)
     return len(keep_float)
@@ -187,7 +220,11 @@ def agreement_and_divergence(path: Path, images: torch.Tensor, reference_probs: 
     answers that were right by a margin, so it ranks what staying FP32 brings on a small validation split."""
     from prediction.predictors import onnx_probs
 
-    probs = onnx_probs(path, images, reference_probs.shape[1])
+    return agreement_and_kl(onnx_probs(path, images, reference_probs.shape[1]), reference_probs)
+
+
+def agreement_and_kl(probs: np.ndarray, reference_probs: np.ndarray) -> tuple[float, float]:
+    """Share of rows whose top-1 class is the reference's, and the mean KL divergence from the reference (nats)."""
     agreement = float((probs.argmax(1) == reference_probs.argmax(1)).mean())
     eps = 1e-7
     kl = float(np.mean(np.sum(reference_probs * (np.log(reference_probs + eps) - np.log(probs + eps)), axis=1)))
@@ -201,8 +238,9 @@ class _Trials:
     def __init__(self, prepped: Path, target: Path, reader: CalibrationReader, method: str, cache: Path,
                  val_images: torch.Tensor, val_fp32_probs: Optional[np.ndarray],
                  bias_shifts: Optional[dict[str, np.ndarray]] = None,
-                 pixel_grid: Optional[tuple[Sequence[float], Sequence[float]]] = None):
+                 pixel_grid: Optional[tuple[Sequence[float], Sequence[float]]] = None, target_cpu: str = "any"):
         self.prepped, self.target, self.reader, self.method, self.cache = prepped, target, reader, method, cache
+        self.target_cpu = target_cpu
         self.val_images, self.val_fp32_probs = val_images, val_fp32_probs
         self.bias_shifts = bias_shifts or {}
         self.bias_corrected = 0  # nodes whose bias the last written file has corrected
@@ -217,7 +255,7 @@ class _Trials:
             source = self.target.with_name(self.target.stem + "-bias-corrected.onnx")
             self.bias_corrected = write_corrected(self.prepped, source, self.bias_shifts, float_nodes)
         quantize_int8(source, self.target, None if self.cache.exists() else self.reader, self.method,
-                      sorted(set(float_nodes)), self.cache)
+                      sorted(set(float_nodes)), self.cache, self.target_cpu)
         if self.pixel_grid is not None:
             from deploy.input_grid import align_input_grid
 
@@ -486,14 +524,15 @@ def _taken_over(trials: _Trials, chosen_on: dict[str, Any], validate: bool) -> d
 
 
 def _weight_rounding_shifts(prepped: Path, work: Path, calib: list[Path],
-                            load_batch: Callable[[list[Path]], torch.Tensor]) -> dict[str, np.ndarray]:
+                            load_batch: Callable[[list[Path]], torch.Tensor], target_cpu: str) -> dict[str, np.ndarray]:
     """Per INT8 Conv/Gemm node the mean output shift its rounded weights cause (deploy.bias_correction), with the
     weights rounded by ONNX Runtime itself: every node quantized once (weights do not depend on the activation
     ranges, so a few calibration images do)."""
     from deploy.bias_correction import weight_rounding_shifts
 
     rounded = work / "weights-int8.onnx"
-    quantize_int8(prepped, rounded, CalibrationReader(calib[:8], lambda paths: load_batch(paths).numpy()), "minmax")
+    quantize_int8(prepped, rounded, CalibrationReader(calib[:8], lambda paths: load_batch(paths).numpy()), "minmax",
+                  target_cpu=target_cpu)
     batches = (load_batch(calib[i:i + 16]).numpy() for i in range(0, len(calib), 16))
     return weight_rounding_shifts(prepped, rounded, batches)
 
@@ -555,14 +594,14 @@ def quantize_verified(fp32_path: Path, int8_target: Path, feature_levels: list[d
         prepare_for_quantization(fp32_path, prepped)
         graph = onnx.load(str(prepped)).graph
         total_nodes = len(graph.node)
-        shifts = (_weight_rounding_shifts(prepped, Path(work), calib, data.load_batch) if settings.bias_correction
-                  else {})
+        shifts = (_weight_rounding_shifts(prepped, Path(work), calib, data.load_batch, settings.int8_target_cpu)
+                  if settings.bias_correction else {})
         choices = {}
         for method in methods:
             reader = CalibrationReader(calib, lambda paths: data.load_batch(paths).numpy())
             trials = _Trials(prepped, Path(work) / f"int8-{method}.onnx", reader, method,
                              Path(work) / f"ranges-{method}.json", data.val_images, val_fp32_probs, shifts,
-                             data.normalisation if settings.pixel_exact_input else None)
+                             data.normalisation if settings.pixel_exact_input else None, settings.int8_target_cpu)
             choice = (_select(trials, graph, feature_levels, float_stages, settings, validate) if chosen_on is None
                       else _taken_over(trials, chosen_on, validate))
             choices[method] = {**choice, "path": trials.target, "bias_corrected": trials.bias_corrected,
@@ -582,7 +621,8 @@ def quantize_verified(fp32_path: Path, int8_target: Path, feature_levels: list[d
                                            "float_units": ",".join(chosen["float_units"]),
                                            "calibrate_method": method,
                                            "bias_corrected_nodes": str(chosen["bias_corrected"]),
-                                           "input_on_pixel_grid": str(chosen["input_on_pixel_grid"]).lower()})
+                                           "input_on_pixel_grid": str(chosen["input_on_pixel_grid"]).lower(),
+                                           "int8_target_cpu": settings.int8_target_cpu})
             check_onnx_model(int8_tmp)
             int8_probs = onnx_probs(int8_tmp, test.images, n_class)
             fp32_ms, int8_ms = compare_latency([delivered_fp32, int8_tmp], test.images[:1].numpy(),
@@ -600,6 +640,9 @@ def quantize_verified(fp32_path: Path, int8_target: Path, feature_levels: list[d
                       "graph_nodes": total_nodes, "int8_float_share": len(float_nodes) / total_nodes,
                       "int8_bias_corrected": chosen["bias_corrected"],
                       "int8_input_on_pixel_grid": chosen["input_on_pixel_grid"],
+                      "int8_target_cpu": settings.int8_target_cpu,
+                      # The agreement above was measured with this CPU's kernels: they saturate where it has no VNNI.
+                      "int8_checked_on_cpu": cpu_description(),
                       "calibrate_method": method, "calib_sampling": settings.calib_sampling,
                       "calib_images": len(calib), "min_agreement": settings.min_agreement,
                       "check_views": settings.check_views, "check_images": len(data.val_images) if validate else 0,

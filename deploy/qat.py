@@ -43,6 +43,8 @@ from torch.nn.utils import parametrize
 logger = logging.getLogger(__name__)
 
 WEIGHT_QMAX = 127  # symmetric int8 weights, as ONNX Runtime's QInt8 per-channel weights
+# The same with reduce_range (--int8_target_cpu any): the weights of every layer but the depthwise convolutions.
+SEVEN_BIT_WEIGHT_QMAX = 64
 ACTIVATION_QMAX = 255  # uint8 activations, as QUInt8
 # ONNX Runtime renames a graph output it quantizes (the logits) to <name> + this suffix inside the QDQ file.
 QUANTIZED_OUTPUT_SUFFIX = "_QuantizeLinear_Input"
@@ -65,12 +67,25 @@ class ActivationGrid:
 
 
 class _WeightFakeQuant(nn.Module):
-    """Rounds a weight per output channel to symmetric int8 in the forward pass (straight-through gradient)."""
+    """Rounds a weight per output channel to symmetric integers in -qmax..qmax in the forward pass (straight-through
+    gradient)."""
+
+    def __init__(self, qmax: int = WEIGHT_QMAX):
+        super().__init__()
+        self.qmax = qmax
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        scale = weight.detach().abs().flatten(1).amax(1).clamp_min(1e-8) / WEIGHT_QMAX
+        scale = weight.detach().abs().flatten(1).amax(1).clamp_min(1e-8) / self.qmax
         zero = torch.zeros(weight.shape[0], dtype=torch.int32)
-        return torch.fake_quantize_per_channel_affine(weight, scale, zero, 0, -WEIGHT_QMAX, WEIGHT_QMAX)
+        return torch.fake_quantize_per_channel_affine(weight, scale, zero, 0, -self.qmax, self.qmax)
+
+
+def weight_qmax(layer: nn.Module, target_cpu: str) -> int:
+    """The largest integer the INT8 file gives this layer's weights (deploy.onnx_quant.quantize_int8): 7 bits for
+    --int8_target_cpu any, bar depthwise convolutions (one input and one output channel per group)."""
+    depthwise = isinstance(layer, nn.Conv2d) and layer.groups > 1 and layer.groups == layer.in_channels == \
+        layer.out_channels
+    return WEIGHT_QMAX if target_cpu == "vnni" or depthwise else SEVEN_BIT_WEIGHT_QMAX
 
 
 def _round_to(grid: ActivationGrid, x: torch.Tensor) -> torch.Tensor:
@@ -78,15 +93,17 @@ def _round_to(grid: ActivationGrid, x: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def simulated_int8(model: nn.Module, grids: Sequence[ActivationGrid]) -> Iterator[nn.Module]:
+def simulated_int8(model: nn.Module, grids: Sequence[ActivationGrid], target_cpu: str = "any"
+                   ) -> Iterator[nn.Module]:
     """Inside the block ``model`` computes as the INT8 file does (weights of every convolution and linear layer
-    and the activations in ``grids`` rounded); on leaving, its layers are plain float again (tuned weights kept)."""
+    rounded as ``target_cpu``'s file rounds them, and the activations in ``grids``); on leaving, its layers are plain
+    float again (tuned weights kept)."""
     modules = dict(model.named_modules())
     layers = [m for m in modules.values() if isinstance(m, (nn.Conv2d, nn.Linear))]
     hooks, gated = [], []
     try:
         for layer in layers:
-            parametrize.register_parametrization(layer, "weight", _WeightFakeQuant())
+            parametrize.register_parametrization(layer, "weight", _WeightFakeQuant(weight_qmax(layer, target_cpu)))
         for grid in grids:
             module = modules[grid.module]
             if grid.position == "gate":
@@ -270,7 +287,8 @@ def _simulated_check(student: nn.Module, images: torch.Tensor, fp32_log_probs: t
 
 def finetune_for_int8(model: nn.Module, images: list[Path], load_batch: Callable[[list[Path]], torch.Tensor],
                       epochs: int, grids: Sequence[ActivationGrid], lr: float = 1e-5, batch_size: int = 16,
-                      seed: int = 0, check_images: Optional[torch.Tensor] = None) -> QatResult:
+                      seed: int = 0, check_images: Optional[torch.Tensor] = None, target_cpu: str = "any"
+                      ) -> QatResult:
     """Fine-tune a copy of ``model`` for ``epochs`` passes over random views of ``images`` under simulated
     INT8 (``grids``: see the module docstring), taught by ``model``'s own answers on the same views. ``model`` is
     left unchanged.
@@ -299,7 +317,7 @@ def finetune_for_int8(model: nn.Module, images: list[Path], load_batch: Callable
     step, last_pass, passes, best_pass, best_state = 0, [], [], 0, None
     checking = check_images is not None and len(check_images) > 0
     fp32_log_probs = _log_probs(teacher, check_images) if checking else None
-    with simulated_int8(student, grids):
+    with simulated_int8(student, grids, target_cpu):
         if checking:
             agreement, kl = _simulated_check(student, check_images, fp32_log_probs)
             passes.append({"pass": 0, "val_agreement": agreement, "val_kl": kl})

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
+from utils.cpu import cpu_description, int8_pairs_saturate
 from utils.device import prefers_channels_last
 from utils.errors import UserError
 from utils.onnx_runtime import create_session
+
+logger = logging.getLogger(__name__)
+_warned_saturation: set[Path] = set()
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -53,6 +58,7 @@ class OnnxPredictor:
             raise UserError(f"{path} takes {'x'.join(map(str, fixed))} inputs but the run folder's preprocessing "
                             f"makes {'x'.join(map(str, input_size))}; export this run with quantize_onnx_models.py "
                             f"or pass the --model_path it was exported from")
+        _warn_if_int8_saturates(path, self.session.get_modelmeta().custom_metadata_map)
         output = self.session.get_outputs()[0]
         self.outputs_probabilities = "prob" in output.name.lower()
         width = output.shape[-1] if output.shape else None
@@ -62,6 +68,19 @@ class OnnxPredictor:
     def logits(self, images: torch.Tensor) -> np.ndarray:
         out = self.session.run(None, {self.input_name: images.numpy().astype(np.float32)})[0]
         return np.log(np.clip(out, 1e-12, None)) if self.outputs_probabilities else out
+
+
+def _warn_if_int8_saturates(path: Path, metadata: dict[str, str]) -> None:
+    """Once per file: an INT8 file with 8-bit weights everywhere (--int8_target_cpu vnni, and every file exported
+    before that option) runs on saturating uint8 x int8 kernels on x86 CPUs without VNNI, so its answers here can
+    differ from those its export checked."""
+    if metadata.get("precision") != "int8" or metadata.get("int8_target_cpu", "vnni") != "vnni" \
+            or path in _warned_saturation or not int8_pairs_saturate():
+        return
+    _warned_saturation.add(path)
+    logger.warning("%s has 8-bit INT8 weights, whose products ONNX Runtime adds in 16 bits on this CPU (%s, no "
+                   "VNNI) and can saturate: its answers may differ from those its export checked; export it again "
+                   "with quantize_onnx_models.py --int8_target_cpu any", path, cpu_description())
 
 
 class ExecuTorchPredictor:

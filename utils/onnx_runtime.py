@@ -11,9 +11,12 @@ from utils.errors import UserError
 
 def create_session(path: str | Path | bytes, device: str = "cpu", threads: int = 0, *, inter_op_threads: int = 0,
                    what: str = "ONNX model", missing_hint: str = "export it with quantize_onnx_models.py",
-                   warn_no_cuda: bool = True, profile_prefix: str = "") -> Any:
+                   warn_no_cuda: bool = True, profile_prefix: str = "", optimize: bool = True) -> Any:
     """An ``onnxruntime.InferenceSession`` on ``device`` ("cpu" or "cuda", which falls back to the CPU with one
     warning when this onnxruntime has no CUDA provider); ``threads`` 0 = ONNX Runtime's default (all cores).
+
+    ``optimize=False`` runs the graph node by node as written: a QDQ file's QuantizeLinear, DequantizeLinear and
+    float operators instead of the fused INT8 kernels, i.e. what the file means on any CPU, bar float rounding.
 
     ``path`` may also be a serialized model (bytes). A missing or unloadable file is a one-line error naming ``what``,
     the file and ``missing_hint``."""
@@ -23,6 +26,8 @@ def create_session(path: str | Path | bytes, device: str = "cpu", threads: int =
     if not isinstance(path, bytes) and not Path(path).is_file():
         raise UserError(f"{what} {path} not found; {missing_hint}")
     options = ort.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
         options.intra_op_num_threads = threads
     if inter_op_threads:
