@@ -17,11 +17,15 @@ $(INSTALLED): requirements.txt
 
 venv: $(INSTALLED)
 
+# One pytest-xdist worker per CPU (at most 4), each on one thread; a test file stays on one worker, so the module
+# fixtures (an export, a phone program) are built once. 2 cores: 10.5 min instead of 18.5 in one process.
+PARALLEL := -n logical --maxprocesses 4 --dist loadfile
+
 test: $(INSTALLED)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PARALLEL)
 
 test-fast: $(INSTALLED)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PARALLEL) -m "not slow"
 
 # serve.py's page in headless Chromium (Debian's chromium and chromedriver, Selenium in .venv); a screenshot of the
 # answered page goes to docs/serve_page.png.

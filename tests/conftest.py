@@ -10,13 +10,18 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="skinclf-hf-home-")
 os.environ.setdefault("WANDB_MODE", "disabled")
+# Under pytest-xdist (make test runs one worker per core) each worker computes on one thread, and so do the scripts
+# the tests start: two workers with two busy-waiting threads each took longer than one worker alone.
+PARALLEL_WORKER = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+if PARALLEL_WORKER:
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 ROOT = Path(__file__).resolve().parents[1]
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(1 if PARALLEL_WORKER else min(2, os.cpu_count() or 1))
 
 from data.synthetic_lesions import generate_dataset  # noqa: E402
 
@@ -38,6 +43,16 @@ def pytest_collection_modifyitems(config, items):
     if len(kept) != len(items):
         config.hook.pytest_deselected(items=[item for item in items if "browser" in item.keywords])
         items[:] = kept
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Captured output as it would reach a terminal: a file name that is not UTF-8 (lone surrogates, logged by the
+    hostile-name tests) is escaped, since pytest-xdist's workers send each report to the main process as UTF-8."""
+    outcome = yield
+    report = outcome.get_result()
+    report.sections = [(title, text.encode("utf-8", "backslashreplace").decode("utf-8"))
+                       for title, text in report.sections]
 
 
 @pytest.fixture(scope="session")
