@@ -523,10 +523,11 @@ class QuantOptions(Options):
                                          "0.5), where the calibrated grid rounds every pixel by half a step")
     int8_target_cpu: str = _opt(
         "any", "CPUs on which the INT8 file must give the answers the export checked: any = the weights of the "
-               "convolutions and matrix products that ONNX Runtime runs on its u8s8 matrix kernels get 7 bits "
-               "(reduce_range), because x86 CPUs without VNNI (AVX2; AVX-512 without VNNI) add pairs of uint8 x int8 "
-               "products in 16 bits, which 8-bit weights overflow; depthwise convolutions keep 8 bits (their kernel "
-               "adds in 32 bits); vnni = 8-bit weights everywhere, a little more precise, for CPUs with VNNI or AMX "
+               "convolutions and matrix products that ONNX Runtime runs on its u8s8 matrix kernels get, per output "
+               "channel, the finest scale at which no two neighbouring weights overflow a 16-bit sum (between 7 and "
+               "8 bits), because x86 CPUs without VNNI (AVX2; AVX-512 without VNNI) add pairs of uint8 x int8 "
+               "products in 16 bits; depthwise convolutions keep 8 bits (their kernel adds in 32 bits); vnni = "
+               "8-bit weights everywhere, a little more precise, for CPUs with VNNI or AMX "
                "(Intel Xeon since Cascade Lake, Core since Ice Lake; AMD since Zen 4) and ARM: on a CPU without VNNI "
                "its answers change (inference warns)", INT8_TARGET_CPUS)
     float_selection: str = _opt(

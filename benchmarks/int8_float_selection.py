@@ -19,8 +19,8 @@ Exports the run as quantize_onnx_models.py does once per variant (each into its 
   all_int8_no_grid, prefix_no_grid, sensitivity_no_grid
                those variants with the input on its calibrated grid (--pixel_exact_input False)
   all_int8_vnni, prefix_vnni, sensitivity_vnni
-               those variants with 8-bit weights everywhere (--int8_target_cpu vnni; the others: 7-bit weights for
-               the matrix kernels, which cannot saturate on x86 CPUs without VNNI)
+               those variants with 8-bit weights everywhere (--int8_target_cpu vnni; the others: matrix-kernel
+               weights whose neighbouring pairs cannot saturate on x86 CPUs without VNNI)
   random_calib, calib_100, calib_400
                sensitivity with calibration images drawn in proportion to the classes, or 100 / 400 of them
   views_4, views_8, prefix_views_8, divergence_views_8

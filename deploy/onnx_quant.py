@@ -93,26 +93,37 @@ def prepare_for_quantization(fp32_path: Path, prepped_path: Path) -> None:
     quant_pre_process(str(fp32_path), str(prepped_path))
 
 
-def depthwise_weights(model_path: Path) -> list[str]:
-    """Weight initializers of the depthwise convolutions (one input and one output channel per group): ONNX Runtime
-    runs those on a kernel of their own that adds in 32 bits, every other convolution on its matrix kernels."""
+def pair_safe_overrides(model_path: Path) -> dict[str, list[dict[str, Any]]]:
+    """quantize_static's per-channel weight overrides for --int8_target_cpu any (deploy.int8_weights): every Conv
+    and Gemm weight gets the per-channel ranges at which no two weights the uint8 x int8 matrix kernels add in one
+    16-bit sum can overflow; depthwise convolutions (one input and one output channel per group, a kernel that adds
+    in 32 bits) plain 8 bits. Any other weight keeps quantize_static's reduce_range (7 bits)."""
     import onnx
+    from onnx import numpy_helper
 
-    graph = onnx.load(str(model_path), load_external_data=False).graph
-    shapes = {init.name: list(init.dims) for init in graph.initializer}
-    found = []
+    from deploy.int8_weights import pair_safe_ranges
+
+    graph = onnx.load(str(model_path)).graph
+    weights = {init.name: init for init in graph.initializer}
+    overrides: dict[str, list[dict[str, Any]]] = {}
     for node in graph.node:
-        group = node_attribute(node, "group", 1) if node.op_type == "Conv" else 1
-        shape = shapes.get(node.input[1]) if len(node.input) > 1 else None
-        if group > 1 and shape and len(shape) == 4 and shape[0] == group and shape[1] == 1:
-            found.append(node.input[1])
-    return found
-
-
-def seven_bit_overrides(model_path: Path) -> dict[str, list[dict[str, Any]]]:
-    """quantize_static's per-tensor overrides that keep the depthwise weights on 8 bits when every other weight is
-    quantized with ``reduce_range`` (7 bits)."""
-    return {name: [{"axis": 0, "reduce_range": False}] for name in depthwise_weights(model_path)}
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2 or node.input[1] not in weights:
+            continue
+        weight = torch.from_numpy(numpy_helper.to_array(weights[node.input[1]]).copy())
+        if node.op_type == "Conv":
+            group, axis = node_attribute(node, "group", 1), 0
+            if group > 1 and weight.shape[0] == group and weight.shape[1] == 1:
+                overrides[node.input[1]] = [{"axis": 0, "reduce_range": False}]
+                continue
+            adjacent = group == 1 and all(size == 1 for size in weight.shape[2:])
+            per_channel = weight
+        else:  # Gemm: ONNX Runtime quantizes B per output column (axis 0 when transposed, as torch's Linear)
+            transposed = bool(node_attribute(node, "transB", 0))
+            axis, adjacent = (0 if transposed else 1), True
+            per_channel = weight if transposed else weight.t()
+        ranges = pair_safe_ranges(per_channel, adjacent).tolist()
+        overrides[node.input[1]] = [{"axis": axis, "reduce_range": False, "rmin": -r, "rmax": r} for r in ranges]
+    return overrides
 
 
 def quantize_int8(prepped_path: Path, int8_path: Path, reader: Optional[CalibrationReader], method: str,
@@ -121,10 +132,10 @@ def quantize_int8(prepped_path: Path, int8_path: Path, reader: Optional[Calibrat
     """QDQ static quantization of a pre-processed model (``prepare_for_quantization``) into ``int8_path``; the nodes
     named in ``keep_float`` stay FP32.
 
-    ``target_cpu`` "any": the weights that ONNX Runtime's uint8 x int8 matrix kernels read get 7 bits (-64..64), so
-    that on x86 CPUs without VNNI, whose VPMADDUBSW adds each pair of products in 16 bits and saturates there
-    (255 x (127 + 127) overflows, 255 x (64 + 64) does not), the file computes what it computes everywhere else;
-    depthwise weights keep 8 bits. "vnni": 8-bit weights everywhere (QuantOptions.int8_target_cpu).
+    ``target_cpu`` "any": the weights that ONNX Runtime's uint8 x int8 matrix kernels read get per-channel scales at
+    which no pair of them the kernel adds in 16 bits can overflow (``pair_safe_overrides``), so that on x86 CPUs
+    without VNNI, whose VPMADDUBSW saturates there, the file computes what it computes everywhere else; depthwise
+    weights keep 8 bits. "vnni": 8-bit weights everywhere (QuantOptions.int8_target_cpu).
 
     With ``calibration_cache`` the activation ranges are computed once and reused by later calls (which may then pass
     no reader), as long as those keep at least the same nodes in float. Returns how many nodes were kept in float."""
@@ -144,13 +155,13 @@ def quantize_int8(prepped_path: Path, int8_path: Path, reader: Optional[Calibrat
                 _entropy_ranges(prepped_path, reader, calibration_cache)
                 return quantize_int8(prepped_path, int8_path, None, method, keep_float, calibration_cache,
                                      target_cpu)
-        seven_bits = target_cpu == "any"
+        pair_safe = target_cpu == "any"
         # uint8 activations with int8 weights use the VNNI u8s8 kernels; int8 activations ran slower than FP32.
         quantize_static(str(prepped_path), str(int8_path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=seven_bits,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=pair_safe,
                         calibrate_method=methods[method], nodes_to_exclude=list(keep_float),
                         calibration_cache_path=calibration_cache,
-                        extra_options={"TensorQuantOverrides": seven_bit_overrides(prepped_path)} if seven_bits else {})
+                        extra_options={"TensorQuantOverrides": pair_safe_overrides(prepped_path)} if pair_safe else {})
     finally:
         logging.disable(logging.NOTSET)
     return len(keep_float)

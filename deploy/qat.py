@@ -40,11 +40,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from deploy.int8_weights import WEIGHT_QMAX, weight_scales
+
 logger = logging.getLogger(__name__)
 
-WEIGHT_QMAX = 127  # symmetric int8 weights, as ONNX Runtime's QInt8 per-channel weights
-# The same with reduce_range (--int8_target_cpu any): the weights of every layer but the depthwise convolutions.
-SEVEN_BIT_WEIGHT_QMAX = 64
 ACTIVATION_QMAX = 255  # uint8 activations, as QUInt8
 # ONNX Runtime renames a graph output it quantizes (the logits) to <name> + this suffix inside the QDQ file.
 QUANTIZED_OUTPUT_SUFFIX = "_QuantizeLinear_Input"
@@ -67,25 +66,27 @@ class ActivationGrid:
 
 
 class _WeightFakeQuant(nn.Module):
-    """Rounds a weight per output channel to symmetric integers in -qmax..qmax in the forward pass (straight-through
-    gradient)."""
+    """Rounds a weight per output channel to the INT8 file's symmetric integers (deploy.int8_weights) in the forward
+    pass (straight-through gradient)."""
 
-    def __init__(self, qmax: int = WEIGHT_QMAX):
+    def __init__(self, target_cpu: str, depthwise: bool, adjacent_pairs: bool):
         super().__init__()
-        self.qmax = qmax
+        self.target_cpu, self.depthwise, self.adjacent_pairs = target_cpu, depthwise, adjacent_pairs
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        scale = weight.detach().abs().flatten(1).amax(1).clamp_min(1e-8) / self.qmax
+        scale = weight_scales(weight, self.target_cpu, self.depthwise, self.adjacent_pairs)
         zero = torch.zeros(weight.shape[0], dtype=torch.int32)
-        return torch.fake_quantize_per_channel_affine(weight, scale, zero, 0, -self.qmax, self.qmax)
+        return torch.fake_quantize_per_channel_affine(weight, scale, zero, 0, -WEIGHT_QMAX, WEIGHT_QMAX)
 
 
-def weight_qmax(layer: nn.Module, target_cpu: str) -> int:
-    """The largest integer the INT8 file gives this layer's weights (deploy.onnx_quant.quantize_int8): 7 bits for
-    --int8_target_cpu any, bar depthwise convolutions (one input and one output channel per group)."""
-    depthwise = isinstance(layer, nn.Conv2d) and layer.groups > 1 and layer.groups == layer.in_channels == \
-        layer.out_channels
-    return WEIGHT_QMAX if target_cpu == "vnni" or depthwise else SEVEN_BIT_WEIGHT_QMAX
+def weight_rounding(layer: nn.Module, target_cpu: str) -> _WeightFakeQuant:
+    """The rounding the INT8 file gives this layer's weights (deploy.onnx_quant.quantize_int8): depthwise
+    convolutions (one input and one output channel per group) plain 8 bits; 1x1 convolutions and linear layers
+    pair-safe along their input channels; other convolutions pair-safe for any order."""
+    conv = isinstance(layer, nn.Conv2d)
+    depthwise = conv and layer.groups > 1 and layer.groups == layer.in_channels == layer.out_channels
+    adjacent = not conv or (layer.groups == 1 and tuple(layer.kernel_size) == (1, 1))
+    return _WeightFakeQuant(target_cpu, depthwise, adjacent)
 
 
 def _round_to(grid: ActivationGrid, x: torch.Tensor) -> torch.Tensor:
@@ -103,7 +104,7 @@ def simulated_int8(model: nn.Module, grids: Sequence[ActivationGrid], target_cpu
     hooks, gated = [], []
     try:
         for layer in layers:
-            parametrize.register_parametrization(layer, "weight", _WeightFakeQuant(weight_qmax(layer, target_cpu)))
+            parametrize.register_parametrization(layer, "weight", weight_rounding(layer, target_cpu))
         for grid in grids:
             module = modules[grid.module]
             if grid.position == "gate":

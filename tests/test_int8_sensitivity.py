@@ -88,8 +88,9 @@ def no_latency_timing(monkeypatch):
 
 def _quantize(fragile, target: Path, **options):
     model, fp32, data, test = fragile
-    # 8-bit weights: at 7 bits (--int8_target_cpu any) rounding the near-identity kernels alone costs answers in
-    # other blocks too, and these tests look at what the search does with one fragile activation.
+    # 8-bit weights: with --int8_target_cpu any the near-identity kernels' same-sign neighbours get about 7 bits,
+    # whose rounding alone costs answers in other blocks too, and these tests look at what the search does with
+    # one fragile activation.
     settings = QuantOptions(**{"calib_images": 64, "keep_float_stages": 0, "float_selection": "sensitivity",
                                "int8_target_cpu": "vnni", **options})
     return onnx_quant.quantize_verified(fp32, target, model.feature_info, {}, settings, test, data)
