@@ -8,7 +8,7 @@ DEMO_DATA := data/demo_dataset
 DEMO_SAVE := save_results
 DEMO_MODEL := efficientnet_lite0
 
-.PHONY: venv test test-fast test-browser demo demo-fast demo-after-training demo-data clean-demo
+.PHONY: venv test test-fast test-browser test-avx2 demo demo-fast demo-after-training demo-data clean-demo
 
 $(INSTALLED): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,13 @@ test-browser: $(INSTALLED)
 	command -v chromedriver >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver fonts-noto-cjk)
 	$(PY) -c "import selenium" 2>/dev/null || $(PY) -m pip install --quiet --disable-pip-version-check "selenium>=4.20"
 	HF_HUB_OFFLINE=1 SKINCLF_SCREENSHOT=docs/serve_page.png $(PY) -m pytest -q --browser tests/test_serve_browser.py
+
+# The INT8 tests as on an x86 CPU with AVX2 but without VNNI, whatever this one has: Debian's x86 emulator qemu-user
+# with -cpu Haswell, whose cpuid ONNX Runtime reads to pick its INT8 kernels (there they add pairs in 16 bits).
+test-avx2: $(INSTALLED)
+	command -v qemu-x86_64 >/dev/null || (apt-get update -qq && apt-get install -y -qq qemu-user)
+	HF_HUB_OFFLINE=1 qemu-x86_64 -cpu Haswell $(PY) -m pytest -q -p no:cacheprovider --cpu-without-vnni \
+		tests/test_int8_target_cpu.py
 
 $(DEMO_DATA)/trainset: | $(INSTALLED)
 	$(PY) -m data.synthetic_lesions --output $(DEMO_DATA)

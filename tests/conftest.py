@@ -33,6 +33,16 @@ TINY_MODEL = "test_efficientnet_gn"
 def pytest_addoption(parser):
     parser.addoption("--browser", action="store_true",
                      help="also run the tests that drive headless Chromium (make test-browser)")
+    parser.addoption("--cpu-without-vnni", action="store_true",
+                     help="this CPU is an emulated one without VNNI (make test-avx2: qemu -cpu Haswell), whose "
+                          "/proc/cpuinfo is still the host's: treat its INT8 kernels as saturating")
+
+
+def pytest_configure(config):
+    if config.getoption("--cpu-without-vnni"):
+        import utils.cpu
+
+        utils.cpu.int8_pairs_saturate = lambda: True  # before the test modules import it
 
 
 def pytest_collection_modifyitems(config, items):
