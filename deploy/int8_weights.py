@@ -12,11 +12,23 @@ keep plain 8 bits; ``vnni`` gives every weight plain 8 bits."""
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 WEIGHT_QMAX = 127  # symmetric int8 weights, as ONNX Runtime's QInt8 per-channel weights
 # ONNX Runtime's reduce_range for int8 weights (-64..64): no two weights can overflow a 16-bit pair sum.
 SEVEN_BIT_WEIGHT_QMAX = 64
+
+
+def kernel_kind(groups: int, weight_shape: Sequence[int]) -> tuple[bool, bool]:
+    """(depthwise, adjacent_pairs) of a convolution or linear layer from its group count and weight shape
+    [out, in / groups, *kernel] (ONNX Conv/Gemm and PyTorch layers alike): depthwise = one input and one output
+    channel per group (its own kernel, 32-bit sums); adjacent_pairs = a 1x1 or linear layer, whose pairs the matrix
+    kernel takes along the input channels."""
+    depthwise = groups > 1 and weight_shape[0] == groups and weight_shape[1] == 1
+    adjacent_pairs = groups == 1 and all(size == 1 for size in weight_shape[2:])
+    return depthwise, adjacent_pairs
 
 
 def pair_safe_ranges(weight: torch.Tensor, adjacent_pairs: bool) -> torch.Tensor:

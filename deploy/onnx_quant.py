@@ -101,7 +101,7 @@ def pair_safe_overrides(model_path: Path) -> dict[str, list[dict[str, Any]]]:
     import onnx
     from onnx import numpy_helper
 
-    from deploy.int8_weights import pair_safe_ranges
+    from deploy.int8_weights import kernel_kind, pair_safe_ranges
 
     graph = onnx.load(str(model_path)).graph
     weights = {init.name: init for init in graph.initializer}
@@ -111,12 +111,11 @@ def pair_safe_overrides(model_path: Path) -> dict[str, list[dict[str, Any]]]:
             continue
         weight = torch.from_numpy(numpy_helper.to_array(weights[node.input[1]]).copy())
         if node.op_type == "Conv":
-            group, axis = node_attribute(node, "group", 1), 0
-            if group > 1 and weight.shape[0] == group and weight.shape[1] == 1:
+            axis, per_channel = 0, weight
+            depthwise, adjacent = kernel_kind(node_attribute(node, "group", 1), weight.shape)
+            if depthwise:
                 overrides[node.input[1]] = [{"axis": 0, "reduce_range": False}]
                 continue
-            adjacent = group == 1 and all(size == 1 for size in weight.shape[2:])
-            per_channel = weight
         else:  # Gemm: ONNX Runtime quantizes B per output column (axis 0 when transposed, as torch's Linear)
             transposed = bool(node_attribute(node, "transB", 0))
             axis, adjacent = (0 if transposed else 1), True

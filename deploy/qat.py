@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from deploy.int8_weights import WEIGHT_QMAX, weight_scales
+from deploy.int8_weights import WEIGHT_QMAX, kernel_kind, weight_scales
 
 logger = logging.getLogger(__name__)
 
@@ -83,9 +83,7 @@ def weight_rounding(layer: nn.Module, target_cpu: str) -> _WeightFakeQuant:
     """The rounding the INT8 file gives this layer's weights (deploy.onnx_quant.quantize_int8): depthwise
     convolutions (one input and one output channel per group) plain 8 bits; 1x1 convolutions and linear layers
     pair-safe along their input channels; other convolutions pair-safe for any order."""
-    conv = isinstance(layer, nn.Conv2d)
-    depthwise = conv and layer.groups > 1 and layer.groups == layer.in_channels == layer.out_channels
-    adjacent = not conv or (layer.groups == 1 and tuple(layer.kernel_size) == (1, 1))
+    depthwise, adjacent = kernel_kind(getattr(layer, "groups", 1), layer.weight.shape)
     return _WeightFakeQuant(target_cpu, depthwise, adjacent)
 
 
